@@ -1,0 +1,326 @@
+//! The `matryoshka` command line.
+//!
+//! Exit codes: 0 when every selected test passed (or with `--exit-zero` once the
+//! run completed), [`EXIT_TESTS_FAILED`] when a test failed,
+//! [`EXIT_COULD_NOT_RUN`] when the suite could not be run at all (unreadable or
+//! malformed component, wrong world, a failing `tests` export), and 2 for an
+//! invalid command line, grant or config file.
+
+use std::fs::File;
+use std::io::{self, BufWriter};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tokio::sync::mpsc;
+
+use crate::engine::{self, CacheDir};
+use crate::grants::Grants;
+use crate::host::InstanceLimits;
+use crate::level::LevelInfo;
+use crate::reporter::human::HumanReporter;
+use crate::reporter::json::JsonReporter;
+use crate::reporter::junit::JunitReporter;
+use crate::reporter::tap::TapReporter;
+use crate::reporter::{Format, Reporter};
+use crate::runner::{self, IgnoredMode, RunOptions, Runner};
+
+/// Some selected test failed.
+pub const EXIT_TESTS_FAILED: u8 = 100;
+/// The suite could not be run: the fault is in the component or the infrastructure.
+pub const EXIT_COULD_NOT_RUN: u8 = 101;
+/// The command line, a grant or the config file is invalid.
+pub const EXIT_USAGE: u8 = 2;
+
+/// Test runner for nested virtualization: WebAssembly component tests, run at
+/// every level of a chain of guests.
+#[derive(Debug, Parser)]
+#[command(name = "matryoshka", version, about, long_about = None)]
+pub struct Cli {
+    /// More diagnostics on stderr (-v, -vv); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run (or list) the tests of a suite component.
+    Test(TestArgs),
+}
+
+#[derive(Debug, Args)]
+struct TestArgs {
+    /// The suite component (`.wasm`, targeting matryoshka:test/suite).
+    component: PathBuf,
+    /// Run only tests whose name contains one of these strings.
+    filters: Vec<String>,
+    /// List the tests instead of running them.
+    #[arg(long)]
+    list: bool,
+    /// Filters match whole test names only.
+    #[arg(long)]
+    exact: bool,
+    /// Leave out tests whose name contains this string (repeatable).
+    #[arg(long, value_name = "PATTERN")]
+    skip: Vec<String>,
+    /// Run only ignored tests.
+    #[arg(long, conflicts_with = "include_ignored")]
+    ignored: bool,
+    /// Run ignored tests as well.
+    #[arg(long)]
+    include_ignored: bool,
+    /// Deadline of each test that sets none itself, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    timeout: f64,
+    /// Largest linear memory a test may grow, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 512)]
+    memory_limit: usize,
+    /// Bytes of log, stdout and stderr a test may write (suffixes K, M).
+    #[arg(long, value_name = "BYTES", default_value = "4M", value_parser = parse_size)]
+    max_output: usize,
+    /// Tests run at once (default: number of CPUs).
+    #[arg(short = 'j', long, value_name = "N")]
+    jobs: Option<usize>,
+    /// Output format on stdout.
+    #[arg(long, value_enum, default_value_t = Format::Human)]
+    format: Format,
+    /// Also write a JUnit XML report to this file.
+    #[arg(long, value_name = "PATH")]
+    junit: Option<PathBuf>,
+    /// Grant a capability: exec=CMD[,CMD...] or fs=PATH[:GUEST_PATH][:ro|:rw] (repeatable).
+    #[arg(long, value_name = "GRANT")]
+    grant: Vec<String>,
+    /// Read grants from this file instead of the matryoshka.toml beside the component.
+    #[arg(long, value_name = "PATH", conflicts_with = "no_config")]
+    config: Option<PathBuf>,
+    /// Ignore the matryoshka.toml beside the component.
+    #[arg(long)]
+    no_config: bool,
+    /// Folder for precompiled components [default: $MATRYOSHKA_CACHE_DIR, $XDG_CACHE_HOME/matryoshka or ~/.cache/matryoshka].
+    #[arg(long, value_name = "PATH", conflicts_with = "no_cache")]
+    cache_dir: Option<PathBuf>,
+    /// Compile the component without reading or writing the cache.
+    #[arg(long)]
+    no_cache: bool,
+    /// Show output as it is written, and for passing tests too.
+    #[arg(long, alias = "show-output")]
+    nocapture: bool,
+    /// Exit 0 once the run completed even if tests failed (for TAP harnesses such as meson).
+    #[arg(long)]
+    exit_zero: bool,
+}
+
+/// Parses the command line, runs it and returns the exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_COULD_NOT_RUN);
+        }
+    };
+    match cli.command {
+        Command::Test(args) => ExitCode::from(runtime.block_on(test(args))),
+    }
+}
+
+fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .try_init();
+}
+
+fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let (digits, mult) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 1 << 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    digits.parse::<usize>().map(|n| n * mult).map_err(|_| {
+        format!("`{s}` is not a size: use a number of bytes, optionally with K, M or G")
+    })
+}
+
+fn grants_for(args: &TestArgs) -> Result<Grants, String> {
+    let mut grants = Grants::default();
+    let beside = args
+        .component
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("matryoshka.toml");
+    let config = match &args.config {
+        Some(path) => Some(path.clone()),
+        None if !args.no_config && beside.exists() => Some(beside),
+        None => None,
+    };
+    if let Some(path) = config {
+        grants.merge_config(&path).map_err(|e| e.to_string())?;
+    }
+    for g in &args.grant {
+        grants.add(g).map_err(|e| e.to_string())?;
+    }
+    Ok(grants)
+}
+
+async fn test(args: TestArgs) -> u8 {
+    let grants = match grants_for(&args) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let cache = match (&args.cache_dir, args.no_cache) {
+        (_, true) => CacheDir::Disabled,
+        (Some(dir), false) => CacheDir::At(dir.clone()),
+        (None, false) => CacheDir::default_location(),
+    };
+    let component = args.component.clone();
+    let loaded = match tokio::task::spawn_blocking(move || engine::load(&component, &cache)).await {
+        Ok(Ok(suite)) => suite,
+        Ok(Err(e)) => {
+            eprintln!("error: {e}");
+            return EXIT_COULD_NOT_RUN;
+        }
+        Err(e) => {
+            eprintln!("error: loading the component panicked: {e}");
+            return EXIT_COULD_NOT_RUN;
+        }
+    };
+    tracing::info!(source = ?loaded.source, sha256 = %loaded.sha256, "component loaded");
+    let limits = InstanceLimits {
+        memory_bytes: args.memory_limit << 20,
+        output_bytes: args.max_output,
+        ..InstanceLimits::default()
+    };
+    let runner = Runner::new(loaded, grants, LevelInfo::top());
+    let cases = match runner.list(limits).await {
+        Ok(cases) => cases,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_COULD_NOT_RUN;
+        }
+    };
+    let opts = RunOptions {
+        filters: args.filters.clone(),
+        exact: args.exact,
+        skip: args.skip.clone(),
+        ignored: if args.ignored {
+            IgnoredMode::Only
+        } else if args.include_ignored {
+            IgnoredMode::Include
+        } else {
+            IgnoredMode::Skip
+        },
+        default_timeout: Duration::from_secs_f64(args.timeout.max(0.001)),
+        jobs: args
+            .jobs
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        limits,
+        live_output: args.nocapture || args.format == Format::Json,
+    };
+    let plan = runner::plan(&cases, &opts);
+    if args.list {
+        return list(&runner, &plan, args.format);
+    }
+    let mut reporters = match reporters(&args) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let run = runner.run(plan, &opts, tx);
+    let report = async {
+        let mut failed = None;
+        while let Some(event) = rx.recv().await {
+            for r in &mut reporters {
+                if let Err(e) = r.event(&event) {
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        failed
+    };
+    let (summary, report_error) = tokio::join!(run, report);
+    if let Some(e) = report_error {
+        eprintln!("error: writing the report failed: {e}");
+        return EXIT_COULD_NOT_RUN;
+    }
+    if summary.failed > 0 && !args.exit_zero {
+        EXIT_TESTS_FAILED
+    } else {
+        0
+    }
+}
+
+fn list(runner: &Runner, plan: &runner::Plan, format: Format) -> u8 {
+    let suite = &runner.suite().name;
+    for t in &plan.tests {
+        let c = &t.case;
+        if format == Format::Json {
+            let line = serde_json::json!({
+                "suite": suite,
+                "name": c.name,
+                "ignored": c.ignored,
+                "timeout_ms": c.timeout_ms,
+                "tags": c.tags,
+            });
+            println!("{line}");
+        } else {
+            let ignored = if c.ignored { " (ignored)" } else { "" };
+            println!("{suite}::{}: test{ignored}", c.name);
+        }
+    }
+    0
+}
+
+fn reporters(args: &TestArgs) -> io::Result<Vec<Box<dyn Reporter>>> {
+    let stdout = || BufWriter::new(io::stdout());
+    let mut out: Vec<Box<dyn Reporter>> = vec![match args.format {
+        Format::Human => Box::new(HumanReporter::new(stdout(), args.nocapture)),
+        Format::Json => Box::new(JsonReporter::new(stdout())),
+        Format::Junit => Box::new(JunitReporter::new(stdout())),
+        Format::Tap => Box::new(TapReporter::new(stdout(), args.nocapture)),
+    }];
+    if let Some(path) = &args.junit {
+        let file = File::create(path).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display()))
+        })?;
+        out.push(Box::new(JunitReporter::new(BufWriter::new(file))));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4M"), Ok(4 << 20));
+        assert_eq!(parse_size("512k"), Ok(512 << 10));
+        assert_eq!(parse_size("100"), Ok(100));
+        assert!(parse_size("lots").is_err());
+    }
+}

@@ -1,0 +1,332 @@
+//! The wasmtime engine, and loading a suite component: checks, compile cache, linking.
+//!
+//! Compiling a component is the slow part of a start, so the precompiled
+//! artifact is cached on disk, keyed by the component's sha256 and the engine's
+//! compatibility hash. Everything a user can get wrong about the file — not
+//! wasm, a core module, the wrong world — is a [`LoadError`] that names it.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+use wasmtime::component::Component;
+use wasmtime::component::types::ComponentItem;
+
+use crate::host::{self, HostState, SuitePre, WORLD};
+
+/// How often the epoch advances; the granularity of deadlines.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Why a component could not be loaded.
+#[derive(Debug, Error)]
+pub enum LoadError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The component path.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not WebAssembly at all.
+    #[error("{path} is not a WebAssembly file (it does not start with \\0asm)")]
+    NotWasm {
+        /// The component path.
+        path: PathBuf,
+    },
+    /// A core module, not a component.
+    #[error(
+        "{path} is a core WebAssembly module, not a component: build the suite for wasm32-wasip2, or wrap the module with `wasm-tools component new`"
+    )]
+    CoreModule {
+        /// The component path.
+        path: PathBuf,
+    },
+    /// The bytes do not validate or compile.
+    #[error("{path} is not a valid component: {message}")]
+    Malformed {
+        /// The component path.
+        path: PathBuf,
+        /// What wasmtime found wrong.
+        message: String,
+    },
+    /// A valid component that does not target the suite world.
+    #[error("{path} does not target the world {WORLD}: {problem}")]
+    WrongWorld {
+        /// The component path.
+        path: PathBuf,
+        /// The missing export or unknown import.
+        problem: String,
+    },
+    /// The engine itself failed.
+    #[error("runtime error while loading {path}: {message}")]
+    Engine {
+        /// The component path.
+        path: PathBuf,
+        /// The error.
+        message: String,
+    },
+}
+
+/// Where precompiled components are kept.
+#[derive(Debug, Clone)]
+pub enum CacheDir {
+    /// Compile every time.
+    Disabled,
+    /// Keep artifacts under this folder.
+    At(PathBuf),
+}
+
+impl CacheDir {
+    /// `$MATRYOSHKA_CACHE_DIR`, `$XDG_CACHE_HOME/matryoshka` or `~/.cache/matryoshka`.
+    pub fn default_location() -> Self {
+        if let Some(dir) = std::env::var_os("MATRYOSHKA_CACHE_DIR") {
+            return Self::At(dir.into());
+        }
+        if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+            return Self::At(PathBuf::from(dir).join("matryoshka"));
+        }
+        match std::env::var_os("HOME") {
+            Some(home) => Self::At(PathBuf::from(home).join(".cache/matryoshka")),
+            None => Self::Disabled,
+        }
+    }
+}
+
+/// How a component was obtained, for reports and benchmarks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompileSource {
+    /// Compiled now (and stored, if the cache is enabled).
+    Compiled,
+    /// Loaded from the on-disk cache.
+    Cached,
+}
+
+/// A loaded suite: compiled, checked against the world, linked.
+#[derive(Clone)]
+pub struct LoadedSuite {
+    /// The component file.
+    pub path: PathBuf,
+    /// Suite name: the file stem.
+    pub name: String,
+    /// Hex sha256 of the component bytes.
+    pub sha256: String,
+    /// Whether compilation was skipped.
+    pub source: CompileSource,
+    /// Ready to instantiate, once per test.
+    pub pre: SuitePre<HostState>,
+    /// The engine it was compiled for.
+    pub engine: wasmtime::Engine,
+}
+
+/// The process-wide wasmtime engine with its epoch ticker.
+pub fn engine() -> anyhow::Result<wasmtime::Engine> {
+    static ENGINE: OnceLock<wasmtime::Engine> = OnceLock::new();
+    if let Some(engine) = ENGINE.get() {
+        return Ok(engine.clone());
+    }
+    let mut config = wasmtime::Config::new();
+    config
+        .epoch_interruption(true)
+        .wasm_component_model(true)
+        .cranelift_opt_level(wasmtime::OptLevel::Speed);
+    let engine = wasmtime::Engine::new(&config)?;
+    let engine = ENGINE.get_or_init(|| {
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("matryoshka-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })
+            .ok();
+        engine
+    });
+    Ok(engine.clone())
+}
+
+/// Loads, checks and links the component at `path`.
+pub fn load(path: &Path, cache: &CacheDir) -> Result<LoadedSuite, LoadError> {
+    let engine = engine().map_err(|e| LoadError::Engine {
+        path: path.to_path_buf(),
+        message: format!("{e:#}"),
+    })?;
+    let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    check_header(path, &bytes)?;
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    let (component, source) = compile_cached(&engine, path, &bytes, &sha256, cache)?;
+    check_world(&engine, path, &component)?;
+    let linker = host::linker(&engine).map_err(|e| LoadError::Engine {
+        path: path.to_path_buf(),
+        message: format!("{e:#}"),
+    })?;
+    let instance_pre = linker
+        .instantiate_pre(&component)
+        .map_err(|e| LoadError::WrongWorld {
+            path: path.to_path_buf(),
+            problem: explain_link_error(&format!("{e:#}")),
+        })?;
+    let pre = SuitePre::new(instance_pre).map_err(|e| LoadError::WrongWorld {
+        path: path.to_path_buf(),
+        problem: format!("{e:#}"),
+    })?;
+    let name = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "suite".into());
+    Ok(LoadedSuite {
+        path: path.to_path_buf(),
+        name,
+        sha256,
+        source,
+        pre,
+        engine,
+    })
+}
+
+fn check_header(path: &Path, bytes: &[u8]) -> Result<(), LoadError> {
+    if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+        return Err(LoadError::NotWasm {
+            path: path.to_path_buf(),
+        });
+    }
+    // Bytes 4..8: version and layer. Core modules are 1/0, components 0xd/1.
+    match bytes[4..8] {
+        [1, 0, 0, 0] => Err(LoadError::CoreModule {
+            path: path.to_path_buf(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn compile_cached(
+    engine: &wasmtime::Engine,
+    path: &Path,
+    bytes: &[u8],
+    sha256: &str,
+    cache: &CacheDir,
+) -> Result<(Component, CompileSource), LoadError> {
+    let artifact = match cache {
+        CacheDir::At(dir) => {
+            let mut h = DefaultHasher::new();
+            engine.precompile_compatibility_hash().hash(&mut h);
+            Some(
+                dir.join(format!("{:016x}", h.finish()))
+                    .join(format!("{sha256}.cwasm")),
+            )
+        }
+        CacheDir::Disabled => None,
+    };
+    if let Some(artifact) = &artifact
+        && artifact.exists()
+    {
+        // SAFETY: the file was written by `Component::serialize` of an engine with the
+        // same compatibility hash (it is in the path), into a cache only we write to.
+        match unsafe { Component::deserialize_file(engine, artifact) } {
+            Ok(component) => return Ok((component, CompileSource::Cached)),
+            Err(e) => tracing::warn!("ignoring unusable cache entry {}: {e}", artifact.display()),
+        }
+    }
+    let component = Component::new(engine, bytes).map_err(|e| LoadError::Malformed {
+        path: path.to_path_buf(),
+        message: format!("{e:#}"),
+    })?;
+    if let Some(artifact) = &artifact
+        && let Err(e) = store_artifact(&component, artifact)
+    {
+        tracing::warn!(
+            "cannot cache the compiled component at {}: {e:#}",
+            artifact.display()
+        );
+    }
+    Ok((component, CompileSource::Compiled))
+}
+
+fn store_artifact(component: &Component, artifact: &Path) -> anyhow::Result<()> {
+    let dir = artifact
+        .parent()
+        .ok_or_else(|| anyhow::anyhow!("no parent"))?;
+    std::fs::create_dir_all(dir)?;
+    let serialized = component.serialize()?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    std::io::Write::write_all(&mut tmp, &serialized)?;
+    tmp.persist(artifact)?;
+    Ok(())
+}
+
+fn check_world(
+    engine: &wasmtime::Engine,
+    path: &Path,
+    component: &Component,
+) -> Result<(), LoadError> {
+    let ty = component.component_type();
+    let exports: Vec<(String, bool)> = ty
+        .exports(engine)
+        .map(|(name, item)| {
+            (
+                name.to_string(),
+                matches!(item.ty, ComponentItem::ComponentFunc(_)),
+            )
+        })
+        .collect();
+    let missing: Vec<&str> = ["tests", "run", "call"]
+        .into_iter()
+        .filter(|want| {
+            !exports
+                .iter()
+                .any(|(name, is_func)| name == want && *is_func)
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let found = if exports.is_empty() {
+        "it exports nothing".to_string()
+    } else {
+        format!(
+            "it exports {}",
+            exports
+                .iter()
+                .map(|(n, _)| format!("`{n}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    Err(LoadError::WrongWorld {
+        path: path.to_path_buf(),
+        problem: format!(
+            "missing export{} {} ({found})",
+            if missing.len() == 1 { "" } else { "s" },
+            missing
+                .iter()
+                .map(|n| format!("`{n}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    })
+}
+
+/// Rewords wasmtime's link error for a user who does not know the linker.
+fn explain_link_error(message: &str) -> String {
+    if let Some(rest) = message.split("component imports ").nth(1) {
+        let what = rest.split(", but").next().unwrap_or(rest).trim();
+        return format!("it imports {what}, which matryoshka does not provide");
+    }
+    message.to_string()
+}
+
+/// Hex sha256 of a file, as the cache and the relay name components.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}

@@ -1,0 +1,149 @@
+//! The one stream of events a run produces; every reporter reads only this.
+
+use serde::Serialize;
+
+use crate::host::{CapturedOutput, Stream};
+
+/// Why a test failed, as a category.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailureKind {
+    /// The guest panicked or asserted (it reported where).
+    Panic,
+    /// The test returned an error.
+    Error,
+    /// The guest trapped without saying why.
+    Trap,
+    /// The test ran past its deadline.
+    Timeout,
+    /// A memory grew past the limit.
+    MemoryLimit,
+    /// The test wrote more output than allowed.
+    OutputLimit,
+    /// The runtime could not run the test (instantiation failed, a level was lost).
+    Infrastructure,
+}
+
+impl FailureKind {
+    /// The kebab-case name used in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Panic => "panic",
+            FailureKind::Error => "error",
+            FailureKind::Trap => "trap",
+            FailureKind::Timeout => "timeout",
+            FailureKind::MemoryLimit => "memory-limit",
+            FailureKind::OutputLimit => "output-limit",
+            FailureKind::Infrastructure => "infrastructure",
+        }
+    }
+}
+
+/// A failed test, explained.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TestFailure {
+    /// The category.
+    pub kind: FailureKind,
+    /// The message, e.g. an assertion with both values.
+    pub message: String,
+    /// `file:line:column` of the failing assertion, when known.
+    pub location: Option<String>,
+}
+
+/// How a test ended.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "status", rename_all = "kebab-case")]
+pub enum Outcome {
+    /// It passed.
+    Passed,
+    /// It failed.
+    Failed(TestFailure),
+    /// It was not run because it is marked ignored.
+    Ignored,
+}
+
+/// One test as the plan names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TestId {
+    /// The suite, i.e. the component's file stem.
+    pub suite: String,
+    /// The test's name inside the suite.
+    pub name: String,
+    /// Where it runs, e.g. `L0`.
+    pub level_path: String,
+}
+
+impl TestId {
+    /// `suite::name`.
+    pub fn full_name(&self) -> String {
+        format!("{}::{}", self.suite, self.name)
+    }
+}
+
+/// Counts at the end of a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    /// Tests that passed.
+    pub passed: usize,
+    /// Tests that failed.
+    pub failed: usize,
+    /// Tests not run because they are ignored.
+    pub ignored: usize,
+    /// Tests not in the plan because of filters.
+    pub filtered_out: usize,
+}
+
+/// Something that happened during a run.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum TestEvent {
+    /// The plan is known.
+    RunStarted {
+        /// Suite name.
+        suite: String,
+        /// Path of the component.
+        component: String,
+        /// Hex sha256 of the component.
+        sha256: String,
+        /// Level path of the runtime that leads the run.
+        level_path: String,
+        /// Tests in the plan, ignored ones included.
+        planned: usize,
+        /// Tests left out by filters.
+        filtered_out: usize,
+        /// Tests run at once.
+        jobs: usize,
+    },
+    /// A test began.
+    TestStarted {
+        /// Which test.
+        test: TestId,
+    },
+    /// A test wrote output (sent as it happens).
+    Output {
+        /// Which test.
+        test: TestId,
+        /// Which stream.
+        stream: Stream,
+        /// The text.
+        text: String,
+    },
+    /// A test ended.
+    TestFinished {
+        /// Which test.
+        test: TestId,
+        /// How it ended.
+        outcome: Outcome,
+        /// Wall time, in seconds.
+        duration_secs: f64,
+        /// Everything it wrote.
+        output: CapturedOutput,
+    },
+    /// Every test ended.
+    RunFinished {
+        /// Counts.
+        summary: Summary,
+        /// Wall time of the whole run, in seconds.
+        duration_secs: f64,
+    },
+}

@@ -1,0 +1,284 @@
+//! Grants: what a component may reach beyond logging, host facts, clocks and random.
+//!
+//! Deny by default. Grants come from `--grant` on the command line and from a
+//! `matryoshka.toml` beside the component; both add up. A level never grants
+//! more than its parent: the chain hands these same grants down unchanged.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// What a grant string or a config file got wrong.
+#[derive(Debug, Error)]
+pub enum GrantError {
+    /// A `--grant` value that is not one of the known forms.
+    #[error("unknown grant `{0}`: expected exec=CMD[,CMD...] or fs=PATH[:GUEST_PATH][:ro|:rw]")]
+    Unknown(String),
+    /// A grant of the right kind with an empty or bad value.
+    #[error("bad grant `{grant}`: {reason}")]
+    Invalid {
+        /// The grant as written.
+        grant: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The config file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML of the expected shape.
+    #[error("invalid {path}: {message}")]
+    Config {
+        /// The config file.
+        path: PathBuf,
+        /// The parser's message, which names the offending key.
+        message: String,
+    },
+}
+
+/// A directory the guest may open, at `guest` inside the component.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsGrant {
+    /// Directory on this level's filesystem.
+    pub host: PathBuf,
+    /// Where the guest sees it.
+    pub guest: String,
+    /// Whether the guest may write.
+    pub writable: bool,
+}
+
+/// Everything granted to a run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grants {
+    /// Programs the `exec` host function may start, by `argv[0]` as the guest passes it.
+    pub exec: BTreeSet<String>,
+    /// Directories preopened for the guest.
+    pub fs: Vec<FsGrant>,
+}
+
+impl Grants {
+    /// Whether `exec` may start `program`.
+    pub fn allows_exec(&self, program: &str) -> bool {
+        self.exec.contains(program)
+    }
+
+    /// Adds one `--grant` value.
+    pub fn add(&mut self, grant: &str) -> Result<(), GrantError> {
+        let invalid = |reason: &str| GrantError::Invalid {
+            grant: grant.to_string(),
+            reason: reason.to_string(),
+        };
+        match grant.split_once('=') {
+            Some(("exec", list)) => {
+                let cmds: Vec<&str> = list.split(',').map(str::trim).collect();
+                if cmds.iter().any(|c| c.is_empty()) {
+                    return Err(invalid("empty command name"));
+                }
+                self.exec.extend(cmds.into_iter().map(String::from));
+                Ok(())
+            }
+            Some(("fs", spec)) => {
+                let fs = parse_fs(spec, None).map_err(|r| invalid(&r))?;
+                self.fs.push(fs);
+                Ok(())
+            }
+            _ => Err(GrantError::Unknown(grant.to_string())),
+        }
+    }
+
+    /// Adds the grants of a config file; relative paths are taken from its folder.
+    pub fn merge_config(&mut self, path: &Path) -> Result<(), GrantError> {
+        let text = std::fs::read_to_string(path).map_err(|source| GrantError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config: ConfigFile = toml::from_str(&text).map_err(|e| GrantError::Config {
+            path: path.to_path_buf(),
+            message: e.message().to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let grants = config.grants;
+        for cmd in grants.exec {
+            if cmd.trim().is_empty() {
+                return Err(GrantError::Config {
+                    path: path.to_path_buf(),
+                    message: "grants.exec has an empty command name".into(),
+                });
+            }
+            self.exec.insert(cmd);
+        }
+        for entry in grants.fs {
+            let bad = |message: String| GrantError::Config {
+                path: path.to_path_buf(),
+                message,
+            };
+            let fs = match entry {
+                FsEntry::Short(spec) => parse_fs(&spec, Some(base)).map_err(bad)?,
+                FsEntry::Full { host, guest, write } => {
+                    let host = base.join(host);
+                    let guest = guest.unwrap_or_else(|| host.display().to_string());
+                    FsGrant {
+                        host,
+                        guest,
+                        writable: write,
+                    }
+                }
+            };
+            self.fs.push(fs);
+        }
+        Ok(())
+    }
+}
+
+/// Parses `PATH[:GUEST_PATH][:ro|:rw]`.
+fn parse_fs(spec: &str, base: Option<&Path>) -> Result<FsGrant, String> {
+    let mut parts: Vec<&str> = spec.split(':').collect();
+    let writable = match parts.last() {
+        Some(&"rw") => {
+            parts.pop();
+            true
+        }
+        Some(&"ro") => {
+            parts.pop();
+            false
+        }
+        _ => false,
+    };
+    let (host, guest) = match parts.as_slice() {
+        [host] if !host.is_empty() => (*host, None),
+        [host, guest] if !host.is_empty() && guest.starts_with('/') => (*host, Some(*guest)),
+        [_, _] => return Err("the guest path must be absolute".into()),
+        _ => return Err("expected PATH[:GUEST_PATH][:ro|:rw]".into()),
+    };
+    let host = match base {
+        Some(base) => base.join(host),
+        None => PathBuf::from(host),
+    };
+    let guest = match guest {
+        Some(g) => g.to_string(),
+        None => std::path::absolute(&host)
+            .map_err(|e| format!("{}: {e}", host.display()))?
+            .display()
+            .to_string(),
+    };
+    Ok(FsGrant {
+        host,
+        guest,
+        writable,
+    })
+}
+
+/// The file `matryoshka.toml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    #[serde(default)]
+    grants: GrantsSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrantsSection {
+    #[serde(default)]
+    exec: Vec<String>,
+    #[serde(default)]
+    fs: Vec<FsEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged, deny_unknown_fields)]
+enum FsEntry {
+    Short(String),
+    Full {
+        host: PathBuf,
+        guest: Option<String>,
+        #[serde(default)]
+        write: bool,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use rstest::rstest;
+
+    use super::*;
+
+    #[rstest]
+    #[case("exec=uname", &["uname"])]
+    #[case("exec=uname,lsblk, modprobe", &["lsblk", "modprobe", "uname"])]
+    fn exec_grants(#[case] grant: &str, #[case] expected: &[&str]) {
+        let mut g = Grants::default();
+        g.add(grant).expect("valid grant");
+        assert_eq!(
+            g.exec.iter().map(String::as_str).collect::<Vec<_>>(),
+            expected
+        );
+    }
+
+    #[rstest]
+    #[case("fs=/srv", "/srv", "/srv", false)]
+    #[case("fs=/srv:rw", "/srv", "/srv", true)]
+    #[case("fs=/srv:/data", "/srv", "/data", false)]
+    #[case("fs=/srv:/data:rw", "/srv", "/data", true)]
+    #[case("fs=/srv:/data:ro", "/srv", "/data", false)]
+    fn fs_grants(#[case] grant: &str, #[case] host: &str, #[case] guest: &str, #[case] rw: bool) {
+        let mut g = Grants::default();
+        g.add(grant).expect("valid grant");
+        assert_eq!(
+            g.fs,
+            vec![FsGrant {
+                host: host.into(),
+                guest: guest.into(),
+                writable: rw
+            }]
+        );
+    }
+
+    #[rstest]
+    #[case("libvirt=yes", "unknown grant `libvirt=yes`")]
+    #[case("exec=", "bad grant `exec=`: empty command name")]
+    #[case(
+        "fs=/a:data",
+        "bad grant `fs=/a:data`: the guest path must be absolute"
+    )]
+    #[case("nothing", "unknown grant `nothing`")]
+    fn bad_grants(#[case] grant: &str, #[case] message: &str) {
+        let err = Grants::default().add(grant).expect_err("invalid grant");
+        assert!(err.to_string().starts_with(message), "{err}");
+    }
+
+    #[test]
+    fn config_file_adds_grants_relative_to_itself() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("matryoshka.toml");
+        std::fs::write(
+            &path,
+            "[grants]\nexec = [\"uname\"]\nfs = [\"data:/data\", { host = \"out\", guest = \"/out\", write = true }]\n",
+        )
+        .expect("write config");
+        let mut g = Grants::default();
+        g.merge_config(&path).expect("valid config");
+        assert!(g.allows_exec("uname"));
+        assert_eq!(g.fs[0].host, dir.path().join("data"));
+        assert_eq!(g.fs[0].guest, "/data");
+        assert!(g.fs[1].writable);
+    }
+
+    #[test]
+    fn config_file_rejects_unknown_keys() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("matryoshka.toml");
+        std::fs::write(&path, "[grants]\nexec = []\nnetwork = true\n").expect("write config");
+        let err = Grants::default()
+            .merge_config(&path)
+            .expect_err("unknown key");
+        assert!(err.to_string().contains("unknown field `network`"), "{err}");
+    }
+}

@@ -1,0 +1,243 @@
+//! Captured output of one test: log lines, stdout and stderr, under one byte budget.
+//!
+//! Once the budget is spent, further writes fail with [`OutputLimitExceeded`]:
+//! a log call traps the instance, a stdout write returns an error to the guest.
+//! Either way the runner reports the test as having exceeded its output limit.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use thiserror::Error;
+use tokio::io::AsyncWrite;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+
+/// Severity of a captured log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// `trace`
+    Trace,
+    /// `debug`
+    Debug,
+    /// `info`
+    Info,
+    /// `warn`
+    Warn,
+    /// `error`
+    Error,
+}
+
+impl LogLevel {
+    /// The lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Trace => "trace",
+            LogLevel::Debug => "debug",
+            LogLevel::Info => "info",
+            LogLevel::Warn => "warn",
+            LogLevel::Error => "error",
+        }
+    }
+}
+
+/// Where a piece of output came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    /// The guest's standard output.
+    Stdout,
+    /// The guest's standard error.
+    Stderr,
+    /// A line from the `log` interface.
+    Log(LogLevel),
+}
+
+/// The output budget of a test is spent.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+#[error(
+    "output limit exceeded: the test wrote more than {limit} bytes of log, stdout and stderr; the rest was dropped (raise it with --max-output)"
+)]
+pub struct OutputLimitExceeded {
+    /// The budget, in bytes.
+    pub limit: usize,
+}
+
+/// One captured log line.
+#[derive(Debug, Clone, Serialize)]
+pub struct LogLine {
+    /// Severity.
+    pub level: LogLevel,
+    /// The text.
+    pub message: String,
+    /// Time since the instance started, in seconds.
+    pub at_secs: f64,
+}
+
+/// What a finished test left behind.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CapturedOutput {
+    /// Standard output, invalid UTF-8 replaced.
+    pub stdout: String,
+    /// Standard error, invalid UTF-8 replaced.
+    pub stderr: String,
+    /// Log lines, in order.
+    pub logs: Vec<LogLine>,
+}
+
+/// Receives every piece of output as it is written, for live reporting.
+pub type OutputSink = Arc<dyn Fn(Stream, &str) + Send + Sync>;
+
+/// The capture buffer shared by the host functions and WASI stdio of one instance.
+pub struct Capture {
+    inner: Mutex<Inner>,
+    limit: usize,
+    started: Instant,
+    sink: Option<OutputSink>,
+}
+
+#[derive(Default)]
+struct Inner {
+    used: usize,
+    exceeded: Option<OutputLimitExceeded>,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    logs: Vec<LogLine>,
+}
+
+impl Capture {
+    /// A buffer that holds at most `limit` bytes in all.
+    pub fn new(limit: usize, sink: Option<OutputSink>) -> Arc<Self> {
+        Arc::new(Self {
+            inner: Mutex::new(Inner::default()),
+            limit,
+            started: Instant::now(),
+            sink,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A poisoned lock only means a writer panicked; the bytes are still usable.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Appends `bytes` to `stream`, or fails once the budget is spent.
+    pub fn write(&self, stream: Stream, bytes: &[u8]) -> Result<(), OutputLimitExceeded> {
+        let mut inner = self.lock();
+        if let Some(e) = &inner.exceeded {
+            return Err(e.clone());
+        }
+        if inner.used + bytes.len() > self.limit {
+            let e = OutputLimitExceeded { limit: self.limit };
+            inner.exceeded = Some(e.clone());
+            return Err(e);
+        }
+        inner.used += bytes.len();
+        let text = String::from_utf8_lossy(bytes);
+        match stream {
+            Stream::Stdout => inner.stdout.extend_from_slice(bytes),
+            Stream::Stderr => inner.stderr.extend_from_slice(bytes),
+            Stream::Log(level) => inner.logs.push(LogLine {
+                level,
+                message: text.to_string(),
+                at_secs: self.started.elapsed().as_secs_f64(),
+            }),
+        }
+        drop(inner);
+        if let Some(sink) = &self.sink {
+            sink(stream, &text);
+        }
+        Ok(())
+    }
+
+    /// The error, if the budget was spent.
+    pub fn exceeded(&self) -> Option<OutputLimitExceeded> {
+        self.lock().exceeded.clone()
+    }
+
+    /// Time since the capture (and so the test) started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Takes what was captured so far.
+    pub fn take(&self) -> CapturedOutput {
+        let mut inner = self.lock();
+        CapturedOutput {
+            stdout: String::from_utf8_lossy(&std::mem::take(&mut inner.stdout)).into_owned(),
+            stderr: String::from_utf8_lossy(&std::mem::take(&mut inner.stderr)).into_owned(),
+            logs: std::mem::take(&mut inner.logs),
+        }
+    }
+
+    /// A WASI stdout/stderr stream that writes into this buffer.
+    pub fn stream(self: &Arc<Self>, stream: Stream) -> CaptureStream {
+        CaptureStream {
+            capture: self.clone(),
+            stream,
+        }
+    }
+}
+
+/// WASI standard output or error of an instance, captured.
+#[derive(Clone)]
+pub struct CaptureStream {
+    capture: Arc<Capture>,
+    stream: Stream,
+}
+
+impl IsTerminal for CaptureStream {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for CaptureStream {
+    fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+impl AsyncWrite for CaptureStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Poll::Ready(
+            self.capture
+                .write(self.stream, buf)
+                .map(|()| buf.len())
+                .map_err(std::io::Error::other),
+        )
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_is_shared_and_sticky() {
+        let c = Capture::new(10, None);
+        c.write(Stream::Stdout, b"12345").expect("fits");
+        c.write(Stream::Log(LogLevel::Info), b"1234").expect("fits");
+        let err = c.write(Stream::Stderr, b"12").expect_err("over budget");
+        assert_eq!(err.limit, 10);
+        assert!(c.write(Stream::Stdout, b"").is_err(), "stays exceeded");
+        let out = c.take();
+        assert_eq!(out.stdout, "12345");
+        assert_eq!(out.logs.len(), 1);
+        assert_eq!(out.stderr, "");
+    }
+}

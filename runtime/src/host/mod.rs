@@ -1,0 +1,163 @@
+//! Host functions a test component imports, and the per-instance state behind them.
+//!
+//! This module owns the generated bindings of the `matryoshka:test/suite` world.
+//! Each interface has its own submodule, which is the only place that knows the
+//! backend of that interface. Everything the store carries for one instance —
+//! WASI context, grants, limits, captured output — lives in [`HostState`].
+
+mod capture;
+mod exec;
+mod limits;
+mod log;
+mod report;
+
+use std::sync::Arc;
+
+use wasmtime::component::{HasSelf, Linker, ResourceTable};
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+pub use capture::{
+    Capture, CapturedOutput, LogLevel, LogLine, OutputLimitExceeded, OutputSink, Stream,
+};
+pub use limits::{MemoryLimitExceeded, MemoryLimiter};
+
+use crate::grants::Grants;
+use crate::level::LevelInfo;
+
+#[expect(
+    missing_docs,
+    reason = "generated from the WIT package, which documents every item"
+)]
+pub(crate) mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../guest-sdk/wit",
+        world: "suite",
+        imports: {
+            "matryoshka:test/host.exec": async | trappable,
+            default: trappable,
+        },
+        exports: { default: async },
+    });
+}
+
+pub use bindings::matryoshka::test::types::{Error as WitError, ErrorKind, Failure, TestCase};
+pub use bindings::{Suite, SuitePre};
+
+/// The WIT world every suite must target, as named in error messages.
+pub const WORLD: &str = "matryoshka:test/suite@0.1.0";
+
+/// Limits that apply to one instance.
+#[derive(Debug, Clone, Copy)]
+pub struct InstanceLimits {
+    /// Largest size of any linear memory, in bytes.
+    pub memory_bytes: usize,
+    /// Bytes of log lines, stdout and stderr a test may produce.
+    pub output_bytes: usize,
+    /// Bytes of stdout or stderr kept from one `exec` call.
+    pub exec_output_bytes: usize,
+}
+
+impl Default for InstanceLimits {
+    fn default() -> Self {
+        Self {
+            memory_bytes: 512 << 20,
+            output_bytes: 4 << 20,
+            exec_output_bytes: 16 << 20,
+        }
+    }
+}
+
+/// The data of a store: everything one component instance can reach.
+pub struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(crate) limiter: MemoryLimiter,
+    grants: Arc<Grants>,
+    level: Arc<LevelInfo>,
+    capture: Arc<Capture>,
+    limits: InstanceLimits,
+    panic: Option<Failure>,
+}
+
+impl HostState {
+    /// State for one instance: WASI with only the granted preopens, captured stdio.
+    pub fn new(
+        grants: Arc<Grants>,
+        level: Arc<LevelInfo>,
+        limits: InstanceLimits,
+        capture: Arc<Capture>,
+    ) -> anyhow::Result<Self> {
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.stdout(capture.stream(Stream::Stdout))
+            .stderr(capture.stream(Stream::Stderr))
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
+        for fs in &grants.fs {
+            let perms = if fs.writable {
+                FsPerms::ReadWrite
+            } else {
+                FsPerms::ReadOnly
+            };
+            wasi.preopened_dir(&fs.host, &fs.guest, perms)
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot open granted directory {} for the guest: {e}",
+                        fs.host.display()
+                    )
+                })?;
+        }
+        Ok(Self {
+            wasi: wasi.build(),
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter::new(limits.memory_bytes),
+            grants,
+            level,
+            capture,
+            limits,
+            panic: None,
+        })
+    }
+
+    /// The failure the guest reported just before it trapped, if any.
+    pub fn take_panic(&mut self) -> Option<Failure> {
+        self.panic.take()
+    }
+
+    /// Whether any directory is preopened for the guest.
+    pub fn has_fs_grants(&self) -> bool {
+        !self.grants.fs.is_empty()
+    }
+
+    /// The capture buffer of this instance.
+    pub fn capture(&self) -> &Arc<Capture> {
+        &self.capture
+    }
+
+    fn error(&self, kind: ErrorKind, message: String) -> WitError {
+        WitError {
+            kind,
+            message,
+            level_path: self.level.path.clone(),
+        }
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl bindings::matryoshka::test::types::Host for HostState {}
+
+/// A linker with WASI and every matryoshka interface.
+pub fn linker(engine: &wasmtime::Engine) -> anyhow::Result<Linker<HostState>> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    bindings::Suite::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
+    Ok(linker)
+}

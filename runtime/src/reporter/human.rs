@@ -1,0 +1,207 @@
+//! Human output: a line per finished test, a progress bar on a terminal, and
+//! the failures with their captured output at the end.
+
+use std::io::{self, IsTerminal, Write};
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::{Reporter, indent};
+use crate::event::{Outcome, TestEvent, TestFailure, TestId};
+use crate::host::{CapturedOutput, Stream};
+
+/// Writes readable results to `out`, progress to the terminal.
+pub struct HumanReporter<W> {
+    out: W,
+    progress: ProgressBar,
+    show_output: bool,
+    failures: Vec<(TestId, TestFailure, CapturedOutput)>,
+}
+
+impl<W: Write> HumanReporter<W> {
+    /// A reporter writing to `out`; `show_output` prints output live and for passing tests.
+    pub fn new(out: W, show_output: bool) -> Self {
+        let progress = if io::stderr().is_terminal() {
+            let bar = ProgressBar::new(0);
+            if let Ok(style) = ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
+            ) {
+                bar.set_style(style);
+            }
+            bar
+        } else {
+            ProgressBar::hidden()
+        };
+        Self {
+            out,
+            progress,
+            show_output,
+            failures: Vec::new(),
+        }
+    }
+
+    fn line(&mut self, text: &str) -> io::Result<()> {
+        let out = &mut self.out;
+        self.progress.suspend(|| writeln!(out, "{text}"))
+    }
+}
+
+impl<W: Write + Send> Reporter for HumanReporter<W> {
+    fn event(&mut self, event: &TestEvent) -> io::Result<()> {
+        match event {
+            TestEvent::RunStarted {
+                suite,
+                sha256,
+                level_path,
+                planned,
+                filtered_out,
+                jobs,
+                ..
+            } => {
+                self.progress.set_length(*planned as u64);
+                let short = sha256.get(..12).unwrap_or(sha256);
+                self.line(&format!(
+                    "Starting {planned} tests from {suite} at {level_path} \
+                     (component {short}, {filtered_out} filtered out, {jobs} at a time)"
+                ))?;
+            }
+            TestEvent::TestStarted { test } => {
+                self.progress.set_message(test.name.clone());
+            }
+            TestEvent::Output { test, stream, text } if self.show_output => {
+                let tag = match stream {
+                    Stream::Stdout => "stdout".to_string(),
+                    Stream::Stderr => "stderr".to_string(),
+                    Stream::Log(level) => level.as_str().to_string(),
+                };
+                let prefix = format!("{:>6} {} {} | ", tag, test.level_path, test.name);
+                self.line(&indent(text.trim_end_matches('\n'), &prefix))?;
+            }
+            TestEvent::TestFinished {
+                test,
+                outcome,
+                duration_secs,
+                output,
+            } => {
+                self.progress.inc(1);
+                let name = format!("{} {}", test.level_path, test.full_name());
+                match outcome {
+                    Outcome::Passed => {
+                        self.line(&format!("    PASS [{duration_secs:>8.3}s] {name}"))?;
+                        if self.show_output {
+                            self.line(&render_output(output))?;
+                        }
+                    }
+                    Outcome::Ignored => {
+                        self.line(&format!("    SKIP [{:>9}] {name} (ignored)", ""))?;
+                    }
+                    Outcome::Failed(f) => {
+                        let first = f.message.lines().next().unwrap_or("");
+                        self.line(&format!(
+                            "    FAIL [{duration_secs:>8.3}s] {name}: {}: {first}",
+                            f.kind.as_str()
+                        ))?;
+                        self.failures
+                            .push((test.clone(), f.clone(), output.clone()));
+                    }
+                }
+            }
+            TestEvent::RunFinished {
+                summary,
+                duration_secs,
+            } => {
+                self.progress.finish_and_clear();
+                if !self.failures.is_empty() {
+                    writeln!(self.out, "\nfailures:")?;
+                    for (test, failure, output) in &self.failures {
+                        writeln!(
+                            self.out,
+                            "\n--- {} {} ({}) ---",
+                            test.level_path,
+                            test.full_name(),
+                            failure.kind.as_str()
+                        )?;
+                        writeln!(self.out, "{}", failure.message)?;
+                        if let Some(at) = &failure.location {
+                            writeln!(self.out, "  at {at}")?;
+                        }
+                        let rendered = render_output(output);
+                        if !rendered.is_empty() {
+                            writeln!(self.out, "{rendered}")?;
+                        }
+                    }
+                    writeln!(self.out, "\nfailed tests:")?;
+                    for (test, failure, _) in &self.failures {
+                        writeln!(
+                            self.out,
+                            "    {} {} ({})",
+                            test.level_path,
+                            test.full_name(),
+                            failure.kind.as_str()
+                        )?;
+                    }
+                }
+                writeln!(
+                    self.out,
+                    "\n{} passed, {} failed, {} ignored; {} filtered out; finished in {:.2}s",
+                    summary.passed,
+                    summary.failed,
+                    summary.ignored,
+                    summary.filtered_out,
+                    duration_secs
+                )?;
+            }
+            _ => {}
+        }
+        self.out.flush()
+    }
+}
+
+/// Lines of each stream shown for a test; earlier ones are counted, not shown.
+const TAIL_LINES: usize = 20;
+/// Characters shown of one line.
+const LINE_WIDTH: usize = 240;
+
+fn render_output(output: &CapturedOutput) -> String {
+    let mut parts = Vec::new();
+    if !output.logs.is_empty() {
+        let lines: Vec<String> = output
+            .logs
+            .iter()
+            .map(|l| {
+                format!(
+                    "[{:>8.3}s {:>5}] {}",
+                    l.at_secs,
+                    l.level.as_str(),
+                    l.message
+                )
+            })
+            .collect();
+        parts.push(format!("--- log ---\n{}", tail(&lines.join("\n"))));
+    }
+    if !output.stdout.is_empty() {
+        parts.push(format!("--- stdout ---\n{}", tail(&output.stdout)));
+    }
+    if !output.stderr.is_empty() {
+        parts.push(format!("--- stderr ---\n{}", tail(&output.stderr)));
+    }
+    parts.join("\n")
+}
+
+fn tail(text: &str) -> String {
+    let lines: Vec<String> = text
+        .trim_end()
+        .lines()
+        .map(|l| match l.char_indices().nth(LINE_WIDTH) {
+            Some((cut, _)) => format!("{}…", &l[..cut]),
+            None => l.to_string(),
+        })
+        .collect();
+    if lines.len() <= TAIL_LINES {
+        return lines.join("\n");
+    }
+    let skipped = lines.len() - TAIL_LINES;
+    format!(
+        "({skipped} earlier lines not shown; --format json has all)\n{}",
+        lines[skipped..].join("\n")
+    )
+}

@@ -1,0 +1,42 @@
+//! Reporters turn the one [`TestEvent`] stream into output formats.
+//!
+//! - [`human`]: live progress and a summary, failures with their output.
+//! - [`json`]: one JSON object per event per line.
+//! - [`junit`]: JUnit XML, written when the run finishes.
+//! - [`tap`]: TAP 13 on stdout, diagnostics as YAML blocks.
+
+pub mod human;
+pub mod json;
+pub mod junit;
+pub mod tap;
+
+use std::io;
+
+use crate::event::TestEvent;
+
+/// Consumes events and writes a report.
+pub trait Reporter: Send {
+    /// Handles one event.
+    fn event(&mut self, event: &TestEvent) -> io::Result<()>;
+}
+
+/// The output formats `--format` accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Live progress and a readable summary.
+    Human,
+    /// JSON lines, one event per line.
+    Json,
+    /// JUnit XML.
+    Junit,
+    /// Test Anything Protocol, version 13.
+    Tap,
+}
+
+/// Indents every line of `text` by `prefix`.
+pub(crate) fn indent(text: &str, prefix: &str) -> String {
+    text.lines()
+        .map(|l| format!("{prefix}{l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}

@@ -1,0 +1,464 @@
+//! Plans and executes the tests of one suite, emitting [`TestEvent`]s.
+//!
+//! Every test runs in a fresh instance with its own store, deadline, memory
+//! limit and output budget, so one hostile test cannot disturb another. The
+//! runner knows nothing of output formats: it only sends events.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+use wasmtime::{Store, UpdateDeadline};
+
+use crate::engine::LoadedSuite;
+use crate::event::{FailureKind, Outcome, Summary, TestEvent, TestFailure, TestId};
+use crate::grants::Grants;
+use crate::host::{
+    Capture, CapturedOutput, Failure, HostState, InstanceLimits, MemoryLimitExceeded,
+    OutputLimitExceeded, OutputSink, Suite, TestCase,
+};
+use crate::level::LevelInfo;
+
+/// Which ignored tests run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum IgnoredMode {
+    /// Skip ignored tests.
+    #[default]
+    Skip,
+    /// Run only the ignored tests.
+    Only,
+    /// Run ignored tests too.
+    Include,
+}
+
+/// Which tests to run, and how.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Substrings of test names to select; all tests when empty.
+    pub filters: Vec<String>,
+    /// Filters must match whole names.
+    pub exact: bool,
+    /// Substrings of test names to leave out.
+    pub skip: Vec<String>,
+    /// What to do with ignored tests.
+    pub ignored: IgnoredMode,
+    /// Deadline for tests that do not set their own.
+    pub default_timeout: Duration,
+    /// Tests run at once.
+    pub jobs: usize,
+    /// Limits of each test instance.
+    pub limits: InstanceLimits,
+    /// Send output events as output happens.
+    pub live_output: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            filters: Vec::new(),
+            exact: false,
+            skip: Vec::new(),
+            ignored: IgnoredMode::Skip,
+            default_timeout: Duration::from_secs(60),
+            jobs: 1,
+            limits: InstanceLimits::default(),
+            live_output: false,
+        }
+    }
+}
+
+/// The runner could not get as far as running tests.
+#[derive(Debug, Error)]
+pub enum RunError {
+    /// Asking the component for its tests failed.
+    #[error("cannot list the tests of {suite}: {message}")]
+    List {
+        /// Suite name.
+        suite: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// One planned test: run it, or report it ignored.
+#[derive(Debug, Clone)]
+pub struct PlannedTest {
+    /// The test as the suite declared it.
+    pub case: TestCase,
+    /// False for an ignored test that is reported but not run.
+    pub run: bool,
+}
+
+/// The tests a run will report, in suite order.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    /// Selected tests.
+    pub tests: Vec<PlannedTest>,
+    /// Tests left out by filters.
+    pub filtered_out: usize,
+}
+
+/// Selects tests the way libtest does: filters, `--exact`, `--skip`, ignored handling.
+pub fn plan(cases: &[TestCase], opts: &RunOptions) -> Plan {
+    let mut plan = Plan::default();
+    for case in cases {
+        let selected = opts.filters.is_empty()
+            || opts.filters.iter().any(|f| {
+                if opts.exact {
+                    case.name == *f
+                } else {
+                    case.name.contains(f.as_str())
+                }
+            });
+        let skipped = opts.skip.iter().any(|s| case.name.contains(s.as_str()));
+        let wanted = match opts.ignored {
+            IgnoredMode::Only => case.ignored,
+            IgnoredMode::Skip | IgnoredMode::Include => true,
+        };
+        if !selected || skipped || !wanted {
+            plan.filtered_out += 1;
+            continue;
+        }
+        let run = !case.ignored || opts.ignored != IgnoredMode::Skip;
+        plan.tests.push(PlannedTest {
+            case: case.clone(),
+            run,
+        });
+    }
+    plan
+}
+
+/// Runs the tests of one loaded suite at this level.
+pub struct Runner {
+    suite: Arc<LoadedSuite>,
+    grants: Arc<Grants>,
+    level: Arc<LevelInfo>,
+}
+
+impl Runner {
+    /// A runner for `suite` with `grants`, at `level`.
+    pub fn new(suite: LoadedSuite, grants: Grants, level: LevelInfo) -> Self {
+        Self {
+            suite: Arc::new(suite),
+            grants: Arc::new(grants),
+            level: Arc::new(level),
+        }
+    }
+
+    /// The suite this runner runs.
+    pub fn suite(&self) -> &LoadedSuite {
+        &self.suite
+    }
+
+    /// Asks the component for its tests, in a fresh instance.
+    pub async fn list(&self, limits: InstanceLimits) -> Result<Vec<TestCase>, RunError> {
+        let err = |message: String| RunError::List {
+            suite: self.suite.name.clone(),
+            message,
+        };
+        let capture = Capture::new(limits.output_bytes, None);
+        let state = HostState::new(self.grants.clone(), self.level.clone(), limits, capture)
+            .map_err(|e| err(format!("{e:#}")))?;
+        let mut store = new_store(&self.suite.engine, state);
+        let result = {
+            let pre = &self.suite.pre;
+            let store = &mut store;
+            let call = async move {
+                let suite: Suite = pre.instantiate_async(&mut *store).await?;
+                suite.call_tests(&mut *store).await
+            };
+            tokio::time::timeout(Duration::from_secs(30), call).await
+        };
+        match result {
+            Ok(Ok(cases)) => Ok(cases),
+            Ok(Err(trap)) => Err(err(format!("the `tests` export trapped: {trap:#}"))),
+            Err(_) => Err(err("the `tests` export did not return within 30 s".into())),
+        }
+    }
+
+    /// Runs `plan`, sending events to `events`, and returns the counts.
+    pub async fn run(
+        &self,
+        plan: Plan,
+        opts: &RunOptions,
+        events: mpsc::UnboundedSender<TestEvent>,
+    ) -> Summary {
+        let started = Instant::now();
+        let jobs = opts.jobs.max(1);
+        let _ = events.send(TestEvent::RunStarted {
+            suite: self.suite.name.clone(),
+            component: self.suite.path.display().to_string(),
+            sha256: self.suite.sha256.clone(),
+            level_path: self.level.path.clone(),
+            planned: plan.tests.len(),
+            filtered_out: plan.filtered_out,
+            jobs,
+        });
+        let mut summary = Summary {
+            filtered_out: plan.filtered_out,
+            ..Summary::default()
+        };
+        let permits = Arc::new(Semaphore::new(jobs));
+        let mut tasks = JoinSet::new();
+        for planned in plan.tests {
+            let id = TestId {
+                suite: self.suite.name.clone(),
+                name: planned.case.name.clone(),
+                level_path: self.level.path.clone(),
+            };
+            if !planned.run {
+                summary.ignored += 1;
+                let _ = events.send(TestEvent::TestFinished {
+                    test: id,
+                    outcome: Outcome::Ignored,
+                    duration_secs: 0.0,
+                    output: CapturedOutput::default(),
+                });
+                continue;
+            }
+            let timeout = planned
+                .case
+                .timeout_ms
+                .map(Duration::from_millis)
+                .unwrap_or(opts.default_timeout);
+            let job = TestJob {
+                suite: self.suite.clone(),
+                grants: self.grants.clone(),
+                level: self.level.clone(),
+                limits: opts.limits,
+                timeout,
+                live_output: opts.live_output,
+            };
+            let permits = permits.clone();
+            let events = events.clone();
+            tasks.spawn(async move {
+                // The semaphore is never closed, so acquiring cannot fail.
+                let _permit = permits.acquire_owned().await.ok();
+                let _ = events.send(TestEvent::TestStarted { test: id.clone() });
+                let began = Instant::now();
+                let (outcome, output) = job.run(&id, &events).await;
+                let passed = outcome == Outcome::Passed;
+                let _ = events.send(TestEvent::TestFinished {
+                    test: id,
+                    outcome,
+                    duration_secs: began.elapsed().as_secs_f64(),
+                    output,
+                });
+                passed
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            match done {
+                Ok(true) => summary.passed += 1,
+                Ok(false) => summary.failed += 1,
+                Err(e) => {
+                    tracing::error!("a test task died: {e}");
+                    summary.failed += 1;
+                }
+            }
+        }
+        let _ = events.send(TestEvent::RunFinished {
+            summary,
+            duration_secs: started.elapsed().as_secs_f64(),
+        });
+        summary
+    }
+}
+
+/// Everything one test needs, owned, so it can run on any worker.
+struct TestJob {
+    suite: Arc<LoadedSuite>,
+    grants: Arc<Grants>,
+    level: Arc<LevelInfo>,
+    limits: InstanceLimits,
+    timeout: Duration,
+    live_output: bool,
+}
+
+impl TestJob {
+    async fn run(
+        self,
+        id: &TestId,
+        events: &mpsc::UnboundedSender<TestEvent>,
+    ) -> (Outcome, CapturedOutput) {
+        let sink: Option<OutputSink> = self.live_output.then(|| {
+            let events = events.clone();
+            let id = id.clone();
+            Arc::new(move |stream, text: &str| {
+                let _ = events.send(TestEvent::Output {
+                    test: id.clone(),
+                    stream,
+                    text: text.to_string(),
+                });
+            }) as OutputSink
+        });
+        let capture = Capture::new(self.limits.output_bytes, sink);
+        let state = match HostState::new(self.grants, self.level, self.limits, capture.clone()) {
+            Ok(state) => state,
+            Err(e) => {
+                let failure = failure(FailureKind::Infrastructure, format!("{e:#}"), None);
+                return (Outcome::Failed(failure), capture.take());
+            }
+        };
+        let mut store = new_store(&self.suite.engine, state);
+        let result = {
+            let pre = &self.suite.pre;
+            let store = &mut store;
+            let name = id.name.as_str();
+            let call = async move {
+                let suite: Suite = pre.instantiate_async(&mut *store).await?;
+                suite.call_run(&mut *store, name).await
+            };
+            tokio::time::timeout(self.timeout, call).await
+        };
+        let outcome = classify(result, store.data_mut(), self.timeout);
+        (outcome, capture.take())
+    }
+}
+
+fn new_store(engine: &wasmtime::Engine, state: HostState) -> Store<HostState> {
+    let mut store = Store::new(engine, state);
+    store.limiter(|s| &mut s.limiter);
+    // Yield to the executor on every epoch tick so the test's deadline (a tokio
+    // timeout around the call) can fire even inside a tight guest loop.
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
+    store
+}
+
+type CallResult = Result<wasmtime::Result<Result<(), Failure>>, tokio::time::error::Elapsed>;
+
+/// Turns what the call returned into an outcome, with the most specific cause first.
+fn classify(result: CallResult, state: &mut HostState, timeout: Duration) -> Outcome {
+    if let Some(exceeded) = state.capture().exceeded() {
+        return Outcome::Failed(failure(
+            FailureKind::OutputLimit,
+            exceeded.to_string(),
+            None,
+        ));
+    }
+    let trap = match result {
+        Err(_) => {
+            return Outcome::Failed(failure(
+                FailureKind::Timeout,
+                format!(
+                    "timed out after {:.1} s (raise it with --timeout or #[timeout_ms] on the test)",
+                    timeout.as_secs_f64()
+                ),
+                None,
+            ));
+        }
+        Ok(Ok(Ok(()))) => return Outcome::Passed,
+        Ok(Ok(Err(f))) => {
+            return Outcome::Failed(from_guest(FailureKind::Error, f, state.has_fs_grants()));
+        }
+        Ok(Err(trap)) => trap,
+    };
+    if let Some(e) = trap.downcast_ref::<MemoryLimitExceeded>() {
+        return Outcome::Failed(failure(FailureKind::MemoryLimit, e.to_string(), None));
+    }
+    if let Some(e) = trap.downcast_ref::<OutputLimitExceeded>() {
+        return Outcome::Failed(failure(FailureKind::OutputLimit, e.to_string(), None));
+    }
+    if let Some(f) = state.take_panic() {
+        return Outcome::Failed(from_guest(FailureKind::Panic, f, state.has_fs_grants()));
+    }
+    Outcome::Failed(failure(
+        FailureKind::Trap,
+        format!("the test trapped: {trap:#}"),
+        None,
+    ))
+}
+
+fn from_guest(kind: FailureKind, f: Failure, has_fs_grants: bool) -> TestFailure {
+    let location = f.file.map(|file| match (f.line, f.column) {
+        (Some(l), Some(c)) => format!("{file}:{l}:{c}"),
+        (Some(l), None) => format!("{file}:{l}"),
+        _ => file,
+    });
+    failure(kind, with_hint(f.message, has_fs_grants), location)
+}
+
+/// Adds what to do next to guest messages whose cause is a missing grant.
+///
+/// WASI reports a path outside every preopen as `ENOENT` (errno 44) or
+/// `ENOTCAPABLE` (errno 76) inside the guest, before the host sees the call.
+fn with_hint(message: String, has_fs_grants: bool) -> String {
+    let no_preopen = message.contains("os error 76")
+        || message.contains("Capabilities insufficient")
+        || (!has_fs_grants && message.contains("os error 44"));
+    if no_preopen {
+        return format!(
+            "{message}\nhint: the component has no preopened directory for that path; \
+             grant one with --grant fs=PATH"
+        );
+    }
+    message
+}
+
+fn failure(kind: FailureKind, message: String, location: Option<String>) -> TestFailure {
+    TestFailure {
+        kind,
+        message,
+        location,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rstest::rstest;
+
+    use super::*;
+
+    fn case(name: &str, ignored: bool) -> TestCase {
+        TestCase {
+            name: name.into(),
+            ignored,
+            timeout_ms: None,
+            tags: vec![],
+        }
+    }
+
+    fn names(plan: &Plan) -> Vec<(String, bool)> {
+        plan.tests
+            .iter()
+            .map(|t| (t.case.name.clone(), t.run))
+            .collect()
+    }
+
+    #[rstest]
+    #[case::all(&[], false, &[], IgnoredMode::Skip, &[("alpha", true), ("alphabet", true), ("beta", false)], 0)]
+    #[case::filter(&["alpha"], false, &[], IgnoredMode::Skip, &[("alpha", true), ("alphabet", true)], 1)]
+    #[case::exact(&["alpha"], true, &[], IgnoredMode::Skip, &[("alpha", true)], 2)]
+    #[case::skip(&[], false, &["bet"], IgnoredMode::Skip, &[("alpha", true)], 2)]
+    #[case::only_ignored(&[], false, &[], IgnoredMode::Only, &[("beta", true)], 2)]
+    #[case::include_ignored(&[], false, &[], IgnoredMode::Include, &[("alpha", true), ("alphabet", true), ("beta", true)], 0)]
+    fn planning(
+        #[case] filters: &[&str],
+        #[case] exact: bool,
+        #[case] skip: &[&str],
+        #[case] ignored: IgnoredMode,
+        #[case] expected: &[(&str, bool)],
+        #[case] filtered_out: usize,
+    ) {
+        let cases = [
+            case("alpha", false),
+            case("alphabet", false),
+            case("beta", true),
+        ];
+        let opts = RunOptions {
+            filters: filters.iter().map(|s| s.to_string()).collect(),
+            exact,
+            skip: skip.iter().map(|s| s.to_string()).collect(),
+            ignored,
+            ..RunOptions::default()
+        };
+        let plan = plan(&cases, &opts);
+        let expected: Vec<(String, bool)> =
+            expected.iter().map(|(n, r)| (n.to_string(), *r)).collect();
+        assert_eq!(names(&plan), expected);
+        assert_eq!(plan.filtered_out, filtered_out);
+    }
+}
