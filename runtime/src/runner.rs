@@ -208,16 +208,6 @@ impl Runner {
                 name: planned.case.name.clone(),
                 level_path: self.level.path.clone(),
             };
-            if !planned.run {
-                summary.ignored += 1;
-                let _ = events.send(TestEvent::TestFinished {
-                    test: id,
-                    outcome: Outcome::Ignored,
-                    duration_secs: 0.0,
-                    output: CapturedOutput::default(),
-                });
-                continue;
-            }
             let timeout = planned
                 .case
                 .timeout_ms
@@ -231,28 +221,36 @@ impl Runner {
                 timeout,
                 live_output: opts.live_output,
             };
-            let permits = permits.clone();
+            // Taking the permit before spawning starts tests in suite order; ignored
+            // tests go through the same queue so that reports keep that order too.
+            // The semaphore is never closed, so acquiring cannot fail.
+            let permit = permits.clone().acquire_owned().await.ok();
             let events = events.clone();
+            let run = planned.run;
             tasks.spawn(async move {
-                // The semaphore is never closed, so acquiring cannot fail.
-                let _permit = permits.acquire_owned().await.ok();
-                let _ = events.send(TestEvent::TestStarted { test: id.clone() });
-                let began = Instant::now();
-                let (outcome, output) = job.run(&id, &events).await;
-                let passed = outcome == Outcome::Passed;
+                let _permit = permit;
+                let (outcome, output, duration) = if run {
+                    let _ = events.send(TestEvent::TestStarted { test: id.clone() });
+                    let began = Instant::now();
+                    let (outcome, output) = job.run(&id, &events).await;
+                    (outcome, output, began.elapsed())
+                } else {
+                    (Outcome::Ignored, CapturedOutput::default(), Duration::ZERO)
+                };
                 let _ = events.send(TestEvent::TestFinished {
                     test: id,
-                    outcome,
-                    duration_secs: began.elapsed().as_secs_f64(),
+                    outcome: outcome.clone(),
+                    duration_secs: duration.as_secs_f64(),
                     output,
                 });
-                passed
+                outcome
             });
         }
         while let Some(done) = tasks.join_next().await {
             match done {
-                Ok(true) => summary.passed += 1,
-                Ok(false) => summary.failed += 1,
+                Ok(Outcome::Passed) => summary.passed += 1,
+                Ok(Outcome::Ignored) => summary.ignored += 1,
+                Ok(Outcome::Failed(_)) => summary.failed += 1,
                 Err(e) => {
                     tracing::error!("a test task died: {e}");
                     summary.failed += 1;
