@@ -18,7 +18,10 @@ use tokio::sync::mpsc;
 use crate::engine::{self, CacheDir};
 use crate::grants::Grants;
 use crate::host::InstanceLimits;
+use crate::host::LevelContext;
 use crate::level::LevelInfo;
+use crate::relay::protocol::SshSettings;
+use crate::relay::serve::{ServeOptions, serve_stdio};
 use crate::reporter::human::HumanReporter;
 use crate::reporter::json::JsonReporter;
 use crate::reporter::junit::JunitReporter;
@@ -49,6 +52,21 @@ pub struct Cli {
 enum Command {
     /// Run (or list) the tests of a suite component.
     Test(TestArgs),
+    /// Serve a parent level over the relay protocol (started by another runtime).
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Speak the protocol on stdin and stdout.
+    #[arg(long, required = true)]
+    stdio: bool,
+    /// Folder for cached components and precompiled artifacts.
+    #[arg(long, value_name = "PATH")]
+    cache_dir: Option<PathBuf>,
+    /// Announce another protocol version (for testing version checks).
+    #[arg(long, hide = true, default_value_t = crate::relay::protocol::PROTOCOL_VERSION)]
+    protocol_version: u32,
 }
 
 #[derive(Debug, Args)]
@@ -111,6 +129,18 @@ struct TestArgs {
     /// Exit 0 once the run completed even if tests failed (for TAP harnesses such as meson).
     #[arg(long)]
     exit_zero: bool,
+    /// Set an environment variable for the component, at every level (repeatable).
+    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Private key (OpenSSH format) used to reach SSH levels; handed down the chain.
+    #[arg(long, value_name = "FILE", requires = "ssh_known_hosts")]
+    ssh_key: Option<PathBuf>,
+    /// Pinned host keys of SSH levels (known_hosts format); nothing else is trusted.
+    #[arg(long, value_name = "FILE", requires = "ssh_key")]
+    ssh_known_hosts: Option<PathBuf>,
+    /// Cache folder on SSH levels [default: ~/.cache/matryoshka there].
+    #[arg(long, value_name = "PATH")]
+    remote_cache_dir: Option<String>,
 }
 
 /// Parses the command line, runs it and returns the exit code.
@@ -127,9 +157,45 @@ pub fn main() -> ExitCode {
             return ExitCode::from(EXIT_COULD_NOT_RUN);
         }
     };
-    match cli.command {
-        Command::Test(args) => ExitCode::from(runtime.block_on(test(args))),
+    let code = match cli.command {
+        Command::Test(args) => runtime.block_on(test(args)),
+        Command::Serve(args) => {
+            let opts = ServeOptions {
+                cache: args
+                    .cache_dir
+                    .map(CacheDir::At)
+                    .unwrap_or_else(CacheDir::default_location),
+                protocol_version: args.protocol_version,
+            };
+            runtime.block_on(serve_stdio(opts))
+        }
+    };
+    // Do not wait for blocked stdin readers or lingering tasks: every child
+    // process was started with kill-on-drop and is gone with its owner.
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    ExitCode::from(code)
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("`{s}` is not KEY=VALUE")),
     }
+}
+
+fn ssh_settings(args: &TestArgs) -> Result<Option<SshSettings>, String> {
+    let (Some(key), Some(known)) = (&args.ssh_key, &args.ssh_known_hosts) else {
+        return Ok(None);
+    };
+    let read = |p: &Path| {
+        std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+    };
+    Ok(Some(SshSettings {
+        private_key: read(key)?,
+        known_hosts: read(known)?,
+        remote_cache_dir: args.remote_cache_dir.clone(),
+        key_path: std::path::absolute(key).ok().map(|p| p.display().to_string()),
+    }))
 }
 
 fn init_tracing(verbose: u8) {
@@ -183,7 +249,7 @@ fn grants_for(args: &TestArgs) -> Result<Grants, String> {
 }
 
 async fn test(args: TestArgs) -> u8 {
-    let grants = match grants_for(&args) {
+    let (grants, ssh) = match grants_for(&args).and_then(|g| Ok((g, ssh_settings(&args)?))) {
         Ok(g) => g,
         Err(e) => {
             eprintln!("error: {e}");
@@ -213,8 +279,16 @@ async fn test(args: TestArgs) -> u8 {
         output_bytes: args.max_output,
         ..InstanceLimits::default()
     };
-    let runner = Runner::new(loaded, grants, LevelInfo::top());
-    let cases = match runner.list(limits).await {
+    let ctx = LevelContext {
+        level: LevelInfo::top(),
+        grants,
+        limits,
+        env: args.env.clone(),
+        ssh,
+        component: loaded.component.clone(),
+    };
+    let runner = Runner::new(loaded, ctx);
+    let cases = match runner.list().await {
         Ok(cases) => cases,
         Err(e) => {
             eprintln!("error: {e}");
@@ -236,7 +310,6 @@ async fn test(args: TestArgs) -> u8 {
         jobs: args
             .jobs
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
-        limits,
         live_output: args.nocapture || args.format == Format::Json,
     };
     let plan = runner::plan(&cases, &opts);

@@ -16,7 +16,9 @@ use thiserror::Error;
 use wasmtime::component::Component;
 use wasmtime::component::types::ComponentItem;
 
-use crate::host::{self, HostState, SuitePre, WORLD};
+use std::sync::Arc;
+
+use crate::host::{self, ComponentSource, HostState, SuitePre, WORLD};
 
 /// How often the epoch advances; the granularity of deadlines.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -116,6 +118,8 @@ pub struct LoadedSuite {
     pub name: String,
     /// Hex sha256 of the component bytes.
     pub sha256: String,
+    /// The bytes, to hand to the next level.
+    pub component: Arc<ComponentSource>,
     /// Whether compilation was skipped.
     pub source: CompileSource,
     /// Ready to instantiate, once per test.
@@ -155,13 +159,18 @@ pub fn engine() -> anyhow::Result<wasmtime::Engine> {
 
 /// Loads, checks and links the component at `path`.
 pub fn load(path: &Path, cache: &CacheDir) -> Result<LoadedSuite, LoadError> {
-    let engine = engine().map_err(|e| LoadError::Engine {
-        path: path.to_path_buf(),
-        message: format!("{e:#}"),
-    })?;
     let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
         path: path.to_path_buf(),
         source,
+    })?;
+    load_bytes(path, bytes, cache)
+}
+
+/// Loads, checks and links a component given as bytes; `path` names it in messages.
+pub fn load_bytes(path: &Path, bytes: Vec<u8>, cache: &CacheDir) -> Result<LoadedSuite, LoadError> {
+    let engine = engine().map_err(|e| LoadError::Engine {
+        path: path.to_path_buf(),
+        message: format!("{e:#}"),
     })?;
     check_header(path, &bytes)?;
     let sha256 = hex::encode(Sha256::digest(&bytes));
@@ -188,7 +197,8 @@ pub fn load(path: &Path, cache: &CacheDir) -> Result<LoadedSuite, LoadError> {
     Ok(LoadedSuite {
         path: path.to_path_buf(),
         name,
-        sha256,
+        sha256: sha256.clone(),
+        component: Arc::new(ComponentSource { bytes, sha256 }),
         source,
         pre,
         engine,

@@ -123,6 +123,8 @@ pub enum TestEvent {
     Output {
         /// Which test.
         test: TestId,
+        /// The level that wrote it, e.g. `L0/L1/L2`.
+        origin: String,
         /// Which stream.
         stream: Stream,
         /// The text.

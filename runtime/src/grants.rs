@@ -14,7 +14,7 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum GrantError {
     /// A `--grant` value that is not one of the known forms.
-    #[error("unknown grant `{0}`: expected exec=CMD[,CMD...] or fs=PATH[:GUEST_PATH][:ro|:rw]")]
+    #[error("unknown grant `{0}`: expected exec=CMD[,CMD...], fs=PATH[:GUEST_PATH][:ro|:rw] or nest")]
     Unknown(String),
     /// A grant of the right kind with an empty or bad value.
     #[error("bad grant `{grant}`: {reason}")]
@@ -61,6 +61,8 @@ pub struct Grants {
     pub exec: BTreeSet<String>,
     /// Directories preopened for the guest.
     pub fs: Vec<FsGrant>,
+    /// Whether the component may reach other levels (`nest` interface).
+    pub nest: bool,
 }
 
 impl Grants {
@@ -75,6 +77,10 @@ impl Grants {
             grant: grant.to_string(),
             reason: reason.to_string(),
         };
+        if grant == "nest" {
+            self.nest = true;
+            return Ok(());
+        }
         match grant.split_once('=') {
             Some(("exec", list)) => {
                 let cmds: Vec<&str> = list.split(',').map(str::trim).collect();
@@ -105,6 +111,7 @@ impl Grants {
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         let grants = config.grants;
+        self.nest |= grants.nest;
         for cmd in grants.exec {
             if cmd.trim().is_empty() {
                 return Err(GrantError::Config {
@@ -190,6 +197,8 @@ struct GrantsSection {
     exec: Vec<String>,
     #[serde(default)]
     fs: Vec<FsEntry>,
+    #[serde(default)]
+    nest: bool,
 }
 
 #[derive(Debug, Deserialize)]

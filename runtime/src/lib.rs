@@ -9,6 +9,7 @@
 //! - [`grants`] decides what a component may reach.
 //! - [`runner`] plans and executes tests, emitting one stream of [`event`]s.
 //! - [`reporter`] turns that stream into human, JSON lines, JUnit or TAP output.
+//! - [`relay`] reaches other levels and serves them: protocol, transports, `serve`.
 //! - [`cli`] is the command line on top.
 
 pub mod cli;
@@ -17,5 +18,6 @@ pub mod event;
 pub mod grants;
 pub mod host;
 pub mod level;
+pub mod relay;
 pub mod reporter;
 pub mod runner;

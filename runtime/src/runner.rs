@@ -14,12 +14,10 @@ use wasmtime::{Store, UpdateDeadline};
 
 use crate::engine::LoadedSuite;
 use crate::event::{FailureKind, Outcome, Summary, TestEvent, TestFailure, TestId};
-use crate::grants::Grants;
 use crate::host::{
-    Capture, CapturedOutput, Failure, HostState, InstanceLimits, MemoryLimitExceeded,
-    OutputLimitExceeded, OutputSink, Suite, TestCase,
+    Capture, CapturedOutput, Failure, HostState, LevelContext,
+    MemoryLimitExceeded, OutputLimitExceeded, OutputSink, Suite, TestCase,
 };
-use crate::level::LevelInfo;
 
 /// Which ignored tests run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -48,8 +46,6 @@ pub struct RunOptions {
     pub default_timeout: Duration,
     /// Tests run at once.
     pub jobs: usize,
-    /// Limits of each test instance.
-    pub limits: InstanceLimits,
     /// Send output events as output happens.
     pub live_output: bool,
 }
@@ -63,7 +59,6 @@ impl Default for RunOptions {
             ignored: IgnoredMode::Skip,
             default_timeout: Duration::from_secs(60),
             jobs: 1,
-            limits: InstanceLimits::default(),
             live_output: false,
         }
     }
@@ -133,17 +128,15 @@ pub fn plan(cases: &[TestCase], opts: &RunOptions) -> Plan {
 /// Runs the tests of one loaded suite at this level.
 pub struct Runner {
     suite: Arc<LoadedSuite>,
-    grants: Arc<Grants>,
-    level: Arc<LevelInfo>,
+    ctx: Arc<LevelContext>,
 }
 
 impl Runner {
-    /// A runner for `suite` with `grants`, at `level`.
-    pub fn new(suite: LoadedSuite, grants: Grants, level: LevelInfo) -> Self {
+    /// A runner for `suite` in the context `ctx` (level, grants, limits, chain settings).
+    pub fn new(suite: LoadedSuite, ctx: LevelContext) -> Self {
         Self {
             suite: Arc::new(suite),
-            grants: Arc::new(grants),
-            level: Arc::new(level),
+            ctx: Arc::new(ctx),
         }
     }
 
@@ -153,14 +146,14 @@ impl Runner {
     }
 
     /// Asks the component for its tests, in a fresh instance.
-    pub async fn list(&self, limits: InstanceLimits) -> Result<Vec<TestCase>, RunError> {
+    pub async fn list(&self) -> Result<Vec<TestCase>, RunError> {
         let err = |message: String| RunError::List {
             suite: self.suite.name.clone(),
             message,
         };
-        let capture = Capture::new(limits.output_bytes, None);
-        let state = HostState::new(self.grants.clone(), self.level.clone(), limits, capture)
-            .map_err(|e| err(format!("{e:#}")))?;
+        let capture = Capture::new(&self.ctx.level.path, self.ctx.limits.output_bytes, None);
+        let state =
+            HostState::new(self.ctx.clone(), capture).map_err(|e| err(format!("{e:#}")))?;
         let mut store = new_store(&self.suite.engine, state);
         let result = {
             let pre = &self.suite.pre;
@@ -191,7 +184,7 @@ impl Runner {
             suite: self.suite.name.clone(),
             component: self.suite.path.display().to_string(),
             sha256: self.suite.sha256.clone(),
-            level_path: self.level.path.clone(),
+            level_path: self.ctx.level.path.clone(),
             planned: plan.tests.len(),
             filtered_out: plan.filtered_out,
             jobs,
@@ -206,7 +199,7 @@ impl Runner {
             let id = TestId {
                 suite: self.suite.name.clone(),
                 name: planned.case.name.clone(),
-                level_path: self.level.path.clone(),
+                level_path: self.ctx.level.path.clone(),
             };
             let timeout = planned
                 .case
@@ -215,9 +208,7 @@ impl Runner {
                 .unwrap_or(opts.default_timeout);
             let job = TestJob {
                 suite: self.suite.clone(),
-                grants: self.grants.clone(),
-                level: self.level.clone(),
-                limits: opts.limits,
+                ctx: self.ctx.clone(),
                 timeout,
                 live_output: opts.live_output,
             };
@@ -268,9 +259,7 @@ impl Runner {
 /// Everything one test needs, owned, so it can run on any worker.
 struct TestJob {
     suite: Arc<LoadedSuite>,
-    grants: Arc<Grants>,
-    level: Arc<LevelInfo>,
-    limits: InstanceLimits,
+    ctx: Arc<LevelContext>,
     timeout: Duration,
     live_output: bool,
 }
@@ -284,16 +273,17 @@ impl TestJob {
         let sink: Option<OutputSink> = self.live_output.then(|| {
             let events = events.clone();
             let id = id.clone();
-            Arc::new(move |stream, text: &str| {
+            Arc::new(move |origin: &str, stream, text: &str| {
                 let _ = events.send(TestEvent::Output {
                     test: id.clone(),
+                    origin: origin.to_string(),
                     stream,
                     text: text.to_string(),
                 });
             }) as OutputSink
         });
-        let capture = Capture::new(self.limits.output_bytes, sink);
-        let state = match HostState::new(self.grants, self.level, self.limits, capture.clone()) {
+        let capture = Capture::new(&self.ctx.level.path, self.ctx.limits.output_bytes, sink);
+        let state = match HostState::new(self.ctx.clone(), capture.clone()) {
             Ok(state) => state,
             Err(e) => {
                 let failure = failure(FailureKind::Infrastructure, format!("{e:#}"), None);
@@ -316,7 +306,8 @@ impl TestJob {
     }
 }
 
-fn new_store(engine: &wasmtime::Engine, state: HostState) -> Store<HostState> {
+/// A store with the memory limiter and the epoch yield that deadlines rely on.
+pub(crate) fn new_store(engine: &wasmtime::Engine, state: HostState) -> Store<HostState> {
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.limiter);
     // Yield to the executor on every epoch tick so the test's deadline (a tokio

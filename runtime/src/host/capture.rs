@@ -9,13 +9,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::io::AsyncWrite;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 
 /// Severity of a captured log line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogLevel {
     /// `trace`
@@ -68,6 +68,8 @@ pub struct OutputLimitExceeded {
 /// One captured log line.
 #[derive(Debug, Clone, Serialize)]
 pub struct LogLine {
+    /// The level that wrote it, e.g. `L0/L1/L2`.
+    pub level_path: String,
     /// Severity.
     pub level: LogLevel,
     /// The text.
@@ -87,8 +89,9 @@ pub struct CapturedOutput {
     pub logs: Vec<LogLine>,
 }
 
-/// Receives every piece of output as it is written, for live reporting.
-pub type OutputSink = Arc<dyn Fn(Stream, &str) + Send + Sync>;
+/// Receives every piece of output as it is written, with the level path it came
+/// from: for live reporting at the top, for relaying upward at other levels.
+pub type OutputSink = Arc<dyn Fn(&str, Stream, &str) + Send + Sync>;
 
 /// The capture buffer shared by the host functions and WASI stdio of one instance.
 pub struct Capture {
@@ -96,6 +99,8 @@ pub struct Capture {
     limit: usize,
     started: Instant,
     sink: Option<OutputSink>,
+    keep: bool,
+    level_path: String,
 }
 
 #[derive(Default)]
@@ -108,13 +113,28 @@ struct Inner {
 }
 
 impl Capture {
-    /// A buffer that holds at most `limit` bytes in all.
-    pub fn new(limit: usize, sink: Option<OutputSink>) -> Arc<Self> {
+    /// A buffer for output of the level `level_path` that holds at most `limit` bytes in all.
+    pub fn new(level_path: &str, limit: usize, sink: Option<OutputSink>) -> Arc<Self> {
         Arc::new(Self {
             inner: Mutex::new(Inner::default()),
             limit,
             started: Instant::now(),
             sink,
+            keep: true,
+            level_path: level_path.to_string(),
+        })
+    }
+
+    /// A capture that only passes output on to `sink` under the same budget,
+    /// keeping nothing: for levels that relay their output upward.
+    pub fn forwarding(level_path: &str, limit: usize, sink: OutputSink) -> Arc<Self> {
+        Arc::new(Self {
+            inner: Mutex::new(Inner::default()),
+            limit,
+            started: Instant::now(),
+            sink: Some(sink),
+            keep: false,
+            level_path: level_path.to_string(),
         })
     }
 
@@ -123,8 +143,19 @@ impl Capture {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Appends `bytes` to `stream`, or fails once the budget is spent.
+    /// Appends output of this level to `stream`, or fails once the budget is spent.
     pub fn write(&self, stream: Stream, bytes: &[u8]) -> Result<(), OutputLimitExceeded> {
+        let origin = self.level_path.clone();
+        self.write_from(&origin, stream, bytes)
+    }
+
+    /// Appends output that a level below relayed up, tagged with its level path.
+    pub fn write_from(
+        &self,
+        origin: &str,
+        stream: Stream,
+        bytes: &[u8],
+    ) -> Result<(), OutputLimitExceeded> {
         let mut inner = self.lock();
         if let Some(e) = &inner.exceeded {
             return Err(e.clone());
@@ -136,20 +167,46 @@ impl Capture {
         }
         inner.used += bytes.len();
         let text = String::from_utf8_lossy(bytes);
-        match stream {
-            Stream::Stdout => inner.stdout.extend_from_slice(bytes),
-            Stream::Stderr => inner.stderr.extend_from_slice(bytes),
-            Stream::Log(level) => inner.logs.push(LogLine {
-                level,
-                message: text.to_string(),
-                at_secs: self.started.elapsed().as_secs_f64(),
-            }),
+        if self.keep {
+            let local = origin == self.level_path;
+            match stream {
+                Stream::Stdout | Stream::Stderr => {
+                    let buf = if stream == Stream::Stdout {
+                        &mut inner.stdout
+                    } else {
+                        &mut inner.stderr
+                    };
+                    if local {
+                        buf.extend_from_slice(bytes);
+                    } else {
+                        for line in text.lines() {
+                            buf.extend_from_slice(format!("[{origin}] {line}\n").as_bytes());
+                        }
+                    }
+                }
+                Stream::Log(level) => {
+                    let at_secs = self.started.elapsed().as_secs_f64();
+                    inner.logs.push(LogLine {
+                        level_path: origin.to_string(),
+                        level,
+                        message: text.to_string(),
+                        at_secs,
+                    });
+                }
+            }
         }
         drop(inner);
         if let Some(sink) = &self.sink {
-            sink(stream, &text);
+            sink(origin, stream, &text);
         }
         Ok(())
+    }
+
+    /// Gives the budget back, e.g. before the next call on a long-lived instance.
+    pub fn reset_budget(&self) {
+        let mut inner = self.lock();
+        inner.used = 0;
+        inner.exceeded = None;
     }
 
     /// The error, if the budget was spent.
@@ -229,7 +286,7 @@ mod tests {
 
     #[test]
     fn budget_is_shared_and_sticky() {
-        let c = Capture::new(10, None);
+        let c = Capture::new("L0", 10, None);
         c.write(Stream::Stdout, b"12345").expect("fits");
         c.write(Stream::Log(LogLevel::Info), b"1234").expect("fits");
         let err = c.write(Stream::Stderr, b"12").expect_err("over budget");
@@ -239,5 +296,16 @@ mod tests {
         assert_eq!(out.stdout, "12345");
         assert_eq!(out.logs.len(), 1);
         assert_eq!(out.stderr, "");
+    }
+
+    #[test]
+    fn relayed_output_is_tagged_with_its_level() {
+        let c = Capture::new("L0", 1 << 10, None);
+        c.write_from("L0/L1/L2", Stream::Log(LogLevel::Info), b"deep")
+            .expect("fits");
+        c.write_from("L0/L1", Stream::Stdout, b"a\nb\n").expect("fits");
+        let out = c.take();
+        assert_eq!(out.logs[0].level_path, "L0/L1/L2");
+        assert_eq!(out.stdout, "[L0/L1] a\n[L0/L1] b\n");
     }
 }

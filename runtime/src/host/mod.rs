@@ -9,6 +9,7 @@ mod capture;
 mod exec;
 mod limits;
 mod log;
+mod nest;
 mod report;
 
 use std::sync::Arc;
@@ -21,8 +22,11 @@ pub use capture::{
 };
 pub use limits::{MemoryLimitExceeded, MemoryLimiter};
 
+pub use nest::GuestHandle;
+
 use crate::grants::Grants;
 use crate::level::LevelInfo;
+use crate::relay::protocol::SshSettings;
 
 #[expect(
     missing_docs,
@@ -34,9 +38,14 @@ pub(crate) mod bindings {
         world: "suite",
         imports: {
             "matryoshka:test/host.exec": async | trappable,
+            "matryoshka:test/nest.[static]guest.connect": async | trappable,
+            "matryoshka:test/nest.[method]guest.call": async | trappable,
             default: trappable,
         },
         exports: { default: async },
+        with: {
+            "matryoshka:test/nest.guest": super::GuestHandle,
+        },
     });
 }
 
@@ -67,11 +76,38 @@ impl Default for InstanceLimits {
     }
 }
 
+/// The component a level runs, kept to hand it to the next level.
+#[derive(Debug)]
+pub struct ComponentSource {
+    /// The `.wasm` bytes.
+    pub bytes: Vec<u8>,
+    /// Their hex sha256.
+    pub sha256: String,
+}
+
+/// Everything an instance at this level may know and use, shared by all its instances.
+#[derive(Debug)]
+pub struct LevelContext {
+    /// Where this level is.
+    pub level: LevelInfo,
+    /// What the component may reach.
+    pub grants: Grants,
+    /// Limits of each instance.
+    pub limits: InstanceLimits,
+    /// Environment variables of the component, handed down the chain.
+    pub env: Vec<(String, String)>,
+    /// How to reach SSH levels below this one.
+    pub ssh: Option<SshSettings>,
+    /// The component, for the levels below.
+    pub component: Arc<ComponentSource>,
+}
+
 /// The data of a store: everything one component instance can reach.
 pub struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
     pub(crate) limiter: MemoryLimiter,
+    ctx: Arc<LevelContext>,
     grants: Arc<Grants>,
     level: Arc<LevelInfo>,
     capture: Arc<Capture>,
@@ -81,15 +117,14 @@ pub struct HostState {
 
 impl HostState {
     /// State for one instance: WASI with only the granted preopens, captured stdio.
-    pub fn new(
-        grants: Arc<Grants>,
-        level: Arc<LevelInfo>,
-        limits: InstanceLimits,
-        capture: Arc<Capture>,
-    ) -> anyhow::Result<Self> {
+    pub fn new(ctx: Arc<LevelContext>, capture: Arc<Capture>) -> anyhow::Result<Self> {
+        let grants = Arc::new(ctx.grants.clone());
+        let level = Arc::new(ctx.level.clone());
+        let limits = ctx.limits;
         let mut wasi = WasiCtxBuilder::new();
         wasi.stdout(capture.stream(Stream::Stdout))
             .stderr(capture.stream(Stream::Stderr))
+            .envs(&ctx.env)
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false);
@@ -111,6 +146,7 @@ impl HostState {
             wasi: wasi.build(),
             table: ResourceTable::new(),
             limiter: MemoryLimiter::new(limits.memory_bytes),
+            ctx,
             grants,
             level,
             capture,

@@ -67,13 +67,18 @@ impl<W: Write + Send> Reporter for HumanReporter<W> {
             TestEvent::TestStarted { test } => {
                 self.progress.set_message(test.name.clone());
             }
-            TestEvent::Output { test, stream, text } if self.show_output => {
+            TestEvent::Output {
+                test,
+                origin,
+                stream,
+                text,
+            } if self.show_output => {
                 let tag = match stream {
                     Stream::Stdout => "stdout".to_string(),
                     Stream::Stderr => "stderr".to_string(),
                     Stream::Log(level) => level.as_str().to_string(),
                 };
-                let prefix = format!("{:>6} {} {} | ", tag, test.level_path, test.name);
+                let prefix = format!("{tag:>6} {origin} {} | ", test.name);
                 self.line(&indent(text.trim_end_matches('\n'), &prefix))?;
             }
             TestEvent::TestFinished {

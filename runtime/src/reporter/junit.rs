@@ -64,7 +64,12 @@ impl<W: Write + Send> Reporter for JunitReporter<W> {
                 case.set_time(Duration::from_secs_f64(*duration_secs));
                 let mut out = output.stdout.clone();
                 for line in &output.logs {
-                    out.push_str(&format!("[{}] {}\n", line.level.as_str(), line.message));
+                    out.push_str(&format!(
+                        "[{} {}] {}\n",
+                        line.level.as_str(),
+                        line.level_path,
+                        line.message
+                    ));
                 }
                 if !out.is_empty() {
                     case.set_system_out(out);

@@ -1,0 +1,382 @@
+//! The parent side of one hop: a live connection to a child runtime.
+//!
+//! Opening one runs the handshake (`Hello`, `Load`, the component if the child
+//! lacks it, `Ready`). Afterwards a reader task routes `Return`s to waiting
+//! calls and `Event`s into the capture of the instance that owns the connection,
+//! and a heartbeat task pings the child. A child that closes its stream, sends
+//! garbage, or stays silent for [`HEARTBEAT_LOST`] is declared lost: every
+//! waiting call fails with `level-lost` naming the level path and the cause, and
+//! the transport (and with it the child process) is torn down.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::protocol::{
+    FrameReader, FrameWriter, LevelSetup, Message, PROTOCOL_VERSION, RemoteError, RemoteEvent,
+    WireErrorKind,
+};
+use super::transport::{self, Transport, TransportGuard};
+use super::{HEARTBEAT_INTERVAL, HEARTBEAT_LOST, HELLO_TIMEOUT, READY_TIMEOUT};
+use crate::host::{Capture, ComponentSource, Stream};
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Vec<u8>, RemoteError>>>>>;
+
+/// Facts the child told about itself.
+#[derive(Debug, Clone)]
+pub struct ChildInfo {
+    /// Its level path.
+    pub path: String,
+    /// Its depth.
+    pub depth: u32,
+    /// Its architecture.
+    pub arch: String,
+    /// Its host name.
+    pub hostname: String,
+    /// A shell command that reaches it, for SSH levels.
+    pub ssh_command: Option<String>,
+}
+
+/// A connection to a child runtime that serves one instance of the component.
+pub struct Connection {
+    info: ChildInfo,
+    out: mpsc::UnboundedSender<Message>,
+    pending: Pending,
+    lost: Arc<Mutex<Option<String>>>,
+    next_id: AtomicU64,
+    tasks: Vec<JoinHandle<()>>,
+    guard: Arc<Mutex<Box<dyn TransportGuard>>>,
+}
+
+impl Connection {
+    /// Reaches `target`, starts a runtime there and loads the component into it.
+    pub async fn open(
+        target: &str,
+        setup: LevelSetup,
+        component: Arc<ComponentSource>,
+        capture: Arc<Capture>,
+    ) -> Result<Self, RemoteError> {
+        let path = setup.path.clone();
+        let lost_err = |message: String| RemoteError {
+            kind: WireErrorKind::LevelLost,
+            message: format!("level {path} could not be started: {message}"),
+            level_path: path.clone(),
+        };
+        let Transport {
+            reader,
+            writer,
+            guard,
+            ssh_command,
+        } = transport::open(target, &setup).await?;
+        let guard = Arc::new(Mutex::new(guard));
+        let mut reader = FrameReader::new(reader);
+        let mut writer = FrameWriter::new(writer);
+        let cause = |guard: &Arc<Mutex<Box<dyn TransportGuard>>>, what: String| {
+            let status = lock(guard).describe_exit();
+            format!("{what}{status}")
+        };
+
+        // Hello: who answered, and do we speak the same protocol?
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, reader.next()).await {
+            Err(_) => return Err(lost_err(format!("no Hello within {} s", HELLO_TIMEOUT.as_secs()))),
+            Ok(None) => return Err(lost_err(cause(&guard, "the runtime closed its stream before Hello".into()))),
+            Ok(Some(Err(e))) => return Err(lost_err(cause(&guard, format!("{e}")))),
+            Ok(Some(Ok(m))) => m,
+        };
+        let (arch, hostname) = match hello {
+            Message::Hello {
+                version,
+                arch,
+                hostname,
+                ..
+            } if version == PROTOCOL_VERSION => (arch, hostname),
+            Message::Hello { version, .. } => {
+                return Err(RemoteError {
+                    kind: WireErrorKind::Unsupported,
+                    message: format!(
+                        "the runtime at {path} speaks relay protocol version {version}, this one \
+                         speaks {PROTOCOL_VERSION}: use the same matryoshka build at every level"
+                    ),
+                    level_path: path.clone(),
+                });
+            }
+            other => return Err(lost_err(format!("expected Hello, got {}", name(&other)))),
+        };
+
+        // Load: hand over the component (only if the child lacks it) and wait for Ready.
+        let load = Message::Load {
+            component_sha256: component.sha256.clone(),
+            setup: setup.clone(),
+        };
+        writer.send(&load).await.map_err(|e| lost_err(cause(&guard, e.to_string())))?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let msg = match tokio::time::timeout(left, reader.next()).await {
+                Err(_) => return Err(lost_err(format!("not ready within {} s", READY_TIMEOUT.as_secs()))),
+                Ok(None) => return Err(lost_err(cause(&guard, "the runtime closed its stream while loading".into()))),
+                Ok(Some(Err(e))) => return Err(lost_err(cause(&guard, e.to_string()))),
+                Ok(Some(Ok(m))) => m,
+            };
+            match msg {
+                Message::NeedComponent => {
+                    let bytes = component.bytes.clone();
+                    writer
+                        .send(&Message::Component { bytes })
+                        .await
+                        .map_err(|e| lost_err(cause(&guard, e.to_string())))?;
+                }
+                Message::Ready => break,
+                Message::Fatal { error } => return Err(error),
+                Message::Event { level_path, event } => forward(&capture, &level_path, event),
+                other => return Err(lost_err(format!("unexpected {} while loading", name(&other)))),
+            }
+        }
+
+        let info = ChildInfo {
+            path: setup.path.clone(),
+            depth: setup.depth,
+            arch,
+            hostname,
+            ssh_command,
+        };
+        let pending: Pending = Arc::default();
+        let lost: Arc<Mutex<Option<String>>> = Arc::default();
+        let last_seen = Arc::new(Mutex::new(Instant::now()));
+        let (out, mut out_rx) = mpsc::unbounded_channel::<Message>();
+
+        let writer_task = {
+            let lost = lost.clone();
+            let pending = pending.clone();
+            let guard = guard.clone();
+            tokio::spawn(async move {
+                while let Some(msg) = out_rx.recv().await {
+                    let shutdown = msg == Message::Shutdown;
+                    if let Err(e) = writer.send(&msg).await {
+                        declare_lost(&lost, &pending, &guard, format!("cannot write to it: {e}"));
+                        return;
+                    }
+                    if shutdown {
+                        return;
+                    }
+                }
+            })
+        };
+        let reader_task = {
+            let lost = lost.clone();
+            let pending = pending.clone();
+            let guard = guard.clone();
+            let last_seen = last_seen.clone();
+            tokio::spawn(async move {
+                let cause = loop {
+                    let msg = match reader.next().await {
+                        None => break "connection closed".to_string(),
+                        Some(Err(e)) => break format!("it sent a bad frame: {e}"),
+                        Some(Ok(m)) => m,
+                    };
+                    *lock(&last_seen) = Instant::now();
+                    match msg {
+                        Message::Return { id, result } => {
+                            if let Some(tx) = lock(&pending).remove(&id) {
+                                let _ = tx.send(result);
+                            }
+                        }
+                        Message::Event { level_path, event } => forward(&capture, &level_path, event),
+                        Message::Pong { .. } => {}
+                        Message::Fatal { error } => break format!("it failed: {}", error.message),
+                        other => break format!("unexpected {}", name(&other)),
+                    }
+                };
+                declare_lost(&lost, &pending, &guard, cause);
+            })
+        };
+        let heartbeat_task = {
+            let lost = lost.clone();
+            let pending = pending.clone();
+            let guard = guard.clone();
+            let out = out.clone();
+            tokio::spawn(async move {
+                let mut seq = 0u64;
+                let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+                loop {
+                    tick.tick().await;
+                    if lock(&lost).is_some() {
+                        return;
+                    }
+                    let silent = lock(&last_seen).elapsed();
+                    if silent > HEARTBEAT_LOST {
+                        declare_lost(
+                            &lost,
+                            &pending,
+                            &guard,
+                            format!("it stopped answering heartbeats for {:.1} s", silent.as_secs_f64()),
+                        );
+                        return;
+                    }
+                    seq += 1;
+                    if out.send(Message::Ping { seq }).is_err() {
+                        return;
+                    }
+                }
+            })
+        };
+        Ok(Self {
+            info,
+            out,
+            pending,
+            lost,
+            next_id: AtomicU64::new(1),
+            tasks: vec![writer_task, reader_task, heartbeat_task],
+            guard,
+        })
+    }
+
+    /// What the child told about itself.
+    pub fn info(&self) -> &ChildInfo {
+        &self.info
+    }
+
+    /// Calls `function` of the component's `call` export at the child.
+    pub async fn call(
+        &self,
+        function: &str,
+        args: Vec<u8>,
+        timeout: Option<Duration>,
+    ) -> Result<Vec<u8>, RemoteError> {
+        if let Some(cause) = lock(&self.lost).clone() {
+            return Err(self.lost_error(&cause));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(id, tx);
+        let call = Message::Call {
+            id,
+            function: function.to_string(),
+            args,
+            deadline_ms: timeout.map(|t| t.as_millis() as u64),
+        };
+        if self.out.send(call).is_err() {
+            lock(&self.pending).remove(&id);
+            let cause = lock(&self.lost).clone().unwrap_or_else(|| "connection closed".into());
+            return Err(self.lost_error(&cause));
+        }
+        let answer = match timeout {
+            Some(t) => match tokio::time::timeout(t, rx).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    lock(&self.pending).remove(&id);
+                    let _ = self.out.send(Message::Cancel { id });
+                    return Err(RemoteError {
+                        kind: WireErrorKind::Timeout,
+                        message: format!(
+                            "call of `{function}` at {} did not return within {:.1} s",
+                            self.info.path,
+                            t.as_secs_f64()
+                        ),
+                        level_path: self.info.path.clone(),
+                    });
+                }
+            },
+            None => rx.await,
+        };
+        match answer {
+            // A loss reported by `declare_lost` carries the bare cause.
+            Ok(Err(e)) if e.level_path.is_empty() => Err(self.lost_error(&e.message)),
+            Ok(result) => result,
+            Err(_) => {
+                let cause = lock(&self.lost).clone().unwrap_or_else(|| "connection closed".into());
+                Err(self.lost_error(&cause))
+            }
+        }
+    }
+
+    fn lost_error(&self, cause: &str) -> RemoteError {
+        lost_error(&self.info.path, cause)
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        let _ = self.out.send(Message::Shutdown);
+        for t in &self.tasks {
+            t.abort();
+        }
+        lock(&self.guard).shutdown();
+    }
+}
+
+fn lost_error(path: &str, cause: &str) -> RemoteError {
+    RemoteError {
+        kind: WireErrorKind::LevelLost,
+        message: format!("level {path} lost: {cause}"),
+        level_path: path.to_string(),
+    }
+}
+
+/// Marks the connection lost once, fails every waiting call, tears the transport down.
+fn declare_lost(
+    lost: &Arc<Mutex<Option<String>>>,
+    pending: &Pending,
+    guard: &Arc<Mutex<Box<dyn TransportGuard>>>,
+    cause: String,
+) {
+    let mut slot = lock(lost);
+    if slot.is_some() {
+        return;
+    }
+    let mut g = lock(guard);
+    let cause = format!("{cause}{}", g.describe_exit());
+    g.shutdown();
+    drop(g);
+    tracing::warn!("{cause}");
+    *slot = Some(cause.clone());
+    drop(slot);
+    for (_, tx) in lock(pending).drain() {
+        // The path is filled in by the caller's error; send the bare cause.
+        let _ = tx.send(Err(RemoteError {
+            kind: WireErrorKind::LevelLost,
+            message: cause.clone(),
+            level_path: String::new(),
+        }));
+    }
+}
+
+fn forward(capture: &Capture, level_path: &str, event: RemoteEvent) {
+    let (stream, text) = match event {
+        RemoteEvent::Log { level, message } => (Stream::Log(level), message),
+        RemoteEvent::Stdout(t) => (Stream::Stdout, t),
+        RemoteEvent::Stderr(t) => (Stream::Stderr, t),
+        RemoteEvent::Runtime(t) => {
+            tracing::debug!(level = level_path, "{t}");
+            return;
+        }
+    };
+    // Over budget: the level that spent it already failed its own write.
+    let _ = capture.write_from(level_path, stream, text.as_bytes());
+}
+
+fn name(msg: &Message) -> &'static str {
+    match msg {
+        Message::Hello { .. } => "Hello",
+        Message::Load { .. } => "Load",
+        Message::NeedComponent => "NeedComponent",
+        Message::Component { .. } => "Component",
+        Message::Ready => "Ready",
+        Message::Call { .. } => "Call",
+        Message::Return { .. } => "Return",
+        Message::Event { .. } => "Event",
+        Message::Ping { .. } => "Ping",
+        Message::Pong { .. } => "Pong",
+        Message::Cancel { .. } => "Cancel",
+        Message::Shutdown => "Shutdown",
+        Message::Fatal { .. } => "Fatal",
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

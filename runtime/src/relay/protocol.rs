@@ -1,0 +1,394 @@
+//! The relay protocol: length-delimited frames of postcard-encoded [`Message`]s.
+//!
+//! A frame is a 4-byte big-endian length followed by that many bytes of a
+//! [`Message`]. Requests carry ids so calls, returns and events multiplex on one
+//! byte stream (child process stdio, an SSH exec channel).
+//!
+//! The conversation: the child speaks first with [`Message::Hello`]; the parent
+//! checks the version and sends [`Message::Load`]; the child asks for the
+//! component bytes with [`Message::NeedComponent`] only if its cache lacks them,
+//! then answers [`Message::Ready`] or [`Message::Fatal`]. After that the parent
+//! sends calls and pings, the child sends returns, events and pongs.
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+
+use crate::grants::Grants;
+use crate::host::{ErrorKind, InstanceLimits, LogLevel};
+
+/// The protocol version this runtime speaks; both ends must agree at `Hello`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest frame accepted: a component plus headroom.
+pub const MAX_FRAME: usize = 256 << 20;
+
+/// Everything that crosses a hop.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    /// Child → parent, first frame: who is answering.
+    Hello {
+        /// [`PROTOCOL_VERSION`] of the child.
+        version: u32,
+        /// `uname -m` of the child's machine.
+        arch: String,
+        /// Host name of the child's machine.
+        hostname: String,
+        /// Hex sha256 of the child's runtime binary, when known.
+        runtime_sha256: Option<String>,
+    },
+    /// Parent → child: what to run, where in the chain, with which rights.
+    Load {
+        /// Hex sha256 of the component.
+        component_sha256: String,
+        /// Level, grants, limits and how to reach further levels.
+        setup: LevelSetup,
+    },
+    /// Child → parent: the component is not cached here; send it.
+    NeedComponent,
+    /// Parent → child: the component bytes.
+    Component {
+        /// The `.wasm` file.
+        bytes: Vec<u8>,
+    },
+    /// Child → parent: the instance is up and takes calls.
+    Ready,
+    /// Parent → child: call a function of the component's `call` export.
+    Call {
+        /// Request id, echoed by the `Return`.
+        id: u64,
+        /// The function name.
+        function: String,
+        /// SDK-encoded arguments.
+        args: Vec<u8>,
+        /// Milliseconds the child may spend on the call.
+        deadline_ms: Option<u64>,
+    },
+    /// Child → parent: the result of a call.
+    Return {
+        /// The `Call`'s id.
+        id: u64,
+        /// SDK-encoded result, or an error with the level it came from.
+        result: Result<Vec<u8>, RemoteError>,
+    },
+    /// Child → parent: output of the child or of any level below it.
+    Event {
+        /// Where it happened, e.g. `L0/L1/L2`.
+        level_path: String,
+        /// What happened.
+        event: RemoteEvent,
+    },
+    /// Parent → child: are you there?
+    Ping {
+        /// Echoed by the `Pong`.
+        seq: u64,
+    },
+    /// Child → parent: yes.
+    Pong {
+        /// The `Ping`'s seq.
+        seq: u64,
+    },
+    /// Parent → child: abandon a call.
+    Cancel {
+        /// The `Call`'s id.
+        id: u64,
+    },
+    /// Parent → child: drop the instance and exit.
+    Shutdown,
+    /// Either side: an error that ends the connection.
+    Fatal {
+        /// What went wrong.
+        error: RemoteError,
+    },
+}
+
+/// Where a level sits and what it may do; sent down with `Load`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LevelSetup {
+    /// Depth of the child.
+    pub depth: u32,
+    /// Level path of the child, e.g. `L0/L1`.
+    pub path: String,
+    /// The parent's grants, unchanged: a level never has more.
+    pub grants: Grants,
+    /// The parent's instance limits.
+    pub limits: WireLimits,
+    /// Environment of the component.
+    pub env: Vec<(String, String)>,
+    /// How the child reaches levels below it.
+    pub ssh: Option<SshSettings>,
+}
+
+/// [`InstanceLimits`] on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireLimits {
+    /// Largest linear memory, bytes.
+    pub memory_bytes: u64,
+    /// Output budget, bytes.
+    pub output_bytes: u64,
+    /// Output kept per `exec`, bytes.
+    pub exec_output_bytes: u64,
+}
+
+impl From<InstanceLimits> for WireLimits {
+    fn from(l: InstanceLimits) -> Self {
+        Self {
+            memory_bytes: l.memory_bytes as u64,
+            output_bytes: l.output_bytes as u64,
+            exec_output_bytes: l.exec_output_bytes as u64,
+        }
+    }
+}
+
+impl From<WireLimits> for InstanceLimits {
+    fn from(l: WireLimits) -> Self {
+        let clamp = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+        Self {
+            memory_bytes: clamp(l.memory_bytes),
+            output_bytes: clamp(l.output_bytes),
+            exec_output_bytes: clamp(l.exec_output_bytes),
+        }
+    }
+}
+
+/// SSH credentials of a run, handed down so each level can reach the next.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct SshSettings {
+    /// The run's private key, OpenSSH format.
+    pub private_key: String,
+    /// Pinned host keys, `known_hosts` format.
+    pub known_hosts: String,
+    /// Cache folder on SSH targets; `~/.cache/matryoshka` when absent.
+    pub remote_cache_dir: Option<String>,
+    /// Where the key is on the machine the run started from, for printed `ssh` commands.
+    pub key_path: Option<String>,
+}
+
+impl std::fmt::Debug for SshSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SshSettings")
+            .field("private_key", &"<redacted>")
+            .field("known_hosts", &self.known_hosts)
+            .field("remote_cache_dir", &self.remote_cache_dir)
+            .field("key_path", &self.key_path)
+            .finish()
+    }
+}
+
+/// An error that crossed a hop, with the level it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Error)]
+#[error("{kind:?} at {level_path}: {message}")]
+pub struct RemoteError {
+    /// The category.
+    pub kind: WireErrorKind,
+    /// What went wrong and what to do next.
+    pub message: String,
+    /// Where it happened.
+    pub level_path: String,
+}
+
+/// [`ErrorKind`] on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[expect(missing_docs, reason = "mirrors the WIT error-kind, documented there")]
+pub enum WireErrorKind {
+    Denied,
+    Timeout,
+    Io,
+    NotFound,
+    InvalidArgument,
+    LevelLost,
+    Unsupported,
+    Internal,
+}
+
+impl From<ErrorKind> for WireErrorKind {
+    fn from(k: ErrorKind) -> Self {
+        match k {
+            ErrorKind::Denied => Self::Denied,
+            ErrorKind::Timeout => Self::Timeout,
+            ErrorKind::Io => Self::Io,
+            ErrorKind::NotFound => Self::NotFound,
+            ErrorKind::InvalidArgument => Self::InvalidArgument,
+            ErrorKind::LevelLost => Self::LevelLost,
+            ErrorKind::Unsupported => Self::Unsupported,
+            ErrorKind::Internal => Self::Internal,
+        }
+    }
+}
+
+impl From<WireErrorKind> for ErrorKind {
+    fn from(k: WireErrorKind) -> Self {
+        match k {
+            WireErrorKind::Denied => Self::Denied,
+            WireErrorKind::Timeout => Self::Timeout,
+            WireErrorKind::Io => Self::Io,
+            WireErrorKind::NotFound => Self::NotFound,
+            WireErrorKind::InvalidArgument => Self::InvalidArgument,
+            WireErrorKind::LevelLost => Self::LevelLost,
+            WireErrorKind::Unsupported => Self::Unsupported,
+            WireErrorKind::Internal => Self::Internal,
+        }
+    }
+}
+
+/// Output that travels up the chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RemoteEvent {
+    /// A `log` line of the component.
+    Log {
+        /// Severity.
+        level: LogLevel,
+        /// Text.
+        message: String,
+    },
+    /// Standard output of the component.
+    Stdout(String),
+    /// Standard error of the component.
+    Stderr(String),
+    /// A diagnostic line of the runtime itself.
+    Runtime(String),
+}
+
+/// A frame that could not be read.
+#[derive(Debug, Error)]
+pub enum FrameError {
+    /// The byte stream failed or framing was violated (e.g. a frame over [`MAX_FRAME`]).
+    #[error("transport error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The frame is not a message of this protocol.
+    #[error("malformed frame ({len} bytes): {source}")]
+    Decode {
+        /// Length of the bad frame.
+        len: usize,
+        /// The decoder's complaint.
+        #[source]
+        source: postcard::Error,
+    },
+}
+
+fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .length_field_length(4)
+        .max_frame_length(MAX_FRAME)
+        .new_codec()
+}
+
+/// Reads messages from a byte stream.
+pub struct FrameReader<R> {
+    inner: FramedRead<R, LengthDelimitedCodec>,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// Wraps `reader`.
+    pub fn new(reader: R) -> Self {
+        Self {
+            inner: FramedRead::new(reader, codec()),
+        }
+    }
+
+    /// The next message; `None` at a clean end of stream.
+    pub async fn next(&mut self) -> Option<Result<Message, FrameError>> {
+        let frame: BytesMut = match self.inner.next().await? {
+            Ok(f) => f,
+            Err(e) => return Some(Err(e.into())),
+        };
+        Some(postcard::from_bytes(&frame).map_err(|source| FrameError::Decode {
+            len: frame.len(),
+            source,
+        }))
+    }
+}
+
+/// Writes messages to a byte stream.
+pub struct FrameWriter<W> {
+    inner: FramedWrite<W, LengthDelimitedCodec>,
+}
+
+impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+    /// Wraps `writer`.
+    pub fn new(writer: W) -> Self {
+        Self {
+            inner: FramedWrite::new(writer, codec()),
+        }
+    }
+
+    /// Encodes and sends one message, flushing it.
+    pub async fn send(&mut self, msg: &Message) -> std::io::Result<()> {
+        let bytes = postcard::to_allocvec(msg).map_err(std::io::Error::other)?;
+        self.inner.send(Bytes::from(bytes)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn round_trip(msgs: &[Message]) -> Vec<Message> {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let mut w = FrameWriter::new(a);
+        for m in msgs {
+            w.send(m).await.expect("send");
+        }
+        drop(w);
+        let mut r = FrameReader::new(b);
+        let mut out = Vec::new();
+        while let Some(m) = r.next().await {
+            out.push(m.expect("decode"));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn messages_round_trip() {
+        let msgs = vec![
+            Message::Hello {
+                version: PROTOCOL_VERSION,
+                arch: "x86_64".into(),
+                hostname: "h".into(),
+                runtime_sha256: None,
+            },
+            Message::Call {
+                id: 7,
+                function: "f".into(),
+                args: vec![1, 2, 3],
+                deadline_ms: Some(5),
+            },
+            Message::Return {
+                id: 7,
+                result: Err(RemoteError {
+                    kind: WireErrorKind::LevelLost,
+                    message: "gone".into(),
+                    level_path: "L0/L1".into(),
+                }),
+            },
+            Message::Event {
+                level_path: "L0/L1/L2".into(),
+                event: RemoteEvent::Log {
+                    level: LogLevel::Info,
+                    message: "hi".into(),
+                },
+            },
+        ];
+        assert_eq!(round_trip(&msgs).await, msgs);
+    }
+
+    #[tokio::test]
+    async fn garbage_is_an_error_not_a_panic() {
+        use tokio::io::AsyncWriteExt;
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        a.write_all(&[0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff]).await.expect("write");
+        a.write_all(&[0xff, 0xff, 0xff, 0xff, 1]).await.expect("write");
+        drop(a);
+        let mut r = FrameReader::new(b);
+        let first = r.next().await.expect("a frame");
+        assert!(matches!(first, Err(FrameError::Decode { len: 4, .. })), "{first:?}");
+        let second = r.next().await.expect("a frame");
+        assert!(
+            second.as_ref().is_err_and(|e| e.to_string().contains("frame size too big")),
+            "{second:?}"
+        );
+    }
+}

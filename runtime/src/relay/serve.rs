@@ -1,0 +1,351 @@
+//! The child side of a hop: `matryoshka serve --stdio`.
+//!
+//! Speaks first (`Hello`), loads the component the parent names (from the local
+//! cache, or asks for the bytes), keeps one instance of it for the life of the
+//! connection, and runs `Call`s on it one at a time while answering `Ping`s.
+//! Output of the instance and of every level below it is relayed up as `Event`s.
+//! A closed stdin, a `Shutdown` or a bad frame ends the process, and with it
+//! every level below.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use wasmtime::Store;
+
+use super::protocol::{
+    FrameReader, FrameWriter, Message, RemoteError, RemoteEvent,
+    WireErrorKind,
+};
+use crate::engine::{self, CacheDir, LoadedSuite};
+use crate::host::{Capture, ComponentSource, HostState, LevelContext, OutputSink, Stream, Suite};
+use crate::level::{LevelInfo, uname};
+
+/// How `serve` was started.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Where components and compiled artifacts are cached.
+    pub cache: CacheDir,
+    /// The version announced in `Hello` (differs from [`PROTOCOL_VERSION`] only in tests).
+    pub protocol_version: u32,
+}
+
+/// Serves one parent on stdin/stdout until it goes away. Returns the exit code.
+pub async fn serve_stdio(opts: ServeOptions) -> u8 {
+    match serve(tokio::io::stdin(), tokio::io::stdout(), opts).await {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("matryoshka serve: {e}");
+            1
+        }
+    }
+}
+
+/// Serves one parent on the given streams.
+pub async fn serve<R, W>(reader: R, writer: W, opts: ServeOptions) -> Result<(), String>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let mut reader = FrameReader::new(reader);
+    let (out, mut out_rx) = mpsc::unbounded_channel::<Message>();
+    let writer_task = tokio::spawn(async move {
+        let mut writer = FrameWriter::new(writer);
+        while let Some(msg) = out_rx.recv().await {
+            if writer.send(&msg).await.is_err() {
+                return;
+            }
+        }
+    });
+    let (hostname, arch) = uname();
+    let _ = out.send(Message::Hello {
+        version: opts.protocol_version,
+        arch: arch.clone(),
+        hostname: hostname.clone(),
+        runtime_sha256: super::transport::ssh::own_sha_from_name(),
+    });
+
+    let (sha, setup) = match reader.next().await {
+        Some(Ok(Message::Load {
+            component_sha256,
+            setup,
+        })) => (component_sha256, setup),
+        Some(Ok(other)) => return Err(format!("expected Load, got {other:?}")),
+        Some(Err(e)) => return Err(e.to_string()),
+        None => return Ok(()),
+    };
+    let fatal = |message: String| RemoteError {
+        kind: WireErrorKind::Internal,
+        message,
+        level_path: setup.path.clone(),
+    };
+    let bytes = match cached_component(&opts.cache, &sha) {
+        Some(bytes) => bytes,
+        None => {
+            let _ = out.send(Message::NeedComponent);
+            let bytes = match reader.next().await {
+                Some(Ok(Message::Component { bytes })) => bytes,
+                Some(Ok(other)) => return Err(format!("expected Component, got {other:?}")),
+                Some(Err(e)) => return Err(e.to_string()),
+                None => return Ok(()),
+            };
+            let got = engine::sha256_hex(&bytes);
+            if got != sha {
+                let error = fatal(format!("component bytes hash to {got}, expected {sha}"));
+                let _ = out.send(Message::Fatal { error });
+                return finish(out, writer_task).await;
+            }
+            store_component(&opts.cache, &sha, &bytes);
+            bytes
+        }
+    };
+    let cache = opts.cache.clone();
+    let label = PathBuf::from(format!("{sha}.wasm"));
+    let loaded = match tokio::task::spawn_blocking(move || engine::load_bytes(&label, bytes, &cache)).await {
+        Ok(Ok(suite)) => suite,
+        Ok(Err(e)) => {
+            let _ = out.send(Message::Fatal {
+                error: fatal(e.to_string()),
+            });
+            return finish(out, writer_task).await;
+        }
+        Err(e) => return Err(format!("loading the component panicked: {e}")),
+    };
+    let ctx = Arc::new(LevelContext {
+        level: LevelInfo {
+            depth: setup.depth,
+            path: setup.path.clone(),
+            hostname,
+            arch,
+        },
+        grants: setup.grants.clone(),
+        limits: setup.limits.into(),
+        env: setup.env.clone(),
+        ssh: setup.ssh.clone(),
+        component: Arc::new(ComponentSource {
+            bytes: loaded.component.bytes.clone(),
+            sha256: sha.clone(),
+        }),
+    });
+    let mut instance = match Instance::start(&loaded, &ctx, &out).await {
+        Ok(i) => i,
+        Err(e) => {
+            let _ = out.send(Message::Fatal { error: fatal(e) });
+            return finish(out, writer_task).await;
+        }
+    };
+    let _ = out.send(Message::Ready);
+
+    // Calls run one at a time on the instance task; this loop keeps answering pings.
+    let (calls, mut calls_rx) = mpsc::unbounded_channel::<(u64, String, Vec<u8>, Option<u64>)>();
+    let (cancel, mut cancel_rx) = mpsc::unbounded_channel::<u64>();
+    let worker = {
+        let out = out.clone();
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            while let Some((id, function, args, deadline)) = calls_rx.recv().await {
+                let result = instance
+                    .call(&loaded, &ctx, &out, &function, args, deadline, id, &mut cancel_rx)
+                    .await;
+                let _ = out.send(Message::Return { id, result });
+            }
+        })
+    };
+    loop {
+        match reader.next().await {
+            Some(Ok(Message::Call {
+                id,
+                function,
+                args,
+                deadline_ms,
+            })) => {
+                let _ = calls.send((id, function, args, deadline_ms));
+            }
+            Some(Ok(Message::Ping { seq })) => {
+                let _ = out.send(Message::Pong { seq });
+            }
+            Some(Ok(Message::Cancel { id })) => {
+                let _ = cancel.send(id);
+            }
+            Some(Ok(Message::Shutdown)) | None => break,
+            Some(Ok(other)) => {
+                tracing::warn!("unexpected message from the parent: {other:?}");
+                break;
+            }
+            Some(Err(e)) => {
+                tracing::warn!("bad frame from the parent: {e}");
+                break;
+            }
+        }
+    }
+    // Dropping the instance drops its guests, which shuts down every level below.
+    worker.abort();
+    let _ = worker.await;
+    finish(out, writer_task).await
+}
+
+async fn finish(
+    out: mpsc::UnboundedSender<Message>,
+    writer_task: tokio::task::JoinHandle<()>,
+) -> Result<(), String> {
+    drop(out);
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
+    Ok(())
+}
+
+/// The one instance a connection keeps, re-created if a call traps.
+struct Instance {
+    store: Store<HostState>,
+    suite: Suite,
+}
+
+impl Instance {
+    async fn start(
+        loaded: &LoadedSuite,
+        ctx: &Arc<LevelContext>,
+        out: &mpsc::UnboundedSender<Message>,
+    ) -> Result<Self, String> {
+        let sink: OutputSink = {
+            let out = out.clone();
+            Arc::new(move |origin: &str, stream, text: &str| {
+                let event = match stream {
+                    Stream::Stdout => RemoteEvent::Stdout(text.to_string()),
+                    Stream::Stderr => RemoteEvent::Stderr(text.to_string()),
+                    Stream::Log(level) => RemoteEvent::Log {
+                        level,
+                        message: text.to_string(),
+                    },
+                };
+                let _ = out.send(Message::Event {
+                    level_path: origin.to_string(),
+                    event,
+                });
+            })
+        };
+        let capture = Capture::forwarding(&ctx.level.path, ctx.limits.output_bytes, sink);
+        let state = HostState::new(ctx.clone(), capture).map_err(|e| format!("{e:#}"))?;
+        let mut store = crate::runner::new_store(&loaded.engine, state);
+        let suite = loaded
+            .pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(|e| format!("cannot instantiate the component: {e:#}"))?;
+        Ok(Self { store, suite })
+    }
+
+    #[expect(clippy::too_many_arguments, reason = "one call's full context, used once")]
+    async fn call(
+        &mut self,
+        loaded: &LoadedSuite,
+        ctx: &Arc<LevelContext>,
+        out: &mpsc::UnboundedSender<Message>,
+        function: &str,
+        args: Vec<u8>,
+        deadline_ms: Option<u64>,
+        id: u64,
+        cancel: &mut mpsc::UnboundedReceiver<u64>,
+    ) -> Result<Vec<u8>, RemoteError> {
+        let path = ctx.level.path.clone();
+        let err = |kind, message: String| RemoteError {
+            kind,
+            message,
+            level_path: path.clone(),
+        };
+        self.store.data().capture().reset_budget();
+        let outcome = {
+            let store = &mut self.store;
+            let suite = &self.suite;
+            let call = suite.call_call(&mut *store, function, &args);
+            let deadline = deadline_ms.map(Duration::from_millis);
+            tokio::select! {
+                r = async {
+                    match deadline {
+                        Some(d) => tokio::time::timeout(d, call).await.ok(),
+                        None => Some(call.await),
+                    }
+                } => r.map(Some),
+                () = cancelled(cancel, id) => Some(None),
+            }
+        };
+        let trapped = match outcome {
+            Some(Some(Ok(result))) => {
+                return result.map_err(|e| RemoteError {
+                    kind: e.kind.into(),
+                    message: e.message,
+                    level_path: e.level_path,
+                });
+            }
+            Some(Some(Err(trap))) => {
+                let panic = self.store.data_mut().take_panic();
+                match panic {
+                    Some(f) => format!(
+                        "`{function}` panicked at {path}: {}{}",
+                        f.message,
+                        f.file
+                            .map(|file| format!(" ({file}:{})", f.line.unwrap_or(0)))
+                            .unwrap_or_default()
+                    ),
+                    None => format!("`{function}` trapped at {path}: {trap:#}"),
+                }
+            }
+            Some(None) => format!("`{function}` was cancelled at {path}"),
+            None => format!(
+                "`{function}` did not return within {} ms at {path}",
+                deadline_ms.unwrap_or_default()
+            ),
+        };
+        // The instance is unusable after a trap or an abandoned call: start a new one.
+        match Self::start(loaded, ctx, out).await {
+            Ok(fresh) => *self = fresh,
+            Err(e) => tracing::error!("cannot restart the instance: {e}"),
+        }
+        let kind = if trapped.contains("did not return") {
+            WireErrorKind::Timeout
+        } else {
+            WireErrorKind::Internal
+        };
+        Err(err(
+            kind,
+            format!("{trapped}; the remote instance was restarted and its state is lost"),
+        ))
+    }
+}
+
+async fn cancelled(cancel: &mut mpsc::UnboundedReceiver<u64>, id: u64) {
+    while let Some(c) = cancel.recv().await {
+        if c == id {
+            return;
+        }
+    }
+    std::future::pending::<()>().await;
+}
+
+fn components_dir(cache: &CacheDir) -> Option<PathBuf> {
+    match cache {
+        CacheDir::At(dir) => Some(dir.join("components")),
+        CacheDir::Disabled => None,
+    }
+}
+
+fn cached_component(cache: &CacheDir, sha: &str) -> Option<Vec<u8>> {
+    let path = components_dir(cache)?.join(format!("{sha}.wasm"));
+    let bytes = std::fs::read(path).ok()?;
+    (engine::sha256_hex(&bytes) == sha).then_some(bytes)
+}
+
+fn store_component(cache: &CacheDir, sha: &str, bytes: &[u8]) {
+    let Some(dir) = components_dir(cache) else { return };
+    let write = || -> std::io::Result<()> {
+        std::fs::create_dir_all(&dir)?;
+        let mut tmp = tempfile::NamedTempFile::new_in(&dir)?;
+        std::io::Write::write_all(&mut tmp, bytes)?;
+        tmp.persist(dir.join(format!("{sha}.wasm")))?;
+        Ok(())
+    };
+    if let Err(e) = write() {
+        tracing::warn!("cannot cache the component in {}: {e}", dir.display());
+    }
+}
+

@@ -1,0 +1,92 @@
+//! A child runtime process on this machine, talking over its stdin and stdout.
+//!
+//! By default the child is this same binary. `MATRYOSHKA_LOCAL_SERVE` replaces
+//! the command (split on whitespace), e.g. to run the child under a debugger or
+//! `strace`; it is read from the runtime's environment, never from a component.
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::Stdio;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use super::{Transport, TransportGuard};
+use crate::relay::protocol::{LevelSetup, RemoteError, WireErrorKind};
+
+/// Starts `matryoshka serve --stdio` as a child process.
+pub fn spawn(setup: &LevelSetup) -> Result<Transport, RemoteError> {
+    let err = |message: String| RemoteError {
+        kind: WireErrorKind::Io,
+        message,
+        level_path: setup.path.clone(),
+    };
+    let mut cmd = match std::env::var("MATRYOSHKA_LOCAL_SERVE") {
+        Ok(line) if !line.trim().is_empty() => {
+            let mut words = line.split_whitespace();
+            let mut cmd = Command::new(words.next().unwrap_or_default());
+            cmd.args(words);
+            cmd
+        }
+        _ => {
+            let exe = std::env::current_exe()
+                .map_err(|e| err(format!("cannot find this runtime's own binary: {e}")))?;
+            let mut cmd = Command::new(exe);
+            cmd.args(["serve", "--stdio"]);
+            cmd
+        }
+    };
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| err(format!("cannot start a local runtime for {}: {e}", setup.path)))?;
+    let (Some(stdin), Some(stdout), Some(stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        return Err(err("the local runtime has no stdio pipes".into()));
+    };
+    // The child's own diagnostics: shown with -v, kept out of the frame stream.
+    let path = setup.path.clone();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            tracing::info!(level = %path, "{line}");
+        }
+    });
+    Ok(Transport {
+        reader: Box::new(stdout),
+        writer: Box::new(stdin),
+        guard: Box::new(LocalGuard { child }),
+        ssh_command: None,
+    })
+}
+
+struct LocalGuard {
+    child: Child,
+}
+
+impl TransportGuard for LocalGuard {
+    fn shutdown(&mut self) {
+        let _ = self.child.start_kill();
+    }
+
+    fn describe_exit(&mut self) -> String {
+        // A child whose stream just closed may need a moment to be reapable.
+        for _ in 0..20 {
+            match self.child.try_wait() {
+                Ok(Some(status)) => {
+                    return match (status.code(), status.signal()) {
+                        (Some(code), _) => format!(" (its runtime exited with status {code})"),
+                        (None, Some(sig)) => format!(" (its runtime was killed by signal {sig})"),
+                        _ => String::new(),
+                    };
+                }
+                Ok(None) => std::thread::sleep(std::time::Duration::from_millis(10)),
+                Err(_) => break,
+            }
+        }
+        String::new()
+    }
+}

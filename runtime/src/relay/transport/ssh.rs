@@ -1,0 +1,434 @@
+//! SSH levels: copy the runtime there (once per hash), then run `serve --stdio`
+//! in an exec channel.
+//!
+//! Host keys are pinned: the server's key must match a `known_hosts` entry the
+//! run was given, never learned on first use. Authentication uses the run's key.
+//!
+//! Self-replication, per hop:
+//! 1. one exec channel probes the target: `uname -m`, the cache folder, and the
+//!    runtimes already there (`matryoshka-<sha256>`);
+//! 2. if the runtime for that architecture is missing, a second channel streams
+//!    it gzip-compressed into a temporary file that is renamed into place only
+//!    when complete (an interrupted upload leaves nothing behind); the
+//!    compressed copy is kept beside it so the next hop sends it without
+//!    compressing again;
+//! 3. a third channel runs `<cache>/bin/matryoshka-<sha256> serve --stdio`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use russh::client::{self, Handle};
+use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
+use russh::{ChannelMsg, Disconnect};
+use tokio::io::AsyncWriteExt;
+
+use super::{Transport, TransportGuard};
+use crate::relay::protocol::{LevelSetup, RemoteError, SshSettings, WireErrorKind};
+
+/// How long an SSH level has to accept the connection and authenticate.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A runtime binary ready to send: its hash and its gzip-compressed bytes.
+pub struct RuntimeImage {
+    /// Hex sha256 of the uncompressed binary.
+    pub sha256: String,
+    /// The binary, gzip-compressed.
+    pub gz: Vec<u8>,
+}
+
+/// The sha256 of this runtime when its file name carries it (`matryoshka-<sha256>`),
+/// as it does on every level it was copied to.
+pub fn own_sha_from_name() -> Option<String> {
+    let exe = std::env::current_exe().ok()?;
+    let name = exe.file_name()?.to_str()?;
+    let sha = name.strip_prefix("matryoshka-")?;
+    (sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit())).then(|| sha.to_string())
+}
+
+/// This runtime's own image, computed once per process.
+pub fn own_image() -> Result<Arc<RuntimeImage>, String> {
+    static IMAGE: OnceLock<Arc<RuntimeImage>> = OnceLock::new();
+    if let Some(image) = IMAGE.get() {
+        return Ok(image.clone());
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this runtime's binary: {e}"))?;
+    let image = Arc::new(image_of(&exe)?);
+    Ok(IMAGE.get_or_init(|| image).clone())
+}
+
+/// The image of the runtime binary at `path`, reusing a `.gz` copy beside it if present.
+pub fn image_of(path: &std::path::Path) -> Result<RuntimeImage, String> {
+    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+    let named_sha = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("matryoshka-"))
+        .filter(|s| s.len() == 64)
+        .map(str::to_string);
+    let gz_path = PathBuf::from(format!("{}.gz", path.display()));
+    if let (Some(sha256), true) = (&named_sha, gz_path.exists()) {
+        return Ok(RuntimeImage {
+            sha256: sha256.clone(),
+            gz: read(&gz_path)?,
+        });
+    }
+    let bytes = read(path)?;
+    let sha256 = crate::engine::sha256_hex(&bytes);
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    enc.write_all(&bytes)
+        .and_then(|()| enc.finish())
+        .map(|gz| RuntimeImage { sha256, gz })
+        .map_err(|e| format!("cannot compress the runtime: {e}"))
+}
+
+/// The image to send to a level of architecture `arch`.
+fn image_for(arch: &str) -> Result<Arc<RuntimeImage>, String> {
+    if arch == std::env::consts::ARCH {
+        return own_image();
+    }
+    let dir = std::env::var_os("MATRYOSHKA_RUNTIME_DIR").map(PathBuf::from);
+    let candidate = dir.as_ref().map(|d| d.join(arch).join("matryoshka"));
+    match candidate {
+        Some(path) if path.exists() => image_of(&path).map(Arc::new),
+        _ => Err(format!(
+            "the level is {arch} but this runtime is {}, and no {arch} runtime was found{}: build one \
+             with `cargo build --release --target {arch}-unknown-linux-gnu -p matryoshka` and put it at \
+             $MATRYOSHKA_RUNTIME_DIR/{arch}/matryoshka",
+            std::env::consts::ARCH,
+            candidate
+                .map(|p| format!(" at {}", p.display()))
+                .unwrap_or_else(|| " ($MATRYOSHKA_RUNTIME_DIR is not set)".into())
+        )),
+    }
+}
+
+/// `user@host[:port]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshTarget {
+    /// Login name.
+    pub user: String,
+    /// Host name or address.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+impl SshTarget {
+    /// Parses the part after `ssh://`.
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        let (user, rest) = spec
+            .split_once('@')
+            .ok_or_else(|| format!("`ssh://{spec}` has no user: expected ssh://user@host[:port]"))?;
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse::<u16>().map_err(|_| format!("bad port `{p}` in ssh://{spec}"))?),
+            None => (rest, 22),
+        };
+        if user.is_empty() || host.is_empty() {
+            return Err(format!("`ssh://{spec}`: expected ssh://user@host[:port]"));
+        }
+        Ok(Self {
+            user: user.into(),
+            host: host.trim_start_matches('[').trim_end_matches(']').into(),
+            port,
+        })
+    }
+
+    fn known_hosts_name(&self) -> String {
+        if self.port == 22 {
+            self.host.clone()
+        } else {
+            format!("[{}]:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Whether `key` is pinned for `target` in `known_hosts` (OpenSSH format, plain host names).
+pub fn is_pinned(known_hosts: &str, target: &SshTarget, key: &PublicKey) -> bool {
+    let name = target.known_hosts_name();
+    known_hosts.lines().any(|line| {
+        let mut fields = line.split_whitespace();
+        let (Some(hosts), Some(algo), Some(b64)) = (fields.next(), fields.next(), fields.next()) else {
+            return false;
+        };
+        hosts.split(',').any(|h| h == name)
+            && PublicKey::from_openssh(&format!("{algo} {b64}"))
+                .is_ok_and(|pinned| pinned.key_data() == key.key_data())
+    })
+}
+
+struct Pinned {
+    target: SshTarget,
+    known_hosts: String,
+    presented: Arc<Mutex<Option<String>>>,
+}
+
+impl client::Handler for Pinned {
+    type Error = russh::Error;
+
+    async fn check_server_key(&mut self, key: &PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+        let key = key.public_key();
+        if let Ok(line) = key.to_openssh() {
+            *self.presented.lock().unwrap_or_else(|e| e.into_inner()) = Some(line);
+        }
+        Ok(is_pinned(&self.known_hosts, &self.target, &key))
+    }
+}
+
+/// Connects, copies the runtime if needed, and starts it serving.
+pub async fn open(spec: &str, setup: &LevelSetup) -> Result<Transport, RemoteError> {
+    let err = |kind: WireErrorKind, message: String| RemoteError {
+        kind,
+        message: format!("{message} (reaching {} at ssh://{spec})", setup.path),
+        level_path: setup.path.clone(),
+    };
+    let target = SshTarget::parse(spec).map_err(|m| err(WireErrorKind::InvalidArgument, m))?;
+    let Some(ssh) = &setup.ssh else {
+        return Err(err(
+            WireErrorKind::InvalidArgument,
+            "no SSH key and pinned host keys for this run: pass --ssh-key FILE and --ssh-known-hosts FILE".into(),
+        ));
+    };
+    let handle = tokio::time::timeout(CONNECT_TIMEOUT, connect(&target, ssh))
+        .await
+        .map_err(|_| err(WireErrorKind::Timeout, format!("no SSH session within {} s", CONNECT_TIMEOUT.as_secs())))?
+        .map_err(|m| err(WireErrorKind::Io, m))?;
+    let handle = Arc::new(handle);
+
+    let cache = ssh
+        .remote_cache_dir
+        .as_deref()
+        .map(sh_quote)
+        .unwrap_or_else(|| "\"$HOME/.cache/matryoshka\"".into());
+    let probe = format!("D={cache}; mkdir -p \"$D/bin\" && uname -m && echo \"$D\" && ls \"$D/bin\"");
+    let (status, out, stderr) = exec(&handle, &probe, None)
+        .await
+        .map_err(|m| err(WireErrorKind::Io, m))?;
+    if status != Some(0) {
+        return Err(err(WireErrorKind::Io, format!("probing the target failed: {}", stderr.trim())));
+    }
+    let mut lines = out.lines();
+    let arch = lines.next().unwrap_or_default().trim().to_string();
+    let dir = lines.next().unwrap_or_default().trim().to_string();
+    let present: Vec<&str> = lines.collect();
+    let image = {
+        let arch = arch.clone();
+        tokio::task::spawn_blocking(move || image_for(&arch))
+            .await
+            .map_err(|e| err(WireErrorKind::Internal, e.to_string()))?
+            .map_err(|m| err(WireErrorKind::Unsupported, m))?
+    };
+    let name = format!("matryoshka-{}", image.sha256);
+    let remote_bin = format!("{dir}/bin/{name}");
+    if !present.contains(&name.as_str()) {
+        tracing::info!(level = %setup.path, "copying the runtime ({} bytes compressed) to {remote_bin}", image.gz.len());
+        let upload = format!(
+            "set -e; B={bin}; T=$(mktemp \"$B.XXXXXX\"); G=$(mktemp \"$B.gz.XXXXXX\"); \
+             trap 'rm -f \"$T\" \"$G\"' EXIT; cat > \"$G\"; gzip -dc < \"$G\" > \"$T\"; chmod 755 \"$T\"; \
+             mv \"$G\" \"$B.gz\"; mv \"$T\" \"$B\"; trap - EXIT",
+            bin = sh_quote(&remote_bin)
+        );
+        let (status, _, stderr) = exec(&handle, &upload, Some(&image.gz))
+            .await
+            .map_err(|m| err(WireErrorKind::Io, m))?;
+        if status != Some(0) {
+            return Err(err(WireErrorKind::Io, format!("copying the runtime failed: {}", stderr.trim())));
+        }
+    }
+
+    let channel = handle
+        .channel_open_session()
+        .await
+        .map_err(|e| err(WireErrorKind::Io, format!("cannot open a channel: {e}")))?;
+    let serve = format!(
+        "exec {} serve --stdio --cache-dir {}",
+        sh_quote(&remote_bin),
+        sh_quote(&dir)
+    );
+    channel
+        .exec(true, serve)
+        .await
+        .map_err(|e| err(WireErrorKind::Io, format!("cannot start the runtime: {e}")))?;
+    let (mut rd, wr) = channel.split();
+    let writer = wr.make_writer();
+    let (stdout_r, mut stdout_w) = tokio::io::simplex(256 << 10);
+    let exit = Arc::new(Mutex::new(None::<String>));
+    let pump = {
+        let exit = exit.clone();
+        let path = setup.path.clone();
+        tokio::spawn(async move {
+            let _write_half = wr;
+            while let Some(msg) = rd.wait().await {
+                match msg {
+                    ChannelMsg::Data { data } => {
+                        if stdout_w.write_all(&data).await.is_err() {
+                            break;
+                        }
+                    }
+                    ChannelMsg::ExtendedData { data, ext: 1 } => {
+                        for line in String::from_utf8_lossy(&data).lines() {
+                            tracing::info!(level = %path, "{line}");
+                        }
+                    }
+                    ChannelMsg::ExitStatus { exit_status } => {
+                        *exit.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some(format!(" (its runtime exited with status {exit_status})"));
+                    }
+                    ChannelMsg::ExitSignal { signal_name, .. } => {
+                        *exit.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some(format!(" (its runtime was killed by signal {signal_name:?})"));
+                    }
+                    ChannelMsg::Eof => {
+                        let _ = stdout_w.shutdown().await;
+                    }
+                    _ => {}
+                }
+            }
+            let _ = stdout_w.shutdown().await;
+        })
+    };
+    let ssh_command = Some(match &ssh.key_path {
+        Some(key) => format!(
+            "ssh -i {} -p {} {}@{}",
+            sh_quote(key),
+            target.port,
+            target.user,
+            target.host
+        ),
+        None => format!("ssh -p {} {}@{}", target.port, target.user, target.host),
+    });
+    Ok(Transport {
+        reader: Box::new(stdout_r),
+        writer: Box::new(writer),
+        guard: Box::new(SshGuard {
+            handle: Some(handle),
+            pump,
+            exit,
+        }),
+        ssh_command,
+    })
+}
+
+async fn connect(target: &SshTarget, ssh: &SshSettings) -> Result<Handle<Pinned>, String> {
+    let key = PrivateKey::from_openssh(&ssh.private_key).map_err(|e| format!("the run's SSH key is unusable: {e}"))?;
+    let config = Arc::new(client::Config {
+        nodelay: true,
+        keepalive_interval: Some(Duration::from_secs(5)),
+        ..Default::default()
+    });
+    let presented = Arc::new(Mutex::new(None));
+    let handler = Pinned {
+        target: target.clone(),
+        known_hosts: ssh.known_hosts.clone(),
+        presented: presented.clone(),
+    };
+    let mut handle = match client::connect(config, (target.host.as_str(), target.port), handler).await {
+        Ok(h) => h,
+        Err(russh::Error::UnknownKey) => {
+            let shown = presented.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_default();
+            return Err(format!(
+                "host key of {} is not pinned for this run (it presented `{shown}`); add the line \
+                 `{} {shown}` to the file given with --ssh-known-hosts",
+                target.known_hosts_name(),
+                target.known_hosts_name()
+            ));
+        }
+        Err(e) => return Err(format!("cannot connect to {}:{}: {e}", target.host, target.port)),
+    };
+    let auth = handle
+        .authenticate_publickey(&target.user, PrivateKeyWithHashAlg::new(Arc::new(key), None))
+        .await
+        .map_err(|e| format!("authentication failed: {e}"))?;
+    if !auth.success() {
+        return Err(format!(
+            "{}@{} refused the run's key: add its public key to ~{}/.ssh/authorized_keys there",
+            target.user, target.host, target.user
+        ));
+    }
+    Ok(handle)
+}
+
+/// Runs `cmd` in its own channel, feeding `stdin`; returns (exit status, stdout, stderr).
+async fn exec(
+    handle: &Handle<Pinned>,
+    cmd: &str,
+    stdin: Option<&[u8]>,
+) -> Result<(Option<u32>, String, String), String> {
+    let mut ch = handle
+        .channel_open_session()
+        .await
+        .map_err(|e| format!("cannot open a channel: {e}"))?;
+    ch.exec(true, cmd).await.map_err(|e| format!("exec failed: {e}"))?;
+    if let Some(bytes) = stdin {
+        ch.data(bytes).await.map_err(|e| format!("sending data failed: {e}"))?;
+    }
+    ch.eof().await.map_err(|e| format!("closing stdin failed: {e}"))?;
+    let (mut out, mut err, mut status) = (Vec::new(), Vec::new(), None);
+    while let Some(msg) = ch.wait().await {
+        match msg {
+            ChannelMsg::Data { data } => out.extend_from_slice(&data),
+            ChannelMsg::ExtendedData { data, ext: 1 } => err.extend_from_slice(&data),
+            ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
+            ChannelMsg::Failure => return Err(format!("the server refused to run `{cmd}`")),
+            _ => {}
+        }
+    }
+    Ok((
+        status,
+        String::from_utf8_lossy(&out).into_owned(),
+        String::from_utf8_lossy(&err).into_owned(),
+    ))
+}
+
+/// Quotes `s` for a POSIX shell.
+pub fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+struct SshGuard {
+    handle: Option<Arc<Handle<Pinned>>>,
+    pump: tokio::task::JoinHandle<()>,
+    exit: Arc<Mutex<Option<String>>>,
+}
+
+impl TransportGuard for SshGuard {
+    fn shutdown(&mut self) {
+        self.pump.abort();
+        if let Some(handle) = self.handle.take() {
+            // Closing the session closes the runtime's stdin there, which ends it.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = handle.disconnect(Disconnect::ByApplication, "", "en").await;
+                });
+            }
+        }
+    }
+
+    fn describe_exit(&mut self) -> String {
+        self.exit.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        let t = SshTarget::parse("root@127.0.0.1:2222").expect("valid");
+        assert_eq!((t.user.as_str(), t.host.as_str(), t.port), ("root", "127.0.0.1", 2222));
+        assert_eq!(t.known_hosts_name(), "[127.0.0.1]:2222");
+        let t = SshTarget::parse("me@lab").expect("valid");
+        assert_eq!(t.port, 22);
+        assert_eq!(t.known_hosts_name(), "lab");
+        assert!(SshTarget::parse("lab").is_err());
+        assert!(SshTarget::parse("me@lab:x").is_err());
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(sh_quote("a b"), "'a b'");
+        assert_eq!(sh_quote("it's"), r"'it'\''s'");
+    }
+}
