@@ -27,6 +27,9 @@
 //! }
 //! ```
 //!
+//! Functions listed under `remote:` can be called from another level of the
+//! chain with [`nest::Guest::call`]; see [`nest`].
+//!
 //! Failures are reported with file, line and message: a panic (`assert!`,
 //! `assert_eq!`, `unwrap`) or a returned `Err` fails the test. Output of
 //! `println!`/`eprintln!` and of the [`log`](https://docs.rs/log) macros is
@@ -34,6 +37,7 @@
 
 pub mod host;
 mod logger;
+pub mod nest;
 #[doc(hidden)]
 pub mod rt;
 
@@ -56,15 +60,20 @@ pub fn log(level: Level, message: &str) {
     bindings::matryoshka::test::log::log(level, message);
 }
 
-/// Registers the tests of a suite and exports them to the runtime.
+/// Registers the tests of a suite, and the functions other levels may call,
+/// and exports them to the runtime.
 ///
-/// Each entry is the name of a function in scope that takes no argument and
+/// Each test is the name of a function in scope that takes no argument and
 /// returns `()` or `Result<(), E>` where `E: Debug`. Attributes before a name
 /// set its metadata: `#[ignore]`, `#[timeout_ms(N)]`, `#[tag("a", "b")]`.
+///
+/// Each remote function takes one serde argument (a tuple for several, `()` for
+/// none) and returns `Result<T, host::Error>` with `T: Serialize`.
 #[macro_export]
 macro_rules! suite {
     (
-        tests: [ $( $( #[$attr:ident $( ( $($arg:tt)* ) )?] )* $name:ident ),* $(,)? ] $(,)?
+        tests: [ $( $( #[$attr:ident $( ( $($arg:tt)* ) )?] )* $name:ident ),* $(,)? ]
+        $(, remote: [ $( $remote:ident ),* $(,)? ] )? $(,)?
     ) => {
         #[doc(hidden)]
         struct __MatryoshkaSuite;
@@ -94,8 +103,15 @@ macro_rules! suite {
 
             fn call(
                 function: ::std::string::String,
-                _args: ::std::vec::Vec<u8>,
+                args: ::std::vec::Vec<u8>,
             ) -> ::std::result::Result<::std::vec::Vec<u8>, $crate::rt::WitError> {
+                $crate::rt::install_hooks();
+                let _ = &args;
+                $( $(
+                    if function == ::std::stringify!($remote) {
+                        return $crate::rt::dispatch($remote, &function, &args);
+                    }
+                )* )?
                 ::std::result::Result::Err($crate::rt::no_remote_function(&function).into())
             }
         }

@@ -91,6 +91,27 @@ pub fn run(cases: &[Case], name: &str) -> Result<(), Failure> {
     })
 }
 
+/// Decodes the arguments, runs a remote function and encodes its result.
+pub fn dispatch<A, R>(
+    f: fn(A) -> Result<R, Error>,
+    function: &str,
+    args: &[u8],
+) -> Result<Vec<u8>, WitError>
+where
+    A: serde::de::DeserializeOwned,
+    R: serde::Serialize,
+{
+    let bad = |message: String| WitError {
+        kind: ErrorKind::InvalidArgument,
+        message,
+        level_path: crate::host::level_path(),
+    };
+    let args: A = postcard::from_bytes(args)
+        .map_err(|e| bad(format!("arguments of `{function}` do not decode: {e}")))?;
+    let value = f(args).map_err(WitError::from)?;
+    postcard::to_allocvec(&value).map_err(|e| bad(format!("result of `{function}` does not encode: {e}")))
+}
+
 /// The error the `call` export returns for a function that is not registered.
 pub fn no_remote_function(function: &str) -> Error {
     Error {
@@ -100,7 +121,8 @@ pub fn no_remote_function(function: &str) -> Error {
     }
 }
 
-fn install_hooks() {
+/// Sets the panic hook and the logger once per instance.
+pub fn install_hooks() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         std::panic::set_hook(Box::new(report_panic));

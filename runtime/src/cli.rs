@@ -138,7 +138,7 @@ struct TestArgs {
     /// Pinned host keys of SSH levels (known_hosts format); nothing else is trusted.
     #[arg(long, value_name = "FILE", requires = "ssh_key")]
     ssh_known_hosts: Option<PathBuf>,
-    /// Cache folder on SSH levels [default: ~/.cache/matryoshka there].
+    /// Cache folder on SSH levels; `{depth}` is replaced by the level's depth [default: ~/.cache/matryoshka there].
     #[arg(long, value_name = "PATH")]
     remote_cache_dir: Option<String>,
 }

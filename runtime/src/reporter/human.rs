@@ -174,9 +174,10 @@ fn render_output(output: &CapturedOutput) -> String {
             .iter()
             .map(|l| {
                 format!(
-                    "[{:>8.3}s {:>5}] {}",
+                    "[{:>8.3}s {:>5} {}] {}",
                     l.at_secs,
                     l.level.as_str(),
+                    l.level_path,
                     l.message
                 )
             })

@@ -199,7 +199,7 @@ pub async fn open(spec: &str, setup: &LevelSetup) -> Result<Transport, RemoteErr
     let cache = ssh
         .remote_cache_dir
         .as_deref()
-        .map(sh_quote)
+        .map(|d| sh_quote(&d.replace("{depth}", &setup.depth.to_string())))
         .unwrap_or_else(|| "\"$HOME/.cache/matryoshka\"".into());
     let probe = format!("D={cache}; mkdir -p \"$D/bin\" && uname -m && echo \"$D\" && ls \"$D/bin\"");
     let (status, out, stderr) = exec(&handle, &probe, None)

@@ -1,0 +1,100 @@
+//! Other levels of the chain, each running this same component.
+//!
+//! ```ignore
+//! use matryoshka_guest::{host, nest::Guest};
+//!
+//! fn whoami(_: ()) -> Result<(String, u32), host::Error> {
+//!     Ok((host::hostname(), host::level()))
+//! }
+//!
+//! fn hostname_one_level_down() -> Result<(), host::Error> {
+//!     let l1 = Guest::connect("local")?;
+//!     let (name, level): (String, u32) = l1.call("whoami", &())?;
+//!     assert_eq!(level, 1);
+//!     Ok(())
+//! }
+//!
+//! matryoshka_guest::suite! { tests: [hostname_one_level_down], remote: [whoami] }
+//! ```
+//!
+//! The remote side keeps one instance per [`Guest`]: what a remote function
+//! stores (in a `static`, say) is there for the next call through the same
+//! handle, until the handle is dropped. Needs `--grant nest`.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::ErrorKind;
+use crate::bindings::matryoshka::test::nest as wit;
+use crate::host::{Error, level_path};
+
+/// A level below this one.
+pub struct Guest {
+    inner: wit::Guest_,
+}
+
+impl Guest {
+    /// Reaches `target`: `local` or `ssh://user@host[:port]`.
+    pub fn connect(target: &str) -> Result<Self, Error> {
+        let inner = wit::Guest_::connect(target).map_err(Error::from)?;
+        Ok(Self { inner })
+    }
+
+    /// Calls the remote function `function` with `args` and decodes its result.
+    pub fn call<A: Serialize, R: DeserializeOwned>(&self, function: &str, args: &A) -> Result<R, Error> {
+        self.call_inner(function, args, None)
+    }
+
+    /// Like [`Guest::call`], failing with a `timeout` error after `timeout`.
+    pub fn call_with_timeout<A: Serialize, R: DeserializeOwned>(
+        &self,
+        function: &str,
+        args: &A,
+        timeout: Duration,
+    ) -> Result<R, Error> {
+        self.call_inner(function, args, Some(timeout.as_millis() as u64))
+    }
+
+    fn call_inner<A: Serialize, R: DeserializeOwned>(
+        &self,
+        function: &str,
+        args: &A,
+        timeout_ms: Option<u64>,
+    ) -> Result<R, Error> {
+        let bad = |message: String| Error {
+            kind: ErrorKind::InvalidArgument,
+            message,
+            level_path: level_path(),
+        };
+        let args = postcard::to_allocvec(args).map_err(|e| bad(format!("arguments of `{function}` do not encode: {e}")))?;
+        let bytes = self.inner.call(function, &args, timeout_ms).map_err(Error::from)?;
+        postcard::from_bytes(&bytes).map_err(|e| bad(format!("result of `{function}` does not decode: {e}")))
+    }
+
+    /// Depth of that level.
+    pub fn level(&self) -> u32 {
+        self.inner.level()
+    }
+
+    /// Level path of that level, e.g. `L0/L1`.
+    pub fn level_path(&self) -> String {
+        self.inner.level_path()
+    }
+
+    /// Architecture of that level.
+    pub fn arch(&self) -> String {
+        self.inner.arch()
+    }
+
+    /// Host name of that level.
+    pub fn hostname(&self) -> String {
+        self.inner.hostname()
+    }
+
+    /// A shell command that reaches that level, when it is an SSH level.
+    pub fn ssh_command(&self) -> Option<String> {
+        self.inner.ssh_command()
+    }
+}
