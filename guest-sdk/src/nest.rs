@@ -43,7 +43,11 @@ impl Guest {
     }
 
     /// Calls the remote function `function` with `args` and decodes its result.
-    pub fn call<A: Serialize, R: DeserializeOwned>(&self, function: &str, args: &A) -> Result<R, Error> {
+    pub fn call<A: Serialize, R: DeserializeOwned>(
+        &self,
+        function: &str,
+        args: &A,
+    ) -> Result<R, Error> {
         self.call_inner(function, args, None)
     }
 
@@ -68,9 +72,14 @@ impl Guest {
             message,
             level_path: level_path(),
         };
-        let args = postcard::to_allocvec(args).map_err(|e| bad(format!("arguments of `{function}` do not encode: {e}")))?;
-        let bytes = self.inner.call(function, &args, timeout_ms).map_err(Error::from)?;
-        postcard::from_bytes(&bytes).map_err(|e| bad(format!("result of `{function}` does not decode: {e}")))
+        let args = postcard::to_allocvec(args)
+            .map_err(|e| bad(format!("arguments of `{function}` do not encode: {e}")))?;
+        let bytes = self
+            .inner
+            .call(function, &args, timeout_ms)
+            .map_err(Error::from)?;
+        postcard::from_bytes(&bytes)
+            .map_err(|e| bad(format!("result of `{function}` does not decode: {e}")))
     }
 
     /// Depth of that level.

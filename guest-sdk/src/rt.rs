@@ -109,7 +109,8 @@ where
     let args: A = postcard::from_bytes(args)
         .map_err(|e| bad(format!("arguments of `{function}` do not decode: {e}")))?;
     let value = f(args).map_err(WitError::from)?;
-    postcard::to_allocvec(&value).map_err(|e| bad(format!("result of `{function}` does not encode: {e}")))
+    postcard::to_allocvec(&value)
+        .map_err(|e| bad(format!("result of `{function}` does not encode: {e}")))
 }
 
 /// The error the `call` export returns for a function that is not registered.

@@ -51,7 +51,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run (or list) the tests of a suite component.
-    Test(TestArgs),
+    Test(Box<TestArgs>),
     /// Serve a parent level over the relay protocol (started by another runtime).
     Serve(ServeArgs),
 }
@@ -158,7 +158,7 @@ pub fn main() -> ExitCode {
         }
     };
     let code = match cli.command {
-        Command::Test(args) => runtime.block_on(test(args)),
+        Command::Test(args) => runtime.block_on(test(*args)),
         Command::Serve(args) => {
             let opts = ServeOptions {
                 cache: args
@@ -194,7 +194,9 @@ fn ssh_settings(args: &TestArgs) -> Result<Option<SshSettings>, String> {
         private_key: read(key)?,
         known_hosts: read(known)?,
         remote_cache_dir: args.remote_cache_dir.clone(),
-        key_path: std::path::absolute(key).ok().map(|p| p.display().to_string()),
+        key_path: std::path::absolute(key)
+            .ok()
+            .map(|p| p.display().to_string()),
     }))
 }
 

@@ -14,7 +14,9 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum GrantError {
     /// A `--grant` value that is not one of the known forms.
-    #[error("unknown grant `{0}`: expected exec=CMD[,CMD...], fs=PATH[:GUEST_PATH][:ro|:rw] or nest")]
+    #[error(
+        "unknown grant `{0}`: expected exec=CMD[,CMD...], fs=PATH[:GUEST_PATH][:ro|:rw] or nest"
+    )]
     Unknown(String),
     /// A grant of the right kind with an empty or bad value.
     #[error("bad grant `{grant}`: {reason}")]

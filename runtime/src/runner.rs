@@ -15,8 +15,8 @@ use wasmtime::{Store, UpdateDeadline};
 use crate::engine::LoadedSuite;
 use crate::event::{FailureKind, Outcome, Summary, TestEvent, TestFailure, TestId};
 use crate::host::{
-    Capture, CapturedOutput, Failure, HostState, LevelContext,
-    MemoryLimitExceeded, OutputLimitExceeded, OutputSink, Suite, TestCase,
+    Capture, CapturedOutput, Failure, HostState, LevelContext, MemoryLimitExceeded,
+    OutputLimitExceeded, OutputSink, Suite, TestCase,
 };
 
 /// Which ignored tests run.
@@ -152,8 +152,7 @@ impl Runner {
             message,
         };
         let capture = Capture::new(&self.ctx.level.path, self.ctx.limits.output_bytes, None);
-        let state =
-            HostState::new(self.ctx.clone(), capture).map_err(|e| err(format!("{e:#}")))?;
+        let state = HostState::new(self.ctx.clone(), capture).map_err(|e| err(format!("{e:#}")))?;
         let mut store = new_store(&self.suite.engine, state);
         let result = {
             let pre = &self.suite.pre;

@@ -1,5 +1,6 @@
 //! The level-0 runner end to end: the real binary on the real suite components.
 
+#[allow(dead_code, reason = "shared by several test crates, each using a part")]
 mod common;
 
 use std::io::BufReader;
@@ -134,7 +135,7 @@ fn junit_output_parses_with_a_junit_parser() {
         .expect("case present");
     let out = logged.system_out.as_deref().unwrap_or_default();
     assert!(out.contains("to stdout from L0"), "{out}");
-    assert!(out.contains("[warn] a warning line"), "{out}");
+    assert!(out.contains("[warn L0] a warning line"), "{out}");
 }
 
 #[test]

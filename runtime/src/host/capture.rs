@@ -303,7 +303,8 @@ mod tests {
         let c = Capture::new("L0", 1 << 10, None);
         c.write_from("L0/L1/L2", Stream::Log(LogLevel::Info), b"deep")
             .expect("fits");
-        c.write_from("L0/L1", Stream::Stdout, b"a\nb\n").expect("fits");
+        c.write_from("L0/L1", Stream::Stdout, b"a\nb\n")
+            .expect("fits");
         let out = c.take();
         assert_eq!(out.logs[0].level_path, "L0/L1/L2");
         assert_eq!(out.stdout, "[L0/L1] a\n[L0/L1] b\n");

@@ -22,7 +22,10 @@ pub struct GuestHandle {
 impl Host for HostState {}
 
 impl HostGuest for HostState {
-    async fn connect(&mut self, target: String) -> wasmtime::Result<Result<Resource<GuestHandle>, WitError>> {
+    async fn connect(
+        &mut self,
+        target: String,
+    ) -> wasmtime::Result<Result<Resource<GuestHandle>, WitError>> {
         if !self.grants.nest {
             return Ok(Err(self.error(
                 ErrorKind::Denied,
@@ -46,7 +49,9 @@ impl HostGuest for HostState {
         let capture = self.capture.clone();
         match Connection::open(&target, setup, component, capture).await {
             Ok(conn) => {
-                let handle = GuestHandle { conn: Arc::new(conn) };
+                let handle = GuestHandle {
+                    conn: Arc::new(conn),
+                };
                 Ok(Ok(self.table.push(handle)?))
             }
             Err(e) => Ok(Err(from_remote(e))),

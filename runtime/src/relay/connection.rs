@@ -82,8 +82,18 @@ impl Connection {
 
         // Hello: who answered, and do we speak the same protocol?
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, reader.next()).await {
-            Err(_) => return Err(lost_err(format!("no Hello within {} s", HELLO_TIMEOUT.as_secs()))),
-            Ok(None) => return Err(lost_err(cause(&guard, "the runtime closed its stream before Hello".into()))),
+            Err(_) => {
+                return Err(lost_err(format!(
+                    "no Hello within {} s",
+                    HELLO_TIMEOUT.as_secs()
+                )));
+            }
+            Ok(None) => {
+                return Err(lost_err(cause(
+                    &guard,
+                    "the runtime closed its stream before Hello".into(),
+                )));
+            }
             Ok(Some(Err(e))) => return Err(lost_err(cause(&guard, format!("{e}")))),
             Ok(Some(Ok(m))) => m,
         };
@@ -112,13 +122,26 @@ impl Connection {
             component_sha256: component.sha256.clone(),
             setup: setup.clone(),
         };
-        writer.send(&load).await.map_err(|e| lost_err(cause(&guard, e.to_string())))?;
+        writer
+            .send(&load)
+            .await
+            .map_err(|e| lost_err(cause(&guard, e.to_string())))?;
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let msg = match tokio::time::timeout(left, reader.next()).await {
-                Err(_) => return Err(lost_err(format!("not ready within {} s", READY_TIMEOUT.as_secs()))),
-                Ok(None) => return Err(lost_err(cause(&guard, "the runtime closed its stream while loading".into()))),
+                Err(_) => {
+                    return Err(lost_err(format!(
+                        "not ready within {} s",
+                        READY_TIMEOUT.as_secs()
+                    )));
+                }
+                Ok(None) => {
+                    return Err(lost_err(cause(
+                        &guard,
+                        "the runtime closed its stream while loading".into(),
+                    )));
+                }
                 Ok(Some(Err(e))) => return Err(lost_err(cause(&guard, e.to_string()))),
                 Ok(Some(Ok(m))) => m,
             };
@@ -133,7 +156,12 @@ impl Connection {
                 Message::Ready => break,
                 Message::Fatal { error } => return Err(error),
                 Message::Event { level_path, event } => forward(&capture, &level_path, event),
-                other => return Err(lost_err(format!("unexpected {} while loading", name(&other)))),
+                other => {
+                    return Err(lost_err(format!(
+                        "unexpected {} while loading",
+                        name(&other)
+                    )));
+                }
             }
         }
 
@@ -185,7 +213,9 @@ impl Connection {
                                 let _ = tx.send(result);
                             }
                         }
-                        Message::Event { level_path, event } => forward(&capture, &level_path, event),
+                        Message::Event { level_path, event } => {
+                            forward(&capture, &level_path, event)
+                        }
                         Message::Pong { .. } => {}
                         Message::Fatal { error } => break format!("it failed: {}", error.message),
                         other => break format!("unexpected {}", name(&other)),
@@ -213,7 +243,10 @@ impl Connection {
                             &lost,
                             &pending,
                             &guard,
-                            format!("it stopped answering heartbeats for {:.1} s", silent.as_secs_f64()),
+                            format!(
+                                "it stopped answering heartbeats for {:.1} s",
+                                silent.as_secs_f64()
+                            ),
                         );
                         return;
                     }
@@ -261,7 +294,9 @@ impl Connection {
         };
         if self.out.send(call).is_err() {
             lock(&self.pending).remove(&id);
-            let cause = lock(&self.lost).clone().unwrap_or_else(|| "connection closed".into());
+            let cause = lock(&self.lost)
+                .clone()
+                .unwrap_or_else(|| "connection closed".into());
             return Err(self.lost_error(&cause));
         }
         let answer = match timeout {
@@ -288,7 +323,9 @@ impl Connection {
             Ok(Err(e)) if e.level_path.is_empty() => Err(self.lost_error(&e.message)),
             Ok(result) => result,
             Err(_) => {
-                let cause = lock(&self.lost).clone().unwrap_or_else(|| "connection closed".into());
+                let cause = lock(&self.lost)
+                    .clone()
+                    .unwrap_or_else(|| "connection closed".into());
                 Err(self.lost_error(&cause))
             }
         }

@@ -295,10 +295,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             Ok(f) => f,
             Err(e) => return Some(Err(e.into())),
         };
-        Some(postcard::from_bytes(&frame).map_err(|source| FrameError::Decode {
-            len: frame.len(),
-            source,
-        }))
+        Some(
+            postcard::from_bytes(&frame).map_err(|source| FrameError::Decode {
+                len: frame.len(),
+                source,
+            }),
+        )
     }
 }
 
@@ -379,15 +381,24 @@ mod tests {
     async fn garbage_is_an_error_not_a_panic() {
         use tokio::io::AsyncWriteExt;
         let (mut a, b) = tokio::io::duplex(1 << 16);
-        a.write_all(&[0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff]).await.expect("write");
-        a.write_all(&[0xff, 0xff, 0xff, 0xff, 1]).await.expect("write");
+        a.write_all(&[0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff])
+            .await
+            .expect("write");
+        a.write_all(&[0xff, 0xff, 0xff, 0xff, 1])
+            .await
+            .expect("write");
         drop(a);
         let mut r = FrameReader::new(b);
         let first = r.next().await.expect("a frame");
-        assert!(matches!(first, Err(FrameError::Decode { len: 4, .. })), "{first:?}");
+        assert!(
+            matches!(first, Err(FrameError::Decode { len: 4, .. })),
+            "{first:?}"
+        );
         let second = r.next().await.expect("a frame");
         assert!(
-            second.as_ref().is_err_and(|e| e.to_string().contains("frame size too big")),
+            second
+                .as_ref()
+                .is_err_and(|e| e.to_string().contains("frame size too big")),
             "{second:?}"
         );
     }

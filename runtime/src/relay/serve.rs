@@ -15,10 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use wasmtime::Store;
 
-use super::protocol::{
-    FrameReader, FrameWriter, Message, RemoteError, RemoteEvent,
-    WireErrorKind,
-};
+use super::protocol::{FrameReader, FrameWriter, Message, RemoteError, RemoteEvent, WireErrorKind};
 use crate::engine::{self, CacheDir, LoadedSuite};
 use crate::host::{Capture, ComponentSource, HostState, LevelContext, OutputSink, Stream, Suite};
 use crate::level::{LevelInfo, uname};
@@ -103,7 +100,11 @@ where
     };
     let cache = opts.cache.clone();
     let label = PathBuf::from(format!("{sha}.wasm"));
-    let loaded = match tokio::task::spawn_blocking(move || engine::load_bytes(&label, bytes, &cache)).await {
+    let loaded = match tokio::task::spawn_blocking(move || {
+        engine::load_bytes(&label, bytes, &cache)
+    })
+    .await
+    {
         Ok(Ok(suite)) => suite,
         Ok(Err(e)) => {
             let _ = out.send(Message::Fatal {
@@ -147,7 +148,16 @@ where
         tokio::spawn(async move {
             while let Some((id, function, args, deadline)) = calls_rx.recv().await {
                 let result = instance
-                    .call(&loaded, &ctx, &out, &function, args, deadline, id, &mut cancel_rx)
+                    .call(
+                        &loaded,
+                        &ctx,
+                        &out,
+                        &function,
+                        args,
+                        deadline,
+                        id,
+                        &mut cancel_rx,
+                    )
                     .await;
                 let _ = out.send(Message::Return { id, result });
             }
@@ -235,7 +245,10 @@ impl Instance {
         Ok(Self { store, suite })
     }
 
-    #[expect(clippy::too_many_arguments, reason = "one call's full context, used once")]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one call's full context, used once"
+    )]
     async fn call(
         &mut self,
         loaded: &LoadedSuite,
@@ -336,7 +349,9 @@ fn cached_component(cache: &CacheDir, sha: &str) -> Option<Vec<u8>> {
 }
 
 fn store_component(cache: &CacheDir, sha: &str, bytes: &[u8]) {
-    let Some(dir) = components_dir(cache) else { return };
+    let Some(dir) = components_dir(cache) else {
+        return;
+    };
     let write = || -> std::io::Result<()> {
         std::fs::create_dir_all(&dir)?;
         let mut tmp = tempfile::NamedTempFile::new_in(&dir)?;
@@ -348,4 +363,3 @@ fn store_component(cache: &CacheDir, sha: &str, bytes: &[u8]) {
         tracing::warn!("cannot cache the component in {}: {e}", dir.display());
     }
 }
-

@@ -1,5 +1,7 @@
 //! Helpers shared by the runtime's integration tests: run the real binary.
 
+pub mod sshd;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -63,5 +65,61 @@ impl Run {
             .lines()
             .find(|l| l.trim_start().starts_with(status) && l.contains(&format!("::{test}")))
             .unwrap_or_else(|| panic!("no {status} line for {test} in\n{}", self.stdout))
+    }
+}
+
+/// Processes whose environment holds `MATRYOSHKA_TEST_TAG=<tag>` or whose command
+/// line mentions `needle`: what a run left behind.
+pub fn leftovers(tag: &str, needle: Option<&str>) -> Vec<String> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    let me = std::process::id().to_string();
+    for entry in entries.flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == me {
+            continue;
+        }
+        let dir = entry.path();
+        let cmdline = std::fs::read(dir.join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.is_empty() {
+            continue; // zombies and kernel threads
+        }
+        let environ = std::fs::read(dir.join("environ")).unwrap_or_default();
+        let tagged = String::from_utf8_lossy(&environ)
+            .split('\0')
+            .any(|kv| kv == format!("MATRYOSHKA_TEST_TAG={tag}"));
+        let mentioned = needle.is_some_and(|n| cmdline.contains(n));
+        if tagged || mentioned {
+            found.push(format!("{pid}: {cmdline}"));
+        }
+    }
+    found
+}
+
+/// A tag unique to this call, for [`leftovers`].
+pub fn unique_tag(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("{name}-{}-{nanos}", std::process::id())
+}
+
+/// Waits up to 5 s for `leftovers` to be empty (a killed child is reaped asynchronously).
+#[track_caller]
+pub fn assert_nothing_left(tag: &str, needle: Option<&str>) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let left = leftovers(tag, needle);
+        if left.is_empty() {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            panic!("processes left behind:\n{}", left.join("\n"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }

@@ -39,9 +39,12 @@ pub fn spawn(setup: &LevelSetup) -> Result<Transport, RemoteError> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| err(format!("cannot start a local runtime for {}: {e}", setup.path)))?;
+    let mut child = cmd.spawn().map_err(|e| {
+        err(format!(
+            "cannot start a local runtime for {}: {e}",
+            setup.path
+        ))
+    })?;
     let (Some(stdin), Some(stdout), Some(stderr)) =
         (child.stdin.take(), child.stdout.take(), child.stderr.take())
     else {

@@ -53,14 +53,17 @@ pub fn own_image() -> Result<Arc<RuntimeImage>, String> {
     if let Some(image) = IMAGE.get() {
         return Ok(image.clone());
     }
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find this runtime's binary: {e}"))?;
+    let exe =
+        std::env::current_exe().map_err(|e| format!("cannot find this runtime's binary: {e}"))?;
     let image = Arc::new(image_of(&exe)?);
     Ok(IMAGE.get_or_init(|| image).clone())
 }
 
 /// The image of the runtime binary at `path`, reusing a `.gz` copy beside it if present.
 pub fn image_of(path: &std::path::Path) -> Result<RuntimeImage, String> {
-    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+    };
     let named_sha = path
         .file_name()
         .and_then(|n| n.to_str())
@@ -118,11 +121,15 @@ pub struct SshTarget {
 impl SshTarget {
     /// Parses the part after `ssh://`.
     pub fn parse(spec: &str) -> Result<Self, String> {
-        let (user, rest) = spec
-            .split_once('@')
-            .ok_or_else(|| format!("`ssh://{spec}` has no user: expected ssh://user@host[:port]"))?;
+        let (user, rest) = spec.split_once('@').ok_or_else(|| {
+            format!("`ssh://{spec}` has no user: expected ssh://user@host[:port]")
+        })?;
         let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) => (h, p.parse::<u16>().map_err(|_| format!("bad port `{p}` in ssh://{spec}"))?),
+            Some((h, p)) => (
+                h,
+                p.parse::<u16>()
+                    .map_err(|_| format!("bad port `{p}` in ssh://{spec}"))?,
+            ),
             None => (rest, 22),
         };
         if user.is_empty() || host.is_empty() {
@@ -149,7 +156,8 @@ pub fn is_pinned(known_hosts: &str, target: &SshTarget, key: &PublicKey) -> bool
     let name = target.known_hosts_name();
     known_hosts.lines().any(|line| {
         let mut fields = line.split_whitespace();
-        let (Some(hosts), Some(algo), Some(b64)) = (fields.next(), fields.next(), fields.next()) else {
+        let (Some(hosts), Some(algo), Some(b64)) = (fields.next(), fields.next(), fields.next())
+        else {
             return false;
         };
         hosts.split(',').any(|h| h == name)
@@ -167,7 +175,10 @@ struct Pinned {
 impl client::Handler for Pinned {
     type Error = russh::Error;
 
-    async fn check_server_key(&mut self, key: &PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+    async fn check_server_key(
+        &mut self,
+        key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
         let key = key.public_key();
         if let Ok(line) = key.to_openssh() {
             *self.presented.lock().unwrap_or_else(|e| e.into_inner()) = Some(line);
@@ -192,7 +203,12 @@ pub async fn open(spec: &str, setup: &LevelSetup) -> Result<Transport, RemoteErr
     };
     let handle = tokio::time::timeout(CONNECT_TIMEOUT, connect(&target, ssh))
         .await
-        .map_err(|_| err(WireErrorKind::Timeout, format!("no SSH session within {} s", CONNECT_TIMEOUT.as_secs())))?
+        .map_err(|_| {
+            err(
+                WireErrorKind::Timeout,
+                format!("no SSH session within {} s", CONNECT_TIMEOUT.as_secs()),
+            )
+        })?
         .map_err(|m| err(WireErrorKind::Io, m))?;
     let handle = Arc::new(handle);
 
@@ -201,12 +217,16 @@ pub async fn open(spec: &str, setup: &LevelSetup) -> Result<Transport, RemoteErr
         .as_deref()
         .map(|d| sh_quote(&d.replace("{depth}", &setup.depth.to_string())))
         .unwrap_or_else(|| "\"$HOME/.cache/matryoshka\"".into());
-    let probe = format!("D={cache}; mkdir -p \"$D/bin\" && uname -m && echo \"$D\" && ls \"$D/bin\"");
+    let probe =
+        format!("D={cache}; mkdir -p \"$D/bin\" && uname -m && echo \"$D\" && ls \"$D/bin\"");
     let (status, out, stderr) = exec(&handle, &probe, None)
         .await
         .map_err(|m| err(WireErrorKind::Io, m))?;
     if status != Some(0) {
-        return Err(err(WireErrorKind::Io, format!("probing the target failed: {}", stderr.trim())));
+        return Err(err(
+            WireErrorKind::Io,
+            format!("probing the target failed: {}", stderr.trim()),
+        ));
     }
     let mut lines = out.lines();
     let arch = lines.next().unwrap_or_default().trim().to_string();
@@ -233,7 +253,10 @@ pub async fn open(spec: &str, setup: &LevelSetup) -> Result<Transport, RemoteErr
             .await
             .map_err(|m| err(WireErrorKind::Io, m))?;
         if status != Some(0) {
-            return Err(err(WireErrorKind::Io, format!("copying the runtime failed: {}", stderr.trim())));
+            return Err(err(
+                WireErrorKind::Io,
+                format!("copying the runtime failed: {}", stderr.trim()),
+            ));
         }
     }
 
@@ -261,11 +284,8 @@ pub async fn open(spec: &str, setup: &LevelSetup) -> Result<Transport, RemoteErr
             let _write_half = wr;
             while let Some(msg) = rd.wait().await {
                 match msg {
-                    ChannelMsg::Data { data } => {
-                        if stdout_w.write_all(&data).await.is_err() {
-                            break;
-                        }
-                    }
+                    ChannelMsg::Data { data } if stdout_w.write_all(&data).await.is_err() => break,
+                    ChannelMsg::Data { .. } => {}
                     ChannelMsg::ExtendedData { data, ext: 1 } => {
                         for line in String::from_utf8_lossy(&data).lines() {
                             tracing::info!(level = %path, "{line}");
@@ -276,8 +296,9 @@ pub async fn open(spec: &str, setup: &LevelSetup) -> Result<Transport, RemoteErr
                             Some(format!(" (its runtime exited with status {exit_status})"));
                     }
                     ChannelMsg::ExitSignal { signal_name, .. } => {
-                        *exit.lock().unwrap_or_else(|e| e.into_inner()) =
-                            Some(format!(" (its runtime was killed by signal {signal_name:?})"));
+                        *exit.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!(
+                            " (its runtime was killed by signal {signal_name:?})"
+                        ));
                     }
                     ChannelMsg::Eof => {
                         let _ = stdout_w.shutdown().await;
@@ -311,7 +332,8 @@ pub async fn open(spec: &str, setup: &LevelSetup) -> Result<Transport, RemoteErr
 }
 
 async fn connect(target: &SshTarget, ssh: &SshSettings) -> Result<Handle<Pinned>, String> {
-    let key = PrivateKey::from_openssh(&ssh.private_key).map_err(|e| format!("the run's SSH key is unusable: {e}"))?;
+    let key = PrivateKey::from_openssh(&ssh.private_key)
+        .map_err(|e| format!("the run's SSH key is unusable: {e}"))?;
     let config = Arc::new(client::Config {
         nodelay: true,
         keepalive_interval: Some(Duration::from_secs(5)),
@@ -323,10 +345,16 @@ async fn connect(target: &SshTarget, ssh: &SshSettings) -> Result<Handle<Pinned>
         known_hosts: ssh.known_hosts.clone(),
         presented: presented.clone(),
     };
-    let mut handle = match client::connect(config, (target.host.as_str(), target.port), handler).await {
+    let mut handle = match client::connect(config, (target.host.as_str(), target.port), handler)
+        .await
+    {
         Ok(h) => h,
         Err(russh::Error::UnknownKey) => {
-            let shown = presented.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_default();
+            let shown = presented
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .unwrap_or_default();
             return Err(format!(
                 "host key of {} is not pinned for this run (it presented `{shown}`); add the line \
                  `{} {shown}` to the file given with --ssh-known-hosts",
@@ -334,10 +362,18 @@ async fn connect(target: &SshTarget, ssh: &SshSettings) -> Result<Handle<Pinned>
                 target.known_hosts_name()
             ));
         }
-        Err(e) => return Err(format!("cannot connect to {}:{}: {e}", target.host, target.port)),
+        Err(e) => {
+            return Err(format!(
+                "cannot connect to {}:{}: {e}",
+                target.host, target.port
+            ));
+        }
     };
     let auth = handle
-        .authenticate_publickey(&target.user, PrivateKeyWithHashAlg::new(Arc::new(key), None))
+        .authenticate_publickey(
+            &target.user,
+            PrivateKeyWithHashAlg::new(Arc::new(key), None),
+        )
         .await
         .map_err(|e| format!("authentication failed: {e}"))?;
     if !auth.success() {
@@ -359,11 +395,17 @@ async fn exec(
         .channel_open_session()
         .await
         .map_err(|e| format!("cannot open a channel: {e}"))?;
-    ch.exec(true, cmd).await.map_err(|e| format!("exec failed: {e}"))?;
+    ch.exec(true, cmd)
+        .await
+        .map_err(|e| format!("exec failed: {e}"))?;
     if let Some(bytes) = stdin {
-        ch.data(bytes).await.map_err(|e| format!("sending data failed: {e}"))?;
+        ch.data(bytes)
+            .await
+            .map_err(|e| format!("sending data failed: {e}"))?;
     }
-    ch.eof().await.map_err(|e| format!("closing stdin failed: {e}"))?;
+    ch.eof()
+        .await
+        .map_err(|e| format!("closing stdin failed: {e}"))?;
     let (mut out, mut err, mut status) = (Vec::new(), Vec::new(), None);
     while let Some(msg) = ch.wait().await {
         match msg {
@@ -406,7 +448,11 @@ impl TransportGuard for SshGuard {
     }
 
     fn describe_exit(&mut self) -> String {
-        self.exit.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_default()
+        self.exit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_default()
     }
 }
 
@@ -417,7 +463,10 @@ mod tests {
     #[test]
     fn targets() {
         let t = SshTarget::parse("root@127.0.0.1:2222").expect("valid");
-        assert_eq!((t.user.as_str(), t.host.as_str(), t.port), ("root", "127.0.0.1", 2222));
+        assert_eq!(
+            (t.user.as_str(), t.host.as_str(), t.port),
+            ("root", "127.0.0.1", 2222)
+        );
         assert_eq!(t.known_hosts_name(), "[127.0.0.1]:2222");
         let t = SshTarget::parse("me@lab").expect("valid");
         assert_eq!(t.port, 22);

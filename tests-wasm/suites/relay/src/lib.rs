@@ -86,7 +86,11 @@ fn hold_at_bottom(ms: u64) -> Result<String, Error> {
         Some(next) => next.call("hold_at_bottom", &ms),
         None => {
             let pid = host::check_output(&["sh", "-c", "echo $PPID"])?;
-            log::info!("holding at {} in runtime pid {}", host::level_path(), pid.trim());
+            log::info!(
+                "holding at {} in runtime pid {}",
+                host::level_path(),
+                pid.trim()
+            );
             std::thread::sleep(Duration::from_millis(ms));
             Ok(host::level_path())
         }
@@ -133,7 +137,11 @@ fn remote_instance_keeps_state() -> Result<(), Error> {
     assert_eq!(first.call::<_, u32>("count", &())?, 1);
     assert_eq!(first.call::<_, u32>("count", &())?, 2);
     let second = next()?.expect("same chain");
-    assert_eq!(second.call::<_, u32>("count", &())?, 1, "a new handle gets a new instance");
+    assert_eq!(
+        second.call::<_, u32>("count", &())?,
+        1,
+        "a new handle gets a new instance"
+    );
     assert_eq!(first.call::<_, u32>("count", &())?, 3);
     Ok(())
 }
@@ -142,13 +150,18 @@ fn unknown_remote_function_is_not_found() -> Result<(), Error> {
     let Some(first) = next()? else {
         return Ok(());
     };
-    let err = first.call::<_, u32>("no_such_function", &()).expect_err("must fail");
+    let err = first
+        .call::<_, u32>("no_such_function", &())
+        .expect_err("must fail");
     assert_eq!(err.kind.as_str(), "not-found", "{err}");
     Ok(())
 }
 
 fn hold_at_the_bottom() -> Result<(), Error> {
-    let ms = std::env::var("HOLD_MS").ok().and_then(|s| s.parse().ok()).unwrap_or(30_000);
+    let ms = std::env::var("HOLD_MS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30_000);
     hold_at_bottom(ms).map(|_| ())
 }
 

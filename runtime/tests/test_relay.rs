@@ -1,0 +1,400 @@
+//! The relay end to end: chains of real runtimes, over local processes and
+//! over real sshd servers on loopback, and what happens when a level fails.
+
+#[allow(dead_code, reason = "shared by several test crates, each using a part")]
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::sshd::{ClientKey, Sshd};
+use common::{Run, assert_nothing_left, bin, unique_tag};
+use matryoshka_test_programs::RELAY;
+
+/// Runs the relay suite with `chain`, tagging every process it starts.
+fn relay(tag: &str, chain: &str, extra: &[&str]) -> Run {
+    let chain = format!("MATRYOSHKA_CHAIN={chain}");
+    let out = bin()
+        .env("MATRYOSHKA_TEST_TAG", tag)
+        .args(["test", RELAY, "--env", &chain, "--nocapture"])
+        .args(extra)
+        .output()
+        .expect("start matryoshka");
+    Run::from(out)
+}
+
+#[test]
+fn a_chain_of_four_local_runtimes() {
+    let tag = unique_tag("local4");
+    let r = relay(&tag, "local,local,local,local", &["-j", "2"]);
+    r.expect_code(0);
+    assert!(
+        r.stdout.contains("5 passed, 0 failed, 1 ignored"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains(
+            "info L0/L1/L2/L3/L4 streams_a_log_line_from_the_deepest_level | hello from the bottom (logged at L0/L1/L2/L3/L4)"
+        ),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("reached L0/L1/L2/L3/L4 on"),
+        "{}",
+        r.stdout
+    );
+    assert_nothing_left(&tag, None);
+}
+
+/// Three sshd servers on loopback, chained L0 → L1 → L2 → L3, one remote cache per level.
+struct SshChain {
+    key: ClientKey,
+    servers: Vec<Sshd>,
+    known_hosts: tempfile::NamedTempFile,
+    caches: tempfile::TempDir,
+}
+
+impl SshChain {
+    fn new(levels: usize) -> Self {
+        let key = ClientKey::generate();
+        let servers: Vec<Sshd> = (0..levels).map(|_| Sshd::start(&key)).collect();
+        let known_hosts = tempfile::NamedTempFile::new().expect("known_hosts");
+        let lines: String = servers
+            .iter()
+            .map(|s| std::fs::read_to_string(&s.known_hosts).expect("known_hosts of a server"))
+            .collect();
+        std::fs::write(known_hosts.path(), lines).expect("write known_hosts");
+        let caches = tempfile::tempdir().expect("cache root");
+        Self {
+            key,
+            servers,
+            known_hosts,
+            caches,
+        }
+    }
+
+    fn chain(&self) -> String {
+        self.servers
+            .iter()
+            .map(|s| format!("ssh://root@127.0.0.1:{}", s.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn args(&self) -> Vec<String> {
+        vec![
+            "--ssh-key".into(),
+            self.key.private_key.display().to_string(),
+            "--ssh-known-hosts".into(),
+            self.known_hosts.path().display().to_string(),
+            "--remote-cache-dir".into(),
+            format!("{}/L{{depth}}", self.caches.path().display()),
+        ]
+    }
+
+    fn cache(&self, depth: usize) -> std::path::PathBuf {
+        self.caches.path().join(format!("L{depth}"))
+    }
+}
+
+fn runtimes_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir.join("bin"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.contains(".gz"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_chain_of_three_ssh_hops_copies_the_runtime_to_each() {
+    let chain = SshChain::new(3);
+    let tag = unique_tag("ssh3");
+    let args = chain.args();
+    let mut extra: Vec<&str> = args.iter().map(String::as_str).collect();
+    extra.extend(["-j", "1"]);
+    let r = relay(&tag, &chain.chain(), &extra);
+    r.expect_code(0);
+    assert!(
+        r.stdout.contains("5 passed, 0 failed, 1 ignored"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains(
+            "info L0/L1/L2/L3 streams_a_log_line_from_the_deepest_level | hello from the bottom"
+        ),
+        "{}",
+        r.stdout
+    );
+    for depth in 1..=3 {
+        let cache = chain.cache(depth);
+        let runtimes = runtimes_in(&cache);
+        assert_eq!(
+            runtimes.len(),
+            1,
+            "L{depth} cache {}: {runtimes:?}",
+            cache.display()
+        );
+        assert!(runtimes[0].starts_with("matryoshka-"), "{runtimes:?}");
+        let components = std::fs::read_dir(cache.join("components"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert_eq!(components, 1, "component cached at L{depth}");
+    }
+    let needle = chain.caches.path().display().to_string();
+    assert_nothing_left(&tag, Some(&needle));
+
+    // Warm: everything is cached at every level, and the same tests pass.
+    let r = relay(&tag, &chain.chain(), &extra);
+    r.expect_code(0);
+    assert!(r.stdout.contains("5 passed, 0 failed"), "{}", r.stdout);
+    assert_nothing_left(&tag, Some(&needle));
+}
+
+#[test]
+fn an_unpinned_host_key_is_refused() {
+    let chain = SshChain::new(1);
+    std::fs::write(chain.known_hosts.path(), "").expect("empty known_hosts");
+    let tag = unique_tag("unpinned");
+    let args = chain.args();
+    let mut extra: Vec<&str> = args.iter().map(String::as_str).collect();
+    extra.extend(["--exact", "reaches_every_level"]);
+    let r = relay(&tag, &chain.chain(), &extra);
+    r.expect_code(100);
+    let port = chain.servers[0].port;
+    let line = r.line_for("FAIL", "reaches_every_level");
+    assert!(
+        line.contains(&format!(
+            "host key of [127.0.0.1]:{port} is not pinned for this run"
+        )),
+        "{line}"
+    );
+    assert!(
+        runtimes_in(&chain.cache(1)).is_empty(),
+        "nothing may be copied to an unverified host"
+    );
+}
+
+#[test]
+fn nest_needs_its_grant() {
+    let tag = unique_tag("nogrant");
+    let r = relay(
+        &tag,
+        "local",
+        &[
+            "--no-config",
+            "--grant",
+            "exec=sh",
+            "--exact",
+            "reaches_every_level",
+        ],
+    );
+    r.expect_code(100);
+    let line = r.line_for("FAIL", "reaches_every_level");
+    assert!(
+        line.contains(
+            "denied at L0: connecting to another level is not granted at L0; add --grant nest"
+        ),
+        "{line}"
+    );
+}
+
+/// Starts the `hold_at_the_bottom` test and returns the child and the pid of the
+/// bottom runtime once it is holding.
+#[expect(
+    clippy::zombie_processes,
+    reason = "the caller waits for the child it gets back"
+)]
+fn start_holding(
+    tag: &str,
+    chain: &str,
+    extra: &[String],
+) -> (
+    std::process::Child,
+    u32,
+    BufReader<std::process::ChildStdout>,
+) {
+    let chain = format!("MATRYOSHKA_CHAIN={chain}");
+    let mut child = bin()
+        .env("MATRYOSHKA_TEST_TAG", tag)
+        .args(["test", RELAY, "--env", &chain, "--env", "HOLD_MS=60000"])
+        .args(["--nocapture", "--ignored", "--exact", "hold_at_the_bottom"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start matryoshka");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = out.read_line(&mut line).unwrap_or(0);
+        if n == 0 {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the run ended before the bottom level held");
+        }
+        if let Some(pid) = line.split("in runtime pid ").nth(1) {
+            let pid = pid.trim().parse().expect("pid");
+            return (child, pid, out);
+        }
+    }
+}
+
+fn rest(mut out: BufReader<std::process::ChildStdout>) -> String {
+    let mut s = String::new();
+    std::io::Read::read_to_string(&mut out, &mut s).expect("read");
+    s
+}
+
+#[test]
+fn killing_a_level_mid_call_reports_it_lost() {
+    let tag = unique_tag("kill");
+    let (mut child, pid, out) = start_holding(&tag, "local,local", &[]);
+    let killed = Instant::now();
+    std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill");
+    let status = child.wait().expect("wait");
+    let took = killed.elapsed();
+    let stdout = rest(out);
+    assert_eq!(status.code(), Some(100), "{stdout}");
+    assert!(
+        stdout.contains("level-lost at L0/L1/L2: level L0/L1/L2 lost: connection closed (its runtime was killed by signal 9)"),
+        "{stdout}"
+    );
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert_nothing_left(&tag, None);
+}
+
+#[test]
+fn a_silent_level_is_lost_by_heartbeat() {
+    let tag = unique_tag("stop");
+    let (mut child, pid, out) = start_holding(&tag, "local,local", &[]);
+    std::process::Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status()
+        .expect("kill");
+    let status = child.wait().expect("wait");
+    let stdout = rest(out);
+    assert_eq!(status.code(), Some(100), "{stdout}");
+    assert!(
+        stdout.contains("level L0/L1/L2 lost: it stopped answering heartbeats for"),
+        "{stdout}"
+    );
+    assert_nothing_left(&tag, None);
+}
+
+#[test]
+fn a_dropped_ssh_connection_reports_the_level_lost() {
+    let chain = SshChain::new(1);
+    let tag = unique_tag("drop");
+    let (mut child, _pid, out) = start_holding(&tag, &chain.chain(), &chain.args());
+    // Kill the per-connection sshd processes (children of this server's listener).
+    let config = chain.servers[0].dir().join("sshd_config");
+    let listener = std::process::Command::new("pgrep")
+        .args(["-f", &config.display().to_string()])
+        .output()
+        .expect("pgrep");
+    let listener = String::from_utf8_lossy(&listener.stdout);
+    let listener = listener
+        .lines()
+        .next()
+        .expect("the sshd listener is running")
+        .trim()
+        .to_string();
+    let status = std::process::Command::new("pkill")
+        .args(["-9", "-P", &listener])
+        .status()
+        .expect("pkill");
+    assert!(status.success(), "no sshd session to kill under {listener}");
+    let exit = child.wait().expect("wait");
+    let stdout = rest(out);
+    assert_eq!(exit.code(), Some(100), "{stdout}");
+    assert!(
+        stdout.contains("level-lost at L0/L1: level L0/L1 lost:"),
+        "{stdout}"
+    );
+    let needle = chain.caches.path().display().to_string();
+    assert_nothing_left(&tag, Some(&needle));
+}
+
+fn fake_child(dir: &Path, script: &str) -> String {
+    let path = dir.join("fake-serve.sh");
+    std::fs::write(&path, format!("#!/bin/sh\n{script}\n")).expect("write script");
+    std::process::Command::new("chmod")
+        .args(["+x"])
+        .arg(&path)
+        .status()
+        .expect("chmod");
+    path.display().to_string()
+}
+
+#[test]
+fn garbage_frames_are_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let script = fake_child(
+        dir.path(),
+        r"printf '\000\000\000\004\377\377\377\377'; exec sleep 30",
+    );
+    let tag = unique_tag("garbage");
+    let out = bin()
+        .env("MATRYOSHKA_TEST_TAG", &tag)
+        .env("MATRYOSHKA_LOCAL_SERVE", &script)
+        .args([
+            "test",
+            RELAY,
+            "--env",
+            "MATRYOSHKA_CHAIN=local",
+            "--exact",
+            "reaches_every_level",
+        ])
+        .output()
+        .expect("run");
+    let r = Run::from(out);
+    r.expect_code(100);
+    let line = r.line_for("FAIL", "reaches_every_level");
+    assert!(
+        line.contains("level L0/L1 could not be started: malformed frame (4 bytes)"),
+        "{line}"
+    );
+    assert_nothing_left(&tag, None);
+}
+
+#[test]
+fn a_protocol_version_mismatch_is_named() {
+    let serve = format!(
+        "{} serve --stdio --protocol-version 99",
+        env!("CARGO_BIN_EXE_matryoshka")
+    );
+    let tag = unique_tag("version");
+    let out = bin()
+        .env("MATRYOSHKA_TEST_TAG", &tag)
+        .env("MATRYOSHKA_LOCAL_SERVE", &serve)
+        .args([
+            "test",
+            RELAY,
+            "--env",
+            "MATRYOSHKA_CHAIN=local",
+            "--exact",
+            "reaches_every_level",
+        ])
+        .output()
+        .expect("run");
+    let r = Run::from(out);
+    r.expect_code(100);
+    let line = r.line_for("FAIL", "reaches_every_level");
+    assert!(
+        line.contains("unsupported at L0/L1: the runtime at L0/L1 speaks relay protocol version 99, this one speaks 1"),
+        "{line}"
+    );
+    assert_nothing_left(&tag, None);
+}
