@@ -123,7 +123,7 @@ struct TestArgs {
     /// Compile the component without reading or writing the cache.
     #[arg(long)]
     no_cache: bool,
-    /// Show output as it is written, and for passing tests too.
+    /// Show output as it is written, for every test and every level.
     #[arg(long, alias = "show-output")]
     nocapture: bool,
     /// Exit 0 once the run completed even if tests failed (for TAP harnesses such as meson).

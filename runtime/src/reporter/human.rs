@@ -18,7 +18,7 @@ pub struct HumanReporter<W> {
 }
 
 impl<W: Write> HumanReporter<W> {
-    /// A reporter writing to `out`; `show_output` prints output live and for passing tests.
+    /// A reporter writing to `out`; `show_output` prints output live, as it is written.
     pub fn new(out: W, show_output: bool) -> Self {
         let progress = if io::stderr().is_terminal() {
             let bar = ProgressBar::new(0);
@@ -92,9 +92,6 @@ impl<W: Write + Send> Reporter for HumanReporter<W> {
                 match outcome {
                     Outcome::Passed => {
                         self.line(&format!("    PASS [{duration_secs:>8.3}s] {name}"))?;
-                        if self.show_output {
-                            self.line(&render_output(output))?;
-                        }
                     }
                     Outcome::Ignored => {
                         self.line(&format!("    SKIP [{:>9}] {name} (ignored)", ""))?;

@@ -97,6 +97,43 @@ fn hold_at_bottom(ms: u64) -> Result<String, Error> {
     }
 }
 
+thread_local! {
+    /// The next level, kept for the life of this instance (the remote proxy at work).
+    static KEPT: std::cell::RefCell<Option<Guest>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Calls `function` on the next level through a handle kept across calls.
+fn via_kept<A: Serialize, R: serde::de::DeserializeOwned>(function: &str, args: &A) -> Result<Option<R>, Error> {
+    KEPT.with(|kept| {
+        let mut kept = kept.borrow_mut();
+        if kept.is_none() {
+            *kept = next()?;
+        }
+        match kept.as_ref() {
+            Some(guest) => guest.call(function, args).map(Some),
+            None => Ok(None),
+        }
+    })
+}
+
+/// Does nothing at the bottom of the chain; intermediate levels keep their handle.
+fn noop_at_bottom(_: ()) -> Result<u32, Error> {
+    Ok(via_kept::<_, u32>("noop_at_bottom", &())?.unwrap_or_else(host::level))
+}
+
+/// Times reaching the next level from every level: (level path reached, ms).
+fn connect_times(_: ()) -> Result<Vec<(String, f64)>, Error> {
+    let Some(target) = chain().get(host::level() as usize).cloned() else {
+        return Ok(Vec::new());
+    };
+    let started = std::time::Instant::now();
+    let next = Guest::connect(&target)?;
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    let mut times = vec![(next.level_path(), ms)];
+    times.extend(next.call::<_, Vec<(String, f64)>>("connect_times", &())?);
+    Ok(times)
+}
+
 // ---- tests: run at level 0 ----
 
 fn depth() -> usize {
@@ -165,6 +202,34 @@ fn hold_at_the_bottom() -> Result<(), Error> {
     hold_at_bottom(ms).map(|_| ())
 }
 
+/// Benchmark: round trips of a no-op call to the bottom of the chain.
+fn bench_round_trips() -> Result<(), Error> {
+    let calls: usize = std::env::var("BENCH_CALLS").ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
+    let bottom = noop_at_bottom(())?; // connects every level once
+    let mut samples = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        let t = std::time::Instant::now();
+        noop_at_bottom(())?;
+        samples.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    let mean = samples.iter().sum::<f64>() / calls as f64;
+    log::info!(
+        "BENCH round-trip depth={bottom} calls={calls} median_us={:.1} mean_us={mean:.1} p90_us={:.1}",
+        samples[calls / 2],
+        samples[calls * 9 / 10]
+    );
+    Ok(())
+}
+
+/// Benchmark: time to reach each level (copy and start when not cached).
+fn bench_first_contact() -> Result<(), Error> {
+    for (path, ms) in connect_times(())? {
+        log::info!("BENCH first-contact level={path} ms={ms:.1}");
+    }
+    Ok(())
+}
+
 matryoshka_guest::suite! {
     tests: [
         reaches_every_level,
@@ -173,6 +238,16 @@ matryoshka_guest::suite! {
         remote_instance_keeps_state,
         unknown_remote_function_is_not_found,
         #[ignore] hold_at_the_bottom,
+        #[ignore] #[tag("bench")] bench_round_trips,
+        #[ignore] #[tag("bench")] bench_first_contact,
     ],
-    remote: [descend, sum_of_squares_at_bottom, log_at_bottom, count, hold_at_bottom],
+    remote: [
+        descend,
+        sum_of_squares_at_bottom,
+        log_at_bottom,
+        count,
+        hold_at_bottom,
+        noop_at_bottom,
+        connect_times,
+    ],
 }

@@ -1,0 +1,123 @@
+//! Relay benchmarks behind docs/benchmarks.md (ignored by default; `./x bench` runs them).
+//!
+//! Three sshd servers on loopback form a chain. Measured side by side in one run:
+//! a no-op call at depth 1, 2, 3 through this relay, a plain `ssh` chain running
+//! `true`, and mitogen calling a no-op function through the same hops; then the
+//! time to reach each level with empty caches (copy + start) and with warm ones.
+
+#[allow(dead_code, reason = "shared by several test crates, each using a part")]
+mod common;
+
+use std::process::Command;
+use std::time::Instant;
+
+use common::bin;
+use common::sshd::{ClientKey, Sshd};
+use matryoshka_test_programs::RELAY;
+
+const CALLS: usize = 1000;
+const SSH_RUNS: usize = 20;
+
+fn bench_lines(stdout: &str) -> Vec<String> {
+    let mut lines: Vec<String> = stdout
+        .lines()
+        .filter(|l| l.contains("| BENCH "))
+        .map(|l| l.split("| BENCH ").nth(1).unwrap_or_default().to_string())
+        .collect();
+    lines.dedup();
+    lines
+}
+
+#[test]
+#[ignore = "benchmark: run with `./x bench`"]
+fn relay_benchmarks() {
+    let key = ClientKey::generate();
+    let servers: Vec<Sshd> = (0..3).map(|_| Sshd::start(&key)).collect();
+    let known = tempfile::NamedTempFile::new().expect("known_hosts");
+    let lines: String = servers
+        .iter()
+        .map(|s| std::fs::read_to_string(&s.known_hosts).expect("read"))
+        .collect();
+    std::fs::write(known.path(), lines).expect("write");
+    let caches = tempfile::tempdir().expect("caches");
+    let key_path = key.private_key.display().to_string();
+    let known_path = known.path().display().to_string();
+    let cache_arg = format!("{}/L{{depth}}", caches.path().display());
+    let targets: Vec<String> = servers
+        .iter()
+        .map(|s| format!("ssh://root@127.0.0.1:{}", s.port))
+        .collect();
+    let relay = |depth: usize, test: &str| {
+        let chain = format!("MATRYOSHKA_CHAIN={}", targets[..depth].join(","));
+        let calls = format!("BENCH_CALLS={CALLS}");
+        let out = bin()
+            .args(["test", RELAY, "--ignored", "--exact", test, "--nocapture"])
+            .args(["--env", &chain, "--env", &calls, "--timeout", "600"])
+            .args(["--ssh-key", &key_path, "--ssh-known-hosts", &known_path])
+            .args(["--remote-cache-dir", &cache_arg])
+            .output()
+            .expect("run matryoshka");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        bench_lines(&stdout)
+    };
+
+    println!("first contact, empty caches (copy + start):");
+    for l in relay(3, "bench_first_contact") {
+        println!("  relay {l}");
+    }
+    println!("first contact, warm caches:");
+    for _ in 0..3 {
+        for l in relay(3, "bench_first_contact") {
+            println!("  relay {l}");
+        }
+    }
+
+    println!("no-op round trip:");
+    for depth in 1..=3 {
+        for l in relay(depth, "bench_round_trips") {
+            println!("  relay {l}");
+        }
+    }
+
+    // A plain ssh chain: a new session per hop per run.
+    let ssh_opts = format!(
+        "-i {key_path} -o IdentitiesOnly=yes -o BatchMode=yes -o UserKnownHostsFile={known_path} -o StrictHostKeyChecking=yes"
+    );
+    for depth in 1..=3 {
+        let mut cmd = "true".to_string();
+        for s in servers[..depth].iter().rev() {
+            cmd = format!("ssh {ssh_opts} -p {} root@127.0.0.1 {}", s.port, shell_quote(&cmd));
+        }
+        let mut samples = Vec::new();
+        for _ in 0..SSH_RUNS {
+            let t = Instant::now();
+            let st = Command::new("sh").args(["-c", &cmd]).status().expect("ssh");
+            assert!(st.success(), "{cmd}");
+            samples.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        samples.sort_by(f64::total_cmp);
+        println!(
+            "  ssh depth={depth} runs={SSH_RUNS} median_us={:.1}",
+            samples[SSH_RUNS / 2]
+        );
+    }
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/mitogen_chain.py");
+    let ports: Vec<String> = servers.iter().map(|s| s.port.to_string()).collect();
+    let out = Command::new("python3")
+        .arg(script)
+        .args([&key_path, &known_path, &CALLS.to_string()])
+        .args(&ports)
+        .output()
+        .expect("python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for l in stdout.lines() {
+        println!("  mitogen {l}");
+    }
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
