@@ -3,8 +3,8 @@
 //! Exit codes: 0 when every selected test passed (or with `--exit-zero` once the
 //! run completed), [`EXIT_TESTS_FAILED`] when a test failed,
 //! [`EXIT_COULD_NOT_RUN`] when the suite could not be run at all (unreadable or
-//! malformed component, wrong world, a failing `tests` export), and 2 for an
-//! invalid command line, grant or config file.
+//! malformed component, wrong world, a failing `tests` export), 2 for an
+//! invalid command line, grant or config file, and 130 when interrupted.
 
 use std::fs::File;
 use std::io::{self, BufWriter, IsTerminal};
@@ -35,6 +35,8 @@ pub const EXIT_TESTS_FAILED: u8 = 100;
 pub const EXIT_COULD_NOT_RUN: u8 = 101;
 /// The command line, a grant or the config file is invalid.
 pub const EXIT_USAGE: u8 = 2;
+/// The run was interrupted (SIGINT).
+pub const EXIT_INTERRUPTED: u8 = 130;
 
 /// Test runner for nested virtualization: WebAssembly component tests, run at
 /// every level of a chain of guests.
@@ -338,7 +340,15 @@ async fn test(args: TestArgs) -> u8 {
         }
         failed
     };
-    let (summary, report_error) = tokio::join!(run, report);
+    let both = async { tokio::join!(run, report) };
+    let (summary, report_error) = tokio::select! {
+        done = both => done,
+        _ = tokio::signal::ctrl_c() => {
+            // Dropping the run drops every instance, its guests and their levels.
+            eprintln!("interrupted: stopping the tests and every level they reached");
+            return EXIT_INTERRUPTED;
+        }
+    };
     if let Some(e) = report_error {
         eprintln!("error: writing the report failed: {e}");
         return EXIT_COULD_NOT_RUN;

@@ -276,6 +276,20 @@ fn killing_a_level_mid_call_reports_it_lost() {
 }
 
 #[test]
+fn interrupting_the_run_tears_the_chain_down() {
+    let tag = unique_tag("sigint");
+    let (mut child, _pid, out) = start_holding(&tag, "local,local,local", &[]);
+    std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    let status = child.wait().expect("wait");
+    drop(out);
+    assert_eq!(status.code(), Some(130));
+    assert_nothing_left(&tag, None);
+}
+
+#[test]
 fn a_silent_level_is_lost_by_heartbeat() {
     let tag = unique_tag("stop");
     let (mut child, pid, out) = start_holding(&tag, "local,local", &[]);

@@ -34,8 +34,8 @@ impl<W: Write + Send> Reporter for TapReporter<W> {
                 writeln!(self.out, "1..{planned}")?;
                 writeln!(self.out, "# suite {suite}")?;
             }
-            TestEvent::Output { text, .. } if self.show_output => {
-                writeln!(self.out, "{}", indent(text.trim_end(), "# "))?;
+            TestEvent::Output { origin, text, .. } if self.show_output => {
+                writeln!(self.out, "{}", indent(text.trim_end(), &format!("# [{origin}] ")))?;
             }
             TestEvent::TestFinished { test, outcome, .. } => {
                 let n = self.next;
