@@ -11,8 +11,7 @@ mod common;
 use std::process::Command;
 use std::time::Instant;
 
-use common::bin;
-use common::sshd::{ClientKey, Sshd};
+use common::{SshChain, bin};
 use matryoshka_test_programs::RELAY;
 
 const CALLS: usize = 1000;
@@ -31,18 +30,11 @@ fn bench_lines(stdout: &str) -> Vec<String> {
 #[test]
 #[ignore = "benchmark: run with `./x bench`"]
 fn relay_benchmarks() {
-    let key = ClientKey::generate();
-    let servers: Vec<Sshd> = (0..3).map(|_| Sshd::start(&key)).collect();
-    let known = tempfile::NamedTempFile::new().expect("known_hosts");
-    let lines: String = servers
-        .iter()
-        .map(|s| std::fs::read_to_string(&s.known_hosts).expect("read"))
-        .collect();
-    std::fs::write(known.path(), lines).expect("write");
-    let caches = tempfile::tempdir().expect("caches");
-    let key_path = key.private_key.display().to_string();
-    let known_path = known.path().display().to_string();
-    let cache_arg = format!("{}/L{{depth}}", caches.path().display());
+    let chain = SshChain::new(3);
+    let servers = &chain.servers;
+    let key_path = chain.key.private_key.display().to_string();
+    let known_path = chain.known_hosts.path().display().to_string();
+    let cache_arg = format!("{}/L{{depth}}", chain.caches.path().display());
     let targets: Vec<String> = servers
         .iter()
         .map(|s| format!("ssh://root@127.0.0.1:{}", s.port))
@@ -58,7 +50,11 @@ fn relay_benchmarks() {
             .output()
             .expect("run matryoshka");
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         bench_lines(&stdout)
     };
 
@@ -87,7 +83,11 @@ fn relay_benchmarks() {
     for depth in 1..=3 {
         let mut cmd = "true".to_string();
         for s in servers[..depth].iter().rev() {
-            cmd = format!("ssh {ssh_opts} -p {} root@127.0.0.1 {}", s.port, shell_quote(&cmd));
+            cmd = format!(
+                "ssh {ssh_opts} -p {} root@127.0.0.1 {}",
+                s.port,
+                shell_quote(&cmd)
+            );
         }
         let mut samples = Vec::new();
         for _ in 0..SSH_RUNS {
@@ -112,7 +112,11 @@ fn relay_benchmarks() {
         .output()
         .expect("python3");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for l in stdout.lines() {
         println!("  mitogen {l}");
     }

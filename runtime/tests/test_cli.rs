@@ -33,8 +33,8 @@ fn basics_reports_each_test_and_a_summary() {
     );
     r.line_for("SKIP", "ignored_by_default");
     // The failure section carries both values and the guest source location.
-    assert!(r.stdout.contains("  left: 2\n right: 3"), "{}", r.stdout);
-    assert!(r.stdout.contains("  at basics/src/lib.rs:"), "{}", r.stdout);
+    r.expect_stdout("  left: 2\n right: 3");
+    r.expect_stdout("  at basics/src/lib.rs:");
     assert!(
         r.stdout
             .contains("10 passed, 1 failed, 1 ignored; 0 filtered out"),
@@ -144,7 +144,7 @@ fn junit_file_beside_human_output() {
     let path = dir.path().join("report.xml");
     let r = run(&["test", BASICS, "--junit", path.to_str().expect("utf-8")]);
     r.expect_code(100);
-    assert!(r.stdout.contains("10 passed, 1 failed"));
+    r.expect_stdout("10 passed, 1 failed");
     let file = std::fs::File::open(&path).expect("report written");
     let report = junit_parser::from_reader(BufReader::new(file)).expect("parses");
     assert_eq!(report.tests, 12);
@@ -382,9 +382,5 @@ fn compiled_component_is_cached() {
 fn a_thousand_tests_run_in_parallel() {
     let r = run(&["test", MANY, "-j", "2"]);
     r.expect_code(0);
-    assert!(
-        r.stdout.contains("1000 passed, 0 failed, 0 ignored"),
-        "{}",
-        r.stdout
-    );
+    r.expect_stdout("1000 passed, 0 failed, 0 ignored");
 }

@@ -9,8 +9,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::sshd::{ClientKey, Sshd};
-use common::{Run, assert_nothing_left, bin, unique_tag};
+use common::{Run, SshChain, assert_nothing_left, bin, unique_tag};
 use matryoshka_test_programs::RELAY;
 
 /// Runs the relay suite with `chain`, tagging every process it starts.
@@ -30,75 +29,10 @@ fn a_chain_of_four_local_runtimes() {
     let tag = unique_tag("local4");
     let r = relay(&tag, "local,local,local,local", &["-j", "2"]);
     r.expect_code(0);
-    assert!(
-        r.stdout.contains("5 passed, 0 failed, 1 ignored"),
-        "{}",
-        r.stdout
-    );
-    assert!(
-        r.stdout.contains(
-            "info L0/L1/L2/L3/L4 streams_a_log_line_from_the_deepest_level | hello from the bottom (logged at L0/L1/L2/L3/L4)"
-        ),
-        "{}",
-        r.stdout
-    );
-    assert!(
-        r.stdout.contains("reached L0/L1/L2/L3/L4 on"),
-        "{}",
-        r.stdout
-    );
+    r.expect_stdout("5 passed, 0 failed, 3 ignored");
+    r.expect_stdout("info L0/L1/L2/L3/L4 streams_a_log_line_from_the_deepest_level | hello from the bottom (logged at L0/L1/L2/L3/L4)");
+    r.expect_stdout("reached L0/L1/L2/L3/L4 on");
     assert_nothing_left(&tag, None);
-}
-
-/// Three sshd servers on loopback, chained L0 → L1 → L2 → L3, one remote cache per level.
-struct SshChain {
-    key: ClientKey,
-    servers: Vec<Sshd>,
-    known_hosts: tempfile::NamedTempFile,
-    caches: tempfile::TempDir,
-}
-
-impl SshChain {
-    fn new(levels: usize) -> Self {
-        let key = ClientKey::generate();
-        let servers: Vec<Sshd> = (0..levels).map(|_| Sshd::start(&key)).collect();
-        let known_hosts = tempfile::NamedTempFile::new().expect("known_hosts");
-        let lines: String = servers
-            .iter()
-            .map(|s| std::fs::read_to_string(&s.known_hosts).expect("known_hosts of a server"))
-            .collect();
-        std::fs::write(known_hosts.path(), lines).expect("write known_hosts");
-        let caches = tempfile::tempdir().expect("cache root");
-        Self {
-            key,
-            servers,
-            known_hosts,
-            caches,
-        }
-    }
-
-    fn chain(&self) -> String {
-        self.servers
-            .iter()
-            .map(|s| format!("ssh://root@127.0.0.1:{}", s.port))
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
-    fn args(&self) -> Vec<String> {
-        vec![
-            "--ssh-key".into(),
-            self.key.private_key.display().to_string(),
-            "--ssh-known-hosts".into(),
-            self.known_hosts.path().display().to_string(),
-            "--remote-cache-dir".into(),
-            format!("{}/L{{depth}}", self.caches.path().display()),
-        ]
-    }
-
-    fn cache(&self, depth: usize) -> std::path::PathBuf {
-        self.caches.path().join(format!("L{depth}"))
-    }
 }
 
 fn runtimes_in(dir: &Path) -> Vec<String> {
@@ -121,17 +55,9 @@ fn a_chain_of_three_ssh_hops_copies_the_runtime_to_each() {
     extra.extend(["-j", "1"]);
     let r = relay(&tag, &chain.chain(), &extra);
     r.expect_code(0);
-    assert!(
-        r.stdout.contains("5 passed, 0 failed, 1 ignored"),
-        "{}",
-        r.stdout
-    );
-    assert!(
-        r.stdout.contains(
-            "info L0/L1/L2/L3 streams_a_log_line_from_the_deepest_level | hello from the bottom"
-        ),
-        "{}",
-        r.stdout
+    r.expect_stdout("5 passed, 0 failed, 3 ignored");
+    r.expect_stdout(
+        "info L0/L1/L2/L3 streams_a_log_line_from_the_deepest_level | hello from the bottom",
     );
     for depth in 1..=3 {
         let cache = chain.cache(depth);
@@ -154,7 +80,7 @@ fn a_chain_of_three_ssh_hops_copies_the_runtime_to_each() {
     // Warm: everything is cached at every level, and the same tests pass.
     let r = relay(&tag, &chain.chain(), &extra);
     r.expect_code(0);
-    assert!(r.stdout.contains("5 passed, 0 failed"), "{}", r.stdout);
+    r.expect_stdout("5 passed, 0 failed");
     assert_nothing_left(&tag, Some(&needle));
 }
 
@@ -352,17 +278,11 @@ fn fake_child(dir: &Path, script: &str) -> String {
     path.display().to_string()
 }
 
-#[test]
-fn garbage_frames_are_a_clear_error() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let script = fake_child(
-        dir.path(),
-        r"printf '\000\000\000\004\377\377\377\377'; exec sleep 30",
-    );
-    let tag = unique_tag("garbage");
+/// Runs `reaches_every_level` with the local child command replaced by `serve`.
+fn with_local_serve(tag: &str, serve: &str) -> Run {
     let out = bin()
-        .env("MATRYOSHKA_TEST_TAG", &tag)
-        .env("MATRYOSHKA_LOCAL_SERVE", &script)
+        .env("MATRYOSHKA_TEST_TAG", tag)
+        .env("MATRYOSHKA_LOCAL_SERVE", serve)
         .args([
             "test",
             RELAY,
@@ -373,7 +293,18 @@ fn garbage_frames_are_a_clear_error() {
         ])
         .output()
         .expect("run");
-    let r = Run::from(out);
+    Run::from(out)
+}
+
+#[test]
+fn garbage_frames_are_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let script = fake_child(
+        dir.path(),
+        r"printf '\000\000\000\004\377\377\377\377'; exec sleep 30",
+    );
+    let tag = unique_tag("garbage");
+    let r = with_local_serve(&tag, &script);
     r.expect_code(100);
     let line = r.line_for("FAIL", "reaches_every_level");
     assert!(
@@ -390,20 +321,7 @@ fn a_protocol_version_mismatch_is_named() {
         env!("CARGO_BIN_EXE_matryoshka")
     );
     let tag = unique_tag("version");
-    let out = bin()
-        .env("MATRYOSHKA_TEST_TAG", &tag)
-        .env("MATRYOSHKA_LOCAL_SERVE", &serve)
-        .args([
-            "test",
-            RELAY,
-            "--env",
-            "MATRYOSHKA_CHAIN=local",
-            "--exact",
-            "reaches_every_level",
-        ])
-        .output()
-        .expect("run");
-    let r = Run::from(out);
+    let r = with_local_serve(&tag, &serve);
     r.expect_code(100);
     let line = r.line_for("FAIL", "reaches_every_level");
     assert!(

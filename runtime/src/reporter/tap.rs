@@ -35,7 +35,11 @@ impl<W: Write + Send> Reporter for TapReporter<W> {
                 writeln!(self.out, "# suite {suite}")?;
             }
             TestEvent::Output { origin, text, .. } if self.show_output => {
-                writeln!(self.out, "{}", indent(text.trim_end(), &format!("# [{origin}] ")))?;
+                writeln!(
+                    self.out,
+                    "{}",
+                    indent(text.trim_end(), &format!("# [{origin}] "))
+                )?;
             }
             TestEvent::TestFinished { test, outcome, .. } => {
                 let n = self.next;

@@ -2,6 +2,8 @@
 
 pub mod sshd;
 
+use sshd::{ClientKey, Sshd};
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -54,6 +56,17 @@ impl Run {
             "unexpected exit code\n--- stdout ---\n{}\n--- stderr ---\n{}",
             self.stdout,
             self.stderr
+        );
+        self
+    }
+
+    /// Asserts that stdout contains `needle`, printing it when it does not.
+    #[track_caller]
+    pub fn expect_stdout(&self, needle: &str) -> &Self {
+        assert!(
+            self.stdout.contains(needle),
+            "expected {needle:?} in stdout:\n{}",
+            self.stdout
         );
         self
     }
@@ -121,5 +134,64 @@ pub fn assert_nothing_left(tag: &str, needle: Option<&str>) {
             panic!("processes left behind:\n{}", left.join("\n"));
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Real sshd servers on loopback for a chain L0 → L1 → …, one remote cache per level.
+pub struct SshChain {
+    /// The run's key.
+    pub key: ClientKey,
+    /// One server per level.
+    pub servers: Vec<Sshd>,
+    /// Every server's host key, pinned.
+    pub known_hosts: tempfile::NamedTempFile,
+    /// Holds `L<depth>` cache folders, one per level.
+    pub caches: tempfile::TempDir,
+}
+
+impl SshChain {
+    /// Starts `levels` servers.
+    pub fn new(levels: usize) -> Self {
+        let key = ClientKey::generate();
+        let servers: Vec<Sshd> = (0..levels).map(|_| Sshd::start(&key)).collect();
+        let known_hosts = tempfile::NamedTempFile::new().expect("known_hosts");
+        let lines: String = servers
+            .iter()
+            .map(|s| std::fs::read_to_string(&s.known_hosts).expect("known_hosts of a server"))
+            .collect();
+        std::fs::write(known_hosts.path(), lines).expect("write known_hosts");
+        let caches = tempfile::tempdir().expect("cache root");
+        Self {
+            key,
+            servers,
+            known_hosts,
+            caches,
+        }
+    }
+
+    /// The `MATRYOSHKA_CHAIN` value naming every server.
+    pub fn chain(&self) -> String {
+        self.servers
+            .iter()
+            .map(|s| format!("ssh://root@127.0.0.1:{}", s.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The SSH options of `matryoshka test`.
+    pub fn args(&self) -> Vec<String> {
+        vec![
+            "--ssh-key".into(),
+            self.key.private_key.display().to_string(),
+            "--ssh-known-hosts".into(),
+            self.known_hosts.path().display().to_string(),
+            "--remote-cache-dir".into(),
+            format!("{}/L{{depth}}", self.caches.path().display()),
+        ]
+    }
+
+    /// The cache folder of the level at `depth`.
+    pub fn cache(&self, depth: usize) -> std::path::PathBuf {
+        self.caches.path().join(format!("L{depth}"))
     }
 }
