@@ -226,9 +226,13 @@ fn parse_size(s: &str) -> Result<usize, String> {
         Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
         _ => (s, 1),
     };
-    digits.parse::<usize>().map(|n| n * mult).map_err(|_| {
-        format!("`{s}` is not a size: use a number of bytes, optionally with K, M or G")
-    })
+    digits
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| {
+            format!("`{s}` is not a size: use a number of bytes, optionally with K, M or G")
+        })
 }
 
 fn grants_for(args: &TestArgs) -> Result<Grants, String> {
@@ -279,7 +283,7 @@ async fn test(args: TestArgs) -> u8 {
     };
     tracing::info!(source = ?loaded.source, sha256 = %loaded.sha256, "component loaded");
     let limits = InstanceLimits {
-        memory_bytes: args.memory_limit << 20,
+        memory_bytes: args.memory_limit.saturating_mul(1 << 20),
         output_bytes: args.max_output,
         ..InstanceLimits::default()
     };
@@ -299,6 +303,13 @@ async fn test(args: TestArgs) -> u8 {
             return EXIT_COULD_NOT_RUN;
         }
     };
+    let Ok(timeout) = Duration::try_from_secs_f64(args.timeout.max(0.001)) else {
+        eprintln!(
+            "error: --timeout {} is not a number of seconds",
+            args.timeout
+        );
+        return EXIT_USAGE;
+    };
     let opts = RunOptions {
         filters: args.filters.clone(),
         exact: args.exact,
@@ -310,7 +321,7 @@ async fn test(args: TestArgs) -> u8 {
         } else {
             IgnoredMode::Skip
         },
-        default_timeout: Duration::from_secs_f64(args.timeout.max(0.001)),
+        default_timeout: timeout,
         jobs: args
             .jobs
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),

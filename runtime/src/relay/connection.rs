@@ -13,6 +13,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -24,7 +28,16 @@ use super::transport::{self, Transport, TransportGuard};
 use super::{HEARTBEAT_INTERVAL, HEARTBEAT_LOST, HELLO_TIMEOUT, READY_TIMEOUT};
 use crate::host::{Capture, ComponentSource, Stream};
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Vec<u8>, RemoteError>>>>>;
+/// What a waiting call gets: the child's answer, or the cause of the loss.
+enum Answer {
+    Reply(Result<Vec<u8>, RemoteError>),
+    Lost(String),
+}
+
+/// Calls with more argument bytes than this count as activity when their send ends.
+const BIG_FRAME: usize = 64 << 10;
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Answer>>>>;
 
 /// Facts the child told about itself.
 #[derive(Debug, Clone)]
@@ -73,7 +86,11 @@ impl Connection {
             ssh_command,
         } = transport::open(target, &setup).await?;
         let guard = Arc::new(Mutex::new(guard));
-        let mut reader = FrameReader::new(reader);
+        let last_seen = Arc::new(Mutex::new(Instant::now()));
+        let mut reader = FrameReader::new(Activity {
+            inner: reader,
+            last: last_seen.clone(),
+        });
         let mut writer = FrameWriter::new(writer);
         let cause = |guard: &Arc<Mutex<Box<dyn TransportGuard>>>, what: String| {
             let status = lock(guard).describe_exit();
@@ -174,17 +191,26 @@ impl Connection {
         };
         let pending: Pending = Arc::default();
         let lost: Arc<Mutex<Option<String>>> = Arc::default();
-        let last_seen = Arc::new(Mutex::new(Instant::now()));
         let (out, mut out_rx) = mpsc::unbounded_channel::<Message>();
 
+        let last_sent = Arc::new(Mutex::new(Instant::now()));
         let writer_task = {
+            let last_sent = last_sent.clone();
             let lost = lost.clone();
             let pending = pending.clone();
             let guard = guard.clone();
             tokio::spawn(async move {
                 while let Some(msg) = out_rx.recv().await {
                     let shutdown = msg == Message::Shutdown;
-                    if let Err(e) = writer.send(&msg).await {
+                    let big = matches!(&msg, Message::Call { args, .. } if args.len() > BIG_FRAME);
+                    let sent = writer.send(&msg).await;
+                    // A big call delays the child's pongs behind it: count the end of its send
+                    // as a sign of life. Small frames (pings) prove nothing: a pipe takes them
+                    // even from a stopped child.
+                    if big {
+                        *lock(&last_sent) = Instant::now();
+                    }
+                    if let Err(e) = sent {
                         declare_lost(&lost, &pending, &guard, format!("cannot write to it: {e}"));
                         return;
                     }
@@ -198,7 +224,6 @@ impl Connection {
             let lost = lost.clone();
             let pending = pending.clone();
             let guard = guard.clone();
-            let last_seen = last_seen.clone();
             tokio::spawn(async move {
                 let cause = loop {
                     let msg = match reader.next().await {
@@ -206,11 +231,10 @@ impl Connection {
                         Some(Err(e)) => break format!("it sent a bad frame: {e}"),
                         Some(Ok(m)) => m,
                     };
-                    *lock(&last_seen) = Instant::now();
                     match msg {
                         Message::Return { id, result } => {
                             if let Some(tx) = lock(&pending).remove(&id) {
-                                let _ = tx.send(result);
+                                let _ = tx.send(Answer::Reply(result));
                             }
                         }
                         Message::Event { level_path, event } => {
@@ -237,7 +261,7 @@ impl Connection {
                     if lock(&lost).is_some() {
                         return;
                     }
-                    let silent = lock(&last_seen).elapsed();
+                    let silent = lock(&last_seen).elapsed().min(lock(&last_sent).elapsed());
                     if silent > HEARTBEAT_LOST {
                         declare_lost(
                             &lost,
@@ -280,12 +304,17 @@ impl Connection {
         args: Vec<u8>,
         timeout: Option<Duration>,
     ) -> Result<Vec<u8>, RemoteError> {
-        if let Some(cause) = lock(&self.lost).clone() {
-            return Err(self.lost_error(&cause));
-        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        lock(&self.pending).insert(id, tx);
+        {
+            // Checked and registered under the `lost` lock: `declare_lost` drains
+            // `pending` under the same lock, so this call is either refused or answered.
+            let lost = lock(&self.lost);
+            if let Some(cause) = lost.clone() {
+                return Err(self.lost_error(&cause));
+            }
+            lock(&self.pending).insert(id, tx);
+        }
         let call = Message::Call {
             id,
             function: function.to_string(),
@@ -319,9 +348,8 @@ impl Connection {
             None => rx.await,
         };
         match answer {
-            // A loss reported by `declare_lost` carries the bare cause.
-            Ok(Err(e)) if e.level_path.is_empty() => Err(self.lost_error(&e.message)),
-            Ok(result) => result,
+            Ok(Answer::Reply(result)) => result,
+            Ok(Answer::Lost(cause)) => Err(self.lost_error(&cause)),
             Err(_) => {
                 let cause = lock(&self.lost)
                     .clone()
@@ -371,14 +399,9 @@ fn declare_lost(
     drop(g);
     tracing::warn!("{cause}");
     *slot = Some(cause.clone());
-    drop(slot);
+    // Drained while `lost` is still held, so no call can slip in between.
     for (_, tx) in lock(pending).drain() {
-        // The path is filled in by the caller's error; send the bare cause.
-        let _ = tx.send(Err(RemoteError {
-            kind: WireErrorKind::LevelLost,
-            message: cause.clone(),
-            level_path: String::new(),
-        }));
+        let _ = tx.send(Answer::Lost(cause.clone()));
     }
 }
 
@@ -411,6 +434,28 @@ fn name(msg: &Message) -> &'static str {
         Message::Cancel { .. } => "Cancel",
         Message::Shutdown => "Shutdown",
         Message::Fatal { .. } => "Fatal",
+    }
+}
+
+/// A reader that records when bytes last arrived, so a large frame in flight
+/// counts as a sign of life.
+struct Activity<R> {
+    inner: R,
+    last: Arc<Mutex<Instant>>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Activity<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            *lock(&self.last) = Instant::now();
+        }
+        poll
     }
 }
 

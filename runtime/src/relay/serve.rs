@@ -20,6 +20,9 @@ use crate::engine::{self, CacheDir, LoadedSuite};
 use crate::host::{Capture, ComponentSource, HostState, LevelContext, OutputSink, Stream, Suite};
 use crate::level::{LevelInfo, uname};
 
+/// Silence from the parent after which a serving runtime exits.
+const PARENT_SILENCE: Duration = Duration::from_secs(10);
+
 /// How `serve` was started.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -164,7 +167,15 @@ where
         })
     };
     loop {
-        match reader.next().await {
+        // The parent pings every HEARTBEAT_INTERVAL; silence means it is gone.
+        let Ok(next) = tokio::time::timeout(PARENT_SILENCE, reader.next()).await else {
+            tracing::warn!(
+                "the parent has been silent for {} s; exiting",
+                PARENT_SILENCE.as_secs()
+            );
+            break;
+        };
+        match next {
             Some(Ok(Message::Call {
                 id,
                 function,
@@ -282,6 +293,7 @@ impl Instance {
                 () = cancelled(cancel, id) => Some(None),
             }
         };
+        let mut kind = WireErrorKind::Internal;
         let trapped = match outcome {
             Some(Some(Ok(result))) => {
                 return result.map_err(|e| RemoteError {
@@ -304,21 +316,19 @@ impl Instance {
                 }
             }
             Some(None) => format!("`{function}` was cancelled at {path}"),
-            None => format!(
-                "`{function}` did not return within {} ms at {path}",
-                deadline_ms.unwrap_or_default()
-            ),
+            None => {
+                kind = WireErrorKind::Timeout;
+                format!(
+                    "`{function}` did not return within {} ms at {path}",
+                    deadline_ms.unwrap_or_default()
+                )
+            }
         };
         // The instance is unusable after a trap or an abandoned call: start a new one.
         match Self::start(loaded, ctx, out).await {
             Ok(fresh) => *self = fresh,
             Err(e) => tracing::error!("cannot restart the instance: {e}"),
         }
-        let kind = if trapped.contains("did not return") {
-            WireErrorKind::Timeout
-        } else {
-            WireErrorKind::Internal
-        };
         Err(err(
             kind,
             format!("{trapped}; the remote instance was restarted and its state is lost"),

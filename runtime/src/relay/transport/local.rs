@@ -10,7 +10,7 @@ use std::process::Stdio;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use super::{Transport, TransportGuard};
+use super::{StderrTail, Transport, TransportGuard};
 use crate::relay::protocol::{LevelSetup, RemoteError, WireErrorKind};
 
 /// Starts `matryoshka serve --stdio` as a child process.
@@ -38,6 +38,7 @@ pub fn spawn(setup: &LevelSetup) -> Result<Transport, RemoteError> {
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .kill_on_drop(true);
     let mut child = cmd.spawn().map_err(|e| {
         err(format!(
@@ -52,26 +53,43 @@ pub fn spawn(setup: &LevelSetup) -> Result<Transport, RemoteError> {
     };
     // The child's own diagnostics: shown with -v, kept out of the frame stream.
     let path = setup.path.clone();
+    let tail = StderrTail::default();
+    let tail_writer = tail.clone();
     tokio::spawn(async move {
         let mut lines = BufReader::new(stderr).lines();
         while let Ok(Some(line)) = lines.next_line().await {
-            tracing::info!(level = %path, "{line}");
+            tail_writer.push(&path, &line);
         }
     });
     Ok(Transport {
         reader: Box::new(stdout),
         writer: Box::new(stdin),
-        guard: Box::new(LocalGuard { child }),
+        guard: Box::new(LocalGuard { child, tail }),
         ssh_command: None,
     })
 }
 
 struct LocalGuard {
     child: Child,
+    tail: StderrTail,
+}
+
+impl Drop for LocalGuard {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
 }
 
 impl TransportGuard for LocalGuard {
     fn shutdown(&mut self) {
+        // The child leads its own process group: take the commands it started
+        // with it, even though SIGKILL skips its destructors.
+        if let Some(pid) = self.child.id().and_then(|p| i32::try_from(p).ok()) {
+            // SAFETY: kill(2) with a negative pid signals that process group; no memory is involved.
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+        }
         let _ = self.child.start_kill();
     }
 
@@ -80,9 +98,14 @@ impl TransportGuard for LocalGuard {
         for _ in 0..20 {
             match self.child.try_wait() {
                 Ok(Some(status)) => {
+                    let tail = self.tail.describe();
                     return match (status.code(), status.signal()) {
-                        (Some(code), _) => format!(" (its runtime exited with status {code})"),
-                        (None, Some(sig)) => format!(" (its runtime was killed by signal {sig})"),
+                        (Some(code), _) => {
+                            format!(" (its runtime exited with status {code}{tail})")
+                        }
+                        (None, Some(sig)) => {
+                            format!(" (its runtime was killed by signal {sig}{tail})")
+                        }
                         _ => String::new(),
                     };
                 }
@@ -90,6 +113,11 @@ impl TransportGuard for LocalGuard {
                 Err(_) => break,
             }
         }
-        String::new()
+        let tail = self.tail.describe();
+        if tail.is_empty() {
+            tail
+        } else {
+            format!(" ({})", &tail[2..])
+        }
     }
 }

@@ -45,3 +45,33 @@ pub async fn open(target: &str, setup: &LevelSetup) -> Result<Transport, RemoteE
         level_path: setup.path.clone(),
     })
 }
+
+/// The last lines a child runtime wrote to its stderr, for error messages.
+#[derive(Clone, Default)]
+pub struct StderrTail(std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>);
+
+impl StderrTail {
+    const LINES: usize = 10;
+
+    /// Records one line, logging it at info level for `-v`.
+    pub fn push(&self, level_path: &str, line: &str) {
+        tracing::info!(level = %level_path, "{line}");
+        let mut lines = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if lines.len() == Self::LINES {
+            lines.pop_front();
+        }
+        lines.push_back(line.to_string());
+    }
+
+    /// `"; its stderr said: ..."`, or empty when it said nothing.
+    pub fn describe(&self) -> String {
+        let lines = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if lines.is_empty() {
+            return String::new();
+        }
+        format!(
+            "; its stderr ended with: {}",
+            lines.iter().cloned().collect::<Vec<_>>().join(" | ")
+        )
+    }
+}

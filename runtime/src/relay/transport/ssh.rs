@@ -24,11 +24,15 @@ use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCerti
 use russh::{ChannelMsg, Disconnect};
 use tokio::io::AsyncWriteExt;
 
-use super::{Transport, TransportGuard};
+use super::{StderrTail, Transport, TransportGuard};
 use crate::relay::protocol::{LevelSetup, RemoteError, SshSettings, WireErrorKind};
 
 /// How long an SSH level has to accept the connection and authenticate.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the probe of a target may take.
+const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long copying the runtime to a target may take.
+const UPLOAD_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// A runtime binary ready to send: its hash and its gzip-compressed bytes.
 pub struct RuntimeImage {
@@ -215,12 +219,18 @@ pub async fn open(spec: &str, setup: &LevelSetup) -> Result<Transport, RemoteErr
     let cache = ssh
         .remote_cache_dir
         .as_deref()
-        .map(|d| sh_quote(&d.replace("{depth}", &setup.depth.to_string())))
+        .map(|d| remote_path(&d.replace("{depth}", &setup.depth.to_string())))
         .unwrap_or_else(|| "\"$HOME/.cache/matryoshka\"".into());
     let probe =
         format!("D={cache}; mkdir -p \"$D/bin\" && uname -m && echo \"$D\" && ls \"$D/bin\"");
-    let (status, out, stderr) = exec(&handle, &probe, None)
+    let (status, out, stderr) = tokio::time::timeout(EXEC_TIMEOUT, exec(&handle, &probe, None))
         .await
+        .map_err(|_| {
+            err(
+                WireErrorKind::Timeout,
+                format!("probing the target took over {} s", EXEC_TIMEOUT.as_secs()),
+            )
+        })?
         .map_err(|m| err(WireErrorKind::Io, m))?;
     if status != Some(0) {
         return Err(err(
@@ -230,6 +240,12 @@ pub async fn open(spec: &str, setup: &LevelSetup) -> Result<Transport, RemoteErr
     }
     let mut lines = out.lines();
     let arch = lines.next().unwrap_or_default().trim().to_string();
+    if arch.is_empty() || !arch.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(err(
+            WireErrorKind::Unsupported,
+            format!("the target reports an odd architecture `{arch}`"),
+        ));
+    }
     let dir = lines.next().unwrap_or_default().trim().to_string();
     let present: Vec<&str> = lines.collect();
     let image = {
@@ -249,9 +265,19 @@ pub async fn open(spec: &str, setup: &LevelSetup) -> Result<Transport, RemoteErr
              mv \"$G\" \"$B.gz\"; mv \"$T\" \"$B\"; trap - EXIT",
             bin = sh_quote(&remote_bin)
         );
-        let (status, _, stderr) = exec(&handle, &upload, Some(&image.gz))
-            .await
-            .map_err(|m| err(WireErrorKind::Io, m))?;
+        let (status, _, stderr) =
+            tokio::time::timeout(UPLOAD_TIMEOUT, exec(&handle, &upload, Some(&image.gz)))
+                .await
+                .map_err(|_| {
+                    err(
+                        WireErrorKind::Timeout,
+                        format!(
+                            "copying the runtime took over {} s",
+                            UPLOAD_TIMEOUT.as_secs()
+                        ),
+                    )
+                })?
+                .map_err(|m| err(WireErrorKind::Io, m))?;
         if status != Some(0) {
             return Err(err(
                 WireErrorKind::Io,
@@ -277,8 +303,10 @@ pub async fn open(spec: &str, setup: &LevelSetup) -> Result<Transport, RemoteErr
     let writer = wr.make_writer();
     let (stdout_r, mut stdout_w) = tokio::io::simplex(256 << 10);
     let exit = Arc::new(Mutex::new(None::<String>));
+    let tail = StderrTail::default();
     let pump = {
         let exit = exit.clone();
+        let tail = tail.clone();
         let path = setup.path.clone();
         tokio::spawn(async move {
             let _write_half = wr;
@@ -288,7 +316,7 @@ pub async fn open(spec: &str, setup: &LevelSetup) -> Result<Transport, RemoteErr
                     ChannelMsg::Data { .. } => {}
                     ChannelMsg::ExtendedData { data, ext: 1 } => {
                         for line in String::from_utf8_lossy(&data).lines() {
-                            tracing::info!(level = %path, "{line}");
+                            tail.push(&path, line);
                         }
                     }
                     ChannelMsg::ExitStatus { exit_status } => {
@@ -299,9 +327,6 @@ pub async fn open(spec: &str, setup: &LevelSetup) -> Result<Transport, RemoteErr
                         *exit.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!(
                             " (its runtime was killed by signal {signal_name:?})"
                         ));
-                    }
-                    ChannelMsg::Eof => {
-                        let _ = stdout_w.shutdown().await;
                     }
                     _ => {}
                 }
@@ -326,6 +351,7 @@ pub async fn open(spec: &str, setup: &LevelSetup) -> Result<Transport, RemoteErr
             handle: Some(handle),
             pump,
             exit,
+            tail,
         }),
         ssh_command,
     })
@@ -423,6 +449,14 @@ async fn exec(
     ))
 }
 
+/// Quotes a remote path for a POSIX shell, keeping a leading `~/` meaning `$HOME/`.
+fn remote_path(path: &str) -> String {
+    match path.strip_prefix("~/") {
+        Some(rest) => format!("\"$HOME\"/{}", sh_quote(rest)),
+        None => sh_quote(path),
+    }
+}
+
 /// Quotes `s` for a POSIX shell.
 pub fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
@@ -432,6 +466,13 @@ struct SshGuard {
     handle: Option<Arc<Handle<Pinned>>>,
     pump: tokio::task::JoinHandle<()>,
     exit: Arc<Mutex<Option<String>>>,
+    tail: StderrTail,
+}
+
+impl Drop for SshGuard {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
 }
 
 impl TransportGuard for SshGuard {
@@ -448,11 +489,13 @@ impl TransportGuard for SshGuard {
     }
 
     fn describe_exit(&mut self) -> String {
-        self.exit
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .unwrap_or_default()
+        let exit = self.exit.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let tail = self.tail.describe();
+        match exit {
+            Some(e) => format!("{}{tail})", e.trim_end_matches(')')),
+            None if tail.is_empty() => tail,
+            None => format!(" ({})", &tail[2..]),
+        }
     }
 }
 
