@@ -28,7 +28,7 @@ def main(router):
             username="root",
             identity_file=key,
             check_host_keys="enforce",
-            known_hosts=known_hosts,
+            ssh_args=["-o", "UserKnownHostsFile=" + known_hosts, "-o", "IdentitiesOnly=yes"],
             python_path=sys.executable,
             via=via,
         )

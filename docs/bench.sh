@@ -14,26 +14,26 @@ trap 'rm -rf "$CACHE"' EXIT
 export MATRYOSHKA_CACHE_DIR=$CACHE
 
 median_ms() { # prints the median wall time in ms of hyperfine's JSON export $1
-    python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))["results"][0]; print(f"{r["median"]*1000:.1f}")' "$1"
+    python3 -c 'import json,sys; m=json.load(open(sys.argv[1]))["results"][0]["median"]; print("%.1f" % (m*1000))' "$1"
 }
 
 echo "## $(date -u +%F) on $(nproc) cores, $(uname -m), $($BIN --version)"
 
-hyperfine -N -w 0 -r "$RUNS" --prepare "rm -rf $CACHE/*" --export-json "$CACHE/cold.json" \
-    "$BIN test $BASICS --list" >/dev/null
-echo "- cold start (compile basics, $(stat -c %s "$BASICS") bytes, then list): $(median_ms "$CACHE/cold.json") ms median of $RUNS"
+hyperfine -N -w 0 -r "$RUNS" --export-json "$CACHE/cold.json" \
+    "$BIN test $BASICS --list --no-cache" >/dev/null 2>&1
+echo "- cold start (--no-cache: compile basics, $(stat -c %s "$BASICS") bytes, then list): $(median_ms "$CACHE/cold.json") ms median of $RUNS"
 
-"$BIN" test "$BASICS" --list >/dev/null
-hyperfine -N -w 2 -r "$RUNS" --export-json "$CACHE/warm.json" "$BIN test $BASICS --list" >/dev/null
+"$BIN" test "$BASICS" --list >/dev/null 2>&1
+hyperfine -N -w 2 -r "$RUNS" --export-json "$CACHE/warm.json" "$BIN test $BASICS --list" >/dev/null 2>&1
 echo "- warm start (precompiled basics from the cache, then list): $(median_ms "$CACHE/warm.json") ms median of $RUNS"
 
-"$BIN" test "$MANY" --list >/dev/null
-hyperfine -N -w 1 -r "$RUNS" --export-json "$CACHE/one.json" "$BIN test $MANY -j 1 --exact trivial_0000" >/dev/null
-hyperfine -N -w 1 -r "$RUNS" --export-json "$CACHE/all.json" "$BIN test $MANY -j 1" >/dev/null
+"$BIN" test "$MANY" --list >/dev/null 2>&1
+hyperfine -N -w 1 -r "$RUNS" --export-json "$CACHE/one.json" "$BIN test $MANY -j 1 --exact trivial_0000" >/dev/null 2>&1
+hyperfine -N -w 1 -r "$RUNS" --export-json "$CACHE/all.json" "$BIN test $MANY -j 1" >/dev/null 2>&1
 one=$(median_ms "$CACHE/one.json")
 all=$(median_ms "$CACHE/all.json")
 echo "- 1000 trivial tests, -j 1: $all ms; 1 of them: $one ms; per-test overhead: $(python3 -c "print(f'{($all-$one)/999:.3f}')") ms"
-hyperfine -N -w 1 -r "$RUNS" --export-json "$CACHE/all2.json" "$BIN test $MANY -j 2" >/dev/null
+hyperfine -N -w 1 -r "$RUNS" --export-json "$CACHE/all2.json" "$BIN test $MANY -j 2" >/dev/null 2>&1
 echo "- 1000 trivial tests, -j 2: $(median_ms "$CACHE/all2.json") ms"
 
 rss=$( { /usr/bin/time -f '%M' "$BIN" test "$BASICS" --list >/dev/null; } 2>&1 | tail -1)

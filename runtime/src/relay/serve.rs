@@ -34,13 +34,32 @@ pub struct ServeOptions {
 
 /// Serves one parent on stdin/stdout until it goes away. Returns the exit code.
 pub async fn serve_stdio(opts: ServeOptions) -> u8 {
-    match serve(tokio::io::stdin(), tokio::io::stdout(), opts).await {
+    // Pipes (a local parent, OpenSSH's exec channels) are polled directly; tokio's
+    // stdin/stdout go through a blocking thread per read and write, which costs
+    // tens of microseconds on every hop of every call.
+    let result = match stdio_pipes() {
+        Some((rx, tx)) => serve(rx, tx, opts).await,
+        None => serve(tokio::io::stdin(), tokio::io::stdout(), opts).await,
+    };
+    match result {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("matryoshka serve: {e}");
             1
         }
     }
+}
+
+fn stdio_pipes() -> Option<(
+    tokio::net::unix::pipe::Receiver,
+    tokio::net::unix::pipe::Sender,
+)> {
+    use std::os::fd::AsFd;
+    let stdin = std::io::stdin().as_fd().try_clone_to_owned().ok()?;
+    let stdout = std::io::stdout().as_fd().try_clone_to_owned().ok()?;
+    let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(stdin).ok()?;
+    let tx = tokio::net::unix::pipe::Sender::from_owned_fd(stdout).ok()?;
+    Some((rx, tx))
 }
 
 /// Serves one parent on the given streams.

@@ -34,20 +34,46 @@ const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long copying the runtime to a target may take.
 const UPLOAD_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// A runtime binary ready to send: its hash and its gzip-compressed bytes.
+/// A runtime binary to send: its hash, and its gzip-compressed bytes made on
+/// first use (a warm hop only needs the hash).
 pub struct RuntimeImage {
     /// Hex sha256 of the uncompressed binary.
     pub sha256: String,
-    /// The binary, gzip-compressed.
-    pub gz: Vec<u8>,
+    path: PathBuf,
+    gz: OnceLock<Result<Arc<Vec<u8>>, String>>,
+}
+
+impl RuntimeImage {
+    /// The binary, gzip-compressed; a `.gz` copy beside it is used when present.
+    pub fn gz(&self) -> Result<Arc<Vec<u8>>, String> {
+        self.gz
+            .get_or_init(|| {
+                let companion = PathBuf::from(format!("{}.gz", self.path.display()));
+                if let Ok(gz) = std::fs::read(&companion) {
+                    return Ok(Arc::new(gz));
+                }
+                let bytes = std::fs::read(&self.path)
+                    .map_err(|e| format!("cannot read {}: {e}", self.path.display()))?;
+                let mut enc =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                enc.write_all(&bytes)
+                    .and_then(|()| enc.finish())
+                    .map(Arc::new)
+                    .map_err(|e| format!("cannot compress the runtime: {e}"))
+            })
+            .clone()
+    }
 }
 
 /// The sha256 of this runtime when its file name carries it (`matryoshka-<sha256>`),
 /// as it does on every level it was copied to.
 pub fn own_sha_from_name() -> Option<String> {
     let exe = std::env::current_exe().ok()?;
-    let name = exe.file_name()?.to_str()?;
-    let sha = name.strip_prefix("matryoshka-")?;
+    sha_from_name(&exe)
+}
+
+fn sha_from_name(path: &std::path::Path) -> Option<String> {
+    let sha = path.file_name()?.to_str()?.strip_prefix("matryoshka-")?;
     (sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit())).then(|| sha.to_string())
 }
 
@@ -63,31 +89,47 @@ pub fn own_image() -> Result<Arc<RuntimeImage>, String> {
     Ok(IMAGE.get_or_init(|| image).clone())
 }
 
-/// The image of the runtime binary at `path`, reusing a `.gz` copy beside it if present.
+/// The image of the runtime binary at `path`. Its hash comes from its name when
+/// it carries one, else from a hash remembered per size and mtime in the cache.
 pub fn image_of(path: &std::path::Path) -> Result<RuntimeImage, String> {
-    let read = |p: &std::path::Path| {
-        std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+    let sha256 = match sha_from_name(path) {
+        Some(sha) => sha,
+        None => remembered_sha(path)?,
     };
-    let named_sha = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.strip_prefix("matryoshka-"))
-        .filter(|s| s.len() == 64)
-        .map(str::to_string);
-    let gz_path = PathBuf::from(format!("{}.gz", path.display()));
-    if let (Some(sha256), true) = (&named_sha, gz_path.exists()) {
-        return Ok(RuntimeImage {
-            sha256: sha256.clone(),
-            gz: read(&gz_path)?,
-        });
+    Ok(RuntimeImage {
+        sha256,
+        path: path.to_path_buf(),
+        gz: OnceLock::new(),
+    })
+}
+
+fn remembered_sha(path: &std::path::Path) -> Result<String, String> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("cannot stat {}: {e}", path.display()))?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let memo = match crate::engine::CacheDir::default_location() {
+        crate::engine::CacheDir::At(dir) => Some(
+            dir.join("self")
+                .join(format!("{}-{mtime}.sha256", meta.len())),
+        ),
+        crate::engine::CacheDir::Disabled => None,
+    };
+    if let Some(sha) = memo.as_ref().and_then(|m| std::fs::read_to_string(m).ok()) {
+        return Ok(sha.trim().to_string());
     }
-    let bytes = read(path)?;
-    let sha256 = crate::engine::sha256_hex(&bytes);
-    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    enc.write_all(&bytes)
-        .and_then(|()| enc.finish())
-        .map(|gz| RuntimeImage { sha256, gz })
-        .map_err(|e| format!("cannot compress the runtime: {e}"))
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let sha = crate::engine::sha256_hex(&bytes);
+    if let Some(memo) = memo
+        && let Some(dir) = memo.parent()
+        && std::fs::create_dir_all(dir).is_ok()
+    {
+        let _ = std::fs::write(memo, &sha);
+    }
+    Ok(sha)
 }
 
 /// The image to send to a level of architecture `arch`.
@@ -258,7 +300,14 @@ pub async fn open(spec: &str, setup: &LevelSetup) -> Result<Transport, RemoteErr
     let name = format!("matryoshka-{}", image.sha256);
     let remote_bin = format!("{dir}/bin/{name}");
     if !present.contains(&name.as_str()) {
-        tracing::info!(level = %setup.path, "copying the runtime ({} bytes compressed) to {remote_bin}", image.gz.len());
+        let gz = {
+            let image = image.clone();
+            tokio::task::spawn_blocking(move || image.gz())
+                .await
+                .map_err(|e| err(WireErrorKind::Internal, e.to_string()))?
+                .map_err(|m| err(WireErrorKind::Io, m))?
+        };
+        tracing::info!(level = %setup.path, "copying the runtime ({} bytes compressed) to {remote_bin}", gz.len());
         let upload = format!(
             "set -e; B={bin}; T=$(mktemp \"$B.XXXXXX\"); G=$(mktemp \"$B.gz.XXXXXX\"); \
              trap 'rm -f \"$T\" \"$G\"' EXIT; cat > \"$G\"; gzip -dc < \"$G\" > \"$T\"; chmod 755 \"$T\"; \
@@ -266,7 +315,7 @@ pub async fn open(spec: &str, setup: &LevelSetup) -> Result<Transport, RemoteErr
             bin = sh_quote(&remote_bin)
         );
         let (status, _, stderr) =
-            tokio::time::timeout(UPLOAD_TIMEOUT, exec(&handle, &upload, Some(&image.gz)))
+            tokio::time::timeout(UPLOAD_TIMEOUT, exec(&handle, &upload, Some(&gz)))
                 .await
                 .map_err(|_| {
                     err(
