@@ -1,4 +1,7 @@
-//! Where this runtime sits in a chain of levels.
+//! Where this runtime sits in a chain of levels, and (in [`qemu`]) the command
+//! lines that boot VM levels.
+
+pub mod qemu;
 
 /// Facts about the level this runtime runs at.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,201 @@
+//! QEMU command lines for VM levels, built by pure functions from a [`MachineSpec`].
+//!
+//! Nothing here starts a process: the argv is data, unit-tested as data. The
+//! boot, readiness wait and process registry that use it come with VM levels.
+
+use std::path::PathBuf;
+
+/// Guest architectures matryoshka knows how to boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// `qemu-system-x86_64`, q35, virtio-pci devices, serial console `ttyS0`.
+    X86_64,
+    /// `qemu-system-s390x`, s390-ccw-virtio, virtio-ccw devices, console `ttysclp0`.
+    S390x,
+}
+
+impl Arch {
+    /// Parses `uname -m` output.
+    pub fn from_uname(machine: &str) -> Option<Self> {
+        match machine {
+            "x86_64" => Some(Self::X86_64),
+            "s390x" => Some(Self::S390x),
+            _ => None,
+        }
+    }
+
+    fn binary(self) -> &'static str {
+        match self {
+            Self::X86_64 => "qemu-system-x86_64",
+            Self::S390x => "qemu-system-s390x",
+        }
+    }
+
+    fn machine(self) -> &'static str {
+        match self {
+            Self::X86_64 => "q35",
+            Self::S390x => "s390-ccw-virtio",
+        }
+    }
+
+    fn console(self) -> &'static str {
+        match self {
+            Self::X86_64 => "ttyS0",
+            Self::S390x => "ttysclp0",
+        }
+    }
+
+    fn bus(self) -> &'static str {
+        match self {
+            Self::X86_64 => "pci",
+            Self::S390x => "ccw",
+        }
+    }
+}
+
+/// How the guest's CPU is run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualization; `-cpu host` exposes svm/vmx to the next level.
+    Kvm,
+    /// Software emulation; `-cpu max` still exposes svm/vmx so the next level can use KVM.
+    Tcg,
+}
+
+/// Everything that decides a VM level's command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineSpec {
+    /// Guest architecture.
+    pub arch: Arch,
+    /// Accelerator.
+    pub accel: Accel,
+    /// Memory, MiB.
+    pub memory_mib: u32,
+    /// Virtual CPUs.
+    pub cpus: u32,
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Initramfs.
+    pub initrd: PathBuf,
+    /// The read-only root, handed to the guest as its first virtio disk.
+    pub root: PathBuf,
+    /// Extra kernel command-line words (e.g. `level=2`).
+    pub append: Vec<String>,
+    /// Host port forwarded to the guest's SSH port, on 127.0.0.1 only.
+    pub ssh_port: u16,
+    /// File that receives the serial console.
+    pub console_log: PathBuf,
+    /// QMP control socket.
+    pub qmp_socket: PathBuf,
+}
+
+/// The argv (program first) that boots `spec`.
+pub fn argv(spec: &MachineSpec) -> Vec<String> {
+    let a = spec.arch;
+    let cpu = match spec.accel {
+        Accel::Kvm => "host",
+        Accel::Tcg => "max",
+    };
+    let accel = match spec.accel {
+        Accel::Kvm => "kvm",
+        Accel::Tcg => "tcg",
+    };
+    let mut append = vec![format!("console={}", a.console()), "quiet".to_string()];
+    append.extend(spec.append.iter().cloned());
+    let bus = a.bus();
+    vec![
+        a.binary().to_string(),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-display".into(),
+        "none".into(),
+        "-machine".into(),
+        a.machine().into(),
+        "-accel".into(),
+        accel.into(),
+        "-cpu".into(),
+        cpu.into(),
+        "-smp".into(),
+        spec.cpus.to_string(),
+        "-m".into(),
+        format!("{}M", spec.memory_mib),
+        "-kernel".into(),
+        spec.kernel.display().to_string(),
+        "-initrd".into(),
+        spec.initrd.display().to_string(),
+        "-append".into(),
+        append.join(" "),
+        // Read-only and uncached, so a root handed down level after level reads
+        // the same blocks at every depth.
+        "-drive".into(),
+        format!(
+            "file={},format=raw,if=none,id=root,readonly=on,cache=none,aio=native",
+            spec.root.display()
+        ),
+        "-device".into(),
+        format!("virtio-blk-{bus},drive=root"),
+        "-netdev".into(),
+        format!("user,id=net0,hostfwd=tcp:127.0.0.1:{}-:22", spec.ssh_port),
+        "-device".into(),
+        format!("virtio-net-{bus},netdev=net0"),
+        "-serial".into(),
+        format!("file:{}", spec.console_log.display()),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", spec.qmp_socket.display()),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use rstest::rstest;
+
+    use super::*;
+
+    fn spec(arch: Arch, accel: Accel) -> MachineSpec {
+        MachineSpec {
+            arch,
+            accel,
+            memory_mib: 4096,
+            cpus: 2,
+            kernel: "/img/vmlinuz".into(),
+            initrd: "/img/initrd".into(),
+            root: "/img/root.squashfs".into(),
+            append: vec!["level=1".into()],
+            ssh_port: 40022,
+            console_log: "/run/L1.console".into(),
+            qmp_socket: "/run/L1.qmp".into(),
+        }
+    }
+
+    #[rstest]
+    #[case::x86_tcg(
+        Arch::X86_64,
+        Accel::Tcg,
+        "qemu-system-x86_64 -nodefaults -no-user-config -display none -machine q35 -accel tcg -cpu max -smp 2 -m 4096M -kernel /img/vmlinuz -initrd /img/initrd -append console=ttyS0 quiet level=1 -drive file=/img/root.squashfs,format=raw,if=none,id=root,readonly=on,cache=none,aio=native -device virtio-blk-pci,drive=root -netdev user,id=net0,hostfwd=tcp:127.0.0.1:40022-:22 -device virtio-net-pci,netdev=net0 -serial file:/run/L1.console -qmp unix:/run/L1.qmp,server=on,wait=off"
+    )]
+    #[case::s390x_kvm(
+        Arch::S390x,
+        Accel::Kvm,
+        "qemu-system-s390x -nodefaults -no-user-config -display none -machine s390-ccw-virtio -accel kvm -cpu host -smp 2 -m 4096M -kernel /img/vmlinuz -initrd /img/initrd -append console=ttysclp0 quiet level=1 -drive file=/img/root.squashfs,format=raw,if=none,id=root,readonly=on,cache=none,aio=native -device virtio-blk-ccw,drive=root -netdev user,id=net0,hostfwd=tcp:127.0.0.1:40022-:22 -device virtio-net-ccw,netdev=net0 -serial file:/run/L1.console -qmp unix:/run/L1.qmp,server=on,wait=off"
+    )]
+    fn command_lines(#[case] arch: Arch, #[case] accel: Accel, #[case] expected: &str) {
+        assert_eq!(argv(&spec(arch, accel)).join(" "), expected);
+    }
+
+    #[test]
+    fn ssh_is_forwarded_on_loopback_only() {
+        let argv = argv(&spec(Arch::X86_64, Accel::Tcg));
+        let net = argv
+            .iter()
+            .find(|a| a.starts_with("user,"))
+            .expect("netdev");
+        assert!(net.contains("hostfwd=tcp:127.0.0.1:40022-:22"), "{net}");
+    }
+
+    #[test]
+    fn arches_from_uname() {
+        assert_eq!(Arch::from_uname("x86_64"), Some(Arch::X86_64));
+        assert_eq!(Arch::from_uname("s390x"), Some(Arch::S390x));
+        assert_eq!(Arch::from_uname("riscv64"), None);
+    }
+}
