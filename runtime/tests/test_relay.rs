@@ -183,7 +183,9 @@ fn rest(mut out: BufReader<std::process::ChildStdout>) -> String {
 #[test]
 fn killing_a_level_mid_call_reports_it_lost() {
     let tag = unique_tag("kill");
-    let (mut child, pid, out) = start_holding(&tag, "local,local", &[]);
+    // The bottom level holds inside `sh -c sleep`: it must go when its level goes.
+    let extra = ["--env".to_string(), "HOLD_WITH_EXEC=1".to_string()];
+    let (mut child, pid, out) = start_holding(&tag, "local,local", &extra);
     let killed = Instant::now();
     std::process::Command::new("kill")
         .args(["-9", &pid.to_string()])

@@ -64,13 +64,18 @@ pub fn spawn(setup: &LevelSetup) -> Result<Transport, RemoteError> {
     Ok(Transport {
         reader: Box::new(stdout),
         writer: Box::new(stdin),
-        guard: Box::new(LocalGuard { child, tail }),
+        guard: Box::new(LocalGuard {
+            group: child.id().and_then(|p| i32::try_from(p).ok()),
+            child,
+            tail,
+        }),
         ssh_command: None,
     })
 }
 
 struct LocalGuard {
     child: Child,
+    group: Option<i32>,
     tail: StderrTail,
 }
 
@@ -84,7 +89,9 @@ impl TransportGuard for LocalGuard {
     fn shutdown(&mut self) {
         // The child leads its own process group: take the commands it started
         // with it, even though SIGKILL skips its destructors.
-        if let Some(pid) = self.child.id().and_then(|p| i32::try_from(p).ok()) {
+        // The group id is the pid at spawn time: the leader may already be reaped
+        // while the commands it started still run.
+        if let Some(pid) = self.group {
             // SAFETY: kill(2) with a negative pid signals that process group; no memory is involved.
             unsafe {
                 libc::kill(-pid, libc::SIGKILL);

@@ -91,7 +91,12 @@ fn hold_at_bottom(ms: u64) -> Result<String, Error> {
                 host::level_path(),
                 pid.trim()
             );
-            std::thread::sleep(Duration::from_millis(ms));
+            if std::env::var_os("HOLD_WITH_EXEC").is_some() {
+                // Hold in a command started by the runtime, which must not outlive its level.
+                host::exec(&["sh", "-c", &format!("sleep {}", ms.div_ceil(1000))])?;
+            } else {
+                std::thread::sleep(Duration::from_millis(ms));
+            }
             Ok(host::level_path())
         }
     }
@@ -103,7 +108,10 @@ thread_local! {
 }
 
 /// Calls `function` on the next level through a handle kept across calls.
-fn via_kept<A: Serialize, R: serde::de::DeserializeOwned>(function: &str, args: &A) -> Result<Option<R>, Error> {
+fn via_kept<A: Serialize, R: serde::de::DeserializeOwned>(
+    function: &str,
+    args: &A,
+) -> Result<Option<R>, Error> {
     KEPT.with(|kept| {
         let mut kept = kept.borrow_mut();
         if kept.is_none() {
@@ -204,7 +212,10 @@ fn hold_at_the_bottom() -> Result<(), Error> {
 
 /// Benchmark: round trips of a no-op call to the bottom of the chain.
 fn bench_round_trips() -> Result<(), Error> {
-    let calls: usize = std::env::var("BENCH_CALLS").ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
+    let calls: usize = std::env::var("BENCH_CALLS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1000);
     let bottom = noop_at_bottom(())?; // connects every level once
     let mut samples = Vec::with_capacity(calls);
     for _ in 0..calls {
