@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Builds the x86_64 guest image from Debian packages:
+#   vmlinuz    the kernel (linux-image-cloud-amd64)
+#   initrd     a busybox initramfs that mounts the read-only root with a tmpfs overlay
+#   root.img   a squashfs root: qemu-system-x86, libvirt daemon + QEMU driver + clients,
+#              openssh-server, kmod, iproute2, busybox. No matryoshka runtime: it
+#              arrives by self-replication.
+# Outputs go to target/images/x86_64 and are rebuilt only when this recipe changes.
+# Needs root (debootstrap, chroot).
+set -euo pipefail
+cd "$(dirname "$(readlink -f "$0")")/.."
+
+ARCH=x86_64
+OUT=${OUT:-target/images/$ARCH}
+MIRROR=${MIRROR:-http://deb.debian.org/debian}
+SUITE=bookworm
+PACKAGES=linux-image-cloud-amd64,busybox-static,kmod,iproute2,openssh-server,qemu-system-x86,libvirt-daemon,libvirt-daemon-driver-qemu,libvirt-clients,procps
+# Modules the initramfs loads, in order, before it can mount the root.
+INITRD_MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk squashfs overlay"
+
+stamp=$(cat images/build.sh images/x86_64/* | sha256sum | cut -c1-16)
+if [ -f "$OUT/stamp" ] && [ "$(cat "$OUT/stamp")" = "$stamp" ]; then
+    echo "image $OUT is up to date ($stamp)"
+    exit 0
+fi
+step() { printf '\033[1m[%s] %s\033[0m\n' "$(date +%T)" "$*" >&2; }
+
+need=()
+for p in debootstrap squashfs-tools cpio busybox-static; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
+done
+if [ ${#need[@]} -gt 0 ]; then
+    step "installing build tools: ${need[*]}"
+    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/image-build.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+root=$work/root
+
+step "debootstrap $SUITE ($PACKAGES)"
+debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$root" "$MIRROR" >"$work/debootstrap.log" 2>&1 ||
+    { tail -20 "$work/debootstrap.log"; exit 1; }
+
+step "configuring the root"
+kver=$(ls "$root/lib/modules" | head -1)
+install -m 0755 images/x86_64/level-init "$root/sbin/matryoshka-level-init"
+echo "PermitRootLogin prohibit-password" >"$root/etc/ssh/sshd_config.d/matryoshka.conf"
+rm -f "$root"/etc/ssh/ssh_host_*        # every level makes its own at boot
+sed -i 's/^root:[^:]*:/root:*:/' "$root/etc/shadow"   # no password; key login only
+chroot "$root" depmod "$kver"
+rm -rf "$root"/usr/share/{doc,man,info,locale} "$root"/var/cache/apt/* "$root"/var/lib/apt/lists/*
+
+step "initramfs (kernel $kver)"
+init=$work/initramfs
+mkdir -p "$init"/{bin,dev,proc,sys,newroot,ro,rw,lib/modules}
+cp /bin/busybox "$init/bin/busybox"
+for m in $INITRD_MODULES; do
+    f=$(find "$root/lib/modules/$kver" -name "$m.ko*" | head -1)
+    [ -n "$f" ] || { echo "module $m not found in $kver" >&2; exit 1; }
+    cp "$f" "$init/lib/modules/"
+done
+install -m 0755 images/x86_64/initramfs-init "$init/init"
+echo "$INITRD_MODULES" >"$init/modules"
+(cd "$init" && find . | cpio -o -H newc --quiet | gzip -1) >"$work/initrd"
+
+step "squashfs root"
+mkdir -p "$OUT"
+cp "$root/boot/vmlinuz-$kver" "$work/vmlinuz"
+mksquashfs "$root" "$work/root.img" -comp zstd -noappend -quiet -e boot
+mv "$work/vmlinuz" "$work/initrd" "$work/root.img" "$OUT/"
+echo "$stamp" >"$OUT/stamp"
+step "done: $(du -h "$OUT/root.img" | cut -f1) root, $(du -h "$OUT/initrd" | cut -f1) initrd, kernel $kver"
