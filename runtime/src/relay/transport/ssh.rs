@@ -22,7 +22,7 @@ use std::time::Duration;
 use russh::client::{self, Handle};
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
 use russh::{ChannelMsg, Disconnect};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{StderrTail, Transport, TransportGuard};
 use crate::relay::protocol::{LevelSetup, RemoteError, SshSettings, WireErrorKind};
@@ -241,6 +241,7 @@ pub async fn open(spec: &str, setup: &LevelSetup) -> Result<Transport, RemoteErr
         level_path: setup.path.clone(),
     };
     let target = SshTarget::parse(spec).map_err(|m| err(WireErrorKind::InvalidArgument, m))?;
+    let started = std::time::Instant::now();
     let Some(ssh) = &setup.ssh else {
         return Err(err(
             WireErrorKind::InvalidArgument,
@@ -257,35 +258,59 @@ pub async fn open(spec: &str, setup: &LevelSetup) -> Result<Transport, RemoteErr
         })?
         .map_err(|m| err(WireErrorKind::Io, m))?;
     let handle = Arc::new(handle);
+    let session_ms = started.elapsed().as_millis();
 
     let cache = ssh
         .remote_cache_dir
         .as_deref()
         .map(|d| remote_path(&d.replace("{depth}", &setup.depth.to_string())))
         .unwrap_or_else(|| "\"$HOME/.cache/matryoshka\"".into());
-    let probe =
-        format!("D={cache}; mkdir -p \"$D/bin\" && uname -m && echo \"$D\" && ls \"$D/bin\"");
-    let (status, out, stderr) = tokio::time::timeout(EXEC_TIMEOUT, exec(&handle, &probe, None))
+    // Warm path, one exec: if this runtime is already cached there (same arch, same
+    // hash), the script becomes it and speaks the protocol at once. Otherwise it
+    // prints a probe report: arch, cache folder, the runtimes it has.
+    let own = tokio::task::spawn_blocking(own_image)
+        .await
+        .map_err(|e| err(WireErrorKind::Internal, e.to_string()))?
+        .map_err(|m| err(WireErrorKind::Unsupported, m))?;
+    let first = format!(
+        "D={cache}; B=\"$D/bin/matryoshka-{sha}\"; \
+         if [ \"$(uname -m)\" = {arch} ] && [ -x \"$B\" ]; then exec \"$B\" serve --stdio --cache-dir \"$D\"; fi; \
+         echo {PROBE_MARK}; mkdir -p \"$D/bin\" && uname -m && echo \"$D\" && ls \"$D/bin\"",
+        sha = own.sha256,
+        arch = sh_quote(std::env::consts::ARCH),
+    );
+    let mut chan = tokio::time::timeout(EXEC_TIMEOUT, start_channel(&handle, &first, &setup.path))
         .await
         .map_err(|_| {
             err(
                 WireErrorKind::Timeout,
-                format!("probing the target took over {} s", EXEC_TIMEOUT.as_secs()),
+                format!("no answer within {} s", EXEC_TIMEOUT.as_secs()),
             )
         })?
         .map_err(|m| err(WireErrorKind::Io, m))?;
-    if status != Some(0) {
+    let mut head = vec![0u8; PROBE_MARK.len() + 1];
+    let got = tokio::time::timeout(EXEC_TIMEOUT, chan.reader.read_exact(&mut head)).await;
+    if !matches!(got, Ok(Ok(_))) {
         return Err(err(
             WireErrorKind::Io,
-            format!("probing the target failed: {}", stderr.trim()),
+            format!("the target closed the channel at once{}", chan.describe()),
         ));
     }
-    let mut lines = out.lines();
+    if head != format!("{PROBE_MARK}\n").as_bytes() {
+        tracing::info!(level = %setup.path, "ssh://{spec}: cached runtime started after {} ms", started.elapsed().as_millis());
+        chan.reader = Box::new(std::io::Cursor::new(head).chain(chan.reader));
+        return Ok(chan.into_transport(handle, ssh_command(ssh, &target)));
+    }
+    let mut report = String::new();
+    let _ = tokio::time::timeout(EXEC_TIMEOUT, chan.reader.read_to_string(&mut report)).await;
+    let probe_failed = chan.describe();
+    drop(chan);
+    let mut lines = report.lines();
     let arch = lines.next().unwrap_or_default().trim().to_string();
     if arch.is_empty() || !arch.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
         return Err(err(
             WireErrorKind::Unsupported,
-            format!("the target reports an odd architecture `{arch}`"),
+            format!("probing the target failed (architecture `{arch}`){probe_failed}"),
         ));
     }
     let dir = lines.next().unwrap_or_default().trim().to_string();
@@ -334,20 +359,68 @@ pub async fn open(spec: &str, setup: &LevelSetup) -> Result<Transport, RemoteErr
             ));
         }
     }
-
-    let channel = handle
-        .channel_open_session()
-        .await
-        .map_err(|e| err(WireErrorKind::Io, format!("cannot open a channel: {e}")))?;
+    tracing::info!(
+        level = %setup.path,
+        "ssh://{spec}: session {session_ms} ms, probe and copy done at {} ms",
+        started.elapsed().as_millis()
+    );
     let serve = format!(
         "exec {} serve --stdio --cache-dir {}",
         sh_quote(&remote_bin),
         sh_quote(&dir)
     );
-    channel
-        .exec(true, serve)
+    let chan = start_channel(&handle, &serve, &setup.path)
         .await
-        .map_err(|e| err(WireErrorKind::Io, format!("cannot start the runtime: {e}")))?;
+        .map_err(|m| err(WireErrorKind::Io, format!("cannot start the runtime: {m}")))?;
+    Ok(chan.into_transport(handle, ssh_command(ssh, &target)))
+}
+
+/// What the first line of the first exec says when the runtime is not cached.
+const PROBE_MARK: &str = "MATRYOSHKA-PROBE";
+
+/// A started exec channel: its stdout as a reader, its stdin as a writer, and a
+/// pump that keeps draining it (an undrained channel stalls the whole session).
+struct StartedChannel {
+    reader: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    writer: Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+    exit: Arc<Mutex<Option<String>>>,
+    tail: StderrTail,
+    pump: tokio::task::JoinHandle<()>,
+}
+
+impl StartedChannel {
+    fn describe(&self) -> String {
+        describe(&self.exit, &self.tail)
+    }
+
+    fn into_transport(self, handle: Arc<Handle<Pinned>>, ssh_command: Option<String>) -> Transport {
+        Transport {
+            reader: self.reader,
+            writer: self.writer,
+            guard: Box::new(SshGuard {
+                handle: Some(handle),
+                pump: self.pump,
+                exit: self.exit,
+                tail: self.tail,
+            }),
+            ssh_command,
+        }
+    }
+}
+
+async fn start_channel(
+    handle: &Handle<Pinned>,
+    cmd: &str,
+    path: &str,
+) -> Result<StartedChannel, String> {
+    let channel = handle
+        .channel_open_session()
+        .await
+        .map_err(|e| format!("cannot open a channel: {e}"))?;
+    channel
+        .exec(true, cmd)
+        .await
+        .map_err(|e| format!("exec failed: {e}"))?;
     let (mut rd, wr) = channel.split();
     let writer = wr.make_writer();
     let (stdout_r, mut stdout_w) = tokio::io::simplex(256 << 10);
@@ -356,7 +429,7 @@ pub async fn open(spec: &str, setup: &LevelSetup) -> Result<Transport, RemoteErr
     let pump = {
         let exit = exit.clone();
         let tail = tail.clone();
-        let path = setup.path.clone();
+        let path = path.to_string();
         tokio::spawn(async move {
             let _write_half = wr;
             while let Some(msg) = rd.wait().await {
@@ -383,7 +456,28 @@ pub async fn open(spec: &str, setup: &LevelSetup) -> Result<Transport, RemoteErr
             let _ = stdout_w.shutdown().await;
         })
     };
-    let ssh_command = Some(match &ssh.key_path {
+    Ok(StartedChannel {
+        reader: Box::new(stdout_r),
+        writer: Box::new(writer),
+        exit,
+        tail,
+        pump,
+    })
+}
+
+/// `" (its runtime exited with status 1; its stderr ended with: …)"`, or empty.
+fn describe(exit: &Mutex<Option<String>>, tail: &StderrTail) -> String {
+    let exit = exit.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let tail = tail.describe();
+    match exit {
+        Some(e) => format!("{}{tail})", e.trim_end_matches(')')),
+        None if tail.is_empty() => tail,
+        None => format!(" ({})", &tail[2..]),
+    }
+}
+
+fn ssh_command(ssh: &SshSettings, target: &SshTarget) -> Option<String> {
+    Some(match &ssh.key_path {
         Some(key) => format!(
             "ssh -i {} -p {} {}@{}",
             sh_quote(key),
@@ -392,17 +486,6 @@ pub async fn open(spec: &str, setup: &LevelSetup) -> Result<Transport, RemoteErr
             target.host
         ),
         None => format!("ssh -p {} {}@{}", target.port, target.user, target.host),
-    });
-    Ok(Transport {
-        reader: Box::new(stdout_r),
-        writer: Box::new(writer),
-        guard: Box::new(SshGuard {
-            handle: Some(handle),
-            pump,
-            exit,
-            tail,
-        }),
-        ssh_command,
     })
 }
 
@@ -538,13 +621,7 @@ impl TransportGuard for SshGuard {
     }
 
     fn describe_exit(&mut self) -> String {
-        let exit = self.exit.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let tail = self.tail.describe();
-        match exit {
-            Some(e) => format!("{}{tail})", e.trim_end_matches(')')),
-            None if tail.is_empty() => tail,
-            None => format!(" ({})", &tail[2..]),
-        }
+        describe(&self.exit, &self.tail)
     }
 }
 
