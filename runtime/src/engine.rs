@@ -173,7 +173,7 @@ pub fn load_bytes(path: &Path, bytes: Vec<u8>, cache: &CacheDir) -> Result<Loade
         message: format!("{e:#}"),
     })?;
     check_header(path, &bytes)?;
-    let sha256 = hex::encode(Sha256::digest(&bytes));
+    let sha256 = sha256_hex(&bytes);
     let (component, source) = compile_cached(&engine, path, &bytes, &sha256, cache)?;
     check_world(&engine, path, &component)?;
     let linker = host::linker(&engine).map_err(|e| LoadError::Engine {

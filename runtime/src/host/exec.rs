@@ -11,19 +11,19 @@ use super::bindings::matryoshka::test::types::{Error as WitError, ErrorKind};
 
 impl Host for HostState {
     fn hostname(&mut self) -> wasmtime::Result<String> {
-        Ok(self.level.hostname.clone())
+        Ok(self.ctx.level.hostname.clone())
     }
 
     fn arch(&mut self) -> wasmtime::Result<String> {
-        Ok(self.level.arch.clone())
+        Ok(self.ctx.level.arch.clone())
     }
 
     fn level(&mut self) -> wasmtime::Result<u32> {
-        Ok(self.level.depth)
+        Ok(self.ctx.level.depth)
     }
 
     fn level_path(&mut self) -> wasmtime::Result<String> {
-        Ok(self.level.path.clone())
+        Ok(self.ctx.level.path.clone())
     }
 
     async fn exec(
@@ -32,10 +32,10 @@ impl Host for HostState {
         stdin: Option<Vec<u8>>,
     ) -> wasmtime::Result<Result<Output, WitError>> {
         let level_path = match self.check_exec(&argv) {
-            Ok(()) => self.level.path.clone(),
+            Ok(()) => self.ctx.level.path.clone(),
             Err(e) => return Ok(Err(e)),
         };
-        let result = run_command(argv, stdin, self.limits.exec_output_bytes).await;
+        let result = run_command(argv, stdin, self.ctx.limits.exec_output_bytes).await;
         Ok(result.map_err(|(kind, message)| WitError {
             kind,
             message: format!("{message} (at {level_path})"),
@@ -53,13 +53,13 @@ impl HostState {
                 "exec needs a non-empty argv".into(),
             ));
         };
-        if !self.grants.allows_exec(program) {
+        if !self.ctx.grants.allows_exec(program) {
             return Err(self.error(
                 ErrorKind::Denied,
                 format!(
                     "exec of `{program}` is not granted at {}; add --grant exec={program} \
                      (or exec = [\"{program}\"] under [grants] in matryoshka.toml)",
-                    self.level.path
+                    self.ctx.level.path
                 ),
             ));
         }

@@ -108,19 +108,13 @@ pub struct HostState {
     table: ResourceTable,
     pub(crate) limiter: MemoryLimiter,
     ctx: Arc<LevelContext>,
-    grants: Arc<Grants>,
-    level: Arc<LevelInfo>,
     capture: Arc<Capture>,
-    limits: InstanceLimits,
     panic: Option<Failure>,
 }
 
 impl HostState {
     /// State for one instance: WASI with only the granted preopens, captured stdio.
     pub fn new(ctx: Arc<LevelContext>, capture: Arc<Capture>) -> anyhow::Result<Self> {
-        let grants = Arc::new(ctx.grants.clone());
-        let level = Arc::new(ctx.level.clone());
-        let limits = ctx.limits;
         let mut wasi = WasiCtxBuilder::new();
         wasi.stdout(capture.stream(Stream::Stdout))
             .stderr(capture.stream(Stream::Stderr))
@@ -128,7 +122,7 @@ impl HostState {
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false);
-        for fs in &grants.fs {
+        for fs in &ctx.grants.fs {
             let perms = if fs.writable {
                 FsPerms::ReadWrite
             } else {
@@ -145,12 +139,9 @@ impl HostState {
         Ok(Self {
             wasi: wasi.build(),
             table: ResourceTable::new(),
-            limiter: MemoryLimiter::new(limits.memory_bytes),
+            limiter: MemoryLimiter::new(ctx.limits.memory_bytes),
             ctx,
-            grants,
-            level,
             capture,
-            limits,
             panic: None,
         })
     }
@@ -162,7 +153,7 @@ impl HostState {
 
     /// Whether any directory is preopened for the guest.
     pub fn has_fs_grants(&self) -> bool {
-        !self.grants.fs.is_empty()
+        !self.ctx.grants.fs.is_empty()
     }
 
     /// The capture buffer of this instance.
@@ -174,7 +165,7 @@ impl HostState {
         WitError {
             kind,
             message,
-            level_path: self.level.path.clone(),
+            level_path: self.ctx.level.path.clone(),
         }
     }
 }

@@ -26,22 +26,22 @@ impl HostGuest for HostState {
         &mut self,
         target: String,
     ) -> wasmtime::Result<Result<Resource<GuestHandle>, WitError>> {
-        if !self.grants.nest {
+        if !self.ctx.grants.nest {
             return Ok(Err(self.error(
                 ErrorKind::Denied,
                 format!(
                     "connecting to another level is not granted at {}; add --grant nest \
                      (or nest = true under [grants] in matryoshka.toml)",
-                    self.level.path
+                    self.ctx.level.path
                 ),
             )));
         }
-        let depth = self.level.depth + 1;
+        let depth = self.ctx.level.depth + 1;
         let setup = LevelSetup {
             depth,
-            path: format!("{}/L{depth}", self.level.path),
-            grants: (*self.grants).clone(),
-            limits: self.limits.into(),
+            path: format!("{}/L{depth}", self.ctx.level.path),
+            grants: self.ctx.grants.clone(),
+            limits: self.ctx.limits.into(),
             env: self.ctx.env.clone(),
             ssh: self.ctx.ssh.clone(),
         };

@@ -98,22 +98,15 @@ impl Connection {
         };
 
         // Hello: who answered, and do we speak the same protocol?
-        let hello = match tokio::time::timeout(HELLO_TIMEOUT, reader.next()).await {
-            Err(_) => {
-                return Err(lost_err(format!(
-                    "no Hello within {} s",
-                    HELLO_TIMEOUT.as_secs()
-                )));
-            }
-            Ok(None) => {
-                return Err(lost_err(cause(
-                    &guard,
-                    "the runtime closed its stream before Hello".into(),
-                )));
-            }
-            Ok(Some(Err(e))) => return Err(lost_err(cause(&guard, format!("{e}")))),
-            Ok(Some(Ok(m))) => m,
-        };
+        let hello = handshake_frame(
+            &mut reader,
+            &guard,
+            Instant::now() + HELLO_TIMEOUT,
+            format!("no Hello within {} s", HELLO_TIMEOUT.as_secs()),
+            "the runtime closed its stream before Hello",
+        )
+        .await
+        .map_err(lost_err)?;
         let (arch, hostname) = match hello {
             Message::Hello {
                 version,
@@ -145,23 +138,15 @@ impl Connection {
             .map_err(|e| lost_err(cause(&guard, e.to_string())))?;
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let msg = match tokio::time::timeout(left, reader.next()).await {
-                Err(_) => {
-                    return Err(lost_err(format!(
-                        "not ready within {} s",
-                        READY_TIMEOUT.as_secs()
-                    )));
-                }
-                Ok(None) => {
-                    return Err(lost_err(cause(
-                        &guard,
-                        "the runtime closed its stream while loading".into(),
-                    )));
-                }
-                Ok(Some(Err(e))) => return Err(lost_err(cause(&guard, e.to_string()))),
-                Ok(Some(Ok(m))) => m,
-            };
+            let msg = handshake_frame(
+                &mut reader,
+                &guard,
+                deadline,
+                format!("not ready within {} s", READY_TIMEOUT.as_secs()),
+                "the runtime closed its stream while loading",
+            )
+            .await
+            .map_err(lost_err)?;
             match msg {
                 Message::NeedComponent => {
                     let bytes = component.bytes.clone();
@@ -379,6 +364,24 @@ fn lost_error(path: &str, cause: &str) -> RemoteError {
         kind: WireErrorKind::LevelLost,
         message: format!("level {path} lost: {cause}"),
         level_path: path.to_string(),
+    }
+}
+
+/// The next handshake frame by `deadline`, or why there is none (with how the
+/// child ended, when it did).
+async fn handshake_frame<R: AsyncRead + Unpin>(
+    reader: &mut FrameReader<R>,
+    guard: &Arc<Mutex<Box<dyn TransportGuard>>>,
+    deadline: Instant,
+    too_late: String,
+    closed: &str,
+) -> Result<Message, String> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    match tokio::time::timeout(left, reader.next()).await {
+        Err(_) => Err(too_late),
+        Ok(None) => Err(format!("{closed}{}", lock(guard).describe_exit())),
+        Ok(Some(Err(e))) => Err(format!("{e}{}", lock(guard).describe_exit())),
+        Ok(Some(Ok(m))) => Ok(m),
     }
 }
 

@@ -17,7 +17,7 @@ use wasmtime::Store;
 
 use super::protocol::{FrameReader, FrameWriter, Message, RemoteError, RemoteEvent, WireErrorKind};
 use crate::engine::{self, CacheDir, LoadedSuite};
-use crate::host::{Capture, ComponentSource, HostState, LevelContext, OutputSink, Stream, Suite};
+use crate::host::{Capture, HostState, LevelContext, OutputSink, Stream, Suite};
 use crate::level::{LevelInfo, uname};
 
 /// Silence from the parent after which a serving runtime exits.
@@ -147,10 +147,7 @@ where
         limits: setup.limits.into(),
         env: setup.env.clone(),
         ssh: setup.ssh.clone(),
-        component: Arc::new(ComponentSource {
-            bytes: loaded.component.bytes.clone(),
-            sha256: sha.clone(),
-        }),
+        component: loaded.component.clone(),
     });
     let mut instance = match Instance::start(&loaded, &ctx, &out).await {
         Ok(i) => i,

@@ -102,29 +102,23 @@ impl TransportGuard for LocalGuard {
 
     fn describe_exit(&mut self) -> String {
         // A child whose stream just closed may need a moment to be reapable.
+        let mut exit = None;
         for _ in 0..20 {
             match self.child.try_wait() {
                 Ok(Some(status)) => {
-                    let tail = self.tail.describe();
-                    return match (status.code(), status.signal()) {
-                        (Some(code), _) => {
-                            format!(" (its runtime exited with status {code}{tail})")
-                        }
+                    exit = match (status.code(), status.signal()) {
+                        (Some(code), _) => Some(format!("its runtime exited with status {code}")),
                         (None, Some(sig)) => {
-                            format!(" (its runtime was killed by signal {sig}{tail})")
+                            Some(format!("its runtime was killed by signal {sig}"))
                         }
-                        _ => String::new(),
+                        _ => None,
                     };
+                    break;
                 }
                 Ok(None) => std::thread::sleep(std::time::Duration::from_millis(10)),
                 Err(_) => break,
             }
         }
-        let tail = self.tail.describe();
-        if tail.is_empty() {
-            tail
-        } else {
-            format!(" ({})", &tail[2..])
-        }
+        self.tail.explain(exit.as_deref())
     }
 }

@@ -63,15 +63,19 @@ impl StderrTail {
         lines.push_back(line.to_string());
     }
 
-    /// `"; its stderr said: ..."`, or empty when it said nothing.
-    pub fn describe(&self) -> String {
+    /// How a child ended, for error messages: `" (<exit>; its stderr ended with: a | b)"`,
+    /// with either part left out when unknown, or empty when both are.
+    pub fn explain(&self, exit: Option<&str>) -> String {
         let lines = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if lines.is_empty() {
-            return String::new();
+        let mut parts: Vec<String> = exit.map(str::to_string).into_iter().collect();
+        if !lines.is_empty() {
+            let said: Vec<String> = lines.iter().cloned().collect();
+            parts.push(format!("its stderr ended with: {}", said.join(" | ")));
         }
-        format!(
-            "; its stderr ended with: {}",
-            lines.iter().cloned().collect::<Vec<_>>().join(" | ")
-        )
+        if parts.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", parts.join("; "))
+        }
     }
 }

@@ -443,12 +443,11 @@ async fn start_channel(
                     }
                     ChannelMsg::ExitStatus { exit_status } => {
                         *exit.lock().unwrap_or_else(|e| e.into_inner()) =
-                            Some(format!(" (its runtime exited with status {exit_status})"));
+                            Some(format!("its runtime exited with status {exit_status}"));
                     }
                     ChannelMsg::ExitSignal { signal_name, .. } => {
-                        *exit.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!(
-                            " (its runtime was killed by signal {signal_name:?})"
-                        ));
+                        *exit.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some(format!("its runtime was killed by signal {signal_name:?}"));
                     }
                     _ => {}
                 }
@@ -465,15 +464,10 @@ async fn start_channel(
     })
 }
 
-/// `" (its runtime exited with status 1; its stderr ended with: …)"`, or empty.
+/// How the channel's command ended and what it last said on stderr, or empty.
 fn describe(exit: &Mutex<Option<String>>, tail: &StderrTail) -> String {
     let exit = exit.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let tail = tail.describe();
-    match exit {
-        Some(e) => format!("{}{tail})", e.trim_end_matches(')')),
-        None if tail.is_empty() => tail,
-        None => format!(" ({})", &tail[2..]),
-    }
+    tail.explain(exit.as_deref())
 }
 
 fn ssh_command(ssh: &SshSettings, target: &SshTarget) -> Option<String> {
