@@ -2,7 +2,7 @@
 # Builds the x86_64 guest image from Debian packages:
 #   vmlinuz    the kernel (linux-image-cloud-amd64)
 #   initrd     a busybox initramfs that mounts the read-only root with a tmpfs overlay
-#   root.img   a squashfs root: qemu-system-x86, libvirt daemon + QEMU driver + clients,
+#   root.img   a squashfs root (carrying the kernel and initrd in /usr/lib/matryoshka/image): qemu-system-x86, libvirt daemon + QEMU driver + clients,
 #              openssh-server, kmod, iproute2, busybox. No matryoshka runtime: it
 #              arrives by self-replication.
 # Outputs go to target/images/x86_64 and are rebuilt only when this recipe changes.
@@ -16,7 +16,7 @@ MIRROR=${MIRROR:-http://deb.debian.org/debian}
 SUITE=bookworm
 PACKAGES=linux-image-cloud-amd64,busybox-static,kmod,iproute2,openssh-server,qemu-system-x86,libvirt-daemon,libvirt-daemon-driver-qemu,libvirt-clients,procps
 # Modules the initramfs loads, in order, before it can mount the root.
-INITRD_MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk squashfs overlay"
+INITRD_MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk squashfs overlay failover net_failover virtio_net"
 
 stamp=$(cat images/build.sh images/x86_64/* | sha256sum | cut -c1-16)
 if [ -f "$OUT/stamp" ] && [ "$(cat "$OUT/stamp")" = "$stamp" ]; then
@@ -67,6 +67,12 @@ echo "$INITRD_MODULES" >"$init/modules"
 step "squashfs root"
 mkdir -p "$OUT"
 cp "$root/boot/vmlinuz-$kver" "$work/vmlinuz"
+# The same kernel and initramfs inside the root, and the root itself as /dev/vda:
+# a level boots the next one from these paths, so one image serves every depth.
+img=$root/usr/lib/matryoshka/image
+mkdir -p "$img"
+cp "$work/vmlinuz" "$work/initrd" "$img/"
+ln -s /dev/vda "$img/root.img"
 mksquashfs "$root" "$work/root.img" -comp zstd -noappend -quiet -e boot
 mv "$work/vmlinuz" "$work/initrd" "$work/root.img" "$OUT/"
 echo "$stamp" >"$OUT/stamp"

@@ -34,7 +34,7 @@ hostkey=$(sed -n 's/^MATRYOSHKA-HOSTKEY //p' "$work/console" | tr -d '\r')
 echo "[127.0.0.1]:$PORT $hostkey" >"$work/known_hosts"
 ssh -p "$PORT" -i "$work/key" -o IdentitiesOnly=yes -o BatchMode=yes \
     -o UserKnownHostsFile="$work/known_hosts" -o StrictHostKeyChecking=yes \
-    root@127.0.0.1 'uname -rm; hostname; ls -l /dev/kvm; sha256sum /dev/vda | cut -c1-16'
+    root@127.0.0.1 'uname -rm; hostname; cat /run/matryoshka/level; ls -lL /usr/lib/matryoshka/image; sha256sum /dev/vda | cut -c1-16; free -m'
 done_at=$(date +%s.%N)
 echo "local root sha256: $(sha256sum "$IMG/root.img" | cut -c1-16)"
 grep MATRYOSHKA-READY "$work/console" | tr -d '\r'

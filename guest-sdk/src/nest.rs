@@ -30,6 +30,75 @@ use crate::ErrorKind;
 use crate::bindings::matryoshka::test::nest as wit;
 use crate::host::{Error, level_path};
 
+/// A virtual machine to boot as the next level; unset fields take the runtime's defaults.
+///
+/// ```ignore
+/// let l1 = Guest::boot(&Vm::new().memory_mib(2048))?;
+/// ```
+#[derive(Debug, Clone)]
+pub struct Vm {
+    spec: wit::VmSpec,
+}
+
+impl Default for Vm {
+    fn default() -> Self {
+        Self {
+            spec: wit::VmSpec {
+                memory_mib: None,
+                cpus: None,
+                arch: None,
+                image: None,
+                accel: None,
+                boot_timeout_ms: None,
+            },
+        }
+    }
+}
+
+impl Vm {
+    /// The defaults: the image this level booted from (or L0's image folder),
+    /// the run's `--accel`, memory and CPUs sized from what this level has.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Memory in MiB.
+    pub fn memory_mib(mut self, mib: u32) -> Self {
+        self.spec.memory_mib = Some(mib);
+        self
+    }
+
+    /// Virtual CPUs.
+    pub fn cpus(mut self, cpus: u32) -> Self {
+        self.spec.cpus = Some(cpus);
+        self
+    }
+
+    /// Guest architecture (`x86_64`, `s390x`).
+    pub fn arch(mut self, arch: &str) -> Self {
+        self.spec.arch = Some(arch.to_string());
+        self
+    }
+
+    /// Folder holding `vmlinuz`, `initrd` and `root.img`, at the level that boots.
+    pub fn image(mut self, dir: &str) -> Self {
+        self.spec.image = Some(dir.to_string());
+        self
+    }
+
+    /// `auto`, `kvm` or `tcg`.
+    pub fn accel(mut self, accel: &str) -> Self {
+        self.spec.accel = Some(accel.to_string());
+        self
+    }
+
+    /// Deadline for the level to print its ready marker.
+    pub fn boot_timeout(mut self, timeout: Duration) -> Self {
+        self.spec.boot_timeout_ms = Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+        self
+    }
+}
+
 /// A level below this one.
 pub struct Guest {
     inner: wit::Guest_,
@@ -40,6 +109,17 @@ impl Guest {
     pub fn connect(target: &str) -> Result<Self, Error> {
         let inner = wit::Guest_::connect(target).map_err(Error::from)?;
         Ok(Self { inner })
+    }
+
+    /// Boots `vm` as the next level and reaches it; dropping the handle shuts it down.
+    pub fn boot(vm: &Vm) -> Result<Self, Error> {
+        let inner = wit::Guest_::boot(&vm.spec).map_err(Error::from)?;
+        Ok(Self { inner })
+    }
+
+    /// The accelerator a booted level runs under (`kvm`, `tcg`); `None` for other levels.
+    pub fn accel(&self) -> Option<String> {
+        self.inner.accel()
     }
 
     /// Calls the remote function `function` with `args` and decodes its result.

@@ -20,8 +20,10 @@ use crate::grants::Grants;
 use crate::host::InstanceLimits;
 use crate::host::LevelContext;
 use crate::level::LevelInfo;
-use crate::relay::protocol::SshSettings;
+use crate::level::vm::AccelPolicy;
+use crate::relay::protocol::{SshSettings, VmSettings};
 use crate::relay::serve::{ServeOptions, serve_stdio};
+use crate::relay::transport::vm::{RunDir, VmContext};
 use crate::reporter::human::HumanReporter;
 use crate::reporter::json::JsonReporter;
 use crate::reporter::junit::JunitReporter;
@@ -143,6 +145,15 @@ struct TestArgs {
     /// Cache folder on SSH levels; `{depth}` is replaced by the level's depth [default: ~/.cache/matryoshka there].
     #[arg(long, value_name = "PATH")]
     remote_cache_dir: Option<String>,
+    /// Accelerator of VM levels: `auto` uses KVM where a guest really boots with it, else TCG.
+    #[arg(long, value_enum, default_value_t = AccelPolicy::Auto)]
+    accel: AccelPolicy,
+    /// Folder with the image VM levels boot (vmlinuz, initrd, root.img) [default: $MATRYOSHKA_IMAGE_DIR or target/images/<arch>].
+    #[arg(long, value_name = "PATH")]
+    image_dir: Option<PathBuf>,
+    /// Folder for this run's consoles, QEMU logs and SSH key [default: target/matryoshka/<run>].
+    #[arg(long, value_name = "PATH")]
+    run_dir: Option<PathBuf>,
 }
 
 /// Parses the command line, runs it and returns the exit code.
@@ -175,7 +186,34 @@ pub fn main() -> ExitCode {
     // Do not wait for blocked stdin readers or lingering tasks: every child
     // process was started with kill-on-drop and is gone with its owner.
     runtime.shutdown_timeout(Duration::from_millis(200));
+    // Whatever VM is still registered now was left by a path that skipped its owner's drop.
+    crate::level::vm::kill_all();
     ExitCode::from(code)
+}
+
+/// `target/matryoshka/<UTC date and time>-<pid>`.
+fn default_run_dir() -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    PathBuf::from("target/matryoshka").join(format!(
+        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}-{}",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60,
+        std::process::id()
+    ))
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -270,6 +308,10 @@ async fn test(args: TestArgs) -> u8 {
         (None, false) => CacheDir::default_location(),
     };
     let component = args.component.clone();
+    let memo_dir = match &cache {
+        CacheDir::At(dir) => Some(dir.clone()),
+        CacheDir::Disabled => None,
+    };
     let loaded = match tokio::task::spawn_blocking(move || engine::load(&component, &cache)).await {
         Ok(Ok(suite)) => suite,
         Ok(Err(e)) => {
@@ -294,6 +336,15 @@ async fn test(args: TestArgs) -> u8 {
         env: args.env.clone(),
         ssh,
         component: loaded.component.clone(),
+        vms: VmContext::new(
+            VmSettings {
+                accel: args.accel,
+                jump: Vec::new(),
+            },
+            args.image_dir.clone(),
+            RunDir::Kept(args.run_dir.clone().unwrap_or_else(default_run_dir)),
+            memo_dir,
+        ),
     };
     let runner = Runner::new(loaded, ctx);
     let cases = match runner.list().await {
@@ -365,7 +416,12 @@ async fn test(args: TestArgs) -> u8 {
         return EXIT_COULD_NOT_RUN;
     }
     if summary.failed > 0 && !args.exit_zero {
-        EXIT_TESTS_FAILED
+        // Every failure came from the infrastructure: nothing was learnt about the tests.
+        if summary.failed == summary.infrastructure {
+            EXIT_COULD_NOT_RUN
+        } else {
+            EXIT_TESTS_FAILED
+        }
     } else {
         0
     }

@@ -87,6 +87,9 @@ pub struct Summary {
     pub passed: usize,
     /// Tests that failed.
     pub failed: usize,
+    /// Of the failed tests, those whose cause was the infrastructure (a level
+    /// that did not boot or was lost), not the test.
+    pub infrastructure: usize,
     /// Tests not run because they are ignored.
     pub ignored: usize,
     /// Tests not in the plan because of filters.

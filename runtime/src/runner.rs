@@ -240,7 +240,12 @@ impl Runner {
             match done {
                 Ok(Outcome::Passed) => summary.passed += 1,
                 Ok(Outcome::Ignored) => summary.ignored += 1,
-                Ok(Outcome::Failed(_)) => summary.failed += 1,
+                Ok(Outcome::Failed(f)) => {
+                    summary.failed += 1;
+                    if f.kind == FailureKind::Infrastructure {
+                        summary.infrastructure += 1;
+                    }
+                }
                 Err(e) => {
                     tracing::error!("a test task died: {e}");
                     summary.failed += 1;
@@ -324,6 +329,15 @@ fn classify(result: CallResult, state: &mut HostState, timeout: Duration) -> Out
         return Outcome::Failed(failure(
             FailureKind::OutputLimit,
             exceeded.to_string(),
+            None,
+        ));
+    }
+    if !matches!(result, Ok(Ok(Ok(()))))
+        && let Some(cause) = state.infrastructure_error()
+    {
+        return Outcome::Failed(failure(
+            FailureKind::Infrastructure,
+            cause.to_string(),
             None,
         ));
     }

@@ -27,6 +27,7 @@ pub use nest::GuestHandle;
 use crate::grants::Grants;
 use crate::level::LevelInfo;
 use crate::relay::protocol::SshSettings;
+use crate::relay::transport::vm::VmContext;
 
 #[expect(
     missing_docs,
@@ -39,6 +40,7 @@ pub(crate) mod bindings {
         imports: {
             "matryoshka:test/host.exec": async | trappable,
             "matryoshka:test/nest.[static]guest.connect": async | trappable,
+            "matryoshka:test/nest.[static]guest.boot": async | trappable,
             "matryoshka:test/nest.[method]guest.call": async | trappable,
             default: trappable,
         },
@@ -100,6 +102,8 @@ pub struct LevelContext {
     pub ssh: Option<SshSettings>,
     /// The component, for the levels below.
     pub component: Arc<ComponentSource>,
+    /// How VM levels are booted from here.
+    pub vms: VmContext,
 }
 
 /// The data of a store: everything one component instance can reach.
@@ -110,6 +114,9 @@ pub struct HostState {
     ctx: Arc<LevelContext>,
     capture: Arc<Capture>,
     panic: Option<Failure>,
+    /// The first level this instance could not boot or reach: a failing test
+    /// that met one is reported as an infrastructure error with this cause.
+    infrastructure: Option<String>,
 }
 
 impl HostState {
@@ -143,12 +150,18 @@ impl HostState {
             ctx,
             capture,
             panic: None,
+            infrastructure: None,
         })
     }
 
     /// The failure the guest reported just before it trapped, if any.
     pub fn take_panic(&mut self) -> Option<Failure> {
         self.panic.take()
+    }
+
+    /// Why a level could not be booted or reached, if that happened in this instance.
+    pub fn infrastructure_error(&self) -> Option<&str> {
+        self.infrastructure.as_deref()
     }
 
     /// Whether any directory is preopened for the guest.

@@ -9,10 +9,13 @@ use std::time::Duration;
 use wasmtime::component::Resource;
 
 use super::HostState;
-use super::bindings::matryoshka::test::nest::{Host, HostGuest};
+use super::bindings::matryoshka::test::nest::{Host, HostGuest, VmSpec};
 use super::bindings::matryoshka::test::types::{Error as WitError, ErrorKind};
+use super::{LogLevel, Stream};
+use crate::level::vm::{AccelPolicy, VmRequest};
 use crate::relay::connection::Connection;
-use crate::relay::protocol::{LevelSetup, RemoteError};
+use crate::relay::protocol::{LevelSetup, RemoteError, WireErrorKind};
+use crate::relay::transport::Target;
 
 /// The host side of a `guest` resource.
 pub struct GuestHandle {
@@ -26,36 +29,37 @@ impl HostGuest for HostState {
         &mut self,
         target: String,
     ) -> wasmtime::Result<Result<Resource<GuestHandle>, WitError>> {
-        if !self.ctx.grants.nest {
-            return Ok(Err(self.error(
-                ErrorKind::Denied,
-                format!(
-                    "connecting to another level is not granted at {}; add --grant nest \
-                     (or nest = true under [grants] in matryoshka.toml)",
-                    self.ctx.level.path
-                ),
-            )));
+        match Target::parse(&target) {
+            Ok(target) => self.open_level(target).await,
+            Err(m) => Ok(Err(self.error(ErrorKind::InvalidArgument, m))),
         }
-        let depth = self.ctx.level.depth + 1;
-        let setup = LevelSetup {
-            depth,
-            path: format!("{}/L{depth}", self.ctx.level.path),
-            grants: self.ctx.grants.clone(),
-            limits: self.ctx.limits.into(),
-            env: self.ctx.env.clone(),
-            ssh: self.ctx.ssh.clone(),
-        };
-        let component = self.ctx.component.clone();
-        let capture = self.capture.clone();
-        match Connection::open(&target, setup, component, capture).await {
-            Ok(conn) => {
-                let handle = GuestHandle {
-                    conn: Arc::new(conn),
-                };
-                Ok(Ok(self.table.push(handle)?))
+    }
+
+    async fn boot(
+        &mut self,
+        spec: VmSpec,
+    ) -> wasmtime::Result<Result<Resource<GuestHandle>, WitError>> {
+        let accel = match spec.accel.as_deref() {
+            None => None,
+            Some("auto") => Some(AccelPolicy::Auto),
+            Some("kvm") => Some(AccelPolicy::Kvm),
+            Some("tcg") => Some(AccelPolicy::Tcg),
+            Some(other) => {
+                return Ok(Err(self.error(
+                    ErrorKind::InvalidArgument,
+                    format!("unknown accel `{other}`: expected auto, kvm or tcg"),
+                )));
             }
-            Err(e) => Ok(Err(from_remote(e))),
-        }
+        };
+        let req = VmRequest {
+            memory_mib: spec.memory_mib,
+            cpus: spec.cpus,
+            arch: spec.arch,
+            image: spec.image.map(Into::into),
+            accel,
+            boot_timeout: spec.boot_timeout_ms.map(Duration::from_millis),
+        };
+        self.open_level(Target::Vm(req)).await
     }
 
     async fn call(
@@ -92,9 +96,76 @@ impl HostGuest for HostState {
         Ok(self.table.get(&guest)?.conn.info().ssh_command.clone())
     }
 
+    fn accel(&mut self, guest: Resource<GuestHandle>) -> wasmtime::Result<Option<String>> {
+        Ok(self
+            .table
+            .get(&guest)?
+            .conn
+            .info()
+            .accel
+            .as_ref()
+            .map(|(accel, _)| accel.clone()))
+    }
+
     fn drop(&mut self, guest: Resource<GuestHandle>) -> wasmtime::Result<()> {
         self.table.delete(guest)?;
         Ok(())
+    }
+}
+
+impl HostState {
+    /// Reaches the next level and keeps a handle to it.
+    async fn open_level(
+        &mut self,
+        target: Target,
+    ) -> wasmtime::Result<Result<Resource<GuestHandle>, WitError>> {
+        if !self.ctx.grants.nest {
+            return Ok(Err(self.error(
+                ErrorKind::Denied,
+                format!(
+                    "reaching another level is not granted at {}; add --grant nest \
+                     (or nest = true under [grants] in matryoshka.toml)",
+                    self.ctx.level.path
+                ),
+            )));
+        }
+        let depth = self.ctx.level.depth + 1;
+        let setup = LevelSetup {
+            depth,
+            path: format!("{}/L{depth}", self.ctx.level.path),
+            grants: self.ctx.grants.clone(),
+            limits: self.ctx.limits.into(),
+            env: self.ctx.env.clone(),
+            ssh: self.ctx.ssh.clone(),
+            vm: self.ctx.vms.settings.clone(),
+        };
+        let component = self.ctx.component.clone();
+        let capture = self.capture.clone();
+        match Connection::open(&target, setup, component, capture, &self.ctx.vms).await {
+            Ok(conn) => {
+                if let Some((accel, why)) = &conn.info().accel {
+                    let line = format!("{} booted with {accel} ({why})", conn.info().path);
+                    let _ = self
+                        .capture
+                        .write(Stream::Log(LogLevel::Info), line.as_bytes());
+                }
+                let handle = GuestHandle {
+                    conn: Arc::new(conn),
+                };
+                Ok(Ok(self.table.push(handle)?))
+            }
+            Err(e) => {
+                // A level that cannot be reached is the infrastructure's fault, not the test's.
+                if !matches!(
+                    e.kind,
+                    WireErrorKind::Denied | WireErrorKind::InvalidArgument
+                ) {
+                    self.infrastructure
+                        .get_or_insert_with(|| format!("{} at {}", e.message, e.level_path));
+                }
+                Ok(Err(from_remote(e)))
+            }
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 //! lines that boot VM levels.
 
 pub mod qemu;
+pub mod vm;
 
 /// Facts about the level this runtime runs at.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,7 +1,7 @@
 //! QEMU command lines for VM levels, built by pure functions from a [`MachineSpec`].
 //!
 //! Nothing here starts a process: the argv is data, unit-tested as data. The
-//! boot, readiness wait and process registry that use it come with VM levels.
+//! boot, readiness wait and process registry that use it are in [`super::vm`].
 
 use std::path::PathBuf;
 
@@ -21,6 +21,23 @@ impl Arch {
             "x86_64" => Some(Self::X86_64),
             "s390x" => Some(Self::S390x),
             _ => None,
+        }
+    }
+
+    /// The architecture of this runtime's machine.
+    pub fn host() -> Self {
+        if cfg!(target_arch = "s390x") {
+            Self::S390x
+        } else {
+            Self::X86_64
+        }
+    }
+
+    /// The name `uname -m` prints.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::X86_64 => "x86_64",
+            Self::S390x => "s390x",
         }
     }
 
@@ -62,6 +79,16 @@ pub enum Accel {
     Tcg,
 }
 
+impl Accel {
+    /// The name QEMU's `-accel` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Kvm => "kvm",
+            Self::Tcg => "tcg",
+        }
+    }
+}
+
 /// Everything that decides a VM level's command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MachineSpec {
@@ -81,12 +108,14 @@ pub struct MachineSpec {
     pub root: PathBuf,
     /// Extra kernel command-line words (e.g. `level=2`).
     pub append: Vec<String>,
+    /// A read-only disk carrying the runtime for the guest (its second virtio disk).
+    pub runtime_disk: Option<PathBuf>,
     /// Host port forwarded to the guest's SSH port, on 127.0.0.1 only.
     pub ssh_port: u16,
     /// File that receives the serial console.
     pub console_log: PathBuf,
-    /// QMP control socket.
-    pub qmp_socket: PathBuf,
+    /// QMP control socket, when the level wants one.
+    pub qmp_socket: Option<PathBuf>,
 }
 
 /// The argv (program first) that boots `spec`.
@@ -96,16 +125,20 @@ pub fn argv(spec: &MachineSpec) -> Vec<String> {
         Accel::Kvm => "host",
         Accel::Tcg => "max",
     };
-    let accel = match spec.accel {
-        Accel::Kvm => "kvm",
-        Accel::Tcg => "tcg",
-    };
-    let mut append = vec![format!("console={}", a.console()), "quiet".to_string()];
+    let accel = spec.accel.name();
+    // A kernel panic reboots at once, and -no-reboot turns that into QEMU exiting:
+    // a panicking level is seen within a poll, not at the boot deadline.
+    let mut append = vec![
+        format!("console={}", a.console()),
+        "quiet".to_string(),
+        "panic=-1".to_string(),
+    ];
     append.extend(spec.append.iter().cloned());
     let bus = a.bus();
-    vec![
+    let mut argv: Vec<String> = vec![
         a.binary().to_string(),
         "-nodefaults".into(),
+        "-no-reboot".into(),
         "-no-user-config".into(),
         "-display".into(),
         "none".into(),
@@ -134,15 +167,29 @@ pub fn argv(spec: &MachineSpec) -> Vec<String> {
         ),
         "-device".into(),
         format!("virtio-blk-{bus},drive=root"),
+    ];
+    if let Some(disk) = &spec.runtime_disk {
+        argv.push("-drive".into());
+        argv.push(format!(
+            "file={},format=raw,if=none,id=runtime,readonly=on",
+            disk.display()
+        ));
+        argv.push("-device".into());
+        argv.push(format!("virtio-blk-{bus},drive=runtime"));
+    }
+    argv.extend([
         "-netdev".into(),
         format!("user,id=net0,hostfwd=tcp:127.0.0.1:{}-:22", spec.ssh_port),
         "-device".into(),
         format!("virtio-net-{bus},netdev=net0"),
         "-serial".into(),
         format!("file:{}", spec.console_log.display()),
-        "-qmp".into(),
-        format!("unix:{},server=on,wait=off", spec.qmp_socket.display()),
-    ]
+    ]);
+    if let Some(qmp) = &spec.qmp_socket {
+        argv.push("-qmp".into());
+        argv.push(format!("unix:{},server=on,wait=off", qmp.display()));
+    }
+    argv
 }
 
 #[cfg(test)]
@@ -161,9 +208,10 @@ mod tests {
             initrd: "/img/initrd".into(),
             root: "/img/root.squashfs".into(),
             append: vec!["level=1".into()],
+            runtime_disk: None,
             ssh_port: 40022,
             console_log: "/run/L1.console".into(),
-            qmp_socket: "/run/L1.qmp".into(),
+            qmp_socket: Some("/run/L1.qmp".into()),
         }
     }
 
@@ -171,12 +219,12 @@ mod tests {
     #[case::x86_tcg(
         Arch::X86_64,
         Accel::Tcg,
-        "qemu-system-x86_64 -nodefaults -no-user-config -display none -machine q35 -accel tcg -cpu max -smp 2 -m 4096M -kernel /img/vmlinuz -initrd /img/initrd -append console=ttyS0 quiet level=1 -drive file=/img/root.squashfs,format=raw,if=none,id=root,readonly=on,cache=none,aio=native -device virtio-blk-pci,drive=root -netdev user,id=net0,hostfwd=tcp:127.0.0.1:40022-:22 -device virtio-net-pci,netdev=net0 -serial file:/run/L1.console -qmp unix:/run/L1.qmp,server=on,wait=off"
+        "qemu-system-x86_64 -nodefaults -no-reboot -no-user-config -display none -machine q35 -accel tcg -cpu max -smp 2 -m 4096M -kernel /img/vmlinuz -initrd /img/initrd -append console=ttyS0 quiet panic=-1 level=1 -drive file=/img/root.squashfs,format=raw,if=none,id=root,readonly=on,cache=none,aio=native -device virtio-blk-pci,drive=root -netdev user,id=net0,hostfwd=tcp:127.0.0.1:40022-:22 -device virtio-net-pci,netdev=net0 -serial file:/run/L1.console -qmp unix:/run/L1.qmp,server=on,wait=off"
     )]
     #[case::s390x_kvm(
         Arch::S390x,
         Accel::Kvm,
-        "qemu-system-s390x -nodefaults -no-user-config -display none -machine s390-ccw-virtio -accel kvm -cpu host -smp 2 -m 4096M -kernel /img/vmlinuz -initrd /img/initrd -append console=ttysclp0 quiet level=1 -drive file=/img/root.squashfs,format=raw,if=none,id=root,readonly=on,cache=none,aio=native -device virtio-blk-ccw,drive=root -netdev user,id=net0,hostfwd=tcp:127.0.0.1:40022-:22 -device virtio-net-ccw,netdev=net0 -serial file:/run/L1.console -qmp unix:/run/L1.qmp,server=on,wait=off"
+        "qemu-system-s390x -nodefaults -no-reboot -no-user-config -display none -machine s390-ccw-virtio -accel kvm -cpu host -smp 2 -m 4096M -kernel /img/vmlinuz -initrd /img/initrd -append console=ttysclp0 quiet panic=-1 level=1 -drive file=/img/root.squashfs,format=raw,if=none,id=root,readonly=on,cache=none,aio=native -device virtio-blk-ccw,drive=root -netdev user,id=net0,hostfwd=tcp:127.0.0.1:40022-:22 -device virtio-net-ccw,netdev=net0 -serial file:/run/L1.console -qmp unix:/run/L1.qmp,server=on,wait=off"
     )]
     fn command_lines(#[case] arch: Arch, #[case] accel: Accel, #[case] expected: &str) {
         assert_eq!(argv(&spec(arch, accel)).join(" "), expected);

@@ -22,9 +22,10 @@ use tokio::task::JoinHandle;
 
 use super::protocol::{
     FrameReader, FrameWriter, LevelSetup, Message, PROTOCOL_VERSION, RemoteError, RemoteEvent,
-    WireErrorKind,
+    SshSettings, WireErrorKind,
 };
-use super::transport::{self, Transport, TransportGuard};
+use super::transport::vm::VmContext;
+use super::transport::{self, Target, Transport, TransportGuard};
 use super::{HEARTBEAT_INTERVAL, HEARTBEAT_LOST, HELLO_TIMEOUT, READY_TIMEOUT};
 use crate::host::{Capture, ComponentSource, Stream};
 
@@ -50,8 +51,10 @@ pub struct ChildInfo {
     pub arch: String,
     /// Its host name.
     pub hostname: String,
-    /// A shell command that reaches it, for SSH levels.
+    /// A shell command that reaches it, for SSH and VM levels.
     pub ssh_command: Option<String>,
+    /// The accelerator it runs under and why, for VM levels.
+    pub accel: Option<(String, String)>,
 }
 
 /// A connection to a child runtime that serves one instance of the component.
@@ -68,10 +71,11 @@ pub struct Connection {
 impl Connection {
     /// Reaches `target`, starts a runtime there and loads the component into it.
     pub async fn open(
-        target: &str,
-        setup: LevelSetup,
+        target: &Target,
+        mut setup: LevelSetup,
         component: Arc<ComponentSource>,
         capture: Arc<Capture>,
+        vms: &VmContext,
     ) -> Result<Self, RemoteError> {
         let path = setup.path.clone();
         let lost_err = |message: String| RemoteError {
@@ -84,7 +88,25 @@ impl Connection {
             writer,
             guard,
             ssh_command,
-        } = transport::open(target, &setup).await?;
+            vm,
+        } = transport::open(target, &setup, vms).await?;
+        // A VM level boots the next ones with the run's key, and is one more SSH jump
+        // for the printed commands that reach them.
+        if let Some(vm) = &vm {
+            let known_hosts = setup
+                .ssh
+                .as_ref()
+                .map(|s| s.known_hosts.clone())
+                .unwrap_or_default();
+            let remote_cache_dir = setup.ssh.as_ref().and_then(|s| s.remote_cache_dir.clone());
+            setup.ssh = Some(SshSettings {
+                private_key: vm.key.clone(),
+                known_hosts,
+                remote_cache_dir,
+                key_path: vm.key_path.clone(),
+            });
+            setup.vm.jump.push(vm.hop.clone());
+        }
         let guard = Arc::new(Mutex::new(guard));
         let last_seen = Arc::new(Mutex::new(Instant::now()));
         let mut reader = FrameReader::new(Activity {
@@ -173,6 +195,7 @@ impl Connection {
             arch,
             hostname,
             ssh_command,
+            accel: vm.map(|v| (v.accel, v.accel_reason)),
         };
         let pending: Pending = Arc::default();
         let lost: Arc<Mutex<Option<String>>> = Arc::default();

@@ -19,6 +19,7 @@ use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
 use crate::grants::Grants;
 use crate::host::{ErrorKind, InstanceLimits, LogLevel};
+use crate::level::vm::AccelPolicy;
 
 /// The protocol version this runtime speaks; both ends must agree at `Hello`.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -120,6 +121,17 @@ pub struct LevelSetup {
     pub env: Vec<(String, String)>,
     /// How the child reaches levels below it.
     pub ssh: Option<SshSettings>,
+    /// How the child boots VM levels below it.
+    pub vm: VmSettings,
+}
+
+/// Run-wide settings of VM levels, handed down the chain.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSettings {
+    /// The run's accelerator policy.
+    pub accel: AccelPolicy,
+    /// `user@host:port` SSH hops from L0 to this level, for printed `ssh -J` commands.
+    pub jump: Vec<String>,
 }
 
 /// [`InstanceLimits`] on the wire.

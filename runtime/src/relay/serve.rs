@@ -19,6 +19,7 @@ use super::protocol::{FrameReader, FrameWriter, Message, RemoteError, RemoteEven
 use crate::engine::{self, CacheDir, LoadedSuite};
 use crate::host::{Capture, HostState, LevelContext, OutputSink, Stream, Suite};
 use crate::level::{LevelInfo, uname};
+use crate::relay::transport::vm::{RunDir, VmContext};
 
 /// Silence from the parent after which a serving runtime exits.
 const PARENT_SILENCE: Duration = Duration::from_secs(10);
@@ -41,6 +42,7 @@ pub async fn serve_stdio(opts: ServeOptions) -> u8 {
         Some((rx, tx)) => serve(rx, tx, opts).await,
         None => serve(tokio::io::stdin(), tokio::io::stdout(), opts).await,
     };
+    crate::level::vm::kill_all();
     match result {
         Ok(()) => 0,
         Err(e) => {
@@ -148,6 +150,15 @@ where
         env: setup.env.clone(),
         ssh: setup.ssh.clone(),
         component: loaded.component.clone(),
+        vms: VmContext::new(
+            setup.vm.clone(),
+            None,
+            RunDir::Temporary(std::sync::OnceLock::new()),
+            match &opts.cache {
+                CacheDir::At(dir) => Some(dir.clone()),
+                CacheDir::Disabled => None,
+            },
+        ),
     });
     let mut instance = match Instance::start(&loaded, &ctx, &out).await {
         Ok(i) => i,

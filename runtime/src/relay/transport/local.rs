@@ -31,6 +31,9 @@ pub fn spawn(setup: &LevelSetup) -> Result<Transport, RemoteError> {
             let exe = std::env::current_exe()
                 .map_err(|e| err(format!("cannot find this runtime's own binary: {e}")))?;
             let mut cmd = Command::new(exe);
+            if let Some(flag) = super::verbosity_flag().split_whitespace().next() {
+                cmd.arg(flag);
+            }
             cmd.args(["serve", "--stdio"]);
             cmd
         }
@@ -70,6 +73,7 @@ pub fn spawn(setup: &LevelSetup) -> Result<Transport, RemoteError> {
             tail,
         }),
         ssh_command: None,
+        vm: None,
     })
 }
 

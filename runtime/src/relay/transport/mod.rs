@@ -3,13 +3,42 @@
 //! - `local`: a child process running `matryoshka serve --stdio` on this machine.
 //! - `ssh://user@host[:port]`: an SSH exec channel (russh) to a runtime that was
 //!   copied there first, unless its hash was already cached.
+//! - a VM booted by this level from an image (`vm`), then reached over SSH.
 
 pub mod local;
 pub mod ssh;
+pub mod vm;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::protocol::{LevelSetup, RemoteError, WireErrorKind};
+use crate::level::vm::VmRequest;
+
+/// Where the next level is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A child runtime process on this machine.
+    Local,
+    /// `user@host[:port]`, reached over SSH.
+    Ssh(String),
+    /// A VM this level boots.
+    Vm(VmRequest),
+}
+
+impl Target {
+    /// Parses `local` or `ssh://user@host[:port]`.
+    pub fn parse(target: &str) -> Result<Self, String> {
+        if target == "local" {
+            return Ok(Self::Local);
+        }
+        if let Some(rest) = target.strip_prefix("ssh://") {
+            return Ok(Self::Ssh(rest.to_string()));
+        }
+        Err(format!(
+            "unknown target `{target}`: expected `local` or `ssh://user@host[:port]`"
+        ))
+    }
+}
 
 /// An open byte stream to a child runtime, and what keeps it alive.
 pub struct Transport {
@@ -21,6 +50,23 @@ pub struct Transport {
     pub guard: Box<dyn TransportGuard>,
     /// A shell command that reaches the child's machine, when there is one.
     pub ssh_command: Option<String>,
+    /// What booting it decided, for VM levels.
+    pub vm: Option<VmFacts>,
+}
+
+/// Facts of a VM level that its parent decided.
+#[derive(Clone)]
+pub struct VmFacts {
+    /// The accelerator it runs under (`kvm`, `tcg`).
+    pub accel: String,
+    /// Why that accelerator.
+    pub accel_reason: String,
+    /// `root@127.0.0.1:port`: the SSH hop to it from its parent.
+    pub hop: String,
+    /// The run's private key, which it accepts.
+    pub key: String,
+    /// Where that key is at L0, when it is in a file.
+    pub key_path: Option<String>,
 }
 
 /// Owns what runs a child runtime.
@@ -32,18 +78,41 @@ pub trait TransportGuard: Send {
 }
 
 /// Opens a transport to `target` for the level described by `setup`.
-pub async fn open(target: &str, setup: &LevelSetup) -> Result<Transport, RemoteError> {
-    if target == "local" {
-        return local::spawn(setup);
+pub async fn open(
+    target: &Target,
+    setup: &LevelSetup,
+    vms: &vm::VmContext,
+) -> Result<Transport, RemoteError> {
+    match target {
+        Target::Local => local::spawn(setup),
+        Target::Ssh(spec) => {
+            let Some(ssh) = &setup.ssh else {
+                return Err(RemoteError {
+                    kind: WireErrorKind::InvalidArgument,
+                    message: format!(
+                        "no SSH key and pinned host keys for this run: pass --ssh-key FILE and \
+                         --ssh-known-hosts FILE (reaching {} at ssh://{spec})",
+                        setup.path
+                    ),
+                    level_path: setup.path.clone(),
+                });
+            };
+            ssh::open(spec, setup, ssh).await
+        }
+        Target::Vm(req) => vm::open(req, setup, vms).await,
     }
-    if let Some(rest) = target.strip_prefix("ssh://") {
-        return ssh::open(rest, setup).await;
+}
+
+/// ` -v` or ` -vv` when this runtime logs at info or debug level, else empty: a
+/// child runtime logs as much, and its stderr is relayed into this one's log.
+pub fn verbosity_flag() -> &'static str {
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        " -vv"
+    } else if tracing::enabled!(tracing::Level::INFO) {
+        " -v"
+    } else {
+        ""
     }
-    Err(RemoteError {
-        kind: WireErrorKind::InvalidArgument,
-        message: format!("unknown target `{target}`: expected `local` or `ssh://user@host[:port]`"),
-        level_path: setup.path.clone(),
-    })
 }
 
 /// The last lines a child runtime wrote to its stderr, for error messages.

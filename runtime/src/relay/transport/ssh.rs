@@ -44,6 +44,11 @@ pub struct RuntimeImage {
 }
 
 impl RuntimeImage {
+    /// The binary.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
     /// The binary, gzip-compressed; a `.gz` copy beside it is used when present.
     pub fn gz(&self) -> Result<Arc<Vec<u8>>, String> {
         self.gz
@@ -132,25 +137,39 @@ fn remembered_sha(path: &std::path::Path) -> Result<String, String> {
     Ok(sha)
 }
 
-/// The image to send to a level of architecture `arch`.
-fn image_for(arch: &str) -> Result<Arc<RuntimeImage>, String> {
-    if arch == std::env::consts::ARCH {
-        return own_image();
+/// The image to send to a level of architecture `arch`: the build in
+/// `$MATRYOSHKA_RUNTIME_DIR/<arch>/matryoshka` when there is one (e.g. a release
+/// build, small to copy, driven by a debug build at L0), else this runtime itself
+/// when the architecture matches.
+pub fn image_for(arch: &str) -> Result<Arc<RuntimeImage>, String> {
+    static CHOSEN: OnceLock<Mutex<std::collections::HashMap<String, Arc<RuntimeImage>>>> =
+        OnceLock::new();
+    let chosen = CHOSEN.get_or_init(Mutex::default);
+    if let Some(image) = chosen.lock().unwrap_or_else(|e| e.into_inner()).get(arch) {
+        return Ok(image.clone());
     }
     let dir = std::env::var_os("MATRYOSHKA_RUNTIME_DIR").map(PathBuf::from);
     let candidate = dir.as_ref().map(|d| d.join(arch).join("matryoshka"));
-    match candidate {
-        Some(path) if path.exists() => image_of(&path).map(Arc::new),
-        _ => Err(format!(
-            "the level is {arch} but this runtime is {}, and no {arch} runtime was found{}: build one \
+    let image = match candidate {
+        Some(path) if path.exists() => Arc::new(image_of(&path)?),
+        _ if arch == std::env::consts::ARCH => own_image()?,
+        _ => {
+            return Err(format!(
+                "the level is {arch} but this runtime is {}, and no {arch} runtime was found{}: build one \
              with `cargo build --release --target {arch}-unknown-linux-gnu -p matryoshka` and put it at \
              $MATRYOSHKA_RUNTIME_DIR/{arch}/matryoshka",
-            std::env::consts::ARCH,
-            candidate
-                .map(|p| format!(" at {}", p.display()))
-                .unwrap_or_else(|| " ($MATRYOSHKA_RUNTIME_DIR is not set)".into())
-        )),
-    }
+                std::env::consts::ARCH,
+                candidate
+                    .map(|p| format!(" at {}", p.display()))
+                    .unwrap_or_else(|| " ($MATRYOSHKA_RUNTIME_DIR is not set)".into())
+            ));
+        }
+    };
+    chosen
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(arch.to_string(), image.clone());
+    Ok(image)
 }
 
 /// `user@host[:port]`.
@@ -233,8 +252,13 @@ impl client::Handler for Pinned {
     }
 }
 
-/// Connects, copies the runtime if needed, and starts it serving.
-pub async fn open(spec: &str, setup: &LevelSetup) -> Result<Transport, RemoteError> {
+/// Connects with `ssh`'s key and pinned host keys, copies the runtime if needed,
+/// and starts it serving.
+pub async fn open(
+    spec: &str,
+    setup: &LevelSetup,
+    ssh: &SshSettings,
+) -> Result<Transport, RemoteError> {
     let err = |kind: WireErrorKind, message: String| RemoteError {
         kind,
         message: format!("{message} (reaching {} at ssh://{spec})", setup.path),
@@ -242,12 +266,6 @@ pub async fn open(spec: &str, setup: &LevelSetup) -> Result<Transport, RemoteErr
     };
     let target = SshTarget::parse(spec).map_err(|m| err(WireErrorKind::InvalidArgument, m))?;
     let started = std::time::Instant::now();
-    let Some(ssh) = &setup.ssh else {
-        return Err(err(
-            WireErrorKind::InvalidArgument,
-            "no SSH key and pinned host keys for this run: pass --ssh-key FILE and --ssh-known-hosts FILE".into(),
-        ));
-    };
     let handle = tokio::time::timeout(CONNECT_TIMEOUT, connect(&target, ssh))
         .await
         .map_err(|_| {
@@ -268,16 +286,17 @@ pub async fn open(spec: &str, setup: &LevelSetup) -> Result<Transport, RemoteErr
     // Warm path, one exec: if this runtime is already cached there (same arch, same
     // hash), the script becomes it and speaks the protocol at once. Otherwise it
     // prints a probe report: arch, cache folder, the runtimes it has.
-    let own = tokio::task::spawn_blocking(own_image)
+    let own = tokio::task::spawn_blocking(|| image_for(std::env::consts::ARCH))
         .await
         .map_err(|e| err(WireErrorKind::Internal, e.to_string()))?
         .map_err(|m| err(WireErrorKind::Unsupported, m))?;
     let first = format!(
         "D={cache}; B=\"$D/bin/matryoshka-{sha}\"; \
-         if [ \"$(uname -m)\" = {arch} ] && [ -x \"$B\" ]; then exec \"$B\" serve --stdio --cache-dir \"$D\"; fi; \
+         if [ \"$(uname -m)\" = {arch} ] && [ -x \"$B\" ]; then exec \"$B\"{verbose} serve --stdio --cache-dir \"$D\"; fi; \
          echo {PROBE_MARK}; mkdir -p \"$D/bin\" && uname -m && echo \"$D\" && ls \"$D/bin\"",
         sha = own.sha256,
         arch = sh_quote(std::env::consts::ARCH),
+        verbose = super::verbosity_flag(),
     );
     let mut chan = tokio::time::timeout(EXEC_TIMEOUT, start_channel(&handle, &first, &setup.path))
         .await
@@ -365,8 +384,9 @@ pub async fn open(spec: &str, setup: &LevelSetup) -> Result<Transport, RemoteErr
         started.elapsed().as_millis()
     );
     let serve = format!(
-        "exec {} serve --stdio --cache-dir {}",
+        "exec {}{} serve --stdio --cache-dir {}",
         sh_quote(&remote_bin),
+        super::verbosity_flag(),
         sh_quote(&dir)
     );
     let chan = start_channel(&handle, &serve, &setup.path)
@@ -404,6 +424,7 @@ impl StartedChannel {
                 tail: self.tail,
             }),
             ssh_command,
+            vm: None,
         }
     }
 }

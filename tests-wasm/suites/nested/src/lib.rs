@@ -1,0 +1,170 @@
+//! The nested demo: a loop that boots guests from one shared image up to level N.
+//!
+//! At each level the same component boots the next guest (the image that level
+//! itself booted from), calls itself there, and checks what the level below says
+//! about itself against what its runtime reported when booting it. The deepest
+//! level checksums the read-only root it was handed, which L0 compares with the
+//! image file.
+//!
+//! Environment (set with `--env`):
+//! - `NESTED_LEVELS`: depth of the chain (default 2);
+//! - `NESTED_ROOT`: the image's root at L0 (default `target/images/x86_64/root.img`);
+//! - `NESTED_MEMORY_MIB`, `NESTED_BOOT_TIMEOUT_MS`: passed to every boot, for
+//!   tests of boot failures.
+
+use std::time::Duration;
+
+use matryoshka_guest::host::{self, Error};
+use matryoshka_guest::nest::{Guest, Vm};
+use serde::{Deserialize, Serialize};
+
+/// What one level says about itself, and what its parent said about it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Level {
+    level: u32,
+    path: String,
+    hostname: String,
+    /// `level=N accel=… kvm=…`, written by the level's init from what its kernel saw.
+    seen: String,
+    /// The accelerator the parent's runtime booted it with.
+    reported_accel: Option<String>,
+    /// sha256 of `/dev/vda`, at the deepest level only.
+    root_sha256: Option<String>,
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+fn levels() -> u32 {
+    env_u64("NESTED_LEVELS").map_or(2, |n| n as u32)
+}
+
+fn vm() -> Vm {
+    let mut vm = Vm::new();
+    if let Some(mib) = env_u64("NESTED_MEMORY_MIB") {
+        vm = vm.memory_mib(mib as u32);
+    }
+    if let Some(ms) = env_u64("NESTED_BOOT_TIMEOUT_MS") {
+        vm = vm.boot_timeout(Duration::from_millis(ms));
+    }
+    vm
+}
+
+fn run(argv: &[&str]) -> Result<String, Error> {
+    Ok(host::check_output(argv)?.trim().to_string())
+}
+
+fn sha256_of(path: &str) -> Result<String, Error> {
+    let out = run(&["sha256sum", path])?;
+    Ok(out
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
+fn here() -> Result<Level, Error> {
+    let level = host::level();
+    Ok(Level {
+        level,
+        path: host::level_path(),
+        hostname: host::hostname(),
+        seen: if level == 0 {
+            String::new()
+        } else {
+            run(&["cat", "/run/matryoshka/level"])?
+        },
+        reported_accel: None,
+        root_sha256: None,
+    })
+}
+
+// ---- remote function: runs at every level ----
+
+/// This level's facts, then, unless it is the deepest, the next level's: booted
+/// here from the image this level came from.
+fn descend(_: ()) -> Result<Vec<Level>, Error> {
+    let mut me = here()?;
+    if me.level >= levels() {
+        me.root_sha256 = Some(sha256_of("/dev/vda")?);
+        return Ok(vec![me]);
+    }
+    log::info!("{}: booting level {}", me.path, me.level + 1);
+    let guest = Guest::boot(&vm())?;
+    let mut below: Vec<Level> = guest.call("descend", &())?;
+    if let Some(child) = below.first_mut() {
+        assert_eq!(
+            child.level,
+            guest.level(),
+            "the level below says it is another depth"
+        );
+        child.reported_accel = guest.accel();
+    }
+    log::info!(
+        "{}: level {} answered; shutting it down",
+        me.path,
+        me.level + 1
+    );
+    let mut all = vec![me];
+    all.append(&mut below);
+    Ok(all)
+}
+
+// ---- tests ----
+
+fn nested_levels() -> Result<(), Error> {
+    let n = levels();
+    let chain = descend(())?;
+    assert_eq!(chain.len() as u32, n + 1, "one answer per level: {chain:?}");
+    for (depth, l) in chain.iter().enumerate().skip(1) {
+        let depth = depth as u32;
+        log::info!(
+            "{}: hostname {}, {}, booted with {}",
+            l.path,
+            l.hostname,
+            l.seen,
+            l.reported_accel.as_deref().unwrap_or("?")
+        );
+        assert_eq!(l.level, depth);
+        assert_eq!(l.hostname, format!("level-{depth}"));
+        assert!(
+            l.seen.starts_with(&format!("level={depth} ")),
+            "{}: init says `{}`",
+            l.path,
+            l.seen
+        );
+        // The accelerator the parent chose is the one the level's kernel saw.
+        let seen_accel = l
+            .seen
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("accel="));
+        assert_eq!(
+            seen_accel,
+            l.reported_accel.as_deref(),
+            "{}: booted with {:?} but its kernel saw `{}`",
+            l.path,
+            l.reported_accel,
+            l.seen
+        );
+    }
+    let deepest = chain.last().expect("at least L0");
+    let root = std::env::var("NESTED_ROOT")
+        .unwrap_or_else(|_| "target/images/x86_64/root.img".to_string());
+    let expected = sha256_of(&root)?;
+    assert_eq!(
+        deepest.root_sha256.as_deref(),
+        Some(expected.as_str()),
+        "the root read at {} differs from {root}",
+        deepest.path
+    );
+    Ok(())
+}
+
+matryoshka_guest::suite! {
+    tests: [
+        #[timeout_ms(900_000)]
+        nested_levels,
+    ],
+    remote: [descend],
+}
