@@ -86,7 +86,7 @@ fn nested_demo_boots_each_level_from_the_same_image() {
     eprintln!("nested demo to L{levels}: {:.1} s", took.as_secs_f64());
     run.expect_code(0);
     assert!(
-        run.line_for("PASS", "nested::nested_levels")
+        run.line_for("PASS", "nested_levels")
             .contains("L0 nested::nested_levels"),
         "{}",
         run.stdout
@@ -126,7 +126,7 @@ fn image_with_initrd(dir: &Path, initrd: &[u8]) -> PathBuf {
 #[track_caller]
 fn expect_infrastructure_error(run: &Run, needles: &[&str]) {
     run.expect_code(101);
-    let line = run.line_for("FAIL", "nested::nested_levels");
+    let line = run.line_for("FAIL", "nested_levels");
     assert!(line.contains("L0 nested::nested_levels"), "{line}");
     for needle in needles {
         run.expect_stdout(needle);
@@ -213,5 +213,60 @@ fn qemu_exiting_early_fails_within_two_seconds() {
         .and_then(|secs| secs.parse().ok())
         .unwrap_or_else(|| panic!("no exit time in:\n{}", run.stdout));
     assert!(after < 2.0, "QEMU's exit was seen after {after} s");
+    assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
+}
+
+/// Starts the demo to L1 and returns once its QEMU has written to the console.
+fn start_booting(dir: &Path) -> std::process::Child {
+    let child = common::bin()
+        .args(["test", NESTED, "--env", "NESTED_LEVELS=1", "--accel", "tcg"])
+        .arg("--image-dir")
+        .arg(image_dir())
+        .arg("--run-dir")
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start matryoshka");
+    let console = dir.join("L0-L1.console");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::metadata(&console).map_or(true, |m| m.len() == 0) {
+        assert!(Instant::now() < deadline, "QEMU never wrote to {}", console.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(qemu_running(dir), "no QEMU process names {}", dir.display());
+    child
+}
+
+fn qemu_running(dir: &Path) -> bool {
+    let out = Command::new("pgrep")
+        .args(["-a", "-f", &dir.display().to_string()])
+        .output()
+        .expect("pgrep");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.contains("qemu-system"))
+}
+
+#[test]
+fn ctrl_c_during_a_boot_stops_the_vm() {
+    let dir = run_dir("sigint");
+    let mut child = start_booting(dir.path());
+    // SAFETY: kill(2) on the child we started; no memory is involved.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
+}
+
+#[test]
+fn a_killed_runtime_takes_its_vm_with_it() {
+    let dir = run_dir("sigkill");
+    let mut child = start_booting(dir.path());
+    child.kill().expect("SIGKILL");
+    child.wait().expect("wait");
+    // No destructor ran: the parent-death signal is what stops QEMU.
     assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
 }

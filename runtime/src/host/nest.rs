@@ -160,8 +160,13 @@ impl HostState {
                     e.kind,
                     WireErrorKind::Denied | WireErrorKind::InvalidArgument
                 ) {
-                    self.infrastructure
-                        .get_or_insert_with(|| format!("{} at {}", e.message, e.level_path));
+                    self.infrastructure.get_or_insert_with(|| {
+                        if e.message.contains(&e.level_path) {
+                            e.message.clone()
+                        } else {
+                            format!("{}: {}", e.level_path, e.message)
+                        }
+                    });
                 }
                 Ok(Err(from_remote(e)))
             }
