@@ -198,7 +198,13 @@ pub fn load_bytes(path: &Path, bytes: Vec<u8>, cache: &CacheDir) -> Result<Loade
         path: path.to_path_buf(),
         name,
         sha256: sha256.clone(),
-        component: Arc::new(ComponentSource { bytes, sha256 }),
+        component: Arc::new(ComponentSource {
+            precompiled: artifact_path(&engine, cache, &sha256)
+                .filter(|p| p.exists())
+                .map(|p| (engine_key(&engine), p)),
+            bytes,
+            sha256,
+        }),
         source,
         pre,
         engine,
@@ -227,17 +233,7 @@ fn compile_cached(
     sha256: &str,
     cache: &CacheDir,
 ) -> Result<(Component, CompileSource), LoadError> {
-    let artifact = match cache {
-        CacheDir::At(dir) => {
-            let mut h = DefaultHasher::new();
-            engine.precompile_compatibility_hash().hash(&mut h);
-            Some(
-                dir.join(format!("{:016x}", h.finish()))
-                    .join(format!("{sha256}.cwasm")),
-            )
-        }
-        CacheDir::Disabled => None,
-    };
+    let artifact = artifact_path(engine, cache, sha256);
     if let Some(artifact) = &artifact
         && artifact.exists()
     {
@@ -261,6 +257,49 @@ fn compile_cached(
         );
     }
     Ok((component, CompileSource::Compiled))
+}
+
+/// What makes precompiled artifacts interchangeable: engines with equal keys
+/// (same wasmtime, same configuration) can load each other's artifacts.
+pub fn engine_key(engine: &wasmtime::Engine) -> String {
+    let mut h = DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+/// Where the precompiled artifact of the component `sha256` lives in `cache`.
+pub fn artifact_path(engine: &wasmtime::Engine, cache: &CacheDir, sha256: &str) -> Option<PathBuf> {
+    match cache {
+        CacheDir::At(dir) => Some(
+            dir.join(engine_key(engine))
+                .join(format!("{sha256}.cwasm")),
+        ),
+        CacheDir::Disabled => None,
+    }
+}
+
+/// Puts an artifact precompiled by a parent level into `cache`, so loading the
+/// component skips Cranelift. Loading checks it like any cached artifact (and
+/// compiles after all if this machine's CPU lacks a feature it uses).
+pub fn adopt_artifact(cache: &CacheDir, key: &str, sha256: &str, bytes: &[u8]) {
+    let Ok(engine) = engine() else { return };
+    if key != engine_key(&engine) {
+        return;
+    }
+    let Some(path) = artifact_path(&engine, cache, sha256) else {
+        return;
+    };
+    let write = || -> anyhow::Result<()> {
+        let dir = path.parent().ok_or_else(|| anyhow::anyhow!("no parent"))?;
+        std::fs::create_dir_all(dir)?;
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+        std::io::Write::write_all(&mut tmp, bytes)?;
+        tmp.persist(&path)?;
+        Ok(())
+    };
+    if let Err(e) = write() {
+        tracing::warn!("cannot keep the precompiled component at {}: {e:#}", path.display());
+    }
 }
 
 fn store_artifact(component: &Component, artifact: &Path) -> anyhow::Result<()> {

@@ -85,6 +85,9 @@ pub struct ComponentSource {
     pub bytes: Vec<u8>,
     /// Their hex sha256.
     pub sha256: String,
+    /// This level's precompiled artifact of them: (engine key, file), handed
+    /// down with the bytes so levels with the same engine skip compiling.
+    pub precompiled: Option<(String, std::path::PathBuf)>,
 }
 
 /// Everything an instance at this level may know and use, shared by all its instances.

@@ -73,6 +73,9 @@ impl HostGuest for HostState {
         let result = conn
             .call(&function, args, timeout_ms.map(Duration::from_millis))
             .await;
+        if let Err(e) = &result {
+            self.note_infrastructure(e);
+        }
         Ok(result.map_err(from_remote))
     }
 
@@ -154,23 +157,35 @@ impl HostState {
                 };
                 Ok(Ok(self.table.push(handle)?))
             }
-            Err(e) => {
+            Err(mut e) => {
                 // A level that cannot be reached is the infrastructure's fault, not the test's.
                 if !matches!(
                     e.kind,
                     WireErrorKind::Denied | WireErrorKind::InvalidArgument
                 ) {
-                    self.infrastructure.get_or_insert_with(|| {
-                        if e.message.contains(&e.level_path) {
-                            e.message.clone()
-                        } else {
-                            format!("{}: {}", e.level_path, e.message)
-                        }
-                    });
+                    e.kind = WireErrorKind::LevelLost;
+                    self.note_infrastructure(&e);
                 }
                 Ok(Err(from_remote(e)))
             }
         }
+    }
+}
+
+impl HostState {
+    /// Remembers a lost or unbootable level (kind `level-lost`, here or below) as
+    /// the cause of this test's failure, should it fail.
+    fn note_infrastructure(&mut self, e: &RemoteError) {
+        if e.kind != WireErrorKind::LevelLost {
+            return;
+        }
+        self.infrastructure.get_or_insert_with(|| {
+            if e.message.contains(&e.level_path) {
+                e.message.clone()
+            } else {
+                format!("{}: {}", e.level_path, e.message)
+            }
+        });
     }
 }
 

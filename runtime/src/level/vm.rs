@@ -23,7 +23,8 @@ use serde::{Deserialize, Serialize};
 
 use super::qemu::{self, Accel, Arch, MachineSpec};
 
-/// How long a KVM boot may stay silent before `auto` gives up on KVM.
+/// How long a KVM boot of L1 may stay silent before `auto` gives up on KVM
+/// (times the depth for deeper levels).
 const KVM_PROBE: Duration = Duration::from_secs(30);
 /// Default deadline for the ready marker.
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -146,6 +147,10 @@ pub struct BootPlan {
     pub memo_dir: Option<PathBuf>,
     /// The runtime to hand the level on a second disk, when there is one.
     pub runtime: Option<RuntimeDisk>,
+    /// The level's SSH host key, made by this level: (OpenSSH private key,
+    /// `<algo> <base64>` public key). Without one the level makes its own and
+    /// prints it on the console.
+    pub host_key: Option<(String, String)>,
 }
 
 /// A runtime binary as a disk image (zero-padded to whole sectors), for a level's
@@ -364,6 +369,9 @@ async fn start_and_wait(
                     .iter()
                     .map(|r| format!("matryoshka.runtime={}:{}", r.sha256, r.size)),
             )
+            .chain(plan.host_key.iter().map(|(private, _)| {
+                format!("matryoshka.hostkey={}", base64_encode(private.as_bytes()))
+            }))
             .collect(),
             runtime_disk: plan.runtime.as_ref().map(|r| r.path.clone()),
             ssh_port,
@@ -413,7 +421,9 @@ async fn wait_ready(
         tokio::time::sleep(Duration::from_millis(50)).await;
         let console = qemu.console();
         if let Some(ready) = line_after(&console, "MATRYOSHKA-READY ") {
-            let Some(key) = line_after(&console, "MATRYOSHKA-HOSTKEY ") else {
+            let printed = line_after(&console, "MATRYOSHKA-HOSTKEY ");
+            let Some(key) = printed.or_else(|| plan.host_key.as_ref().map(|(_, public)| public.clone()))
+            else {
                 return Err(Failure::Boot(format!(
                     "{} printed its ready marker but no host key; console: {}",
                     plan.path,
@@ -460,11 +470,13 @@ async fn wait_ready(
             )));
         }
         let waited = started.elapsed();
-        if probe && waited > KVM_PROBE && !console.contains("MATRYOSHKA-BOOT") {
+        // Each level down runs slower: the silence allowed grows with the depth.
+        let silence = KVM_PROBE * plan.depth.max(1);
+        if probe && waited > silence && !console.contains("MATRYOSHKA-BOOT") {
             qemu.kill();
             return Err(Failure::KvmUnusable(format!(
                 "a KVM guest printed nothing for {} s",
-                KVM_PROBE.as_secs()
+                silence.as_secs()
             )));
         }
         if waited > timeout {

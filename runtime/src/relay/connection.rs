@@ -173,7 +173,12 @@ impl Connection {
                 Message::NeedComponent => {
                     let bytes = component.bytes.clone();
                     writer
-                        .send(&Message::Component { bytes })
+                        .send(&Message::Component {
+                            bytes,
+                            precompiled: component.precompiled.as_ref().and_then(|(key, path)| {
+                                std::fs::read(path).ok().map(|b| (key.clone(), b))
+                            }),
+                        })
                         .await
                         .map_err(|e| lost_err(cause(&guard, e.to_string())))?;
                 }

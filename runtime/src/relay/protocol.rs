@@ -54,6 +54,8 @@ pub enum Message {
     Component {
         /// The `.wasm` file.
         bytes: Vec<u8>,
+        /// The parent's precompiled artifact: (engine key, bytes), when it has one.
+        precompiled: Option<(String, Vec<u8>)>,
     },
     /// Child → parent: the instance is up and takes calls.
     Ready,

@@ -106,8 +106,8 @@ where
         Some(bytes) => bytes,
         None => {
             let _ = out.send(Message::NeedComponent);
-            let bytes = match reader.next().await {
-                Some(Ok(Message::Component { bytes })) => bytes,
+            let (bytes, precompiled) = match reader.next().await {
+                Some(Ok(Message::Component { bytes, precompiled })) => (bytes, precompiled),
                 Some(Ok(other)) => return Err(format!("expected Component, got {other:?}")),
                 Some(Err(e)) => return Err(e.to_string()),
                 None => return Ok(()),
@@ -119,6 +119,9 @@ where
                 return finish(out, writer_task).await;
             }
             store_component(&opts.cache, &sha, &bytes);
+            if let Some((key, artifact)) = precompiled {
+                engine::adopt_artifact(&opts.cache, &key, &sha, &artifact);
+            }
             bytes
         }
     };
@@ -323,8 +326,16 @@ impl Instance {
         let mut kind = WireErrorKind::Internal;
         let trapped = match outcome {
             Some(Some(Ok(result))) => {
+                // A call that failed after a level below could not be booted or was
+                // lost failed for that reason: say so to the parent, whatever kind
+                // the component chose.
+                let lost = self.store.data().infrastructure_error().is_some();
                 return result.map_err(|e| RemoteError {
-                    kind: e.kind.into(),
+                    kind: if lost {
+                        WireErrorKind::LevelLost
+                    } else {
+                        e.kind.into()
+                    },
                     message: e.message,
                     level_path: e.level_path,
                 });

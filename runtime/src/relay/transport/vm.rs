@@ -201,6 +201,17 @@ pub async fn open(
             None
         }
     };
+    // The level's host key is made here and handed in on its kernel command line,
+    // which only this level controls: nothing to generate (slowly, under TCG) there.
+    let host_key = RunKey::generate().ok().map(|k| {
+        let public = k
+            .public_line
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ");
+        (k.private_key, public)
+    });
     let plan = BootPlan {
         depth: setup.depth,
         path: setup.path.clone(),
@@ -209,6 +220,7 @@ pub async fn open(
         authorized_key: key.public_line.clone(),
         memo_dir: ctx.memo_dir.clone(),
         runtime,
+        host_key,
     };
     let booted = vm::boot(&req, &plan).await.map_err(|m| {
         let kind = if m.starts_with("no ") && m.contains("images/build.sh") {

@@ -80,12 +80,32 @@ fn here() -> Result<Level, Error> {
     })
 }
 
+/// RSS of this level's runtime and QEMU processes, from `ps`.
+fn resident() -> Result<String, Error> {
+    let table = run(&["ps", "-eo", "rss=,comm="])?;
+    let mut parts = Vec::new();
+    for line in table.lines() {
+        let mut words = line.split_whitespace();
+        let (Some(rss), Some(comm)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let kib: u64 = rss.parse().unwrap_or(0);
+        if comm.starts_with("qemu-system") || comm.starts_with("matryoshka") {
+            parts.push(format!("{comm} {} MiB", kib / 1024));
+        }
+    }
+    Ok(parts.join(", "))
+}
+
 // ---- remote function: runs at every level ----
 
 /// This level's facts, then, unless it is the deepest, the next level's: booted
 /// here from the image this level came from.
 fn descend(_: ()) -> Result<Vec<Level>, Error> {
     let mut me = here()?;
+    if me.level > 0 {
+        log::info!("{}: answering at level {}", me.path, me.level);
+    }
     if me.level >= levels() {
         me.root_sha256 = Some(sha256_of("/dev/vda")?);
         return Ok(vec![me]);
@@ -101,6 +121,8 @@ fn descend(_: ()) -> Result<Vec<Level>, Error> {
         );
         child.reported_accel = guest.accel();
     }
+    // While the level below is up: what its QEMU and this level's runtime hold.
+    log::info!("{}: resident memory: {}", me.path, resident()?);
     log::info!(
         "{}: level {} answered; shutting it down",
         me.path,
