@@ -10,6 +10,7 @@ use std::fs::File;
 use std::io::{self, BufWriter, IsTerminal};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -17,8 +18,8 @@ use tokio::sync::mpsc;
 
 use crate::engine::{self, CacheDir};
 use crate::grants::Grants;
-use crate::host::InstanceLimits;
 use crate::host::LevelContext;
+use crate::host::{InstanceLimits, OutputSink, Stream};
 use crate::level::LevelInfo;
 use crate::level::vm::AccelPolicy;
 use crate::relay::protocol::{SshSettings, VmSettings};
@@ -29,7 +30,7 @@ use crate::reporter::json::JsonReporter;
 use crate::reporter::junit::JunitReporter;
 use crate::reporter::tap::TapReporter;
 use crate::reporter::{Format, Reporter};
-use crate::runner::{self, IgnoredMode, RunOptions, Runner};
+use crate::runner::{self, Chain, IgnoredMode, RunOptions, Runner};
 
 /// Some selected test failed.
 pub const EXIT_TESTS_FAILED: u8 = 100;
@@ -151,6 +152,10 @@ struct TestArgs {
     /// Folder with the image VM levels boot (vmlinuz, initrd, root.img) [default: $MATRYOSHKA_IMAGE_DIR or target/images/<arch>].
     #[arg(long, value_name = "PATH")]
     image_dir: Option<PathBuf>,
+    /// Run each test at the deepest level of a chain of N VM levels booted for the run
+    /// (L0 -> L1 -> ... -> LN, each booted by the level above from the same image).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    levels: u32,
     /// Folder for this run's consoles, QEMU logs and SSH key [default: target/matryoshka/<run>].
     #[arg(long, value_name = "PATH")]
     run_dir: Option<PathBuf>,
@@ -382,6 +387,39 @@ async fn test(args: TestArgs) -> u8 {
     if args.list {
         return list(&runner, &plan, args.format);
     }
+    let (runner, opts) = if args.levels > 0 {
+        eprintln!(
+            "booting {} VM level{} for the run (L1 .. L{}); every test runs at the deepest",
+            args.levels,
+            if args.levels == 1 { "" } else { "s" },
+            args.levels
+        );
+        let sink: OutputSink = Arc::new(|origin: &str, stream, text: &str| {
+            if let Stream::Log(level) = stream {
+                eprintln!("  {} {origin} | {text}", level.as_str());
+            }
+        });
+        let booted = tokio::select! {
+            booted = Chain::boot(runner.context(), args.levels, Some(sink)) => booted,
+            _ = tokio::signal::ctrl_c() => {
+                eprintln!("interrupted: stopping the levels booted so far");
+                return EXIT_INTERRUPTED;
+            }
+        };
+        match booted {
+            Ok(chain) => {
+                eprintln!("{} is up", chain.deepest());
+                // One chain, one test at a time: its output is the running test's.
+                (runner.with_chain(chain), RunOptions { jobs: 1, ..opts })
+            }
+            Err(e) => {
+                eprintln!("error: {}", e.message);
+                return EXIT_COULD_NOT_RUN;
+            }
+        }
+    } else {
+        (runner, opts)
+    };
     let mut reporters = match reporters(&args) {
         Ok(r) => r,
         Err(e) => {

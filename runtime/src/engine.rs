@@ -270,10 +270,7 @@ pub fn engine_key(engine: &wasmtime::Engine) -> String {
 /// Where the precompiled artifact of the component `sha256` lives in `cache`.
 pub fn artifact_path(engine: &wasmtime::Engine, cache: &CacheDir, sha256: &str) -> Option<PathBuf> {
     match cache {
-        CacheDir::At(dir) => Some(
-            dir.join(engine_key(engine))
-                .join(format!("{sha256}.cwasm")),
-        ),
+        CacheDir::At(dir) => Some(dir.join(engine_key(engine)).join(format!("{sha256}.cwasm"))),
         CacheDir::Disabled => None,
     }
 }
@@ -298,7 +295,10 @@ pub fn adopt_artifact(cache: &CacheDir, key: &str, sha256: &str, bytes: &[u8]) {
         Ok(())
     };
     if let Err(e) = write() {
-        tracing::warn!("cannot keep the precompiled component at {}: {e:#}", path.display());
+        tracing::warn!(
+            "cannot keep the precompiled component at {}: {e:#}",
+            path.display()
+        );
     }
 }
 

@@ -1,11 +1,11 @@
 //! The one stream of events a run produces; every reporter reads only this.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::host::{CapturedOutput, Stream};
 
 /// Why a test failed, as a category.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FailureKind {
     /// The guest panicked or asserted (it reported where).
@@ -40,7 +40,7 @@ impl FailureKind {
 }
 
 /// A failed test, explained.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TestFailure {
     /// The category.
     pub kind: FailureKind,

@@ -18,6 +18,10 @@ use crate::host::{
     Capture, CapturedOutput, Failure, HostState, LevelContext, MemoryLimitExceeded,
     OutputLimitExceeded, OutputSink, Suite, TestCase,
 };
+use crate::level::vm::VmRequest;
+use crate::relay::connection::Connection;
+use crate::relay::protocol::{LevelSetup, RemoteError};
+use crate::relay::transport::Target;
 
 /// Which ignored tests run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -125,10 +129,92 @@ pub fn plan(cases: &[TestCase], opts: &RunOptions) -> Plan {
     plan
 }
 
+/// A chain of VM levels booted for a run (`--levels N`), whose deepest level runs
+/// every test. Output relayed from it goes to the capture of the running test.
+pub struct Chain {
+    conn: Connection,
+    current: Arc<std::sync::Mutex<Option<Arc<Capture>>>>,
+    deepest: String,
+}
+
+impl Chain {
+    /// Boots `levels` VM levels below `ctx`'s level, each from the image the level
+    /// above booted from; `sink` receives what levels below write outside tests.
+    pub async fn boot(
+        ctx: &LevelContext,
+        levels: u32,
+        sink: Option<OutputSink>,
+    ) -> Result<Self, RemoteError> {
+        let current: Arc<std::sync::Mutex<Option<Arc<Capture>>>> = Arc::default();
+        let relay: OutputSink = {
+            let current = current.clone();
+            Arc::new(move |origin: &str, stream, text: &str| {
+                let test = current.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                match (test, &sink) {
+                    (Some(capture), _) => {
+                        let _ = capture.write_from(origin, stream, text.as_bytes());
+                    }
+                    (None, Some(sink)) => sink(origin, stream, text),
+                    (None, None) => {}
+                }
+            })
+        };
+        let capture = Capture::forwarding(&ctx.level.path, usize::MAX, relay);
+        let depth = ctx.level.depth + 1;
+        let setup = LevelSetup {
+            depth,
+            path: format!("{}/L{depth}", ctx.level.path),
+            grants: ctx.grants.clone(),
+            limits: ctx.limits.into(),
+            env: ctx.env.clone(),
+            ssh: ctx.ssh.clone(),
+            vm: ctx.vms.settings.clone(),
+            descend: levels.saturating_sub(1),
+        };
+        let conn = Connection::open(
+            &Target::Vm(VmRequest::default()),
+            setup,
+            ctx.component.clone(),
+            capture,
+            &ctx.vms,
+        )
+        .await?;
+        let deepest = (depth..depth + levels.max(1))
+            .fold(ctx.level.path.clone(), |path, d| format!("{path}/L{d}"));
+        Ok(Self {
+            conn,
+            current,
+            deepest,
+        })
+    }
+
+    /// The level path of the deepest level.
+    pub fn deepest(&self) -> String {
+        self.deepest.clone()
+    }
+
+    /// Runs `name` at the deepest level for a level above, whose output goes on up.
+    pub async fn forward_run(&self, name: &str, timeout: Duration) -> Result<Outcome, RemoteError> {
+        self.conn.run_test(name, timeout).await
+    }
+
+    /// Runs `name` at the deepest level, its output going into `capture`.
+    pub async fn run_test(&self, name: &str, timeout: Duration, capture: &Arc<Capture>) -> Outcome {
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(capture.clone());
+        let result = self.conn.run_test(name, timeout).await;
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        match result {
+            Ok(outcome) => outcome,
+            Err(e) => Outcome::Failed(failure(FailureKind::Infrastructure, e.message, None)),
+        }
+    }
+}
+
 /// Runs the tests of one loaded suite at this level.
 pub struct Runner {
     suite: Arc<LoadedSuite>,
     ctx: Arc<LevelContext>,
+    chain: Option<Arc<Chain>>,
 }
 
 impl Runner {
@@ -137,7 +223,19 @@ impl Runner {
         Self {
             suite: Arc::new(suite),
             ctx: Arc::new(ctx),
+            chain: None,
         }
+    }
+
+    /// Runs every test at the deepest level of `chain` instead of here.
+    pub fn with_chain(mut self, chain: Chain) -> Self {
+        self.chain = Some(Arc::new(chain));
+        self
+    }
+
+    /// The context tests of this runner start from.
+    pub fn context(&self) -> &LevelContext {
+        &self.ctx
     }
 
     /// The suite this runner runs.
@@ -198,7 +296,10 @@ impl Runner {
             let id = TestId {
                 suite: self.suite.name.clone(),
                 name: planned.case.name.clone(),
-                level_path: self.ctx.level.path.clone(),
+                level_path: self
+                    .chain
+                    .as_ref()
+                    .map_or_else(|| self.ctx.level.path.clone(), |c| c.deepest()),
             };
             let timeout = planned
                 .case
@@ -210,6 +311,7 @@ impl Runner {
                 ctx: self.ctx.clone(),
                 timeout,
                 live_output: opts.live_output,
+                chain: self.chain.clone(),
             };
             // Taking the permit before spawning starts tests in suite order; ignored
             // tests go through the same queue so that reports keep that order too.
@@ -266,6 +368,27 @@ struct TestJob {
     ctx: Arc<LevelContext>,
     timeout: Duration,
     live_output: bool,
+    chain: Option<Arc<Chain>>,
+}
+
+/// Runs the test `name` here in a fresh instance, its output going to `sink` as it
+/// is written; for the deepest level of a `--levels` chain.
+pub async fn run_here(
+    suite: Arc<LoadedSuite>,
+    ctx: Arc<LevelContext>,
+    name: &str,
+    timeout: Duration,
+    sink: OutputSink,
+) -> Outcome {
+    let capture = Capture::new(&ctx.level.path, ctx.limits.output_bytes, Some(sink));
+    let job = TestJob {
+        suite,
+        ctx,
+        timeout,
+        live_output: true,
+        chain: None,
+    };
+    job.run_in(name, capture).await
 }
 
 impl TestJob {
@@ -287,26 +410,34 @@ impl TestJob {
             }) as OutputSink
         });
         let capture = Capture::new(&self.ctx.level.path, self.ctx.limits.output_bytes, sink);
-        let state = match HostState::new(self.ctx.clone(), capture.clone()) {
+        if let Some(chain) = &self.chain {
+            let outcome = chain.run_test(&id.name, self.timeout, &capture).await;
+            return (outcome, capture.take());
+        }
+        let outcome = self.run_in(&id.name, capture.clone()).await;
+        (outcome, capture.take())
+    }
+
+    /// Runs `name` in a fresh instance whose output goes to `capture`.
+    async fn run_in(self, name: &str, capture: Arc<Capture>) -> Outcome {
+        let state = match HostState::new(self.ctx.clone(), capture) {
             Ok(state) => state,
             Err(e) => {
                 let failure = failure(FailureKind::Infrastructure, format!("{e:#}"), None);
-                return (Outcome::Failed(failure), capture.take());
+                return Outcome::Failed(failure);
             }
         };
         let mut store = new_store(&self.suite.engine, state);
         let result = {
             let pre = &self.suite.pre;
             let store = &mut store;
-            let name = id.name.as_str();
             let call = async move {
                 let suite: Suite = pre.instantiate_async(&mut *store).await?;
                 suite.call_run(&mut *store, name).await
             };
             tokio::time::timeout(self.timeout, call).await
         };
-        let outcome = classify(result, store.data_mut(), self.timeout);
-        (outcome, capture.take())
+        classify(result, store.data_mut(), self.timeout)
     }
 }
 

@@ -231,7 +231,11 @@ fn start_booting(dir: &Path) -> std::process::Child {
     let console = dir.join("L0-L1.console");
     let deadline = Instant::now() + Duration::from_secs(60);
     while std::fs::metadata(&console).map_or(true, |m| m.len() == 0) {
-        assert!(Instant::now() < deadline, "QEMU never wrote to {}", console.display());
+        assert!(
+            Instant::now() < deadline,
+            "QEMU never wrote to {}",
+            console.display()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(qemu_running(dir), "no QEMU process names {}", dir.display());
@@ -268,5 +272,17 @@ fn a_killed_runtime_takes_its_vm_with_it() {
     child.kill().expect("SIGKILL");
     child.wait().expect("wait");
     // No destructor ran: the parent-death signal is what stops QEMU.
+    assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
+}
+
+#[test]
+fn levels_runs_each_test_at_the_deepest_level() {
+    let dir = run_dir("levels");
+    let (run, _) = nested(dir.path(), &image_dir(), &["--levels", "1", "where_am_i"]);
+    run.expect_code(0);
+    let line = run.line_for("PASS", "where_am_i");
+    assert!(line.contains("L0/L1 nested::where_am_i"), "{line}");
+    run.expect_stdout("running at L0/L1 on level-1 (level=1 accel=");
+    assert!(run.stderr.contains("L0/L1 is up"), "{}", run.stderr);
     assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
 }

@@ -141,6 +141,7 @@ impl HostState {
             env: self.ctx.env.clone(),
             ssh: self.ctx.ssh.clone(),
             vm: self.ctx.vms.settings.clone(),
+            descend: 0,
         };
         let component = self.ctx.component.clone();
         let capture = self.capture.clone();

@@ -330,6 +330,18 @@ fn default_memory_mib() -> u32 {
         .clamp(256, 4096)
 }
 
+/// CPUs for a level when the request sets none: 2 for L1 (at most what L0 has), 1 below.
+/// Two vCPUs in a KVM-in-TCG L2 that runs L3 locked up L1's KVM (soft lockups in L1's
+/// kernel) on the 2-core machine this was measured on; one vCPU per deeper level boots.
+fn default_cpus(depth: u32) -> u32 {
+    if depth <= 1 {
+        std::thread::available_parallelism()
+            .map_or(1, |n| u32::try_from(n.get()).unwrap_or(2).min(2))
+    } else {
+        1
+    }
+}
+
 async fn start_and_wait(
     req: &VmRequest,
     plan: &BootPlan,
@@ -352,10 +364,7 @@ async fn start_and_wait(
             arch,
             accel,
             memory_mib: req.memory_mib.unwrap_or_else(default_memory_mib),
-            cpus: req
-                .cpus
-                .unwrap_or(if plan.depth <= 1 { 2 } else { 1 })
-                .max(1),
+            cpus: req.cpus.unwrap_or_else(|| default_cpus(plan.depth)).max(1),
             kernel: image.kernel.clone(),
             initrd: image.initrd.clone(),
             root: image.root.clone(),
@@ -422,7 +431,8 @@ async fn wait_ready(
         let console = qemu.console();
         if let Some(ready) = line_after(&console, "MATRYOSHKA-READY ") {
             let printed = line_after(&console, "MATRYOSHKA-HOSTKEY ");
-            let Some(key) = printed.or_else(|| plan.host_key.as_ref().map(|(_, public)| public.clone()))
+            let Some(key) =
+                printed.or_else(|| plan.host_key.as_ref().map(|(_, public)| public.clone()))
             else {
                 return Err(Failure::Boot(format!(
                     "{} printed its ready marker but no host key; console: {}",
@@ -642,7 +652,10 @@ impl Qemu {
                 self.log_summary(),
                 tail(&self.console())
             ),
-            None => String::new(),
+            None => format!(
+                "its QEMU still runs; console tail:\n{}",
+                tail(&self.console())
+            ),
         }
     }
 

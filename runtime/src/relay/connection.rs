@@ -22,11 +22,12 @@ use tokio::task::JoinHandle;
 
 use super::protocol::{
     FrameReader, FrameWriter, LevelSetup, Message, PROTOCOL_VERSION, RemoteError, RemoteEvent,
-    SshSettings, WireErrorKind,
+    SshSettings, WireErrorKind, WireOutcome,
 };
 use super::transport::vm::VmContext;
 use super::transport::{self, Target, Transport, TransportGuard};
 use super::{HEARTBEAT_INTERVAL, HEARTBEAT_LOST, HELLO_TIMEOUT, READY_TIMEOUT};
+use crate::event::Outcome;
 use crate::host::{Capture, ComponentSource, Stream};
 
 /// What a waiting call gets: the child's answer, or the cause of the loss.
@@ -34,6 +35,9 @@ enum Answer {
     Reply(Result<Vec<u8>, RemoteError>),
     Lost(String),
 }
+
+/// How much longer than a remote test's own deadline its parent waits for the outcome.
+const RUN_SLACK: Duration = Duration::from_secs(30);
 
 /// Calls with more argument bytes than this count as activity when their send ends.
 const BIG_FRAME: usize = 64 << 10;
@@ -89,7 +93,9 @@ impl Connection {
             guard,
             ssh_command,
             vm,
+            heartbeat_grace,
         } = transport::open(target, &setup, vms).await?;
+        let heartbeat_lost = heartbeat_grace.unwrap_or(HEARTBEAT_LOST);
         // A VM level boots the next ones with the run's key, and is one more SSH jump
         // for the printed commands that reach them.
         if let Some(vm) = &vm {
@@ -275,7 +281,7 @@ impl Connection {
                         return;
                     }
                     let silent = lock(&last_seen).elapsed().min(lock(&last_sent).elapsed());
-                    if silent > HEARTBEAT_LOST {
+                    if silent > heartbeat_lost {
                         declare_lost(
                             &lost,
                             &pending,
@@ -317,6 +323,49 @@ impl Connection {
         args: Vec<u8>,
         timeout: Option<Duration>,
     ) -> Result<Vec<u8>, RemoteError> {
+        let what = format!("call of `{function}`");
+        self.request(
+            |id| Message::Call {
+                id,
+                function: function.to_string(),
+                args,
+                deadline_ms: timeout.map(|t| t.as_millis() as u64),
+            },
+            &what,
+            timeout,
+        )
+        .await
+    }
+
+    /// Runs the test `name` at the deepest level of this chain, in a fresh instance.
+    pub async fn run_test(&self, name: &str, timeout: Duration) -> Result<Outcome, RemoteError> {
+        // The deepest level enforces the deadline; this one only outlasts it.
+        let bytes = self
+            .request(
+                |id| Message::Run {
+                    id,
+                    name: name.to_string(),
+                    deadline_ms: timeout.as_millis() as u64,
+                },
+                &format!("test `{name}`"),
+                Some(timeout + RUN_SLACK),
+            )
+            .await?;
+        postcard::from_bytes::<WireOutcome>(&bytes)
+            .map(Outcome::from)
+            .map_err(|e| RemoteError {
+                kind: WireErrorKind::Internal,
+                message: format!("the outcome of `{name}` did not decode: {e}"),
+                level_path: self.info.path.clone(),
+            })
+    }
+
+    async fn request(
+        &self,
+        message: impl FnOnce(u64) -> Message,
+        what: &str,
+        timeout: Option<Duration>,
+    ) -> Result<Vec<u8>, RemoteError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
@@ -328,13 +377,7 @@ impl Connection {
             }
             lock(&self.pending).insert(id, tx);
         }
-        let call = Message::Call {
-            id,
-            function: function.to_string(),
-            args,
-            deadline_ms: timeout.map(|t| t.as_millis() as u64),
-        };
-        if self.out.send(call).is_err() {
+        if self.out.send(message(id)).is_err() {
             lock(&self.pending).remove(&id);
             let cause = lock(&self.lost)
                 .clone()
@@ -350,7 +393,7 @@ impl Connection {
                     return Err(RemoteError {
                         kind: WireErrorKind::Timeout,
                         message: format!(
-                            "call of `{function}` at {} did not return within {:.1} s",
+                            "{what} at {} did not return within {:.1} s",
                             self.info.path,
                             t.as_secs_f64()
                         ),
@@ -458,6 +501,7 @@ fn name(msg: &Message) -> &'static str {
         Message::Component { .. } => "Component",
         Message::Ready => "Ready",
         Message::Call { .. } => "Call",
+        Message::Run { .. } => "Run",
         Message::Return { .. } => "Return",
         Message::Event { .. } => "Event",
         Message::Ping { .. } => "Ping",

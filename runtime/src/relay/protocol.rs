@@ -17,6 +17,7 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
+use crate::event::{Outcome, TestFailure};
 use crate::grants::Grants;
 use crate::host::{ErrorKind, InstanceLimits, LogLevel};
 use crate::level::vm::AccelPolicy;
@@ -69,6 +70,17 @@ pub enum Message {
         args: Vec<u8>,
         /// Milliseconds the child may spend on the call.
         deadline_ms: Option<u64>,
+    },
+    /// Parent → child: run the test `name` in a fresh instance at the deepest
+    /// level of the chain (`--levels N`); answered by a `Return` whose bytes are
+    /// the postcard-encoded [`Outcome`](crate::event::Outcome).
+    Run {
+        /// Request id, echoed by the `Return`.
+        id: u64,
+        /// The test's name.
+        name: String,
+        /// Milliseconds the test may take.
+        deadline_ms: u64,
     },
     /// Child → parent: the result of a call.
     Return {
@@ -125,6 +137,36 @@ pub struct LevelSetup {
     pub ssh: Option<SshSettings>,
     /// How the child boots VM levels below it.
     pub vm: VmSettings,
+    /// VM levels the child boots below itself before it is ready, each from the
+    /// image it booted from (`--levels N` at L0 sends N - 1).
+    pub descend: u32,
+}
+
+/// How a test run at another level ended (`Outcome`, in a form postcard can carry).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum WireOutcome {
+    /// It passed.
+    Passed,
+    /// It failed.
+    Failed(TestFailure),
+}
+
+impl From<Outcome> for WireOutcome {
+    fn from(o: Outcome) -> Self {
+        match o {
+            Outcome::Passed | Outcome::Ignored => Self::Passed,
+            Outcome::Failed(f) => Self::Failed(f),
+        }
+    }
+}
+
+impl From<WireOutcome> for Outcome {
+    fn from(o: WireOutcome) -> Self {
+        match o {
+            WireOutcome::Passed => Self::Passed,
+            WireOutcome::Failed(f) => Self::Failed(f),
+        }
+    }
 }
 
 /// Run-wide settings of VM levels, handed down the chain.

@@ -15,14 +15,18 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use wasmtime::Store;
 
-use super::protocol::{FrameReader, FrameWriter, Message, RemoteError, RemoteEvent, WireErrorKind};
+use super::protocol::{
+    FrameReader, FrameWriter, Message, RemoteError, RemoteEvent, WireErrorKind, WireOutcome,
+};
 use crate::engine::{self, CacheDir, LoadedSuite};
 use crate::host::{Capture, HostState, LevelContext, OutputSink, Stream, Suite};
 use crate::level::{LevelInfo, uname};
 use crate::relay::transport::vm::{RunDir, VmContext};
+use crate::runner::Chain;
 
-/// Silence from the parent after which a serving runtime exits.
-const PARENT_SILENCE: Duration = Duration::from_secs(10);
+/// Silence from the parent after which a serving runtime exits. Long enough for
+/// a parent that is itself a nested guest starved of CPU while it runs this level.
+const PARENT_SILENCE: Duration = Duration::from_secs(60);
 
 /// How `serve` was started.
 #[derive(Debug, Clone)]
@@ -163,12 +167,25 @@ where
             },
         ),
     });
+    let loaded = Arc::new(loaded);
     let mut instance = match Instance::start(&loaded, &ctx, &out).await {
         Ok(i) => i,
         Err(e) => {
             let _ = out.send(Message::Fatal { error: fatal(e) });
             return finish(out, writer_task).await;
         }
+    };
+    // `--levels N`: the levels below this one are booted before it says Ready.
+    let chain = if setup.descend > 0 {
+        match Chain::boot(&ctx, setup.descend, Some(up_sink(&out))).await {
+            Ok(chain) => Some(Arc::new(chain)),
+            Err(error) => {
+                let _ = out.send(Message::Fatal { error });
+                return finish(out, writer_task).await;
+            }
+        }
+    } else {
+        None
     };
     let _ = out.send(Message::Ready);
 
@@ -178,6 +195,7 @@ where
     let worker = {
         let out = out.clone();
         let ctx = ctx.clone();
+        let loaded = loaded.clone();
         tokio::spawn(async move {
             while let Some((id, function, args, deadline)) = calls_rx.recv().await {
                 let result = instance
@@ -196,6 +214,7 @@ where
             }
         })
     };
+    let mut tests = Vec::new();
     loop {
         // The parent pings every HEARTBEAT_INTERVAL; silence means it is gone.
         let Ok(next) = tokio::time::timeout(PARENT_SILENCE, reader.next()).await else {
@@ -213,6 +232,34 @@ where
                 deadline_ms,
             })) => {
                 let _ = calls.send((id, function, args, deadline_ms));
+            }
+            Some(Ok(Message::Run {
+                id,
+                name,
+                deadline_ms,
+            })) => {
+                let timeout = Duration::from_millis(deadline_ms);
+                let (out, chain, loaded, ctx) =
+                    (out.clone(), chain.clone(), loaded.clone(), ctx.clone());
+                tests.push(tokio::spawn(async move {
+                    let outcome = match chain {
+                        Some(chain) => chain.forward_run(&name, timeout).await,
+                        None => {
+                            Ok(
+                                crate::runner::run_here(loaded, ctx, &name, timeout, up_sink(&out))
+                                    .await,
+                            )
+                        }
+                    };
+                    let result = outcome.and_then(|o| {
+                        postcard::to_allocvec(&WireOutcome::from(o)).map_err(|e| RemoteError {
+                            kind: WireErrorKind::Internal,
+                            message: format!("cannot encode the outcome of `{name}`: {e}"),
+                            level_path: String::new(),
+                        })
+                    });
+                    let _ = out.send(Message::Return { id, result });
+                }));
             }
             Some(Ok(Message::Ping { seq })) => {
                 let _ = out.send(Message::Pong { seq });
@@ -234,6 +281,10 @@ where
     // Dropping the instance drops its guests, which shuts down every level below.
     worker.abort();
     let _ = worker.await;
+    for test in tests {
+        test.abort();
+    }
+    drop(chain);
     finish(out, writer_task).await
 }
 
@@ -258,24 +309,7 @@ impl Instance {
         ctx: &Arc<LevelContext>,
         out: &mpsc::UnboundedSender<Message>,
     ) -> Result<Self, String> {
-        let sink: OutputSink = {
-            let out = out.clone();
-            Arc::new(move |origin: &str, stream, text: &str| {
-                let event = match stream {
-                    Stream::Stdout => RemoteEvent::Stdout(text.to_string()),
-                    Stream::Stderr => RemoteEvent::Stderr(text.to_string()),
-                    Stream::Log(level) => RemoteEvent::Log {
-                        level,
-                        message: text.to_string(),
-                    },
-                };
-                let _ = out.send(Message::Event {
-                    level_path: origin.to_string(),
-                    event,
-                });
-            })
-        };
-        let capture = Capture::forwarding(&ctx.level.path, ctx.limits.output_bytes, sink);
+        let capture = Capture::forwarding(&ctx.level.path, ctx.limits.output_bytes, up_sink(out));
         let state = HostState::new(ctx.clone(), capture).map_err(|e| format!("{e:#}"))?;
         let mut store = crate::runner::new_store(&loaded.engine, state);
         let suite = loaded
@@ -372,6 +406,25 @@ impl Instance {
             format!("{trapped}; the remote instance was restarted and its state is lost"),
         ))
     }
+}
+
+/// A sink that relays output (of this level or any below) to the parent as `Event`s.
+fn up_sink(out: &mpsc::UnboundedSender<Message>) -> OutputSink {
+    let out = out.clone();
+    Arc::new(move |origin: &str, stream, text: &str| {
+        let event = match stream {
+            Stream::Stdout => RemoteEvent::Stdout(text.to_string()),
+            Stream::Stderr => RemoteEvent::Stderr(text.to_string()),
+            Stream::Log(level) => RemoteEvent::Log {
+                level,
+                message: text.to_string(),
+            },
+        };
+        let _ = out.send(Message::Event {
+            level_path: origin.to_string(),
+            event,
+        });
+    })
 }
 
 async fn cancelled(cancel: &mut mpsc::UnboundedReceiver<u64>, id: u64) {

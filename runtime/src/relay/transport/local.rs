@@ -74,6 +74,7 @@ pub fn spawn(setup: &LevelSetup) -> Result<Transport, RemoteError> {
         }),
         ssh_command: None,
         vm: None,
+        heartbeat_grace: None,
     })
 }
 

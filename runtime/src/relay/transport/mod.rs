@@ -52,6 +52,9 @@ pub struct Transport {
     pub ssh_command: Option<String>,
     /// What booting it decided, for VM levels.
     pub vm: Option<VmFacts>,
+    /// Silence after which the child is declared lost, when not the default
+    /// [`HEARTBEAT_LOST`](super::HEARTBEAT_LOST).
+    pub heartbeat_grace: Option<std::time::Duration>,
 }
 
 /// Facts of a VM level that its parent decided.
@@ -97,7 +100,7 @@ pub async fn open(
                     level_path: setup.path.clone(),
                 });
             };
-            ssh::open(spec, setup, ssh).await
+            ssh::open(spec, setup, ssh, ssh::DEFAULT_PATIENCE).await
         }
         Target::Vm(req) => vm::open(req, setup, vms).await,
     }

@@ -29,6 +29,10 @@ use crate::relay::protocol::{LevelSetup, RemoteError, SshSettings, WireErrorKind
 
 /// How long an SSH level has to accept the connection and authenticate.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// SSH keepalive interval.
+const KEEPALIVE: Duration = Duration::from_secs(5);
+/// How long an SSH server may leave keepalives unanswered before the session is dropped.
+pub const DEFAULT_PATIENCE: Duration = Duration::from_secs(15);
 /// How long the probe of a target may take.
 const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long copying the runtime to a target may take.
@@ -258,6 +262,7 @@ pub async fn open(
     spec: &str,
     setup: &LevelSetup,
     ssh: &SshSettings,
+    patience: Duration,
 ) -> Result<Transport, RemoteError> {
     let err = |kind: WireErrorKind, message: String| RemoteError {
         kind,
@@ -266,7 +271,7 @@ pub async fn open(
     };
     let target = SshTarget::parse(spec).map_err(|m| err(WireErrorKind::InvalidArgument, m))?;
     let started = std::time::Instant::now();
-    let handle = tokio::time::timeout(CONNECT_TIMEOUT, connect(&target, ssh))
+    let handle = tokio::time::timeout(CONNECT_TIMEOUT, connect(&target, ssh, patience))
         .await
         .map_err(|_| {
             err(
@@ -425,6 +430,7 @@ impl StartedChannel {
             }),
             ssh_command,
             vm: None,
+            heartbeat_grace: None,
         }
     }
 }
@@ -504,12 +510,19 @@ fn ssh_command(ssh: &SshSettings, target: &SshTarget) -> Option<String> {
     })
 }
 
-async fn connect(target: &SshTarget, ssh: &SshSettings) -> Result<Handle<Pinned>, String> {
+async fn connect(
+    target: &SshTarget,
+    ssh: &SshSettings,
+    patience: Duration,
+) -> Result<Handle<Pinned>, String> {
     let key = PrivateKey::from_openssh(&ssh.private_key)
         .map_err(|e| format!("the run's SSH key is unusable: {e}"))?;
     let config = Arc::new(client::Config {
         nodelay: true,
-        keepalive_interval: Some(Duration::from_secs(5)),
+        keepalive_interval: Some(KEEPALIVE),
+        keepalive_max: usize::try_from(patience.as_secs() / KEEPALIVE.as_secs())
+            .unwrap_or(3)
+            .max(3),
         ..Default::default()
     });
     let presented = Arc::new(Mutex::new(None));

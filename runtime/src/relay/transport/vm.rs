@@ -11,6 +11,9 @@ use super::{Transport, TransportGuard, ssh};
 use crate::level::vm::{self, BootPlan, Qemu, RuntimeDisk, VmRequest};
 use crate::relay::protocol::{LevelSetup, RemoteError, SshSettings, VmSettings, WireErrorKind};
 
+/// Silence after which a VM level is declared lost.
+const VM_HEARTBEAT_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// What a level knows for booting VM levels below it.
 #[derive(Debug)]
 pub struct VmContext {
@@ -248,7 +251,7 @@ pub async fn open(
         key_path: key.path.clone(),
     };
     let mut qemu = booted.qemu;
-    let transport = match ssh::open(&hop, setup, &auth).await {
+    let transport = match ssh::open(&hop, setup, &auth, VM_HEARTBEAT_GRACE).await {
         Ok(t) => t,
         Err(mut e) => {
             let end = qemu.describe_end();
@@ -278,6 +281,10 @@ pub async fn open(
             key: key.private_key,
             key_path: key.path,
         }),
+        // A level running a nested guest can be starved of CPU for seconds (KVM in
+        // KVM in TCG); while its QEMU lives, a longer silence is tolerated. A QEMU
+        // that exits closes the SSH connection, which is seen at once.
+        heartbeat_grace: Some(VM_HEARTBEAT_GRACE),
     })
 }
 

@@ -183,10 +183,27 @@ fn nested_levels() -> Result<(), Error> {
     Ok(())
 }
 
+/// Says where it runs; at a VM level, checks the host name and what the level's
+/// init saw. With `--levels N` it runs at LN.
+fn where_am_i() -> Result<(), Error> {
+    let me = here()?;
+    log::info!("running at {} on {} ({})", me.path, me.hostname, me.seen);
+    if me.level > 0 {
+        assert_eq!(me.hostname, format!("level-{}", me.level));
+        assert!(
+            me.seen.starts_with(&format!("level={} ", me.level)),
+            "{}",
+            me.seen
+        );
+    }
+    Ok(())
+}
+
 matryoshka_guest::suite! {
     tests: [
         #[timeout_ms(900_000)]
         nested_levels,
+        where_am_i,
     ],
     remote: [descend],
 }
