@@ -93,7 +93,7 @@ fn an_unpinned_host_key_is_refused() {
     let mut extra: Vec<&str> = args.iter().map(String::as_str).collect();
     extra.extend(["--exact", "reaches_every_level"]);
     let r = relay(&tag, &chain.chain(), &extra);
-    r.expect_code(100);
+    r.expect_code(101);
     let port = chain.servers[0].port;
     let line = r.line_for("FAIL", "reaches_every_level");
     assert!(
@@ -126,7 +126,7 @@ fn nest_needs_its_grant() {
     let line = r.line_for("FAIL", "reaches_every_level");
     assert!(
         line.contains(
-            "denied at L0: connecting to another level is not granted at L0; add --grant nest"
+            "denied at L0: reaching another level is not granted at L0; add --grant nest"
         ),
         "{line}"
     );
@@ -194,9 +194,9 @@ fn killing_a_level_mid_call_reports_it_lost() {
     let status = child.wait().expect("wait");
     let took = killed.elapsed();
     let stdout = rest(out);
-    assert_eq!(status.code(), Some(100), "{stdout}");
+    assert_eq!(status.code(), Some(101), "{stdout}");
     assert!(
-        stdout.contains("level-lost at L0/L1/L2: level L0/L1/L2 lost: connection closed (its runtime was killed by signal 9)"),
+        stdout.contains("infrastructure: level L0/L1/L2 lost: connection closed (its runtime was killed by signal 9)"),
         "{stdout}"
     );
     assert!(took < Duration::from_secs(5), "took {took:?}");
@@ -227,7 +227,7 @@ fn a_silent_level_is_lost_by_heartbeat() {
         .expect("kill");
     let status = child.wait().expect("wait");
     let stdout = rest(out);
-    assert_eq!(status.code(), Some(100), "{stdout}");
+    assert_eq!(status.code(), Some(101), "{stdout}");
     assert!(
         stdout.contains("level L0/L1/L2 lost: it stopped answering heartbeats for"),
         "{stdout}"
@@ -260,9 +260,9 @@ fn a_dropped_ssh_connection_reports_the_level_lost() {
     assert!(status.success(), "no sshd session to kill under {listener}");
     let exit = child.wait().expect("wait");
     let stdout = rest(out);
-    assert_eq!(exit.code(), Some(100), "{stdout}");
+    assert_eq!(exit.code(), Some(101), "{stdout}");
     assert!(
-        stdout.contains("level-lost at L0/L1: level L0/L1 lost:"),
+        stdout.contains("infrastructure: level L0/L1 lost:"),
         "{stdout}"
     );
     let needle = chain.caches.path().display().to_string();
@@ -307,7 +307,7 @@ fn garbage_frames_are_a_clear_error() {
     );
     let tag = unique_tag("garbage");
     let r = with_local_serve(&tag, &script);
-    r.expect_code(100);
+    r.expect_code(101);
     let line = r.line_for("FAIL", "reaches_every_level");
     assert!(
         line.contains("level L0/L1 could not be started: malformed frame (4 bytes)"),
@@ -324,10 +324,10 @@ fn a_protocol_version_mismatch_is_named() {
     );
     let tag = unique_tag("version");
     let r = with_local_serve(&tag, &serve);
-    r.expect_code(100);
+    r.expect_code(101);
     let line = r.line_for("FAIL", "reaches_every_level");
     assert!(
-        line.contains("unsupported at L0/L1: the runtime at L0/L1 speaks relay protocol version 99, this one speaks 1"),
+        line.contains("infrastructure: the runtime at L0/L1 speaks relay protocol version 99, this one speaks 1"),
         "{line}"
     );
     assert_nothing_left(&tag, None);

@@ -6,6 +6,7 @@
 //! release build, a quarter of the size), else the binary under test.
 //! `MATRYOSHKA_TEST_LEVELS` sets the depth of the demo (default 2).
 
+#[allow(dead_code, reason = "shared by several test crates, each using a part")]
 mod common;
 
 use std::path::{Path, PathBuf};

@@ -158,7 +158,7 @@ impl Connection {
         // Load: hand over the component (only if the child lacks it) and wait for Ready.
         let load = Message::Load {
             component_sha256: component.sha256.clone(),
-            setup: setup.clone(),
+            setup: Box::new(setup.clone()),
         };
         writer
             .send(&load)

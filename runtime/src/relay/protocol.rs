@@ -47,7 +47,7 @@ pub enum Message {
         /// Hex sha256 of the component.
         component_sha256: String,
         /// Level, grants, limits and how to reach further levels.
-        setup: LevelSetup,
+        setup: Box<LevelSetup>,
     },
     /// Child → parent: the component is not cached here; send it.
     NeedComponent,

@@ -96,7 +96,7 @@ where
         Some(Ok(Message::Load {
             component_sha256,
             setup,
-        })) => (component_sha256, setup),
+        })) => (component_sha256, *setup),
         Some(Ok(other)) => return Err(format!("expected Load, got {other:?}")),
         Some(Err(e)) => return Err(e.to_string()),
         None => return Ok(()),
