@@ -90,7 +90,8 @@ fn resident() -> Result<String, Error> {
             continue;
         };
         let kib: u64 = rss.parse().unwrap_or(0);
-        if comm.starts_with("qemu-system") || comm.starts_with("matryoshka") {
+        let runtime = comm.starts_with("matryoshka") && !comm.starts_with("matryoshka-leve");
+        if comm.starts_with("qemu-system") || runtime {
             parts.push(format!("{comm} {} MiB", kib / 1024));
         }
     }
