@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use super::qemu::{self, Accel, Arch, MachineSpec};
 
 /// How long a KVM boot of L1 may stay silent before `auto` gives up on KVM
-/// (times the depth for deeper levels).
+/// (doubled for each level deeper).
 const KVM_PROBE: Duration = Duration::from_secs(30);
 /// Default deadline for the ready marker.
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -480,8 +480,8 @@ async fn wait_ready(
             )));
         }
         let waited = started.elapsed();
-        // Each level down runs slower: the silence allowed grows with the depth.
-        let silence = KVM_PROBE * plan.depth.max(1);
+        // Each level down runs several times slower: the silence allowed doubles per depth.
+        let silence = KVM_PROBE * 2u32.pow(plan.depth.clamp(1, 5) - 1);
         if probe && waited > silence && !console.contains("MATRYOSHKA-BOOT") {
             qemu.kill();
             return Err(Failure::KvmUnusable(format!(
