@@ -313,10 +313,7 @@ async fn test(args: TestArgs) -> u8 {
         (None, false) => CacheDir::default_location(),
     };
     let component = args.component.clone();
-    let memo_dir = match &cache {
-        CacheDir::At(dir) => Some(dir.clone()),
-        CacheDir::Disabled => None,
-    };
+    let memo_dir = cache.dir().map(PathBuf::from);
     let loaded = match tokio::task::spawn_blocking(move || engine::load(&component, &cache)).await {
         Ok(Ok(suite)) => suite,
         Ok(Err(e)) => {

@@ -98,6 +98,14 @@ impl CacheDir {
             None => Self::Disabled,
         }
     }
+
+    /// The folder, unless caching is disabled.
+    pub fn dir(&self) -> Option<&Path> {
+        match self {
+            Self::At(dir) => Some(dir),
+            Self::Disabled => None,
+        }
+    }
 }
 
 /// How a component was obtained, for reports and benchmarks.
@@ -269,10 +277,12 @@ pub fn engine_key(engine: &wasmtime::Engine) -> String {
 
 /// Where the precompiled artifact of the component `sha256` lives in `cache`.
 pub fn artifact_path(engine: &wasmtime::Engine, cache: &CacheDir, sha256: &str) -> Option<PathBuf> {
-    match cache {
-        CacheDir::At(dir) => Some(dir.join(engine_key(engine)).join(format!("{sha256}.cwasm"))),
-        CacheDir::Disabled => None,
-    }
+    Some(
+        cache
+            .dir()?
+            .join(engine_key(engine))
+            .join(format!("{sha256}.cwasm")),
+    )
 }
 
 /// Puts an artifact precompiled by a parent level into `cache`, so loading the
@@ -286,15 +296,7 @@ pub fn adopt_artifact(cache: &CacheDir, key: &str, sha256: &str, bytes: &[u8]) {
     let Some(path) = artifact_path(&engine, cache, sha256) else {
         return;
     };
-    let write = || -> anyhow::Result<()> {
-        let dir = path.parent().ok_or_else(|| anyhow::anyhow!("no parent"))?;
-        std::fs::create_dir_all(dir)?;
-        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-        std::io::Write::write_all(&mut tmp, bytes)?;
-        tmp.persist(&path)?;
-        Ok(())
-    };
-    if let Err(e) = write() {
+    if let Err(e) = write_atomically(&path, bytes) {
         tracing::warn!(
             "cannot keep the precompiled component at {}: {e:#}",
             path.display()
@@ -303,14 +305,17 @@ pub fn adopt_artifact(cache: &CacheDir, key: &str, sha256: &str, bytes: &[u8]) {
 }
 
 fn store_artifact(component: &Component, artifact: &Path) -> anyhow::Result<()> {
-    let dir = artifact
-        .parent()
-        .ok_or_else(|| anyhow::anyhow!("no parent"))?;
+    write_atomically(artifact, &component.serialize()?)
+}
+
+/// Writes `bytes` to `path` through a temporary file beside it, making the folder
+/// if needed: readers see the old file or the whole new one, never a part.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir = path.parent().ok_or_else(|| anyhow::anyhow!("no parent"))?;
     std::fs::create_dir_all(dir)?;
-    let serialized = component.serialize()?;
     let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    std::io::Write::write_all(&mut tmp, &serialized)?;
-    tmp.persist(artifact)?;
+    std::io::Write::write_all(&mut tmp, bytes)?;
+    tmp.persist(path)?;
     Ok(())
 }
 

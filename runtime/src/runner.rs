@@ -20,7 +20,7 @@ use crate::host::{
 };
 use crate::level::vm::VmRequest;
 use crate::relay::connection::Connection;
-use crate::relay::protocol::{LevelSetup, RemoteError};
+use crate::relay::protocol::RemoteError;
 use crate::relay::transport::Target;
 
 /// Which ignored tests run.
@@ -160,17 +160,8 @@ impl Chain {
             })
         };
         let capture = Capture::forwarding(&ctx.level.path, usize::MAX, relay);
-        let depth = ctx.level.depth + 1;
-        let setup = LevelSetup {
-            depth,
-            path: format!("{}/L{depth}", ctx.level.path),
-            grants: ctx.grants.clone(),
-            limits: ctx.limits.into(),
-            env: ctx.env.clone(),
-            ssh: ctx.ssh.clone(),
-            vm: ctx.vms.settings.clone(),
-            descend: levels.saturating_sub(1),
-        };
+        let setup = ctx.child_setup(levels.saturating_sub(1));
+        let depth = setup.depth;
         let conn = Connection::open(
             &Target::Vm(VmRequest::default()),
             setup,

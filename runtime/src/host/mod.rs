@@ -26,7 +26,7 @@ pub use nest::GuestHandle;
 
 use crate::grants::Grants;
 use crate::level::LevelInfo;
-use crate::relay::protocol::SshSettings;
+use crate::relay::protocol::{LevelSetup, SshSettings};
 use crate::relay::transport::vm::VmContext;
 
 #[expect(
@@ -107,6 +107,24 @@ pub struct LevelContext {
     pub component: Arc<ComponentSource>,
     /// How VM levels are booted from here.
     pub vms: VmContext,
+}
+
+impl LevelContext {
+    /// What the next level below this one is told at `Load`: its place, this level's
+    /// grants and limits (never more), and `descend` more VM levels to boot below it.
+    pub fn child_setup(&self, descend: u32) -> LevelSetup {
+        let depth = self.level.depth + 1;
+        LevelSetup {
+            depth,
+            path: format!("{}/L{depth}", self.level.path),
+            grants: self.grants.clone(),
+            limits: self.limits.into(),
+            env: self.env.clone(),
+            ssh: self.ssh.clone(),
+            vm: self.vms.settings.clone(),
+            descend,
+        }
+    }
 }
 
 /// The data of a store: everything one component instance can reach.

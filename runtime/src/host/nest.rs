@@ -14,7 +14,7 @@ use super::bindings::matryoshka::test::types::{Error as WitError, ErrorKind};
 use super::{LogLevel, Stream};
 use crate::level::vm::{AccelPolicy, VmRequest};
 use crate::relay::connection::Connection;
-use crate::relay::protocol::{LevelSetup, RemoteError, WireErrorKind};
+use crate::relay::protocol::{RemoteError, WireErrorKind};
 use crate::relay::transport::Target;
 
 /// The host side of a `guest` resource.
@@ -132,17 +132,7 @@ impl HostState {
                 ),
             )));
         }
-        let depth = self.ctx.level.depth + 1;
-        let setup = LevelSetup {
-            depth,
-            path: format!("{}/L{depth}", self.ctx.level.path),
-            grants: self.ctx.grants.clone(),
-            limits: self.ctx.limits.into(),
-            env: self.ctx.env.clone(),
-            ssh: self.ctx.ssh.clone(),
-            vm: self.ctx.vms.settings.clone(),
-            descend: 0,
-        };
+        let setup = self.ctx.child_setup(0);
         let component = self.ctx.component.clone();
         let capture = self.capture.clone();
         match Connection::open(&target, setup, component, capture, &self.ctx.vms).await {

@@ -402,7 +402,7 @@ async fn start_and_wait(
                 tracing::info!(level = %plan.path, "port {ssh_port} was taken ({m}); trying another");
             }
             Err(e) => return Err(e),
-            Ok((host_key, _ready)) => {
+            Ok(host_key) => {
                 return Ok(Booted {
                     qemu,
                     ssh_port,
@@ -424,15 +424,19 @@ async fn wait_ready(
     started: Instant,
     timeout: Duration,
     probe: bool,
-) -> Result<(String, String), Failure> {
+) -> Result<String, Failure> {
     let accel_name = accel.name();
     loop {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let console = qemu.console();
         if let Some(ready) = line_after(&console, "MATRYOSHKA-READY ") {
-            let printed = line_after(&console, "MATRYOSHKA-HOSTKEY ");
-            let Some(key) =
-                printed.or_else(|| plan.host_key.as_ref().map(|(_, public)| public.clone()))
+            // The key this level made and handed in is the one pinned; a level
+            // given none made its own and printed it.
+            let Some(key) = plan
+                .host_key
+                .as_ref()
+                .map(|(_, public)| public.clone())
+                .or_else(|| line_after(&console, "MATRYOSHKA-HOSTKEY "))
             else {
                 return Err(Failure::Boot(format!(
                     "{} printed its ready marker but no host key; console: {}",
@@ -441,7 +445,7 @@ async fn wait_ready(
                 )));
             };
             tracing::info!(level = %plan.path, "ready after {:.1} s ({ready})", started.elapsed().as_secs_f64());
-            return Ok((key, ready));
+            return Ok(key);
         }
         if let Some(fail) = line_after(&console, "MATRYOSHKA-FAIL") {
             qemu.kill();

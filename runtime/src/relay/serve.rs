@@ -161,10 +161,7 @@ where
             setup.vm.clone(),
             None,
             RunDir::Temporary(std::sync::OnceLock::new()),
-            match &opts.cache {
-                CacheDir::At(dir) => Some(dir.clone()),
-                CacheDir::Disabled => None,
-            },
+            opts.cache.dir().map(PathBuf::from),
         ),
     });
     let loaded = Arc::new(loaded);
@@ -437,10 +434,7 @@ async fn cancelled(cancel: &mut mpsc::UnboundedReceiver<u64>, id: u64) {
 }
 
 fn components_dir(cache: &CacheDir) -> Option<PathBuf> {
-    match cache {
-        CacheDir::At(dir) => Some(dir.join("components")),
-        CacheDir::Disabled => None,
-    }
+    Some(cache.dir()?.join("components"))
 }
 
 fn cached_component(cache: &CacheDir, sha: &str) -> Option<Vec<u8>> {
@@ -453,14 +447,7 @@ fn store_component(cache: &CacheDir, sha: &str, bytes: &[u8]) {
     let Some(dir) = components_dir(cache) else {
         return;
     };
-    let write = || -> std::io::Result<()> {
-        std::fs::create_dir_all(&dir)?;
-        let mut tmp = tempfile::NamedTempFile::new_in(&dir)?;
-        std::io::Write::write_all(&mut tmp, bytes)?;
-        tmp.persist(dir.join(format!("{sha}.wasm")))?;
-        Ok(())
-    };
-    if let Err(e) = write() {
-        tracing::warn!("cannot cache the component in {}: {e}", dir.display());
+    if let Err(e) = engine::write_atomically(&dir.join(format!("{sha}.wasm")), bytes) {
+        tracing::warn!("cannot cache the component in {}: {e:#}", dir.display());
     }
 }
