@@ -16,7 +16,7 @@ ssh-keygen -q -t ed25519 -N "" -C smoke -f "$work/key"
 key=$(base64 -w0 <"$work/key.pub")
 start=$(date +%s.%N)
 qemu-system-x86_64 -nodefaults -no-user-config -display none -machine q35 -accel "$ACCEL" \
-    -cpu max -smp 2 -m 2048M -kernel "$IMG/vmlinuz" -initrd "$IMG/initrd" \
+    -cpu max -smp 2 -m 2048M -kernel "$IMG/kernel" -initrd "$IMG/initrd" \
     -append "console=ttyS0 quiet level=1 matryoshka.key=$key" \
     -drive "file=$IMG/root.img,format=raw,if=none,id=root,readonly=on,cache=none,aio=native" \
     -device virtio-blk-pci,drive=root \

@@ -80,7 +80,7 @@ impl Vm {
         self
     }
 
-    /// Folder holding `vmlinuz`, `initrd` and `root.img`, at the level that boots.
+    /// Folder holding `kernel`, `initrd` and `root.img`, at the level that boots.
     pub fn image(mut self, dir: &str) -> Self {
         self.spec.image = Some(dir.to_string());
         self

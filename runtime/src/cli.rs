@@ -149,7 +149,7 @@ struct TestArgs {
     /// Accelerator of VM levels: `auto` uses KVM where a guest really boots with it, else TCG.
     #[arg(long, value_enum, default_value_t = AccelPolicy::Auto)]
     accel: AccelPolicy,
-    /// Folder with the image VM levels boot (vmlinuz, initrd, root.img) [default: $MATRYOSHKA_IMAGE_DIR or target/images/<arch>].
+    /// Folder with the image VM levels boot (kernel, initrd, root.img) [default: $MATRYOSHKA_IMAGE_DIR or target/images/<arch>].
     #[arg(long, value_name = "PATH")]
     image_dir: Option<PathBuf>,
     /// Run each test at the deepest level of a chain of N VM levels booted for the run

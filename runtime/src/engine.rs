@@ -147,6 +147,7 @@ pub fn engine() -> anyhow::Result<wasmtime::Engine> {
         .epoch_interruption(true)
         .wasm_component_model(true)
         .cranelift_opt_level(wasmtime::OptLevel::Speed);
+    portable_cpu_features(&mut config)?;
     let engine = wasmtime::Engine::new(&config)?;
     let engine = ENGINE.get_or_init(|| {
         let weak = engine.weak();
@@ -273,6 +274,47 @@ pub fn engine_key(engine: &wasmtime::Engine) -> String {
     let mut h = DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut h);
     format!("{:016x}", h.finish())
+}
+
+/// Compiles for a fixed x86_64 baseline (x86-64-v2: SSE3 to SSE4.2, POPCNT)
+/// instead of the CPU detected here, when this CPU has it. Every level then has
+/// the same [`engine_key`], so a level adopts the artifact its parent sent and
+/// skips Cranelift: each level's CPU differs (the host's, TCG's `-cpu max`, a
+/// nested KVM guest's), and with detected features an L2 here recompiled the
+/// nested suite for 13.5 s. Elsewhere the detected CPU is used.
+fn portable_cpu_features(config: &mut wasmtime::Config) -> anyhow::Result<()> {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        let baseline = std::is_x86_feature_detected!("sse3")
+            && std::is_x86_feature_detected!("ssse3")
+            && std::is_x86_feature_detected!("sse4.1")
+            && std::is_x86_feature_detected!("sse4.2")
+            && std::is_x86_feature_detected!("popcnt");
+        if baseline {
+            let env = if cfg!(target_env = "musl") {
+                "musl"
+            } else {
+                "gnu"
+            };
+            // A target, even the host's, turns off the detection of CPU features.
+            config.target(&format!("x86_64-unknown-linux-{env}"))?;
+            for flag in [
+                "has_sse3",
+                "has_ssse3",
+                "has_sse41",
+                "has_sse42",
+                "has_popcnt",
+            ] {
+                // SAFETY: every flag enabled here was detected on this CPU above.
+                unsafe {
+                    config.cranelift_flag_enable(flag);
+                }
+            }
+        }
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    let _ = config;
+    Ok(())
 }
 
 /// Where the precompiled artifact of the component `sha256` lives in `cache`.

@@ -117,7 +117,7 @@ fn image_with_initrd(dir: &Path, initrd: &[u8]) -> PathBuf {
     let real = image_dir();
     let image = dir.join("image");
     std::fs::create_dir_all(&image).expect("image dir");
-    for f in ["vmlinuz", "root.img"] {
+    for f in ["kernel", "root.img"] {
         std::os::unix::fs::symlink(real.join(f), image.join(f)).expect("symlink");
     }
     std::fs::write(image.join("initrd"), initrd).expect("initrd");
@@ -145,7 +145,7 @@ fn a_missing_kernel_names_the_file_and_the_fix() {
     expect_infrastructure_error(
         &run,
         &[
-            &format!("no kernel at {}/nowhere/vmlinuz", dir.path().display()),
+            &format!("no kernel at {}/nowhere/kernel", dir.path().display()),
             "images/build.sh",
         ],
     );

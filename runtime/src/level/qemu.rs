@@ -62,6 +62,17 @@ impl Arch {
         }
     }
 
+    /// Kernel command-line words that shorten this architecture's boot. On x86_64
+    /// every device sits on the root PCI bus, so the kernel need not probe the
+    /// other 255 (4 s of an L2 boot here, each probe trapping through the levels
+    /// above); crypto self-tests took another 0.8 s.
+    fn fast_boot_args(self) -> &'static [&'static str] {
+        match self {
+            Self::X86_64 => &["pci=lastbus=0", "cryptomgr.notests"],
+            Self::S390x => &["cryptomgr.notests"],
+        }
+    }
+
     fn bus(self) -> &'static str {
         match self {
             Self::X86_64 => "pci",
@@ -133,6 +144,7 @@ pub fn argv(spec: &MachineSpec) -> Vec<String> {
         "quiet".to_string(),
         "panic=-1".to_string(),
     ];
+    append.extend(a.fast_boot_args().iter().map(|w| w.to_string()));
     append.extend(spec.append.iter().cloned());
     let bus = a.bus();
     let mut argv: Vec<String> = vec![
@@ -204,7 +216,7 @@ mod tests {
             accel,
             memory_mib: 4096,
             cpus: 2,
-            kernel: "/img/vmlinuz".into(),
+            kernel: "/img/kernel".into(),
             initrd: "/img/initrd".into(),
             root: "/img/root.squashfs".into(),
             append: vec!["level=1".into()],
@@ -219,12 +231,12 @@ mod tests {
     #[case::x86_tcg(
         Arch::X86_64,
         Accel::Tcg,
-        "qemu-system-x86_64 -nodefaults -no-reboot -no-user-config -display none -machine q35 -accel tcg -cpu max -smp 2 -m 4096M -kernel /img/vmlinuz -initrd /img/initrd -append console=ttyS0 quiet panic=-1 level=1 -drive file=/img/root.squashfs,format=raw,if=none,id=root,readonly=on,cache=none,aio=native -device virtio-blk-pci,drive=root -netdev user,id=net0,hostfwd=tcp:127.0.0.1:40022-:22 -device virtio-net-pci,netdev=net0 -serial file:/run/L1.console -qmp unix:/run/L1.qmp,server=on,wait=off"
+        "qemu-system-x86_64 -nodefaults -no-reboot -no-user-config -display none -machine q35 -accel tcg -cpu max -smp 2 -m 4096M -kernel /img/kernel -initrd /img/initrd -append console=ttyS0 quiet panic=-1 pci=lastbus=0 cryptomgr.notests level=1 -drive file=/img/root.squashfs,format=raw,if=none,id=root,readonly=on,cache=none,aio=native -device virtio-blk-pci,drive=root -netdev user,id=net0,hostfwd=tcp:127.0.0.1:40022-:22 -device virtio-net-pci,netdev=net0 -serial file:/run/L1.console -qmp unix:/run/L1.qmp,server=on,wait=off"
     )]
     #[case::s390x_kvm(
         Arch::S390x,
         Accel::Kvm,
-        "qemu-system-s390x -nodefaults -no-reboot -no-user-config -display none -machine s390-ccw-virtio -accel kvm -cpu host -smp 2 -m 4096M -kernel /img/vmlinuz -initrd /img/initrd -append console=ttysclp0 quiet panic=-1 level=1 -drive file=/img/root.squashfs,format=raw,if=none,id=root,readonly=on,cache=none,aio=native -device virtio-blk-ccw,drive=root -netdev user,id=net0,hostfwd=tcp:127.0.0.1:40022-:22 -device virtio-net-ccw,netdev=net0 -serial file:/run/L1.console -qmp unix:/run/L1.qmp,server=on,wait=off"
+        "qemu-system-s390x -nodefaults -no-reboot -no-user-config -display none -machine s390-ccw-virtio -accel kvm -cpu host -smp 2 -m 4096M -kernel /img/kernel -initrd /img/initrd -append console=ttysclp0 quiet panic=-1 cryptomgr.notests level=1 -drive file=/img/root.squashfs,format=raw,if=none,id=root,readonly=on,cache=none,aio=native -device virtio-blk-ccw,drive=root -netdev user,id=net0,hostfwd=tcp:127.0.0.1:40022-:22 -device virtio-net-ccw,netdev=net0 -serial file:/run/L1.console -qmp unix:/run/L1.qmp,server=on,wait=off"
     )]
     fn command_lines(#[case] arch: Arch, #[case] accel: Accel, #[case] expected: &str) {
         assert_eq!(argv(&spec(arch, accel)).join(" "), expected);

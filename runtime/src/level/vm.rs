@@ -54,7 +54,7 @@ pub struct VmRequest {
     pub cpus: Option<u32>,
     /// Guest architecture [default: this level's].
     pub arch: Option<String>,
-    /// Folder with `vmlinuz`, `initrd` and `root.img` [default: see [`Image::resolve`]].
+    /// Folder with `kernel`, `initrd` and `root.img` [default: see [`Image::resolve`]].
     pub image: Option<PathBuf>,
     /// Accelerator, overriding the run's policy.
     pub accel: Option<AccelPolicy>,
@@ -84,13 +84,13 @@ impl Image {
                 .map(PathBuf::from)
                 .or_else(|| {
                     let inside = Path::new(IMAGE_IN_LEVEL);
-                    (arch == Arch::host() && inside.join("vmlinuz").exists())
+                    (arch == Arch::host() && inside.join("kernel").exists())
                         .then(|| inside.to_path_buf())
                 })
                 .unwrap_or_else(|| PathBuf::from("target/images").join(arch.name())),
         };
         let image = Self {
-            kernel: dir.join("vmlinuz"),
+            kernel: dir.join("kernel"),
             initrd: dir.join("initrd"),
             root: dir.join("root.img"),
         };
@@ -102,7 +102,7 @@ impl Image {
             if !path.exists() {
                 return Err(format!(
                     "no {what} at {}: build the {} image with `images/build.sh` (or `./x image`), \
-                     or name a folder holding vmlinuz, initrd and root.img with --image-dir or \
+                     or name a folder holding kernel, initrd and root.img with --image-dir or \
                      $MATRYOSHKA_IMAGE_DIR",
                     path.display(),
                     arch.name()
@@ -444,7 +444,12 @@ async fn wait_ready(
                     tail(&console)
                 )));
             };
-            tracing::info!(level = %plan.path, "ready after {:.1} s ({ready})", started.elapsed().as_secs_f64());
+            tracing::info!(
+                level = %plan.path,
+                "ready after {:.1} s ({ready}); guest uptime at each step: {}",
+                started.elapsed().as_secs_f64(),
+                boot_steps(&console)
+            );
             return Ok(key);
         }
         if let Some(fail) = line_after(&console, "MATRYOSHKA-FAIL") {
@@ -502,6 +507,23 @@ async fn wait_ready(
                 tail(&console)
             )));
         }
+    }
+}
+
+/// The `MATRYOSHKA-STEP <uptime> <step>` lines of a console as `step 1.23 s, …`.
+fn boot_steps(console: &str) -> String {
+    let steps: Vec<String> = console
+        .lines()
+        .filter_map(|l| {
+            let rest = &l[l.find("MATRYOSHKA-STEP ")? + "MATRYOSHKA-STEP ".len()..];
+            let (uptime, step) = rest.trim().split_once(' ')?;
+            Some(format!("{step} {uptime} s"))
+        })
+        .collect();
+    if steps.is_empty() {
+        "none printed".into()
+    } else {
+        steps.join(", ")
     }
 }
 
@@ -780,6 +802,14 @@ mod tests {
     }
 
     #[test]
+    fn boot_steps_are_listed_in_console_order() {
+        let console = "MATRYOSHKA-BOOT\r\n[    3.1] noise\r\nMATRYOSHKA-STEP 3.93 init\r\n\
+                       MATRYOSHKA-STEP 5.52 sshd started\r\nMATRYOSHKA-READY level=1\r\n";
+        assert_eq!(boot_steps(console), "init 3.93 s, sshd started 5.52 s");
+        assert_eq!(boot_steps("MATRYOSHKA-BOOT\n"), "none printed");
+    }
+
+    #[test]
     fn tails_keep_the_last_lines() {
         let text: String = (0..40).map(|i| format!("line {i}\r\n")).collect();
         let t = tail(&text);
@@ -793,7 +823,7 @@ mod tests {
         let err = Image::resolve(Some(Path::new("/nonexistent/image")), Arch::X86_64)
             .expect_err("no image there");
         assert!(
-            err.contains("no kernel at /nonexistent/image/vmlinuz"),
+            err.contains("no kernel at /nonexistent/image/kernel"),
             "{err}"
         );
         assert!(err.contains("images/build.sh"), "{err}");

@@ -106,8 +106,12 @@ where
         message,
         level_path: setup.path.clone(),
     };
+    let started = std::time::Instant::now();
     let bytes = match cached_component(&opts.cache, &sha) {
-        Some(bytes) => bytes,
+        Some(bytes) => {
+            tracing::info!(level = %setup.path, "component {} was cached here", &sha[..12]);
+            bytes
+        }
         None => {
             let _ = out.send(Message::NeedComponent);
             let (bytes, precompiled) = match reader.next().await {
@@ -122,6 +126,14 @@ where
                 let _ = out.send(Message::Fatal { error });
                 return finish(out, writer_task).await;
             }
+            tracing::info!(
+                level = %setup.path,
+                "component {} received after {} ms ({} bytes, precompiled artifact: {})",
+                &sha[..12],
+                started.elapsed().as_millis(),
+                bytes.len(),
+                precompiled.as_ref().map_or("none".to_string(), |(_, a)| format!("{} bytes", a.len()))
+            );
             store_component(&opts.cache, &sha, &bytes);
             if let Some((key, artifact)) = precompiled {
                 engine::adopt_artifact(&opts.cache, &key, &sha, &artifact);
@@ -172,6 +184,12 @@ where
             return finish(out, writer_task).await;
         }
     };
+    tracing::info!(
+        level = %setup.path,
+        "component loaded ({:?}) and instantiated {} ms after Load",
+        loaded.source,
+        started.elapsed().as_millis()
+    );
     // `--levels N`: the levels below this one are booted before it says Ready.
     let chain = if setup.descend > 0 {
         match Chain::boot(&ctx, setup.descend, Some(up_sink(&out))).await {
