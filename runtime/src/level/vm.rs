@@ -489,8 +489,9 @@ async fn wait_ready(
             )));
         }
         let waited = started.elapsed();
-        // Each level down runs several times slower: the silence allowed doubles per depth.
-        let silence = KVM_PROBE * 2u32.pow(plan.depth.clamp(1, 5) - 1);
+        // Each level down runs several times slower (here an L3 kernel reached its
+        // initramfs only after ~100 s): the silence allowed grows fourfold per depth.
+        let silence = KVM_PROBE * 4u32.pow(plan.depth.clamp(1, 5) - 1);
         if probe && waited > silence && !console.contains("MATRYOSHKA-BOOT") {
             qemu.kill();
             return Err(Failure::KvmUnusable(format!(
