@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Builds the x86_64 guest image from Debian packages:
-#   kernel     the kernel (linux-image-cloud-amd64), uncompressed: an ELF with a PVH entry,
-#              which QEMU starts directly (no firmware boot, no decompression in the guest)
+#   kernel     the kernel (linux-image-cloud-amd64, a bzImage)
 #   initrd     a busybox initramfs that mounts the read-only root with a tmpfs overlay
 #   root.img   a squashfs root (carrying the kernel and initrd in /usr/lib/matryoshka/image): qemu-system-x86, libvirt daemon + QEMU driver + clients,
 #              openssh-server, kmod, iproute2, busybox. No matryoshka runtime: it
@@ -24,34 +23,10 @@ if [ -f "$OUT/stamp" ] && [ "$(cat "$OUT/stamp")" = "$stamp" ]; then
     echo "image $OUT is up to date ($stamp)"
     exit 0
 fi
-# The uncompressed kernel inside a bzImage: the payload's offset and length are in
-# the boot header (0x248, 0x24c), after (setup_sects + 1) sectors; it ends with the
-# uncompressed size (4 bytes, not part of the stream); its compressor is told by its magic. Fails unless the result is an ELF with a PVH entry note.
-extract_kernel() {
-    local bz=$1 out=$2 setup offset length start magic
-    setup=$(od -An -tu1 -j $((0x1f1)) -N1 "$bz" | tr -d ' ')
-    [ "$setup" = 0 ] && setup=4
-    offset=$(od -An -tu4 -j $((0x248)) -N4 "$bz" | tr -d ' ')
-    length=$(od -An -tu4 -j $((0x24c)) -N4 "$bz" | tr -d ' ')
-    start=$(((setup + 1) * 512 + offset))
-    payload() { dd if="$bz" bs=1M iflag=skip_bytes,count_bytes skip="$start" count=$((length - 4)) status=none; }
-    magic=$(od -An -tx1 -j "$start" -N4 "$bz" | tr -d ' ')
-    case $magic in
-    02214c18) payload | lz4 -dc >"$out" ;;
-    28b52ffd) payload | zstd -dcq >"$out" ;;
-    fd377a58) payload | xz -dc >"$out" ;;
-    1f8b*) payload | gzip -dc >"$out" ;;
-    *) echo "unknown kernel compression (magic $magic) in $bz" >&2; return 1 ;;
-    esac
-    [ "$(od -An -c -N4 "$out" | tr -d ' ')" = '177ELF' ] || { echo "no ELF kernel inside $bz" >&2; return 1; }
-    # The PVH entry point: a "Xen" ELF note of type 18 (XEN_ELFNOTE_PHYS32_ENTRY), 8 bytes.
-    grep -qaP '\x04\x00\x00\x00\x08\x00\x00\x00\x12\x00\x00\x00Xen\x00' "$out" ||
-        { echo "the kernel in $bz has no PVH entry (CONFIG_PVH): QEMU cannot start it directly" >&2; return 1; }
-}
 step() { printf '\033[1m[%s] %s\033[0m\n' "$(date +%T)" "$*" >&2; }
 
 need=()
-for p in debootstrap squashfs-tools cpio busybox-static lz4 zstd xz-utils; do
+for p in debootstrap squashfs-tools cpio busybox-static; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -91,9 +66,7 @@ echo "$INITRD_MODULES" >"$init/modules"
 
 step "squashfs root"
 mkdir -p "$OUT"
-# Decompressing a bzImage inside a nested guest took ~7 s of an L2 boot here (every
-# page it writes faults through the levels above); the PVH ELF is loaded by QEMU.
-extract_kernel "$root/boot/vmlinuz-$kver" "$work/kernel"
+cp "$root/boot/vmlinuz-$kver" "$work/kernel"
 # The same kernel and initramfs inside the root, and the root itself as /dev/vda:
 # a level boots the next one from these paths, so one image serves every depth.
 img=$root/usr/lib/matryoshka/image
