@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use super::qemu::{self, Accel, Arch, MachineSpec};
 
 /// How long a KVM boot of L1 may stay silent before `auto` gives up on KVM
-/// (doubled for each level deeper).
+/// (four times that for each level deeper).
 const KVM_PROBE: Duration = Duration::from_secs(30);
 /// Default deadline for the ready marker.
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -513,10 +513,11 @@ async fn wait_ready(
 
 /// The `MATRYOSHKA-STEP <uptime> <step>` lines of a console as `step 1.23 s, …`.
 fn boot_steps(console: &str) -> String {
+    const STEP: &str = "MATRYOSHKA-STEP ";
     let steps: Vec<String> = console
         .lines()
         .filter_map(|l| {
-            let rest = &l[l.find("MATRYOSHKA-STEP ")? + "MATRYOSHKA-STEP ".len()..];
+            let rest = &l[l.find(STEP)? + STEP.len()..];
             let (uptime, step) = rest.trim().split_once(' ')?;
             Some(format!("{step} {uptime} s"))
         })

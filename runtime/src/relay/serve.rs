@@ -107,9 +107,10 @@ where
         level_path: setup.path.clone(),
     };
     let started = std::time::Instant::now();
+    let short = sha.get(..12).unwrap_or(&sha);
     let bytes = match cached_component(&opts.cache, &sha) {
         Some(bytes) => {
-            tracing::info!(level = %setup.path, "component {} was cached here", &sha[..12]);
+            tracing::info!(level = %setup.path, "component {short} was cached here");
             bytes
         }
         None => {
@@ -128,8 +129,7 @@ where
             }
             tracing::info!(
                 level = %setup.path,
-                "component {} received after {} ms ({} bytes, precompiled artifact: {})",
-                &sha[..12],
+                "component {short} received after {} ms ({} bytes, precompiled artifact: {})",
                 started.elapsed().as_millis(),
                 bytes.len(),
                 precompiled.as_ref().map_or("none".to_string(), |(_, a)| format!("{} bytes", a.len()))
