@@ -106,9 +106,12 @@ fn nested_demo_boots_each_level_from_the_same_image() {
         run.expect_stdout(&format!("{path} booted with kvm"));
         run.expect_stdout(&format!("hostname level-{depth}, level={depth} accel=kvm"));
     }
-    // Every level's console is kept with the run.
+    // Every level's console and level log are kept with the run.
     let console = std::fs::read_to_string(dir.path().join("L0-L1.console")).expect("L1 console");
-    assert!(console.contains("MATRYOSHKA-READY level=1"), "{console}");
+    assert!(console.contains("MATRYOSHKA-BOOT"), "{console}");
+    let log = std::fs::read_to_string(dir.path().join("L0-L1.log")).expect("L1 level log");
+    assert!(log.contains("MATRYOSHKA-STEP"), "{log}");
+    assert!(log.contains("MATRYOSHKA-READY level=1"), "{log}");
     assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
 }
 
@@ -169,7 +172,7 @@ fn a_kernel_panic_shows_the_console_and_ends_at_once() {
 }
 
 #[test]
-fn no_ready_marker_by_the_deadline_is_a_timeout_with_the_console() {
+fn not_serving_by_the_deadline_is_a_timeout_with_the_console() {
     let dir = run_dir("deadline");
     let (run, took) = nested(
         dir.path(),
@@ -183,10 +186,7 @@ fn no_ready_marker_by_the_deadline_is_a_timeout_with_the_console() {
             "tcg",
         ],
     );
-    expect_infrastructure_error(
-        &run,
-        &["printed no ready marker within 1.5 s (tcg); console tail:"],
-    );
+    expect_infrastructure_error(&run, &["was not serving within 1.5 s (tcg); console tail:"]);
     assert!(took < Duration::from_secs(30), "took {took:?}");
     assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
 }

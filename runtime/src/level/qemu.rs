@@ -81,6 +81,13 @@ impl Arch {
     }
 }
 
+/// Name of the virtio-serial port the level's runtime serves the relay on.
+pub const RELAY_PORT: &str = "org.matryoshka.relay";
+/// Name of the virtio-serial port the level writes its boot steps and its
+/// runtime's stderr to. Unlike the serial console, whose every byte is a trap
+/// through each level above, a port takes a whole buffer per notification.
+pub const LOG_PORT: &str = "org.matryoshka.log";
+
 /// How the guest's CPU is run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
@@ -113,18 +120,24 @@ pub struct MachineSpec {
     pub cpus: u32,
     /// Kernel image.
     pub kernel: PathBuf,
-    /// Initramfs.
+    /// Initramfs (with the runtime appended, see [`super::vm::RuntimeInitrd`]).
     pub initrd: PathBuf,
     /// The read-only root, handed to the guest as its first virtio disk.
     pub root: PathBuf,
     /// Extra kernel command-line words (e.g. `level=2`).
     pub append: Vec<String>,
-    /// A read-only disk carrying the runtime for the guest (its second virtio disk).
-    pub runtime_disk: Option<PathBuf>,
     /// Host port forwarded to the guest's SSH port, on 127.0.0.1 only.
     pub ssh_port: u16,
     /// File that receives the serial console.
     pub console_log: PathBuf,
+    /// File descriptor, inherited by QEMU, of a connected Unix socket behind the
+    /// guest's virtio-serial port [`RELAY_PORT`]: the relay's byte stream to the
+    /// level's runtime. Connected before QEMU starts, so the port is open from the
+    /// guest's first look at it, and no socket file or path length is involved.
+    pub relay_fd: i32,
+    /// File behind the guest's virtio-serial port [`LOG_PORT`]: the level's
+    /// boot steps and its runtime's stderr.
+    pub level_log: PathBuf,
     /// QMP control socket, when the level wants one.
     pub qmp_socket: Option<PathBuf>,
 }
@@ -180,15 +193,6 @@ pub fn argv(spec: &MachineSpec) -> Vec<String> {
         "-device".into(),
         format!("virtio-blk-{bus},drive=root"),
     ];
-    if let Some(disk) = &spec.runtime_disk {
-        argv.push("-drive".into());
-        argv.push(format!(
-            "file={},format=raw,if=none,id=runtime,readonly=on",
-            disk.display()
-        ));
-        argv.push("-device".into());
-        argv.push(format!("virtio-blk-{bus},drive=runtime"));
-    }
     argv.extend([
         "-netdev".into(),
         format!("user,id=net0,hostfwd=tcp:127.0.0.1:{}-:22", spec.ssh_port),
@@ -196,6 +200,16 @@ pub fn argv(spec: &MachineSpec) -> Vec<String> {
         format!("virtio-net-{bus},netdev=net0"),
         "-serial".into(),
         format!("file:{}", spec.console_log.display()),
+        "-device".into(),
+        format!("virtio-serial-{bus}"),
+        "-chardev".into(),
+        format!("socket,id=relay,fd={}", spec.relay_fd),
+        "-device".into(),
+        format!("virtserialport,chardev=relay,name={RELAY_PORT}"),
+        "-chardev".into(),
+        format!("file,id=log,path={}", spec.level_log.display()),
+        "-device".into(),
+        format!("virtserialport,chardev=log,name={LOG_PORT}"),
     ]);
     if let Some(qmp) = &spec.qmp_socket {
         argv.push("-qmp".into());
@@ -220,9 +234,10 @@ mod tests {
             initrd: "/img/initrd".into(),
             root: "/img/root.squashfs".into(),
             append: vec!["level=1".into()],
-            runtime_disk: None,
             ssh_port: 40022,
             console_log: "/run/L1.console".into(),
+            relay_fd: 3,
+            level_log: "/run/L1.log".into(),
             qmp_socket: Some("/run/L1.qmp".into()),
         }
     }
@@ -231,12 +246,12 @@ mod tests {
     #[case::x86_tcg(
         Arch::X86_64,
         Accel::Tcg,
-        "qemu-system-x86_64 -nodefaults -no-reboot -no-user-config -display none -machine q35 -accel tcg -cpu max -smp 2 -m 4096M -kernel /img/kernel -initrd /img/initrd -append console=ttyS0 quiet panic=-1 pci=lastbus=0 cryptomgr.notests level=1 -drive file=/img/root.squashfs,format=raw,if=none,id=root,readonly=on,cache=none,aio=native -device virtio-blk-pci,drive=root -netdev user,id=net0,hostfwd=tcp:127.0.0.1:40022-:22 -device virtio-net-pci,netdev=net0 -serial file:/run/L1.console -qmp unix:/run/L1.qmp,server=on,wait=off"
+        "qemu-system-x86_64 -nodefaults -no-reboot -no-user-config -display none -machine q35 -accel tcg -cpu max -smp 2 -m 4096M -kernel /img/kernel -initrd /img/initrd -append console=ttyS0 quiet panic=-1 pci=lastbus=0 cryptomgr.notests level=1 -drive file=/img/root.squashfs,format=raw,if=none,id=root,readonly=on,cache=none,aio=native -device virtio-blk-pci,drive=root -netdev user,id=net0,hostfwd=tcp:127.0.0.1:40022-:22 -device virtio-net-pci,netdev=net0 -serial file:/run/L1.console -device virtio-serial-pci -chardev socket,id=relay,fd=3 -device virtserialport,chardev=relay,name=org.matryoshka.relay -chardev file,id=log,path=/run/L1.log -device virtserialport,chardev=log,name=org.matryoshka.log -qmp unix:/run/L1.qmp,server=on,wait=off"
     )]
     #[case::s390x_kvm(
         Arch::S390x,
         Accel::Kvm,
-        "qemu-system-s390x -nodefaults -no-reboot -no-user-config -display none -machine s390-ccw-virtio -accel kvm -cpu host -smp 2 -m 4096M -kernel /img/kernel -initrd /img/initrd -append console=ttysclp0 quiet panic=-1 cryptomgr.notests level=1 -drive file=/img/root.squashfs,format=raw,if=none,id=root,readonly=on,cache=none,aio=native -device virtio-blk-ccw,drive=root -netdev user,id=net0,hostfwd=tcp:127.0.0.1:40022-:22 -device virtio-net-ccw,netdev=net0 -serial file:/run/L1.console -qmp unix:/run/L1.qmp,server=on,wait=off"
+        "qemu-system-s390x -nodefaults -no-reboot -no-user-config -display none -machine s390-ccw-virtio -accel kvm -cpu host -smp 2 -m 4096M -kernel /img/kernel -initrd /img/initrd -append console=ttysclp0 quiet panic=-1 cryptomgr.notests level=1 -drive file=/img/root.squashfs,format=raw,if=none,id=root,readonly=on,cache=none,aio=native -device virtio-blk-ccw,drive=root -netdev user,id=net0,hostfwd=tcp:127.0.0.1:40022-:22 -device virtio-net-ccw,netdev=net0 -serial file:/run/L1.console -device virtio-serial-ccw -chardev socket,id=relay,fd=3 -device virtserialport,chardev=relay,name=org.matryoshka.relay -chardev file,id=log,path=/run/L1.log -device virtserialport,chardev=log,name=org.matryoshka.log -qmp unix:/run/L1.qmp,server=on,wait=off"
     )]
     fn command_lines(#[case] arch: Arch, #[case] accel: Accel, #[case] expected: &str) {
         assert_eq!(argv(&spec(arch, accel)).join(" "), expected);

@@ -1,10 +1,14 @@
-//! VM levels: boot the next level from an image with QEMU and wait until it is
-//! ready to be reached over SSH.
+//! VM levels: boot the next level from an image with QEMU and wait until its
+//! runtime serves the relay.
 //!
-//! The boot is watched on the serial console, which only this level reads:
-//! - `MATRYOSHKA-BOOT` is printed by the initramfs, the first sign of life;
-//! - `MATRYOSHKA-HOSTKEY <algo> <key>` is the level's fresh SSH host key, pinned from there;
-//! - `MATRYOSHKA-READY level=N accel=… kvm=…` says sshd runs and how the level itself runs.
+//! The runtime rides in the initramfs ([`RuntimeInitrd`]); the level's init starts
+//! it on a virtio-serial port ([`qemu::RELAY_PORT`]) whose other end is a socket
+//! this level holds. The boot is watched on three channels that only this level reads:
+//! - the serial console: `MATRYOSHKA-BOOT` from the initramfs, the first sign of
+//!   life, and whatever the kernel says when it panics;
+//! - the level log ([`qemu::LOG_PORT`]): `MATRYOSHKA-STEP` lines with boot
+//!   timings, `MATRYOSHKA-FAIL` when the init gives up, then the runtime's stderr;
+//! - the relay socket: the runtime's first bytes (its `Hello`) mean it serves.
 //!
 //! Every QEMU process is started by one long-lived thread with `PR_SET_PDEATHSIG`
 //! (so it dies with this runtime even on SIGKILL), leads its own process group,
@@ -113,20 +117,20 @@ impl Image {
     }
 }
 
-/// A level that booted and printed its ready marker.
+/// A level that booted and whose runtime serves.
 #[derive(Debug)]
 pub struct Booted {
     /// Its QEMU process.
     pub qemu: Qemu,
-    /// Host port forwarded to its SSH port, on 127.0.0.1.
+    /// The relay's byte stream to its runtime, whose `Hello` is waiting to be read.
+    pub relay: std::os::unix::net::UnixStream,
+    /// Host port forwarded to its SSH port, on 127.0.0.1 (for people, not the relay).
     pub ssh_port: u16,
-    /// Its SSH host key as printed on its console (`<algo> <base64>`).
-    pub host_key: String,
     /// The accelerator it runs under.
     pub accel: Accel,
     /// Why `auto` chose that accelerator, for the run's log.
     pub accel_reason: String,
-    /// How long it took from starting QEMU to the ready marker.
+    /// How long it took from starting QEMU to its runtime's first bytes.
     pub boot_time: Duration,
 }
 
@@ -145,69 +149,157 @@ pub struct BootPlan {
     pub authorized_key: String,
     /// Folder to remember the KVM probe in, when there is one.
     pub memo_dir: Option<PathBuf>,
-    /// The runtime to hand the level on a second disk, when there is one.
-    pub runtime: Option<RuntimeDisk>,
-    /// The level's SSH host key, made by this level: (OpenSSH private key,
-    /// `<algo> <base64>` public key). Without one the level makes its own and
-    /// prints it on the console.
-    pub host_key: Option<(String, String)>,
+    /// The runtime binary the level serves with, and its hex sha256.
+    pub runtime: (PathBuf, String),
+    /// Where initramfs images with a runtime appended are kept.
+    pub initrd_cache: PathBuf,
+    /// The level's SSH host key (OpenSSH private key), made by this level so that
+    /// the level need not make one under emulation; without one it makes its own.
+    pub host_key: Option<String>,
 }
 
-/// A runtime binary as a disk image (zero-padded to whole sectors), for a level's
-/// init to copy into its runtime cache before the parent connects.
+/// The image's initramfs with the runtime appended as a second, uncompressed cpio
+/// archive (the kernel unpacks both into one rootfs): the level finds the runtime
+/// in memory at boot, with no disk to read and nothing to copy over a network.
 #[derive(Debug, Clone)]
-pub struct RuntimeDisk {
-    /// The padded image.
+pub struct RuntimeInitrd {
+    /// The combined initramfs.
     pub path: PathBuf,
-    /// Hex sha256 of the binary.
+    /// Hex sha256 of the runtime binary; the level finds it as `/matryoshka-<sha256>`.
     pub sha256: String,
-    /// Size of the binary, bytes.
-    pub size: u64,
 }
 
-impl RuntimeDisk {
-    /// The disk for `binary` in `dir`, made once per binary hash.
-    pub fn prepare(binary: &Path, sha256: &str, dir: &Path) -> Result<Self, String> {
-        let size = std::fs::metadata(binary)
-            .map_err(|e| format!("cannot stat {}: {e}", binary.display()))?
-            .len();
-        let path = dir.join(format!("{sha256}.img"));
-        let padded = size.div_ceil(512) * 512;
-        if std::fs::metadata(&path).is_ok_and(|m| m.len() == padded) {
+impl RuntimeInitrd {
+    /// The combined initramfs of `initrd` and `runtime` in `dir`, made once per
+    /// runtime hash and initramfs file.
+    pub fn prepare(
+        initrd: &Path,
+        runtime: &Path,
+        sha256: &str,
+        dir: &Path,
+    ) -> Result<Self, String> {
+        let meta = std::fs::metadata(initrd)
+            .map_err(|e| format!("cannot stat {}: {e}", initrd.display()))?;
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        let path = dir.join(format!("{sha256}-{}-{mtime}.initrd", meta.len()));
+        if path.exists() {
             return Ok(Self {
                 path,
                 sha256: sha256.to_string(),
-                size,
             });
         }
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let tmp = tempfile::NamedTempFile::new_in(dir)
             .map_err(|e| format!("cannot create a file in {}: {e}", dir.display()))?;
-        std::fs::copy(binary, tmp.path())
-            .and_then(|_| tmp.as_file().set_len(padded))
-            .map_err(|e| format!("cannot copy {} into a disk image: {e}", binary.display()))?;
+        let write = || -> std::io::Result<()> {
+            let mut out = std::io::BufWriter::new(tmp.as_file());
+            let mut image = std::fs::File::open(initrd)?;
+            let copied = std::io::copy(&mut image, &mut out)?;
+            // The kernel looks for the next archive on a 4-byte boundary.
+            std::io::Write::write_all(&mut out, &[0; 4][..pad4(copied)])?;
+            let mut binary = std::fs::File::open(runtime)?;
+            let size = binary.metadata()?.len();
+            cpio::write_file(
+                &mut out,
+                &format!("matryoshka-{sha256}"),
+                0o755,
+                size,
+                &mut binary,
+            )?;
+            cpio::write_trailer(&mut out)?;
+            std::io::Write::flush(&mut out)
+        };
+        write().map_err(|e| {
+            format!(
+                "cannot append the runtime {} to the initramfs {}: {e}",
+                runtime.display(),
+                initrd.display()
+            )
+        })?;
         tmp.persist(&path)
             .map_err(|e| format!("cannot keep {}: {e}", path.display()))?;
         Ok(Self {
             path,
             sha256: sha256.to_string(),
-            size,
         })
     }
 }
 
-/// Boots a level and waits for its ready marker.
+fn pad4(len: u64) -> usize {
+    ((4 - len % 4) % 4) as usize
+}
+
+/// The `newc` cpio format the kernel unpacks into its initial rootfs.
+mod cpio {
+    use std::io::{self, Read, Write};
+
+    fn header(out: &mut impl Write, name: &str, mode: u32, size: u64, ino: u32) -> io::Result<()> {
+        let namesize = name.len() + 1;
+        let size = u32::try_from(size)
+            .map_err(|_| io::Error::other("a file over 4 GiB does not fit a newc cpio archive"))?;
+        let nlink = 1;
+        write!(
+            out,
+            "070701{ino:08x}{mode:08x}{:08x}{:08x}{nlink:08x}{:08x}{size:08x}{:08x}{:08x}{:08x}{:08x}{namesize:08x}{:08x}",
+            0, 0, 0, 0, 0, 0, 0, 0
+        )?;
+        out.write_all(name.as_bytes())?;
+        out.write_all(&[0])?;
+        out.write_all(&[0; 4][..super::pad4(110 + namesize as u64)])
+    }
+
+    /// One regular file of `size` bytes read from `data`.
+    pub fn write_file(
+        out: &mut impl Write,
+        name: &str,
+        perm: u32,
+        size: u64,
+        data: &mut impl Read,
+    ) -> io::Result<()> {
+        header(out, name, 0o100_000 | perm, size, 1)?;
+        let copied = io::copy(&mut data.take(size), out)?;
+        if copied != size {
+            return Err(io::Error::other(format!(
+                "{name} shrank while being archived ({copied} of {size} bytes)"
+            )));
+        }
+        out.write_all(&[0; 4][..super::pad4(size)])
+    }
+
+    /// The end of an archive.
+    pub fn write_trailer(out: &mut impl Write) -> io::Result<()> {
+        header(out, "TRAILER!!!", 0, 0, 0)
+    }
+}
+
+/// Boots a level and waits until its runtime serves.
 pub async fn boot(req: &VmRequest, plan: &BootPlan) -> Result<Booted, String> {
     let arch = match &req.arch {
         Some(a) => Arch::from_uname(a)
             .ok_or_else(|| format!("cannot boot a `{a}` level: known are x86_64 and s390x"))?,
         None => Arch::host(),
     };
-    let image = Image::resolve(req.image.as_deref(), arch)?;
+    let mut image = Image::resolve(req.image.as_deref(), arch)?;
     std::fs::create_dir_all(&plan.run_dir)
         .map_err(|e| format!("cannot create {}: {e}", plan.run_dir.display()))?;
+    let initrd = {
+        let (initrd, (binary, sha), dir) = (
+            image.initrd.clone(),
+            plan.runtime.clone(),
+            plan.initrd_cache.clone(),
+        );
+        tokio::task::spawn_blocking(move || RuntimeInitrd::prepare(&initrd, &binary, &sha, &dir))
+            .await
+            .map_err(|e| e.to_string())??
+    };
+    image.initrd = initrd.path;
     let timeout = req.boot_timeout.unwrap_or(DEFAULT_BOOT_TIMEOUT);
+    wait_for_kvm_module(&plan.path).await;
     let (accel, mut reason, probe) = choose_accel(req.accel.unwrap_or(plan.policy), arch, plan)?;
     let first = start_and_wait(req, plan, &image, arch, accel, timeout, probe).await;
     match first {
@@ -342,6 +434,24 @@ fn default_cpus(depth: u32) -> u32 {
     }
 }
 
+/// Where a level's init says that it is still loading the KVM modules, which it
+/// does while its runtime starts (see `images/x86_64/level-init`).
+const KVM_PENDING: &str = "/run/matryoshka/kvm.pending";
+
+/// Waits (at most two minutes) while this level's init still loads KVM, so that
+/// the accelerator is chosen from what the level will have, not from a race.
+async fn wait_for_kvm_module(path: &str) {
+    let pending = Path::new(KVM_PENDING);
+    if !pending.exists() {
+        return;
+    }
+    tracing::info!(level = %path, "waiting for this level's init to load KVM");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while pending.exists() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn start_and_wait(
     req: &VmRequest,
     plan: &BootPlan,
@@ -352,61 +462,70 @@ async fn start_and_wait(
     probe: bool,
 ) -> Result<Booted, Failure> {
     let name = plan.path.replace('/', "-");
-    let console = plan.run_dir.join(format!("{name}.console"));
-    let log = plan.run_dir.join(format!("{name}.qemu.log"));
+    let files = LevelFiles {
+        console: plan.run_dir.join(format!("{name}.console")),
+        qemu_log: plan.run_dir.join(format!("{name}.qemu.log")),
+        level_log: plan.run_dir.join(format!("{name}.log")),
+    };
     let key_b64 = base64_encode(plan.authorized_key.trim().as_bytes());
     // A port taken between choosing and QEMU binding it fails the start: try another.
     let mut attempt = 0;
     loop {
         attempt += 1;
         let ssh_port = free_port().map_err(Failure::Boot)?;
-        let spec = MachineSpec {
-            arch,
-            accel,
-            memory_mib: req.memory_mib.unwrap_or_else(default_memory_mib),
-            cpus: req.cpus.unwrap_or_else(|| default_cpus(plan.depth)).max(1),
-            kernel: image.kernel.clone(),
-            initrd: image.initrd.clone(),
-            root: image.root.clone(),
-            append: [
-                format!("level={}", plan.depth),
-                format!("matryoshka.key={key_b64}"),
-            ]
-            .into_iter()
-            .chain(
-                plan.runtime
-                    .iter()
-                    .map(|r| format!("matryoshka.runtime={}:{}", r.sha256, r.size)),
-            )
-            .chain(plan.host_key.iter().map(|(private, _)| {
-                format!("matryoshka.hostkey={}", base64_encode(private.as_bytes()))
-            }))
-            .collect(),
-            runtime_disk: plan.runtime.as_ref().map(|r| r.path.clone()),
-            ssh_port,
-            console_log: console.clone(),
-            qmp_socket: None,
-        };
+        let spec =
+            MachineSpec {
+                arch,
+                accel,
+                memory_mib: req.memory_mib.unwrap_or_else(default_memory_mib),
+                cpus: req.cpus.unwrap_or_else(|| default_cpus(plan.depth)).max(1),
+                kernel: image.kernel.clone(),
+                initrd: image.initrd.clone(),
+                root: image.root.clone(),
+                append: [
+                    format!("level={}", plan.depth),
+                    format!("matryoshka.key={key_b64}"),
+                    format!("matryoshka.runtime={}", plan.runtime.1),
+                ]
+                .into_iter()
+                .chain(
+                    crate::relay::transport::verbosity_flag()
+                        .split_whitespace()
+                        .map(|flag| format!("matryoshka.verbose={flag}")),
+                )
+                .chain(plan.host_key.iter().map(|private| {
+                    format!("matryoshka.hostkey={}", base64_encode(private.as_bytes()))
+                }))
+                .collect(),
+                ssh_port,
+                console_log: files.console.clone(),
+                relay_fd: RELAY_FD,
+                level_log: files.level_log.clone(),
+                qmp_socket: None,
+            };
         let argv = qemu::argv(&spec);
         tracing::info!(level = %plan.path, "booting: {}", argv.join(" "));
-        let _ = std::fs::remove_file(&console);
+        let _ = std::fs::remove_file(&files.console);
+        let (relay, guest_end) = std::os::unix::net::UnixStream::pair().map_err(|e| {
+            Failure::Boot(format!("cannot make a socket pair for {}: {e}", plan.path))
+        })?;
         let started = Instant::now();
-        let mut qemu = Qemu::spawn(&argv, &console, &log).map_err(|e| {
+        let mut qemu = Qemu::spawn(&argv, files.clone(), guest_end).map_err(|e| {
             Failure::Boot(format!(
                 "cannot start {} for {}: {e}; install QEMU (Debian: qemu-system-x86 or qemu-system-misc)",
                 argv[0], plan.path
             ))
         })?;
-        match wait_ready(&mut qemu, plan, accel, started, timeout, probe).await {
+        match wait_ready(&mut qemu, &relay, plan, accel, started, timeout, probe).await {
             Err(Failure::Boot(m)) if attempt < 3 && qemu.log_tail().contains("hostfwd") => {
                 tracing::info!(level = %plan.path, "port {ssh_port} was taken ({m}); trying another");
             }
             Err(e) => return Err(e),
-            Ok(host_key) => {
+            Ok(()) => {
                 return Ok(Booted {
                     qemu,
+                    relay,
                     ssh_port,
-                    host_key,
                     accel,
                     accel_reason: String::new(),
                     boot_time: started.elapsed(),
@@ -416,49 +535,42 @@ async fn start_and_wait(
     }
 }
 
-/// Polls the console until the ready marker, an early exit, or a deadline.
+/// The descriptor QEMU finds the guest end of the relay socket at.
+const RELAY_FD: i32 = 3;
+
+/// Polls until the runtime's first bytes on the relay, an early exit, or a deadline.
 async fn wait_ready(
     qemu: &mut Qemu,
+    relay: &std::os::unix::net::UnixStream,
     plan: &BootPlan,
     accel: Accel,
     started: Instant,
     timeout: Duration,
     probe: bool,
-) -> Result<String, Failure> {
+) -> Result<(), Failure> {
     let accel_name = accel.name();
     loop {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let console = qemu.console();
-        if let Some(ready) = line_after(&console, "MATRYOSHKA-READY ") {
-            // The key this level made and handed in is the one pinned; a level
-            // given none made its own and printed it.
-            let Some(key) = plan
-                .host_key
-                .as_ref()
-                .map(|(_, public)| public.clone())
-                .or_else(|| line_after(&console, "MATRYOSHKA-HOSTKEY "))
-            else {
-                return Err(Failure::Boot(format!(
-                    "{} printed its ready marker but no host key; console: {}",
-                    plan.path,
-                    tail(&console)
-                )));
-            };
+        if has_bytes(relay) {
             tracing::info!(
                 level = %plan.path,
-                "ready after {:.1} s ({ready}); guest uptime at each step: {}",
+                "serving after {:.1} s; guest uptime at each step: {}",
                 started.elapsed().as_secs_f64(),
-                boot_steps(&console)
+                boot_steps(&qemu.level_log())
             );
-            return Ok(key);
+            return Ok(());
         }
-        if let Some(fail) = line_after(&console, "MATRYOSHKA-FAIL") {
+        let console = qemu.console();
+        let level_log = qemu.level_log();
+        if let Some(fail) = line_after(&level_log, "MATRYOSHKA-FAIL")
+            .or_else(|| line_after(&console, "MATRYOSHKA-FAIL"))
+        {
             qemu.kill();
             return Err(Failure::Boot(format!(
-                "{} failed to boot: {}; console tail:\n{}",
+                "{} failed to boot: {}; {}",
                 plan.path,
                 fail.trim_start_matches(": "),
-                tail(&console)
+                qemu.tails()
             )));
         }
         if let Some(status) = qemu.exited() {
@@ -483,9 +595,9 @@ async fn wait_ready(
                 ""
             };
             return Err(Failure::Boot(format!(
-                "{} did not boot: {why}{hint}; console tail:\n{}",
+                "{} did not boot: {why}{hint}; {}",
                 plan.path,
-                tail(&console)
+                qemu.tails()
             )));
         }
         let waited = started.elapsed();
@@ -502,13 +614,30 @@ async fn wait_ready(
         if waited > timeout {
             qemu.kill();
             return Err(Failure::Boot(format!(
-                "{} printed no ready marker within {:.1} s ({accel_name}); console tail:\n{}",
+                "{} was not serving within {:.1} s ({accel_name}); {}",
                 plan.path,
                 timeout.as_secs_f64(),
-                tail(&console)
+                qemu.tails()
             )));
         }
     }
+}
+
+/// Whether the runtime's first bytes are waiting on the relay socket (a closed or
+/// broken socket is not: QEMU's exit is reported by the caller).
+fn has_bytes(relay: &std::os::unix::net::UnixStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut byte = 0u8;
+    // SAFETY: recv(2) peeks at most one byte into `byte`, which outlives the call.
+    let n = unsafe {
+        libc::recv(
+            relay.as_raw_fd(),
+            (&raw mut byte).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n > 0
 }
 
 /// The `MATRYOSHKA-STEP <uptime> <step>` lines of a console as `step 1.23 s, …`.
@@ -587,39 +716,68 @@ fn base64_encode(bytes: &[u8]) -> String {
     out
 }
 
+/// The files a level's QEMU writes, in the run folder.
+#[derive(Debug, Clone)]
+struct LevelFiles {
+    /// The serial console.
+    console: PathBuf,
+    /// QEMU's own stdout and stderr.
+    qemu_log: PathBuf,
+    /// The level log port: boot steps, then the runtime's stderr.
+    level_log: PathBuf,
+}
+
 /// A running QEMU process of a level; killed when dropped.
 #[derive(Debug)]
 pub struct Qemu {
     child: Child,
-    console: PathBuf,
-    log: PathBuf,
+    files: LevelFiles,
     status: Option<ExitStatus>,
 }
 
 impl Qemu {
-    fn spawn(argv: &[String], console: &Path, log: &Path) -> std::io::Result<Self> {
-        let stderr = std::fs::File::create(log)?;
+    /// Starts QEMU with `guest_end` of the relay socket as its descriptor [`RELAY_FD`].
+    fn spawn(
+        argv: &[String],
+        files: LevelFiles,
+        guest_end: std::os::unix::net::UnixStream,
+    ) -> std::io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        let stderr = std::fs::File::create(&files.qemu_log)?;
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .stdin(Stdio::null())
             .stdout(stderr.try_clone()?)
             .stderr(stderr)
             .process_group(0);
-        // SAFETY: the closure only calls prctl(2), which is async-signal-safe.
+        let fd = guest_end.as_raw_fd();
+        // SAFETY: the closure only calls prctl(2), dup2(2) and fcntl(2), which are
+        // async-signal-safe; `guest_end` stays open until the spawn returned.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // dup2 clears close-on-exec on the copy; a socket already at the
+                // number keeps it, so clear it by hand.
+                let ok = if fd == RELAY_FD {
+                    libc::fcntl(fd, libc::F_SETFD, 0) == 0
+                } else {
+                    libc::dup2(fd, RELAY_FD) == RELAY_FD
+                };
+                if !ok {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
             });
         }
         let child = spawner_thread(cmd)?;
+        // Only QEMU holds the guest end now: when it exits, the relay sees the end.
+        drop(guest_end);
         registry().insert(child.id());
         Ok(Self {
             child,
-            console: console.to_path_buf(),
-            log: log.to_path_buf(),
+            files,
             status: None,
         })
     }
@@ -631,22 +789,40 @@ impl Qemu {
 
     /// The console file.
     pub fn console_path(&self) -> &Path {
-        &self.console
+        &self.files.console
+    }
+
+    /// The level log file (boot steps, then the runtime's stderr).
+    pub fn level_log_path(&self) -> &Path {
+        &self.files.level_log
     }
 
     /// Everything on the console so far.
     pub fn console(&self) -> String {
-        let mut text = String::new();
-        if let Ok(mut f) = std::fs::File::open(&self.console) {
-            let mut bytes = Vec::new();
-            let _ = f.read_to_end(&mut bytes);
-            text = String::from_utf8_lossy(&bytes).into_owned();
+        read_lossy(&self.files.console)
+    }
+
+    /// Everything in the level log so far.
+    pub fn level_log(&self) -> String {
+        read_lossy(&self.files.level_log)
+    }
+
+    /// The last lines of the console and of the level log, for error messages.
+    pub fn tails(&self) -> String {
+        let mut said = format!("console tail:\n{}", tail(&self.console()));
+        let log = self.level_log();
+        if !log.trim().is_empty() {
+            said.push_str(&format!(
+                "\nlevel log tail ({}):\n{}",
+                self.files.level_log.display(),
+                tail(&log)
+            ));
         }
-        text
+        said
     }
 
     fn log_tail(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        std::fs::read_to_string(&self.files.qemu_log).unwrap_or_default()
     }
 
     /// What QEMU itself said, as a suffix for error messages.
@@ -671,19 +847,17 @@ impl Qemu {
         self.status
     }
 
-    /// How QEMU ended and the console's last lines, for a level that was lost.
+    /// How QEMU ended and the last lines of its console and level log, for a
+    /// level that was lost.
     pub fn describe_end(&mut self) -> String {
         match self.exited() {
             Some(status) => format!(
-                "its QEMU exited ({}){}; console tail:\n{}",
+                "its QEMU exited ({}){}; {}",
                 describe(status),
                 self.log_summary(),
-                tail(&self.console())
+                self.tails()
             ),
-            None => format!(
-                "its QEMU still runs; console tail:\n{}",
-                tail(&self.console())
-            ),
+            None => format!("its QEMU still runs; {}", self.tails()),
         }
     }
 
@@ -703,6 +877,14 @@ impl Qemu {
         self.status = self.child.wait().ok();
         registry().remove(pid);
     }
+}
+
+fn read_lossy(path: &Path) -> String {
+    let mut bytes = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let _ = f.read_to_end(&mut bytes);
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 impl Drop for Qemu {
@@ -790,17 +972,17 @@ mod tests {
 
     #[test]
     fn markers_are_found_in_noisy_consoles() {
-        let console = "[ 1.0] x\r\nMATRYOSHKA-BOOT\r\nMATRYOSHKA-HOSTKEY ssh-ed25519 AAAA\r\n\
+        let console = "[ 1.0] x\r\nMATRYOSHKA-BOOT\r\nMATRYOSHKA-FAIL: no root\r\n\
                        MATRYOSHKA-READY level=2 accel=kvm kvm=yes\r\n";
         assert_eq!(
-            line_after(console, "MATRYOSHKA-HOSTKEY ").as_deref(),
-            Some("ssh-ed25519 AAAA")
+            line_after(console, "MATRYOSHKA-FAIL").as_deref(),
+            Some(": no root")
         );
         assert_eq!(
             line_after(console, "MATRYOSHKA-READY ").as_deref(),
             Some("level=2 accel=kvm kvm=yes")
         );
-        assert_eq!(line_after(console, "MATRYOSHKA-FAIL"), None);
+        assert_eq!(line_after(console, "MATRYOSHKA-HOSTKEY"), None);
     }
 
     #[test]
@@ -818,6 +1000,37 @@ mod tests {
         assert!(t.starts_with("    | line 25"), "{t}");
         assert!(t.ends_with("    | line 39"), "{t}");
         assert_eq!(tail(""), "    (nothing on the console)");
+    }
+
+    #[test]
+    fn the_runtime_is_appended_as_an_aligned_newc_archive() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let initrd = dir.path().join("initrd");
+        let runtime = dir.path().join("runtime");
+        std::fs::write(&initrd, b"gzip-bytes").expect("initrd"); // 10 bytes: padded to 12
+        std::fs::write(&runtime, b"ELF!!").expect("runtime");
+        let made = RuntimeInitrd::prepare(&initrd, &runtime, "ab12", &dir.path().join("cache"))
+            .expect("combined");
+        let bytes = std::fs::read(&made.path).expect("read");
+        assert_eq!(&bytes[..12], b"gzip-bytes\0\0");
+        let archive = std::str::from_utf8(&bytes[12..]).expect("ascii");
+        let header = &archive[..110];
+        assert!(header.starts_with("070701"), "{header}");
+        let field =
+            |i: usize| u32::from_str_radix(&header[6 + 8 * i..14 + 8 * i], 16).expect("hex field");
+        assert_eq!(field(1), 0o100_755, "mode");
+        assert_eq!(field(6), 5, "file size");
+        assert_eq!(field(11), "matryoshka-ab12".len() as u32 + 1, "name size");
+        // Name and NUL end at 110 + 16 = 126, padded to 128; data, padded to 4.
+        assert_eq!(&archive[110..126], "matryoshka-ab12\0");
+        assert_eq!(&archive[128..136], "ELF!!\0\0\0");
+        assert!(archive[136..].starts_with("070701"));
+        assert!(archive.contains("TRAILER!!!\0"));
+        assert_eq!(archive.len() % 4, 0);
+        // Made once: a second call finds it.
+        let again = RuntimeInitrd::prepare(&initrd, &runtime, "ab12", &dir.path().join("cache"))
+            .expect("cached");
+        assert_eq!(again.path, made.path);
     }
 
     #[test]

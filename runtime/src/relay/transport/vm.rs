@@ -1,14 +1,17 @@
-//! VM levels as a transport: boot QEMU from the image (see [`crate::level::vm`]),
-//! pin the host key the level printed on its console, then reach it over SSH
-//! like any SSH level, which copies the runtime there.
+//! VM levels as a transport: boot QEMU from the image with the runtime in its
+//! initramfs (see [`crate::level::vm`]); the level's init starts that runtime on
+//! a virtio-serial port, and the relay runs over the socket behind it. No network
+//! and no SSH on the relay's path: the level's sshd is there for people, reached
+//! with the printed `ssh -J …` command.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use russh::keys::PrivateKey;
+use tokio::io::AsyncReadExt;
 
-use super::{Transport, TransportGuard, ssh};
-use crate::level::vm::{self, BootPlan, Qemu, RuntimeDisk, VmRequest};
+use super::{StderrTail, Transport, TransportGuard, ssh};
+use crate::level::vm::{self, BootPlan, Qemu, VmRequest};
 use crate::relay::protocol::{LevelSetup, RemoteError, SshSettings, VmSettings, WireErrorKind};
 
 /// Silence after which a VM level is declared lost.
@@ -159,7 +162,8 @@ fn write_private(path: &std::path::Path, key: &str) -> Result<(), String> {
         .map_err(|e| format!("cannot write the run's key to {}: {e}", path.display()))
 }
 
-/// Boots the level, then opens an SSH transport to it that owns the QEMU process.
+/// Boots the level and returns the relay's stream to its runtime, which owns the
+/// QEMU process.
 pub async fn open(
     req: &VmRequest,
     setup: &LevelSetup,
@@ -178,57 +182,40 @@ pub async fn open(
     if req.image.is_none() {
         req.image.clone_from(&ctx.image_dir);
     }
-    // The runtime rides along on a second disk: copying it there is a read of a
-    // local disk instead of an upload through SSH and QEMU's user-mode network.
+    // The runtime for the level's architecture: this one, or a build of
+    // $MATRYOSHKA_RUNTIME_DIR; it rides in the level's initramfs.
     let runtime = {
         let arch = req
             .arch
             .clone()
             .unwrap_or_else(|| std::env::consts::ARCH.to_string());
-        let dir = ctx
-            .memo_dir
-            .clone()
-            .unwrap_or_else(|| run_dir.clone())
-            .join("vm-runtime");
-        tokio::task::spawn_blocking(move || {
-            let image = ssh::image_for(&arch)?;
-            RuntimeDisk::prepare(image.path(), &image.sha256, &dir)
-        })
-        .await
-        .map_err(|e| err(WireErrorKind::Internal, e.to_string()))?
+        tokio::task::spawn_blocking(move || ssh::image_for(&arch))
+            .await
+            .map_err(|e| err(WireErrorKind::Internal, e.to_string()))?
+            .map_err(|m| err(WireErrorKind::Unsupported, m))?
     };
-    let runtime = match runtime {
-        Ok(disk) => Some(disk),
-        Err(m) => {
-            tracing::info!(level = %setup.path, "no runtime disk ({m}); the runtime goes over SSH");
-            None
-        }
-    };
-    // The level's host key is made here and handed in on its kernel command line,
-    // which only this level controls: nothing to generate (slowly, under TCG) there.
-    let host_key = RunKey::generate().ok().map(|k| {
-        let public = k
-            .public_line
-            .split_whitespace()
-            .take(2)
-            .collect::<Vec<_>>()
-            .join(" ");
-        (k.private_key, public)
-    });
+    // The level's host key is made here and handed in on its kernel command line:
+    // nothing to generate (slowly, under TCG) there.
+    let host_key = RunKey::generate().ok().map(|k| k.private_key);
     let plan = BootPlan {
         depth: setup.depth,
         path: setup.path.clone(),
         policy: setup.vm.accel,
-        run_dir,
+        run_dir: run_dir.clone(),
         authorized_key: key.public_line.clone(),
         memo_dir: ctx.memo_dir.clone(),
-        runtime,
+        runtime: (runtime.path().to_path_buf(), runtime.sha256.clone()),
+        initrd_cache: ctx
+            .memo_dir
+            .clone()
+            .unwrap_or_else(|| run_dir.clone())
+            .join("vm-runtime"),
         host_key,
     };
     let booted = vm::boot(&req, &plan).await.map_err(|m| {
         let kind = if m.starts_with("no ") && m.contains("images/build.sh") {
             WireErrorKind::NotFound
-        } else if m.contains("no ready marker within") {
+        } else if m.contains("was not serving within") {
             WireErrorKind::Timeout
         } else {
             WireErrorKind::LevelLost
@@ -243,49 +230,79 @@ pub async fn open(
         booted.accel_reason,
         booted.qemu.console_path().display()
     );
-    let hop = format!("root@127.0.0.1:{}", booted.ssh_port);
-    let auth = SshSettings {
-        private_key: key.private_key.clone(),
-        known_hosts: format!("[127.0.0.1]:{} {}\n", booted.ssh_port, booted.host_key),
-        remote_cache_dir: None,
-        key_path: key.path.clone(),
-    };
-    let mut qemu = booted.qemu;
-    let transport = match ssh::open(&hop, setup, &auth, VM_HEARTBEAT_GRACE).await {
-        Ok(t) => t,
-        Err(mut e) => {
-            let end = qemu.describe_end();
-            if !end.is_empty() {
-                e.message = format!("{}; {end}", e.message);
-            }
-            return Err(e);
-        }
-    };
+    let relay = booted.relay;
+    let relay = relay
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::UnixStream::from_std(relay))
+        .map_err(|e| {
+            err(
+                WireErrorKind::Io,
+                format!("cannot use the relay socket: {e}"),
+            )
+        })?;
+    let (reader, writer) = relay.into_split();
+    let tail = StderrTail::default();
+    let log_pump = tokio::spawn(follow_level_log(
+        booted.qemu.level_log_path().to_path_buf(),
+        setup.path.clone(),
+        tail.clone(),
+    ));
     let ssh_command = Some(debug_ssh_command(
         key.path.as_deref(),
         &setup.vm.jump,
         booted.ssh_port,
     ));
     Ok(Transport {
-        reader: transport.reader,
-        writer: transport.writer,
+        reader: Box::new(reader),
+        writer: Box::new(writer),
         guard: Box::new(VmGuard {
-            ssh: transport.guard,
-            qemu,
+            qemu: booted.qemu,
+            log_pump,
+            tail,
         }),
         ssh_command,
         vm: Some(super::VmFacts {
             accel: booted.accel.name().to_string(),
             accel_reason: booted.accel_reason,
-            hop,
+            hop: format!("root@127.0.0.1:{}", booted.ssh_port),
             key: key.private_key,
             key_path: key.path,
         }),
         // A level running a nested guest can be starved of CPU for seconds (KVM in
         // KVM in TCG); while its QEMU lives, a longer silence is tolerated. A QEMU
-        // that exits closes the SSH connection, which is seen at once.
+        // that exits closes the relay socket, which is seen at once.
         heartbeat_grace: Some(VM_HEARTBEAT_GRACE),
     })
+}
+
+/// Relays new lines of a level log (its runtime's stderr, after the boot steps)
+/// into this runtime's log and the tail shown when the level is lost.
+async fn follow_level_log(path: PathBuf, level: String, tail: StderrTail) {
+    let Ok(mut file) = tokio::fs::File::open(&path).await else {
+        return;
+    };
+    // The boot steps were logged when the level became ready; follow what comes after.
+    let mut pending = Vec::new();
+    let _ = file.read_to_end(&mut pending).await;
+    pending.clear();
+    loop {
+        let mut chunk = Vec::new();
+        match file.read_to_end(&mut chunk).await {
+            Ok(0) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+            Ok(_) => {
+                pending.extend_from_slice(&chunk);
+                while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=end).collect();
+                    let line = String::from_utf8_lossy(&line);
+                    let line = line.trim_end();
+                    if !line.is_empty() {
+                        tail.push(&level, line);
+                    }
+                }
+            }
+            Err(_) => return,
+        }
+    }
 }
 
 /// An `ssh` command that opens a shell at a VM level from the machine the run
@@ -305,23 +322,25 @@ fn debug_ssh_command(key_path: Option<&str>, jump: &[String], port: u16) -> Stri
 }
 
 struct VmGuard {
-    ssh: Box<dyn TransportGuard>,
     qemu: Qemu,
+    log_pump: tokio::task::JoinHandle<()>,
+    tail: StderrTail,
+}
+
+impl Drop for VmGuard {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
 }
 
 impl TransportGuard for VmGuard {
     fn shutdown(&mut self) {
-        self.ssh.shutdown();
+        self.log_pump.abort();
         self.qemu.kill();
     }
 
     fn describe_exit(&mut self) -> String {
-        let mut said = self.ssh.describe_exit();
-        let end = self.qemu.describe_end();
-        if !end.is_empty() {
-            said.push_str(&format!(" ({end})"));
-        }
-        said
+        format!("{} ({})", self.tail.explain(None), self.qemu.describe_end())
     }
 }
 
