@@ -328,7 +328,11 @@ where
             Some(Ok(Message::Cancel { id })) => {
                 let _ = cancel.send(id);
             }
-            Some(Ok(Message::Shutdown)) | None => break,
+            Some(Ok(Message::Shutdown)) => break,
+            None => {
+                tracing::info!("the parent closed the stream; exiting");
+                break;
+            }
             Some(Ok(other)) => {
                 tracing::warn!("unexpected message from the parent: {other:?}");
                 break;

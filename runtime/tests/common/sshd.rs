@@ -270,6 +270,12 @@ fn free_port() -> u16 {
 }
 
 /// Writes the sshd configuration for one start attempt.
+///
+/// `SetEnv SHLVL=1` keeps Debian's bash from reading the login account's
+/// `~/.bashrc` for each exec channel (it does so when it sees it was started by
+/// sshd at shell level 1): the account the tests run as may have an expensive one
+/// (on the benchmark machine, root's runs `pyenv init`: 140–380 ms per exec), and
+/// the tests and benchmarks measure the relay, not the account's start-up files.
 fn write_config(config: &Path, port: u16, host_key: &Path, authorized: &Path, pid_file: &Path) {
     let text = format!(
         "Port {port}\n\
@@ -285,7 +291,8 @@ fn write_config(config: &Path, port: u16, host_key: &Path, authorized: &Path, pi
          PidFile {}\n\
          LogLevel ERROR\n\
          MaxSessions 100\n\
-         MaxStartups 100:30:200\n",
+         MaxStartups 100:30:200\n\
+         SetEnv SHLVL=1\n",
         host_key.display(),
         authorized.display(),
         pid_file.display(),
