@@ -28,7 +28,7 @@ pub fn spawn(setup: &LevelSetup) -> Result<Transport, RemoteError> {
             cmd
         }
         _ => {
-            let exe = std::env::current_exe()
+            let exe = super::own_exe()
                 .map_err(|e| err(format!("cannot find this runtime's own binary: {e}")))?;
             let mut cmd = Command::new(exe);
             if let Some(flag) = super::verbosity_flag().split_whitespace().next() {

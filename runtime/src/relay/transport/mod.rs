@@ -106,6 +106,23 @@ pub async fn open(
     }
 }
 
+/// This runtime's own binary. A VM level runs it from a file its initramfs
+/// unpacked and bound into the root before unlinking the original, for which the
+/// kernel names the path with a ` (deleted)` suffix: the bound path is the one
+/// without it.
+pub fn own_exe() -> std::io::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    if let Some(bound) = exe
+        .to_str()
+        .and_then(|p| p.strip_suffix(" (deleted)"))
+        .map(std::path::PathBuf::from)
+        .filter(|p| p.exists())
+    {
+        return Ok(bound);
+    }
+    Ok(exe)
+}
+
 /// ` -v` or ` -vv` when this runtime logs at info or debug level, else empty: a
 /// child runtime logs as much, and its stderr is relayed into this one's log.
 pub fn verbosity_flag() -> &'static str {

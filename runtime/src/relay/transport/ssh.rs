@@ -77,7 +77,7 @@ impl RuntimeImage {
 /// The sha256 of this runtime when its file name carries it (`matryoshka-<sha256>`),
 /// as it does on every level it was copied to.
 pub fn own_sha_from_name() -> Option<String> {
-    let exe = std::env::current_exe().ok()?;
+    let exe = super::own_exe().ok()?;
     sha_from_name(&exe)
 }
 
@@ -92,8 +92,7 @@ pub fn own_image() -> Result<Arc<RuntimeImage>, String> {
     if let Some(image) = IMAGE.get() {
         return Ok(image.clone());
     }
-    let exe =
-        std::env::current_exe().map_err(|e| format!("cannot find this runtime's binary: {e}"))?;
+    let exe = super::own_exe().map_err(|e| format!("cannot find this runtime's binary: {e}"))?;
     let image = Arc::new(image_of(&exe)?);
     Ok(IMAGE.get_or_init(|| image).clone())
 }
