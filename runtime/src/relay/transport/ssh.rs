@@ -439,14 +439,22 @@ async fn start_channel(
     cmd: &str,
     path: &str,
 ) -> Result<StartedChannel, String> {
+    let started = std::time::Instant::now();
     let channel = handle
         .channel_open_session()
         .await
         .map_err(|e| format!("cannot open a channel: {e}"))?;
+    let opened = started.elapsed();
     channel
         .exec(true, cmd)
         .await
         .map_err(|e| format!("exec failed: {e}"))?;
+    tracing::debug!(
+        level = %path,
+        "channel open {} µs, exec sent {} µs",
+        opened.as_micros(),
+        started.elapsed().as_micros()
+    );
     let (mut rd, wr) = channel.split();
     let writer = wr.make_writer();
     let (stdout_r, mut stdout_w) = tokio::io::simplex(256 << 10);
@@ -530,9 +538,11 @@ async fn connect(
         known_hosts: ssh.known_hosts.clone(),
         presented: presented.clone(),
     };
-    let mut handle = match client::connect(config, (target.host.as_str(), target.port), handler)
+    let stream = tokio::net::TcpStream::connect((target.host.as_str(), target.port))
         .await
-    {
+        .map_err(|e| format!("cannot connect to {}:{}: {e}", target.host, target.port))?;
+    let _ = stream.set_nodelay(true);
+    let mut handle = match client::connect_stream(config, QuickAck(stream), handler).await {
         Ok(h) => h,
         Err(russh::Error::UnknownKey) => {
             let shown = presented
@@ -549,7 +559,7 @@ async fn connect(
         }
         Err(e) => {
             return Err(format!(
-                "cannot connect to {}:{}: {e}",
+                "SSH handshake with {}:{} failed: {e}",
                 target.host, target.port
             ));
         }
@@ -568,6 +578,71 @@ async fn connect(
         ));
     }
     Ok(handle)
+}
+
+/// A TCP stream that acknowledges what it receives at once (`TCP_QUICKACK` after
+/// every read). OpenSSH's sshd leaves Nagle's algorithm on until a session starts
+/// and sends its post-authentication messages as separate small segments: with
+/// this side's ACKs delayed (up to 40 ms on Linux), the second one waited for the
+/// first one's ACK, and every new connection paid ~43 ms before its channel opened.
+struct QuickAck(tokio::net::TcpStream);
+
+impl QuickAck {
+    fn ack_now(&self) {
+        use std::os::fd::AsRawFd;
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt(2) on this stream's own socket with a valid int option;
+        // the kernel copies the value before returning.
+        unsafe {
+            libc::setsockopt(
+                self.0.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_QUICKACK,
+                (&raw const on).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for QuickAck {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.0).poll_read(cx, buf);
+        if matches!(polled, std::task::Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            // Linux falls back to delayed ACKs after a while: ask again after each read.
+            self.ack_now();
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for QuickAck {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
 }
 
 /// Runs `cmd` in its own channel, feeding `stdin`; returns (exit status, stdout, stderr).
