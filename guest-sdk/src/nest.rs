@@ -92,7 +92,7 @@ impl Vm {
         self
     }
 
-    /// Deadline for the level to print its ready marker.
+    /// Deadline for the level to boot and its runtime to serve.
     pub fn boot_timeout(mut self, timeout: Duration) -> Self {
         self.spec.boot_timeout_ms = Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
         self

@@ -2,12 +2,14 @@
 //!
 //! Three sshd servers on loopback form a chain. Measured side by side in one run:
 //! a no-op call at depth 1, 2, 3 through this relay, a plain `ssh` chain running
-//! `true`, and mitogen calling a no-op function through the same hops; then the
-//! time to reach each level with empty caches (copy + start) and with warm ones.
+//! `true`, a message echoed by `cat` through the same hops (the transport alone), and
+//! mitogen calling a no-op function through them; then the time to reach each level
+//! with empty caches (copy + start) and with warm ones.
 
 #[allow(dead_code, reason = "shared by several test crates, each using a part")]
 mod common;
 
+use std::io::{Read, Write};
 use std::process::Command;
 use std::time::Instant;
 
@@ -100,6 +102,50 @@ fn relay_benchmarks() {
         println!(
             "  ssh depth={depth} runs={SSH_RUNS} median_us={:.1}",
             samples[SSH_RUNS / 2]
+        );
+    }
+
+    // The transport alone: a small message echoed by `cat` at the end of the same
+    // chain of SSH hops (one session per hop, kept open), for what the relay adds
+    // per hop over its own transport.
+    for depth in 1..=3 {
+        let mut cmd = "cat".to_string();
+        for s in servers[1..depth].iter().rev() {
+            cmd = format!(
+                "ssh {ssh_opts} -p {} root@127.0.0.1 {}",
+                s.port,
+                shell_quote(&cmd)
+            );
+        }
+        let mut child = Command::new("ssh")
+            .args(ssh_opts.split_whitespace())
+            .args(["-p", &servers[0].port.to_string(), "root@127.0.0.1", &cmd])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("ssh");
+        let (Some(mut input), Some(mut output)) = (child.stdin.take(), child.stdout.take()) else {
+            panic!("ssh without pipes");
+        };
+        let message = [b'x'; 32];
+        let mut echoed = [0u8; 32];
+        let mut samples = Vec::new();
+        for i in 0..CALLS + 50 {
+            let t = Instant::now();
+            input.write_all(&message).expect("write to the ssh chain");
+            output
+                .read_exact(&mut echoed)
+                .expect("read from the ssh chain");
+            if i >= 50 {
+                samples.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        drop(input);
+        let _ = child.wait();
+        samples.sort_by(f64::total_cmp);
+        println!(
+            "  ssh-echo depth={depth} calls={CALLS} median_us={:.1}",
+            samples[CALLS / 2]
         );
     }
 

@@ -30,7 +30,7 @@ use super::qemu::{self, Accel, Arch, MachineSpec};
 /// How long a KVM boot of L1 may stay silent before `auto` gives up on KVM
 /// (four times that for each level deeper).
 const KVM_PROBE: Duration = Duration::from_secs(30);
-/// Default deadline for the ready marker.
+/// Default deadline for a level's runtime to serve.
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 /// Where a level finds the image it was booted from (see `images/build.sh`).
 pub const IMAGE_IN_LEVEL: &str = "/usr/lib/matryoshka/image";
@@ -62,7 +62,7 @@ pub struct VmRequest {
     pub image: Option<PathBuf>,
     /// Accelerator, overriding the run's policy.
     pub accel: Option<AccelPolicy>,
-    /// Deadline for the ready marker.
+    /// Deadline for the level's runtime to serve.
     pub boot_timeout: Option<Duration>,
 }
 
@@ -186,7 +186,9 @@ impl RuntimeInitrd {
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_nanos());
         let path = dir.join(format!("{sha256}-{}-{mtime}.initrd", meta.len()));
-        if path.exists() {
+        if let Ok(file) = std::fs::File::options().append(true).open(&path) {
+            // In use: not stale for `prune_stale`.
+            let _ = file.set_modified(std::time::SystemTime::now());
             return Ok(Self {
                 path,
                 sha256: sha256.to_string(),
@@ -212,7 +214,10 @@ impl RuntimeInitrd {
                 &mut binary,
             )?;
             cpio::write_trailer(&mut out)?;
-            std::io::Write::flush(&mut out)
+            std::io::Write::flush(&mut out)?;
+            drop(out);
+            // A file cut short by a crash must not become a cache hit.
+            tmp.as_file().sync_all()
         };
         write().map_err(|e| {
             format!(
@@ -223,10 +228,35 @@ impl RuntimeInitrd {
         })?;
         tmp.persist(&path)
             .map_err(|e| format!("cannot keep {}: {e}", path.display()))?;
+        prune_stale(dir, &path);
         Ok(Self {
             path,
             sha256: sha256.to_string(),
         })
+    }
+}
+
+/// Removes combined initramfs files (and leftovers of interrupted writes) not used
+/// for two days: each build of the runtime makes a new one of ~25 MB. A file in use
+/// has its modification time renewed by [`RuntimeInitrd::prepare`].
+fn prune_stale(dir: &Path, keep: &Path) {
+    const STALE: Duration = Duration::from_secs(2 * 24 * 3600);
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let stale = entry
+            .metadata()
+            .ok()
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > STALE);
+        let ours = path.extension().is_some_and(|e| e == "initrd")
+            || entry.file_name().to_string_lossy().starts_with(".tmp");
+        if path != keep && stale && ours {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -473,6 +503,9 @@ async fn start_and_wait(
     loop {
         attempt += 1;
         let ssh_port = free_port().map_err(Failure::Boot)?;
+        let (relay, guest_end) = std::os::unix::net::UnixStream::pair().map_err(|e| {
+            Failure::Boot(format!("cannot make a socket pair for {}: {e}", plan.path))
+        })?;
         let spec =
             MachineSpec {
                 arch,
@@ -499,20 +532,22 @@ async fn start_and_wait(
                 .collect(),
                 ssh_port,
                 console_log: files.console.clone(),
-                relay_fd: RELAY_FD,
+                relay_fd: std::os::fd::AsRawFd::as_raw_fd(&guest_end),
                 level_log: files.level_log.clone(),
                 qmp_socket: None,
             };
         let argv = qemu::argv(&spec);
         tracing::info!(level = %plan.path, "booting: {}", argv.join(" "));
         let _ = std::fs::remove_file(&files.console);
-        let (relay, guest_end) = std::os::unix::net::UnixStream::pair().map_err(|e| {
-            Failure::Boot(format!("cannot make a socket pair for {}: {e}", plan.path))
-        })?;
         let started = Instant::now();
         let mut qemu = Qemu::spawn(&argv, files.clone(), guest_end).map_err(|e| {
+            let hint = if e.kind() == std::io::ErrorKind::NotFound {
+                "; install QEMU (Debian: qemu-system-x86 or qemu-system-misc)"
+            } else {
+                ""
+            };
             Failure::Boot(format!(
-                "cannot start {} for {}: {e}; install QEMU (Debian: qemu-system-x86 or qemu-system-misc)",
+                "cannot start {} for {}: {e}{hint}",
                 argv[0], plan.path
             ))
         })?;
@@ -534,9 +569,6 @@ async fn start_and_wait(
         }
     }
 }
-
-/// The descriptor QEMU finds the guest end of the relay socket at.
-const RELAY_FD: i32 = 3;
 
 /// Polls until the runtime's first bytes on the relay, an early exit, or a deadline.
 async fn wait_ready(
@@ -736,7 +768,8 @@ pub struct Qemu {
 }
 
 impl Qemu {
-    /// Starts QEMU with `guest_end` of the relay socket as its descriptor [`RELAY_FD`].
+    /// Starts QEMU, which inherits `guest_end` of the relay socket under the same
+    /// descriptor number (the argv names it).
     fn spawn(
         argv: &[String],
         files: LevelFiles,
@@ -751,21 +784,15 @@ impl Qemu {
             .stderr(stderr)
             .process_group(0);
         let fd = guest_end.as_raw_fd();
-        // SAFETY: the closure only calls prctl(2), dup2(2) and fcntl(2), which are
+        // SAFETY: the closure only calls prctl(2) and fcntl(2), which are
         // async-signal-safe; `guest_end` stays open until the spawn returned.
         unsafe {
             cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                // dup2 clears close-on-exec on the copy; a socket already at the
-                // number keeps it, so clear it by hand.
-                let ok = if fd == RELAY_FD {
-                    libc::fcntl(fd, libc::F_SETFD, 0) == 0
-                } else {
-                    libc::dup2(fd, RELAY_FD) == RELAY_FD
-                };
-                if !ok {
+                // Only this child's copy loses close-on-exec: QEMU keeps the socket.
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
@@ -982,14 +1009,14 @@ mod tests {
             line_after(console, "MATRYOSHKA-READY ").as_deref(),
             Some("level=2 accel=kvm kvm=yes")
         );
-        assert_eq!(line_after(console, "MATRYOSHKA-HOSTKEY"), None);
+        assert_eq!(line_after(console, "MATRYOSHKA-STEP"), None);
     }
 
     #[test]
     fn boot_steps_are_listed_in_console_order() {
         let console = "MATRYOSHKA-BOOT\r\n[    3.1] noise\r\nMATRYOSHKA-STEP 3.93 init\r\n\
-                       MATRYOSHKA-STEP 5.52 sshd started\r\nMATRYOSHKA-READY level=1\r\n";
-        assert_eq!(boot_steps(console), "init 3.93 s, sshd started 5.52 s");
+                       MATRYOSHKA-STEP 5.52 runtime started\r\nMATRYOSHKA-READY level=1\r\n";
+        assert_eq!(boot_steps(console), "init 3.93 s, runtime started 5.52 s");
         assert_eq!(boot_steps("MATRYOSHKA-BOOT\n"), "none printed");
     }
 

@@ -3,7 +3,8 @@
 //! - `local`: a child process running `matryoshka serve --stdio` on this machine.
 //! - `ssh://user@host[:port]`: an SSH exec channel (russh) to a runtime that was
 //!   copied there first, unless its hash was already cached.
-//! - a VM booted by this level from an image (`vm`), then reached over SSH.
+//! - a VM booted by this level from an image (`vm`), whose runtime serves on a
+//!   virtio-serial port behind a socket this level holds.
 
 pub mod local;
 pub mod ssh;
@@ -100,7 +101,7 @@ pub async fn open(
                     level_path: setup.path.clone(),
                 });
             };
-            ssh::open(spec, setup, ssh, ssh::DEFAULT_PATIENCE).await
+            ssh::open(spec, setup, ssh).await
         }
         Target::Vm(req) => vm::open(req, setup, vms).await,
     }
@@ -111,12 +112,19 @@ pub async fn open(
 /// kernel names the path with a ` (deleted)` suffix: the bound path is the one
 /// without it.
 pub fn own_exe() -> std::io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::MetadataExt;
     let exe = std::env::current_exe()?;
+    // Only the very file this process runs: a binary rebuilt at that path since is
+    // another runtime (maybe another protocol).
+    let running = std::fs::metadata("/proc/self/exe").ok();
     if let Some(bound) = exe
         .to_str()
         .and_then(|p| p.strip_suffix(" (deleted)"))
         .map(std::path::PathBuf::from)
-        .filter(|p| p.exists())
+        .filter(|p| {
+            let here = std::fs::metadata(p).ok();
+            matches!((&running, &here), (Some(r), Some(h)) if r.dev() == h.dev() && r.ino() == h.ino())
+        })
     {
         return Ok(bound);
     }

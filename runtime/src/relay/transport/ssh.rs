@@ -32,7 +32,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// SSH keepalive interval.
 const KEEPALIVE: Duration = Duration::from_secs(5);
 /// How long an SSH server may leave keepalives unanswered before the session is dropped.
-pub const DEFAULT_PATIENCE: Duration = Duration::from_secs(15);
+const PATIENCE: Duration = Duration::from_secs(15);
 /// How long the probe of a target may take.
 const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long copying the runtime to a target may take.
@@ -261,7 +261,6 @@ pub async fn open(
     spec: &str,
     setup: &LevelSetup,
     ssh: &SshSettings,
-    patience: Duration,
 ) -> Result<Transport, RemoteError> {
     let err = |kind: WireErrorKind, message: String| RemoteError {
         kind,
@@ -270,7 +269,7 @@ pub async fn open(
     };
     let target = SshTarget::parse(spec).map_err(|m| err(WireErrorKind::InvalidArgument, m))?;
     let started = std::time::Instant::now();
-    let handle = tokio::time::timeout(CONNECT_TIMEOUT, connect(&target, ssh, patience))
+    let handle = tokio::time::timeout(CONNECT_TIMEOUT, connect(&target, ssh, PATIENCE))
         .await
         .map_err(|_| {
             err(

@@ -242,8 +242,12 @@ pub async fn open(
         })?;
     let (reader, writer) = relay.into_split();
     let tail = StderrTail::default();
+    // The boot steps were logged with the ready line: follow what comes after.
+    let log_path = booted.qemu.level_log_path().to_path_buf();
+    let seen = std::fs::metadata(&log_path).map_or(0, |m| m.len());
     let log_pump = tokio::spawn(follow_level_log(
-        booted.qemu.level_log_path().to_path_buf(),
+        log_path,
+        seen,
         setup.path.clone(),
         tail.clone(),
     ));
@@ -275,16 +279,18 @@ pub async fn open(
     })
 }
 
-/// Relays new lines of a level log (its runtime's stderr, after the boot steps)
-/// into this runtime's log and the tail shown when the level is lost.
-async fn follow_level_log(path: PathBuf, level: String, tail: StderrTail) {
+/// Relays the lines of a level log past `from` into this runtime's log: the
+/// level runtime's stderr goes into the tail shown when the level is lost, the
+/// init's own `MATRYOSHKA-` lines only into the log.
+async fn follow_level_log(path: PathBuf, from: u64, level: String, tail: StderrTail) {
+    use tokio::io::AsyncSeekExt;
     let Ok(mut file) = tokio::fs::File::open(&path).await else {
         return;
     };
-    // The boot steps were logged when the level became ready; follow what comes after.
+    if file.seek(std::io::SeekFrom::Start(from)).await.is_err() {
+        return;
+    }
     let mut pending = Vec::new();
-    let _ = file.read_to_end(&mut pending).await;
-    pending.clear();
     loop {
         let mut chunk = Vec::new();
         match file.read_to_end(&mut chunk).await {
@@ -295,7 +301,9 @@ async fn follow_level_log(path: PathBuf, level: String, tail: StderrTail) {
                     let line: Vec<u8> = pending.drain(..=end).collect();
                     let line = String::from_utf8_lossy(&line);
                     let line = line.trim_end();
-                    if !line.is_empty() {
+                    if line.starts_with("MATRYOSHKA-") {
+                        tracing::info!(level = %level, "{line}");
+                    } else if !line.is_empty() {
                         tail.push(&level, line);
                     }
                 }

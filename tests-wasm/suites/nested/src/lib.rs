@@ -24,7 +24,8 @@ struct Level {
     level: u32,
     path: String,
     hostname: String,
-    /// `level=N accel=… kvm=…`, written by the level's init from what its kernel saw.
+    /// `level=N accel=… kvm=…`, written by the level's init from what its kernel saw
+    /// (`kvm=loading` until its KVM modules are in).
     seen: String,
     /// The accelerator the parent's runtime booted it with.
     reported_accel: Option<String>,
@@ -121,6 +122,10 @@ fn descend(_: ()) -> Result<Vec<Level>, Error> {
             "the level below says it is another depth"
         );
         child.reported_accel = guest.accel();
+    }
+    // The level's init has loaded KVM by now (booting the child waited for it).
+    if me.level > 0 {
+        me.seen = run(&["cat", "/run/matryoshka/level"])?;
     }
     // While the level below is up: what its QEMU and this level's runtime hold.
     log::info!("{}: resident memory: {}", me.path, resident()?);
