@@ -269,15 +269,16 @@ pub async fn open(
     };
     let target = SshTarget::parse(spec).map_err(|m| err(WireErrorKind::InvalidArgument, m))?;
     let started = std::time::Instant::now();
-    let handle = tokio::time::timeout(CONNECT_TIMEOUT, connect(&target, ssh, PATIENCE))
-        .await
-        .map_err(|_| {
-            err(
-                WireErrorKind::Timeout,
-                format!("no SSH session within {} s", CONNECT_TIMEOUT.as_secs()),
-            )
-        })?
-        .map_err(|m| err(WireErrorKind::Io, m))?;
+    let (handle, quick_ack) =
+        tokio::time::timeout(CONNECT_TIMEOUT, connect(&target, ssh, PATIENCE))
+            .await
+            .map_err(|_| {
+                err(
+                    WireErrorKind::Timeout,
+                    format!("no SSH session within {} s", CONNECT_TIMEOUT.as_secs()),
+                )
+            })?
+            .map_err(|m| err(WireErrorKind::Io, m))?;
     let handle = Arc::new(handle);
     let session_ms = started.elapsed().as_millis();
 
@@ -320,6 +321,7 @@ pub async fn open(
     }
     if head != format!("{PROBE_MARK}\n").as_bytes() {
         tracing::info!(level = %setup.path, "ssh://{spec}: cached runtime started after {} ms", started.elapsed().as_millis());
+        quick_ack.store(false, std::sync::atomic::Ordering::Relaxed);
         chan.reader = Box::new(std::io::Cursor::new(head).chain(chan.reader));
         return Ok(chan.into_transport(handle, ssh_command(ssh, &target)));
     }
@@ -395,6 +397,7 @@ pub async fn open(
     let chan = start_channel(&handle, &serve, &setup.path)
         .await
         .map_err(|m| err(WireErrorKind::Io, format!("cannot start the runtime: {m}")))?;
+    quick_ack.store(false, std::sync::atomic::Ordering::Relaxed);
     Ok(chan.into_transport(handle, ssh_command(ssh, &target)))
 }
 
@@ -520,7 +523,7 @@ async fn connect(
     target: &SshTarget,
     ssh: &SshSettings,
     patience: Duration,
-) -> Result<Handle<Pinned>, String> {
+) -> Result<(Handle<Pinned>, Arc<std::sync::atomic::AtomicBool>), String> {
     let key = PrivateKey::from_openssh(&ssh.private_key)
         .map_err(|e| format!("the run's SSH key is unusable: {e}"))?;
     let config = Arc::new(client::Config {
@@ -541,7 +544,12 @@ async fn connect(
         .await
         .map_err(|e| format!("cannot connect to {}:{}: {e}", target.host, target.port))?;
     let _ = stream.set_nodelay(true);
-    let mut handle = match client::connect_stream(config, QuickAck(stream), handler).await {
+    let quick_ack = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let stream = QuickAck {
+        stream,
+        on: quick_ack.clone(),
+    };
+    let mut handle = match client::connect_stream(config, stream, handler).await {
         Ok(h) => h,
         Err(russh::Error::UnknownKey) => {
             let shown = presented
@@ -576,15 +584,20 @@ async fn connect(
             target.user, target.host, target.user
         ));
     }
-    Ok(handle)
+    Ok((handle, quick_ack))
 }
 
 /// A TCP stream that acknowledges what it receives at once (`TCP_QUICKACK` after
-/// every read). OpenSSH's sshd leaves Nagle's algorithm on until a session starts
-/// and sends its post-authentication messages as separate small segments: with
-/// this side's ACKs delayed (up to 40 ms on Linux), the second one waited for the
-/// first one's ACK, and every new connection paid ~43 ms before its channel opened.
-struct QuickAck(tokio::net::TcpStream);
+/// every read) while `on` is set: while the session is set up. OpenSSH's sshd
+/// leaves Nagle's algorithm on until a session starts and sends its
+/// post-authentication messages as separate small segments: with this side's ACKs
+/// delayed (up to 40 ms on Linux), the second one waited for the first one's ACK,
+/// and every new connection paid ~43 ms before its channel opened. Once the runtime
+/// runs there, frames go both ways and ACKs ride on them as usual.
+struct QuickAck {
+    stream: tokio::net::TcpStream,
+    on: Arc<std::sync::atomic::AtomicBool>,
+}
 
 impl QuickAck {
     fn ack_now(&self) {
@@ -594,7 +607,7 @@ impl QuickAck {
         // the kernel copies the value before returning.
         unsafe {
             libc::setsockopt(
-                self.0.as_raw_fd(),
+                self.stream.as_raw_fd(),
                 libc::IPPROTO_TCP,
                 libc::TCP_QUICKACK,
                 (&raw const on).cast(),
@@ -611,8 +624,11 @@ impl tokio::io::AsyncRead for QuickAck {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         let before = buf.filled().len();
-        let polled = std::pin::Pin::new(&mut self.0).poll_read(cx, buf);
-        if matches!(polled, std::task::Poll::Ready(Ok(()))) && buf.filled().len() > before {
+        let polled = std::pin::Pin::new(&mut self.stream).poll_read(cx, buf);
+        if matches!(polled, std::task::Poll::Ready(Ok(())))
+            && buf.filled().len() > before
+            && self.on.load(std::sync::atomic::Ordering::Relaxed)
+        {
             // Linux falls back to delayed ACKs after a while: ask again after each read.
             self.ack_now();
         }
@@ -626,21 +642,21 @@ impl tokio::io::AsyncWrite for QuickAck {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
     }
 
     fn poll_shutdown(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
