@@ -884,7 +884,11 @@ impl Qemu {
                 self.log_summary(),
                 self.tails()
             ),
-            None => format!("its QEMU still runs; {}", self.tails()),
+            None => format!(
+                "its QEMU still runs{}; {}",
+                self.log_summary(),
+                self.tails()
+            ),
         }
     }
 
