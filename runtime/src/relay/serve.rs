@@ -77,6 +77,16 @@ fn stdio_pipes() -> Option<(
     Some((rx, tx))
 }
 
+/// Whether this process's stdin is a VM level's relay port (a character device
+/// other than a terminal).
+pub fn stdin_is_serial_port() -> bool {
+    use std::os::fd::AsFd;
+    std::io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .is_ok_and(|fd| is_serial_port(&fd))
+}
+
 /// Whether `fd` is a character device other than a terminal.
 fn is_serial_port(fd: &std::os::fd::OwnedFd) -> bool {
     use std::os::fd::AsRawFd;
