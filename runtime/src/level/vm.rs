@@ -163,10 +163,9 @@ pub struct BootPlan {
 /// in memory at boot, with no disk to read and nothing to copy over a network.
 #[derive(Debug, Clone)]
 pub struct RuntimeInitrd {
-    /// The combined initramfs.
+    /// The combined initramfs; the level finds the runtime in it as
+    /// `/matryoshka-<sha256>`.
     pub path: PathBuf,
-    /// Hex sha256 of the runtime binary; the level finds it as `/matryoshka-<sha256>`.
-    pub sha256: String,
 }
 
 impl RuntimeInitrd {
@@ -189,10 +188,7 @@ impl RuntimeInitrd {
         if let Ok(file) = std::fs::File::options().append(true).open(&path) {
             // In use: not stale for `prune_stale`.
             let _ = file.set_modified(std::time::SystemTime::now());
-            return Ok(Self {
-                path,
-                sha256: sha256.to_string(),
-            });
+            return Ok(Self { path });
         }
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
@@ -229,10 +225,7 @@ impl RuntimeInitrd {
         tmp.persist(&path)
             .map_err(|e| format!("cannot keep {}: {e}", path.display()))?;
         prune_stale(dir, &path);
-        Ok(Self {
-            path,
-            sha256: sha256.to_string(),
-        })
+        Ok(Self { path })
     }
 }
 
