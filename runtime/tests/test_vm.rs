@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::Run;
-use matryoshka_test_programs::NESTED;
+use matryoshka_test_programs::{NESTED, RELAY};
 
 fn image_dir() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/images/x86_64");
@@ -273,6 +273,43 @@ fn a_killed_runtime_takes_its_vm_with_it() {
     child.kill().expect("SIGKILL");
     child.wait().expect("wait");
     // No destructor ran: the parent-death signal is what stops QEMU.
+    assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
+}
+
+#[test]
+fn a_level_whose_runtime_dies_powers_off_and_is_reported_lost() {
+    let dir = run_dir("runtime-dies");
+    let started = Instant::now();
+    let out = common::bin()
+        .args(["test", RELAY, "--levels", "1", "--nocapture", "--ignored"])
+        .args(["--exact", "kill_own_runtime", "--image-dir"])
+        .arg(image_dir())
+        .arg("--run-dir")
+        .arg(dir.path())
+        .output()
+        .expect("start matryoshka");
+    let run = Run::from(out);
+    run.expect_code(101);
+    run.expect_stdout("killing the runtime of L0/L1");
+    // The level's init saw its runtime end and powered the level off: QEMU exited,
+    // and the message carries the init's last step from the level log.
+    for needle in [
+        "level L0/L1 lost",
+        "its QEMU exited",
+        "runtime exited with status 137; powering off",
+    ] {
+        assert!(
+            run.stdout.contains(needle),
+            "no {needle:?} in:\n{}",
+            run.stdout
+        );
+    }
+    // Well within the 60 s a silent level with a live QEMU would be given.
+    assert!(
+        started.elapsed() < Duration::from_secs(45),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
 }
 

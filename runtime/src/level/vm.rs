@@ -37,6 +37,9 @@ pub const IMAGE_IN_LEVEL: &str = "/usr/lib/matryoshka/image";
 /// Console lines shown when a boot fails.
 const TAIL_LINES: usize = 15;
 
+/// How long a lost level's QEMU is given to exit before it is said to run on.
+const QEMU_EXIT_GRACE: Duration = Duration::from_secs(1);
+
 /// Which accelerator VM levels use; chosen per run, applied at every level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 pub enum AccelPolicy {
@@ -715,6 +718,30 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
+/// What a level's QEMU exit says about its guest, from the exit status and what
+/// the guest wrote. QEMU runs with `-no-reboot`, so a guest that resets (a reboot,
+/// a panic with `panic=-1`, or a triple fault) makes it exit with status 0, just
+/// like a power-off.
+fn why_qemu_exited(status: ExitStatus, console: &str, level_log: &str) -> String {
+    match (status.code(), status.signal()) {
+        (None, Some(signal)) => format!("QEMU was killed by signal {signal}"),
+        (Some(0), _) if level_log.contains("; powering off") => {
+            "the level powered off after its runtime ended".into()
+        }
+        (Some(0), _)
+            if console.contains("MATRYOSHKA-FAIL") || level_log.contains("MATRYOSHKA-FAIL") =>
+        {
+            "the level's init failed and powered off".into()
+        }
+        (Some(0), _) if console.contains("Kernel panic") => "the level's kernel panicked".into(),
+        (Some(0), _) => "the guest reset without a word from its kernel or init: a triple \
+                         fault or a reset from outside it (QEMU's -no-reboot turns a reset \
+                         into an exit)"
+            .into(),
+        _ => "QEMU failed; its log says why".into(),
+    }
+}
+
 fn free_port() -> Result<u16, String> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -758,6 +785,8 @@ pub struct Qemu {
     child: Child,
     files: LevelFiles,
     status: Option<ExitStatus>,
+    /// QEMU's end of the relay socket: its descriptor number in QEMU and its inode.
+    relay_end: (i32, u64),
 }
 
 impl Qemu {
@@ -769,6 +798,7 @@ impl Qemu {
         guest_end: std::os::unix::net::UnixStream,
     ) -> std::io::Result<Self> {
         use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
         let stderr = std::fs::File::create(&files.qemu_log)?;
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])
@@ -791,6 +821,9 @@ impl Qemu {
                 Ok(())
             });
         }
+        let inode = std::fs::File::from(std::os::fd::OwnedFd::from(guest_end.try_clone()?))
+            .metadata()?
+            .ino();
         let child = spawner_thread(cmd)?;
         // Only QEMU holds the guest end now: when it exits, the relay sees the end.
         drop(guest_end);
@@ -799,6 +832,7 @@ impl Qemu {
             child,
             files,
             status: None,
+            relay_end: (fd, inode),
         })
     }
 
@@ -868,20 +902,44 @@ impl Qemu {
     }
 
     /// How QEMU ended and the last lines of its console and level log, for a
-    /// level that was lost.
+    /// level that was lost. A QEMU that is shutting down closes its sockets before
+    /// it exits: it is given a moment to finish.
     pub fn describe_end(&mut self) -> String {
+        let deadline = Instant::now() + QEMU_EXIT_GRACE;
+        while self.exited().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         match self.exited() {
             Some(status) => format!(
-                "its QEMU exited ({}){}; {}",
+                "its QEMU exited ({}: {}){}; {}",
                 describe(status),
+                why_qemu_exited(status, &self.console(), &self.level_log()),
                 self.log_summary(),
                 self.tails()
             ),
             None => format!(
-                "its QEMU still runs{}; {}",
+                "its QEMU still runs and {}{}; {}",
+                self.relay_end_state(),
                 self.log_summary(),
                 self.tails()
             ),
+        }
+    }
+
+    /// Whether the running QEMU still holds its end of the relay socket: if it
+    /// does, the relay's end-of-file came from a shutdown, not from QEMU closing it.
+    fn relay_end_state(&self) -> String {
+        let (fd, inode) = self.relay_end;
+        let link = std::fs::read_link(format!("/proc/{}/fd/{fd}", self.child.id()));
+        match link {
+            Ok(target) if target.to_string_lossy() == format!("socket:[{inode}]") => {
+                format!("still holds its end of the relay socket (fd {fd})")
+            }
+            Ok(target) => format!(
+                "closed its end of the relay socket (its fd {fd} is now {})",
+                target.display()
+            ),
+            Err(_) => format!("closed its end of the relay socket (fd {fd})"),
         }
     }
 
@@ -1066,5 +1124,38 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("images/build.sh"), "{err}");
+    }
+
+    #[rstest::rstest]
+    #[case(
+        0,
+        "",
+        "MATRYOSHKA-STEP 9.1 runtime exited with status 137; powering off",
+        "powered off after its runtime ended"
+    )]
+    #[case(0, "MATRYOSHKA-FAIL: no root", "", "init failed")]
+    #[case(0, "[ 3.2] Kernel panic - not syncing: VFS", "", "kernel panicked")]
+    #[case(
+        0,
+        "[ 9.1] kvm [149]: vcpu0 Unhandled WRMSR",
+        "MATRYOSHKA-STEP 11.4 sshd started",
+        "reset without a word"
+    )]
+    #[case(1, "", "", "QEMU failed")]
+    fn qemu_exits_are_told_apart(
+        #[case] code: i32,
+        #[case] console: &str,
+        #[case] level_log: &str,
+        #[case] expected: &str,
+    ) {
+        let status = ExitStatus::from_raw(code << 8);
+        let why = why_qemu_exited(status, console, level_log);
+        assert!(why.contains(expected), "{why}");
+    }
+
+    #[test]
+    fn a_qemu_killed_by_a_signal_says_which() {
+        let why = why_qemu_exited(ExitStatus::from_raw(9), "", "");
+        assert_eq!(why, "QEMU was killed by signal 9");
     }
 }

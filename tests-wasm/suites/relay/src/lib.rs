@@ -210,6 +210,16 @@ fn hold_at_the_bottom() -> Result<(), Error> {
     hold_at_bottom(ms).map(|_| ())
 }
 
+/// Kills the runtime it runs in with SIGKILL (run it at a VM level with
+/// `--levels N`): the level must end and its parent report it lost. Fails if the
+/// runtime lives on.
+fn kill_own_runtime() -> Result<(), Error> {
+    log::info!("killing the runtime of {}", host::level_path());
+    host::exec(&["sh", "-c", "kill -KILL $PPID"])?;
+    std::thread::sleep(Duration::from_secs(30));
+    panic!("the runtime of {} outlived SIGKILL", host::level_path());
+}
+
 /// Benchmark: round trips of a no-op call to the bottom of the chain.
 fn bench_round_trips() -> Result<(), Error> {
     let calls: usize = std::env::var("BENCH_CALLS")
@@ -249,6 +259,7 @@ matryoshka_guest::suite! {
         remote_instance_keeps_state,
         unknown_remote_function_is_not_found,
         #[ignore] hold_at_the_bottom,
+        #[ignore] kill_own_runtime,
         #[ignore] #[tag("bench")] bench_round_trips,
         #[ignore] #[tag("bench")] bench_first_contact,
     ],
