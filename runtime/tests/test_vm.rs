@@ -165,9 +165,64 @@ fn a_kernel_panic_shows_the_console_and_ends_at_once() {
         &image,
         &["--env", "NESTED_LEVELS=1", "--accel", "tcg"],
     );
-    expect_infrastructure_error(&run, &["the kernel panicked", "Kernel panic"]);
+    expect_infrastructure_error(&run, &["kernel panicked", "Kernel panic"]);
     // Seen when QEMU exits (panic=-1, -no-reboot), long before the boot deadline.
     assert!(took < Duration::from_secs(120), "took {took:?}");
+    assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
+}
+
+/// The image's initramfs with its `/init` replaced by `script`, appended as a second
+/// newc archive (made with `cpio`, which the image build installs).
+fn initrd_with_init(dir: &Path, script: &str) -> Vec<u8> {
+    let src = dir.join("init-src");
+    std::fs::create_dir_all(&src).expect("init dir");
+    std::fs::write(src.join("init"), script).expect("init");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("chmod 755 init && echo init | cpio --quiet -o -H newc -R 0:0")
+        .current_dir(&src)
+        .output()
+        .expect("cpio");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut initrd = std::fs::read(image_dir().join("initrd")).expect("initrd");
+    // The kernel reads a following archive from a 4-byte boundary.
+    initrd.resize(initrd.len().next_multiple_of(4), 0);
+    initrd.extend_from_slice(&out.stdout);
+    initrd
+}
+
+#[test]
+fn a_guest_that_resets_while_booting_is_booted_once_more() {
+    let dir = run_dir("reset");
+    // SysRq b resets the machine at once, as a triple fault would: no shutdown, and
+    // -no-reboot turns the reset into QEMU exiting with status 0.
+    let initrd = initrd_with_init(
+        dir.path(),
+        "#!/bin/busybox sh\n/bin/busybox mkdir -p /proc\n\
+         /bin/busybox mount -t proc proc /proc\necho b >/proc/sysrq-trigger\n",
+    );
+    let image = image_with_initrd(dir.path(), &initrd);
+    let (run, _) = nested(
+        dir.path(),
+        &image,
+        &["--env", "NESTED_LEVELS=1", "--accel", "tcg"],
+    );
+    expect_infrastructure_error(
+        &run,
+        &[
+            "L0/L1 did not boot",
+            "status 0: the guest reset without a word",
+        ],
+    );
+    assert!(
+        run.stderr.contains("booting L0/L1 once more"),
+        "{}",
+        run.stderr
+    );
     assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
 }
 

@@ -496,6 +496,9 @@ async fn start_and_wait(
     let key_b64 = base64_encode(plan.authorized_key.trim().as_bytes());
     // A port taken between choosing and QEMU binding it fails the start: try another.
     let mut attempt = 0;
+    // A guest that resets while it boots (seen now and then with KVM nested in TCG,
+    // see docs/benchmarks.md) is booted once more.
+    let mut resets = 0;
     loop {
         attempt += 1;
         let ssh_port = free_port().map_err(Failure::Boot)?;
@@ -551,6 +554,10 @@ async fn start_and_wait(
             Err(Failure::Boot(m)) if attempt < 3 && qemu.log_tail().contains("hostfwd") => {
                 tracing::info!(level = %plan.path, "port {ssh_port} was taken ({m}); trying another");
             }
+            Err(Failure::Boot(m)) if resets == 0 && qemu.end() == Some(QemuEnd::SilentReset) => {
+                resets += 1;
+                tracing::warn!(level = %plan.path, "booting {} once more, after: {m}", plan.path);
+            }
             Err(e) => return Err(e),
             Ok(()) => {
                 return Ok(Booted {
@@ -603,9 +610,10 @@ async fn wait_ready(
         }
         if let Some(status) = qemu.exited() {
             let why = format!(
-                "QEMU ({accel_name}) exited after {:.1} s ({}){}",
+                "QEMU ({accel_name}) exited after {:.1} s ({}: {}){}",
                 started.elapsed().as_secs_f64(),
                 describe(status),
+                QemuEnd::of(status, &console, &qemu.level_log()),
                 qemu.log_summary()
             );
             // While KVM is only being tried, an exit before the first sign of life
@@ -617,13 +625,8 @@ async fn wait_ready(
             {
                 return Err(Failure::KvmUnusable(why));
             }
-            let hint = if console.contains("Kernel panic") {
-                " — the kernel panicked"
-            } else {
-                ""
-            };
             return Err(Failure::Boot(format!(
-                "{} did not boot: {why}{hint}; {}",
+                "{} did not boot: {why}; {}",
                 plan.path,
                 qemu.tails()
             )));
@@ -718,27 +721,63 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
-/// What a level's QEMU exit says about its guest, from the exit status and what
-/// the guest wrote. QEMU runs with `-no-reboot`, so a guest that resets (a reboot,
-/// a panic with `panic=-1`, or a triple fault) makes it exit with status 0, just
-/// like a power-off.
-fn why_qemu_exited(status: ExitStatus, console: &str, level_log: &str) -> String {
-    match (status.code(), status.signal()) {
-        (None, Some(signal)) => format!("QEMU was killed by signal {signal}"),
-        (Some(0), _) if level_log.contains("; powering off") => {
-            "the level powered off after its runtime ended".into()
+/// How a level's QEMU ended, told from its exit status and what the guest wrote.
+/// QEMU runs with `-no-reboot`, so a guest that resets (a reboot, a panic with
+/// `panic=-1`, or a triple fault) makes it exit with status 0, like a power-off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum QemuEnd {
+    /// QEMU ended on this signal.
+    Signal(i32),
+    /// The level's init powered it off after its runtime ended.
+    PoweredOff,
+    /// The level's init failed (`MATRYOSHKA-FAIL`) and powered it off.
+    InitFailed,
+    /// The level's kernel panicked.
+    Panicked,
+    /// The level's kernel rebooted (`reboot: Restarting system`).
+    Rebooted,
+    /// The level's kernel powered off, not at its init's request.
+    KernelPoweredOff,
+    /// Status 0 with no word from the guest: a reset from below it.
+    SilentReset,
+    /// QEMU itself failed (non-zero status).
+    Failed,
+}
+
+impl QemuEnd {
+    fn of(status: ExitStatus, console: &str, level_log: &str) -> Self {
+        match (status.code(), status.signal()) {
+            (None, Some(signal)) => Self::Signal(signal),
+            (Some(0), _) if level_log.contains("; powering off") => Self::PoweredOff,
+            (Some(0), _)
+                if console.contains("MATRYOSHKA-FAIL") || level_log.contains("MATRYOSHKA-FAIL") =>
+            {
+                Self::InitFailed
+            }
+            (Some(0), _) if console.contains("Kernel panic") => Self::Panicked,
+            (Some(0), _) if console.contains("reboot: Restarting system") => Self::Rebooted,
+            (Some(0), _) if console.contains("reboot: Power down") => Self::KernelPoweredOff,
+            (Some(0), _) => Self::SilentReset,
+            _ => Self::Failed,
         }
-        (Some(0), _)
-            if console.contains("MATRYOSHKA-FAIL") || level_log.contains("MATRYOSHKA-FAIL") =>
-        {
-            "the level's init failed and powered off".into()
+    }
+}
+
+impl std::fmt::Display for QemuEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Signal(signal) => write!(f, "QEMU ended on signal {signal}"),
+            Self::PoweredOff => f.write_str("the level powered off after its runtime ended"),
+            Self::InitFailed => f.write_str("the level's init failed and powered off"),
+            Self::Panicked => f.write_str("the level's kernel panicked"),
+            Self::Rebooted => f.write_str("the level's kernel rebooted"),
+            Self::KernelPoweredOff => f.write_str("the level's kernel powered it off"),
+            Self::SilentReset => f.write_str(
+                "the guest reset without a word from its kernel or init: a triple fault or a \
+                 reset from outside it (QEMU's -no-reboot turns a reset into an exit)",
+            ),
+            Self::Failed => f.write_str("QEMU failed; its log says why"),
         }
-        (Some(0), _) if console.contains("Kernel panic") => "the level's kernel panicked".into(),
-        (Some(0), _) => "the guest reset without a word from its kernel or init: a triple \
-                         fault or a reset from outside it (QEMU's -no-reboot turns a reset \
-                         into an exit)"
-            .into(),
-        _ => "QEMU failed; its log says why".into(),
     }
 }
 
@@ -890,6 +929,12 @@ impl Qemu {
         format!("; QEMU said: {}", last.join(" | "))
     }
 
+    /// How QEMU ended, once it has.
+    fn end(&mut self) -> Option<QemuEnd> {
+        let status = self.exited()?;
+        Some(QemuEnd::of(status, &self.console(), &self.level_log()))
+    }
+
     /// The exit status, once QEMU has exited.
     pub fn exited(&mut self) -> Option<ExitStatus> {
         if self.status.is_none()
@@ -913,7 +958,7 @@ impl Qemu {
             Some(status) => format!(
                 "its QEMU exited ({}: {}){}; {}",
                 describe(status),
-                why_qemu_exited(status, &self.console(), &self.level_log()),
+                QemuEnd::of(status, &self.console(), &self.level_log()),
                 self.log_summary(),
                 self.tails()
             ),
@@ -1141,6 +1186,8 @@ mod tests {
         "MATRYOSHKA-STEP 11.4 sshd started",
         "reset without a word"
     )]
+    #[case(0, "[ 5.0] reboot: Restarting system", "", "kernel rebooted")]
+    #[case(0, "[ 5.0] reboot: Power down", "", "kernel powered it off")]
     #[case(1, "", "", "QEMU failed")]
     fn qemu_exits_are_told_apart(
         #[case] code: i32,
@@ -1149,13 +1196,14 @@ mod tests {
         #[case] expected: &str,
     ) {
         let status = ExitStatus::from_raw(code << 8);
-        let why = why_qemu_exited(status, console, level_log);
+        let why = QemuEnd::of(status, console, level_log).to_string();
         assert!(why.contains(expected), "{why}");
     }
 
     #[test]
     fn a_qemu_killed_by_a_signal_says_which() {
-        let why = why_qemu_exited(ExitStatus::from_raw(9), "", "");
-        assert_eq!(why, "QEMU was killed by signal 9");
+        let end = QemuEnd::of(ExitStatus::from_raw(9), "", "");
+        assert_eq!(end, QemuEnd::Signal(9));
+        assert_eq!(end.to_string(), "QEMU ended on signal 9");
     }
 }
