@@ -766,7 +766,9 @@ impl QemuEnd {
 impl std::fmt::Display for QemuEnd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Signal(signal) => write!(f, "QEMU ended on signal {signal}"),
+            Self::Signal(libc::SIGABRT) => f.write_str("QEMU aborted"),
+            Self::Signal(libc::SIGKILL) => f.write_str("QEMU was killed"),
+            Self::Signal(_) => f.write_str("QEMU ended on that signal"),
             Self::PoweredOff => f.write_str("the level powered off after its runtime ended"),
             Self::InitFailed => f.write_str("the level's init failed and powered off"),
             Self::Panicked => f.write_str("the level's kernel panicked"),
@@ -1204,6 +1206,6 @@ mod tests {
     fn a_qemu_killed_by_a_signal_says_which() {
         let end = QemuEnd::of(ExitStatus::from_raw(9), "", "");
         assert_eq!(end, QemuEnd::Signal(9));
-        assert_eq!(end.to_string(), "QEMU ended on signal 9");
+        assert_eq!(end.to_string(), "QEMU was killed");
     }
 }
