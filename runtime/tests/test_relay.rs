@@ -29,7 +29,7 @@ fn a_chain_of_four_local_runtimes() {
     let tag = unique_tag("local4");
     let r = relay(&tag, "local,local,local,local", &["-j", "2"]);
     r.expect_code(0);
-    r.expect_stdout("5 passed, 0 failed, 3 ignored");
+    r.expect_stdout("5 passed, 0 failed, 4 ignored");
     r.expect_stdout("info L0/L1/L2/L3/L4 streams_a_log_line_from_the_deepest_level | hello from the bottom (logged at L0/L1/L2/L3/L4)");
     r.expect_stdout("reached L0/L1/L2/L3/L4 on");
     assert_nothing_left(&tag, None);
@@ -55,7 +55,7 @@ fn a_chain_of_three_ssh_hops_copies_the_runtime_to_each() {
     extra.extend(["-j", "1"]);
     let r = relay(&tag, &chain.chain(), &extra);
     r.expect_code(0);
-    r.expect_stdout("5 passed, 0 failed, 3 ignored");
+    r.expect_stdout("5 passed, 0 failed, 4 ignored");
     r.expect_stdout(
         "info L0/L1/L2/L3 streams_a_log_line_from_the_deepest_level | hello from the bottom",
     );
