@@ -16,21 +16,20 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use tokio::sync::mpsc;
 
-use crate::engine::{self, CacheDir};
-use crate::grants::Grants;
+use crate::config::{AccelPolicy, Grants, InstanceLimits, NestLimits, SshSettings, VmSettings};
+use crate::engine::CacheDir;
 use crate::host::LevelContext;
-use crate::host::{InstanceLimits, OutputSink, Stream};
 use crate::level::LevelInfo;
-use crate::level::vm::AccelPolicy;
-use crate::relay::protocol::{SshSettings, VmSettings};
-use crate::relay::serve::{ServeOptions, serve_stdio};
-use crate::relay::transport::vm::{RunDir, VmContext};
+use crate::level::vm::{RunDir, VmContext};
+use crate::output::{OutputSink, Stream};
 use crate::reporter::human::HumanReporter;
 use crate::reporter::json::JsonReporter;
 use crate::reporter::junit::JunitReporter;
 use crate::reporter::tap::TapReporter;
 use crate::reporter::{Format, Reporter};
 use crate::runner::{self, Chain, IgnoredMode, RunOptions, Runner};
+use crate::serve::{ServeOptions, serve_stdio};
+use crate::suite;
 
 /// Some selected test failed.
 pub const EXIT_TESTS_FAILED: u8 = 100;
@@ -70,7 +69,7 @@ struct ServeArgs {
     #[arg(long, value_name = "PATH")]
     cache_dir: Option<PathBuf>,
     /// Announce another protocol version (for testing version checks).
-    #[arg(long, hide = true, default_value_t = crate::relay::protocol::PROTOCOL_VERSION)]
+    #[arg(long, hide = true, default_value_t = crate::wire::PROTOCOL_VERSION)]
     protocol_version: u32,
 }
 
@@ -171,7 +170,7 @@ pub fn main() -> ExitCode {
     // trip over SSH went from 608-709 µs to 464-547 µs). A VM level's port is read
     // and written through blocking threads anyway, and keeps the measured setup.
     let mut builder = match cli.command {
-        Command::Serve(_) if !crate::relay::serve::stdin_is_serial_port() => {
+        Command::Serve(_) if !crate::serve::stdin_is_serial_port() => {
             tokio::runtime::Builder::new_current_thread()
         }
         _ => tokio::runtime::Builder::new_multi_thread(),
@@ -200,7 +199,7 @@ pub fn main() -> ExitCode {
     // process was started with kill-on-drop and is gone with its owner.
     runtime.shutdown_timeout(Duration::from_millis(200));
     // Whatever VM is still registered now was left by a path that skipped its owner's drop.
-    crate::level::vm::kill_all();
+    crate::process::kill_all();
     ExitCode::from(code)
 }
 
@@ -322,7 +321,7 @@ async fn test(args: TestArgs) -> u8 {
     };
     let component = args.component.clone();
     let memo_dir = cache.dir().map(PathBuf::from);
-    let loaded = match tokio::task::spawn_blocking(move || engine::load(&component, &cache)).await {
+    let loaded = match tokio::task::spawn_blocking(move || suite::load(&component, &cache)).await {
         Ok(Ok(suite)) => suite,
         Ok(Err(e)) => {
             eprintln!("error: {e}");
@@ -343,6 +342,7 @@ async fn test(args: TestArgs) -> u8 {
         level: LevelInfo::top(),
         grants,
         limits,
+        nest: NestLimits::default(),
         env: args.env.clone(),
         ssh,
         component: loaded.component.clone(),

@@ -1,9 +1,11 @@
-//! The wasmtime engine, and loading a suite component: checks, compile cache, linking.
+//! The wasmtime engine and compiling components: checks, the compile cache.
 //!
 //! Compiling a component is the slow part of a start, so the precompiled
 //! artifact is cached on disk, keyed by the component's sha256 and the engine's
 //! compatibility hash. Everything a user can get wrong about the file — not
 //! wasm, a core module, the wrong world — is a [`LoadError`] that names it.
+//! Linking with the host functions is the `suite` module's: this module knows
+//! nothing of them.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -16,9 +18,20 @@ use thiserror::Error;
 use wasmtime::component::Component;
 use wasmtime::component::types::ComponentItem;
 
-use std::sync::Arc;
+/// The WIT world every suite must target, as named in error messages.
+pub const WORLD: &str = "matryoshka:test/suite@0.1.0";
 
-use crate::host::{self, ComponentSource, HostState, SuitePre, WORLD};
+/// The component a level runs, kept to hand it to the next level.
+#[derive(Debug)]
+pub struct ComponentSource {
+    /// The `.wasm` bytes.
+    pub bytes: Vec<u8>,
+    /// Their hex sha256.
+    pub sha256: String,
+    /// This level's precompiled artifact of them: (engine key, file), handed
+    /// down with the bytes so levels with the same engine skip compiling.
+    pub precompiled: Option<(String, PathBuf)>,
+}
 
 /// How often the epoch advances; the granularity of deadlines.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -117,25 +130,6 @@ pub enum CompileSource {
     Cached,
 }
 
-/// A loaded suite: compiled, checked against the world, linked.
-#[derive(Clone)]
-pub struct LoadedSuite {
-    /// The component file.
-    pub path: PathBuf,
-    /// Suite name: the file stem.
-    pub name: String,
-    /// Hex sha256 of the component bytes.
-    pub sha256: String,
-    /// The bytes, to hand to the next level.
-    pub component: Arc<ComponentSource>,
-    /// Whether compilation was skipped.
-    pub source: CompileSource,
-    /// Ready to instantiate, once per test.
-    pub pre: SuitePre<HostState>,
-    /// The engine it was compiled for.
-    pub engine: wasmtime::Engine,
-}
-
 /// The process-wide wasmtime engine with its epoch ticker.
 pub fn engine() -> anyhow::Result<wasmtime::Engine> {
     static ENGINE: OnceLock<wasmtime::Engine> = OnceLock::new();
@@ -166,57 +160,42 @@ pub fn engine() -> anyhow::Result<wasmtime::Engine> {
     Ok(engine.clone())
 }
 
-/// Loads, checks and links the component at `path`.
-pub fn load(path: &Path, cache: &CacheDir) -> Result<LoadedSuite, LoadError> {
-    let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    load_bytes(path, bytes, cache)
+/// A component compiled (or taken from the cache) and checked against the world.
+pub struct Compiled {
+    /// The compiled component.
+    pub component: Component,
+    /// Whether compilation was skipped.
+    pub source: CompileSource,
+    /// Hex sha256 of the bytes.
+    pub sha256: String,
+    /// The bytes and their artifact, for the levels below.
+    pub origin: ComponentSource,
 }
 
-/// Loads, checks and links a component given as bytes; `path` names it in messages.
-pub fn load_bytes(path: &Path, bytes: Vec<u8>, cache: &CacheDir) -> Result<LoadedSuite, LoadError> {
-    let engine = engine().map_err(|e| LoadError::Engine {
-        path: path.to_path_buf(),
-        message: format!("{e:#}"),
-    })?;
+/// Checks, compiles (or takes from `cache`) and checks the world of `bytes`;
+/// `path` names the component in messages.
+pub fn compile(
+    engine: &wasmtime::Engine,
+    path: &Path,
+    bytes: Vec<u8>,
+    cache: &CacheDir,
+) -> Result<Compiled, LoadError> {
     check_header(path, &bytes)?;
     let sha256 = sha256_hex(&bytes);
-    let (component, source) = compile_cached(&engine, path, &bytes, &sha256, cache)?;
-    check_world(&engine, path, &component)?;
-    let linker = host::linker(&engine).map_err(|e| LoadError::Engine {
-        path: path.to_path_buf(),
-        message: format!("{e:#}"),
-    })?;
-    let instance_pre = linker
-        .instantiate_pre(&component)
-        .map_err(|e| LoadError::WrongWorld {
-            path: path.to_path_buf(),
-            problem: explain_link_error(&format!("{e:#}")),
-        })?;
-    let pre = SuitePre::new(instance_pre).map_err(|e| LoadError::WrongWorld {
-        path: path.to_path_buf(),
-        problem: format!("{e:#}"),
-    })?;
-    let name = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "suite".into());
-    Ok(LoadedSuite {
-        path: path.to_path_buf(),
-        name,
-        sha256: sha256.clone(),
-        component: Arc::new(ComponentSource {
-            precompiled: artifact_path(&engine, cache, &sha256)
-                .filter(|p| p.exists())
-                .map(|p| (engine_key(&engine), p)),
-            bytes,
-            sha256,
-        }),
+    let (component, source) = compile_cached(engine, path, &bytes, &sha256, cache)?;
+    check_world(engine, path, &component)?;
+    let precompiled = artifact_path(engine, cache, &sha256)
+        .filter(|p| p.exists())
+        .map(|p| (engine_key(engine), p));
+    Ok(Compiled {
+        component,
         source,
-        pre,
-        engine,
+        origin: ComponentSource {
+            bytes,
+            sha256: sha256.clone(),
+            precompiled,
+        },
+        sha256,
     })
 }
 
@@ -414,7 +393,7 @@ fn check_world(
 }
 
 /// Rewords wasmtime's link error for a user who does not know the linker.
-fn explain_link_error(message: &str) -> String {
+pub fn explain_link_error(message: &str) -> String {
     if let Some(rest) = message.split("component imports ").nth(1) {
         let what = rest.split(", but").next().unwrap_or(rest).trim();
         return format!("it imports {what}, which matryoshka does not provide");

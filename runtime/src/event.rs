@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::host::{CapturedOutput, Stream};
+use crate::output::{CapturedOutput, Stream};
 
 /// Why a test failed, as a category.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

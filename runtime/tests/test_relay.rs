@@ -196,7 +196,7 @@ fn killing_a_level_mid_call_reports_it_lost() {
     let stdout = rest(out);
     assert_eq!(status.code(), Some(101), "{stdout}");
     assert!(
-        stdout.contains("infrastructure: level L0/L1/L2 lost: connection closed (its runtime was killed by signal 9)"),
+        stdout.contains("infrastructure: level L0/L1/L2 lost: connection closed (its runtime was killed by signal 9 (SIGKILL))"),
         "{stdout}"
     );
     assert!(took < Duration::from_secs(5), "took {took:?}");

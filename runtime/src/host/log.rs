@@ -2,7 +2,7 @@
 
 use super::HostState;
 use super::bindings::matryoshka::test::log::{Host, Level};
-use super::capture::{LogLevel, Stream};
+use crate::output::{LogLevel, Stream};
 
 impl Host for HostState {
     fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {

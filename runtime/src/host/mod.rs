@@ -5,7 +5,6 @@
 //! backend of that interface. Everything the store carries for one instance —
 //! WASI context, grants, limits, captured output — lives in [`HostState`].
 
-mod capture;
 mod exec;
 mod limits;
 mod log;
@@ -17,17 +16,16 @@ use std::sync::Arc;
 use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-pub use capture::{
-    Capture, CapturedOutput, LogLevel, LogLine, OutputLimitExceeded, OutputSink, Stream,
-};
 pub use limits::{MemoryLimitExceeded, MemoryLimiter};
 
 pub use nest::GuestHandle;
 
-use crate::grants::Grants;
+use crate::config::{Grants, InstanceLimits, NestLimits, SshSettings};
+use crate::engine::ComponentSource;
 use crate::level::LevelInfo;
-use crate::relay::protocol::{LevelSetup, SshSettings};
-use crate::relay::transport::vm::VmContext;
+use crate::level::vm::VmContext;
+use crate::output::{Capture, Stream};
+use crate::wire::{LevelSetup, WireErrorKind};
 
 #[expect(
     missing_docs,
@@ -54,42 +52,6 @@ pub(crate) mod bindings {
 pub use bindings::matryoshka::test::types::{Error as WitError, ErrorKind, Failure, TestCase};
 pub use bindings::{Suite, SuitePre};
 
-/// The WIT world every suite must target, as named in error messages.
-pub const WORLD: &str = "matryoshka:test/suite@0.1.0";
-
-/// Limits that apply to one instance.
-#[derive(Debug, Clone, Copy)]
-pub struct InstanceLimits {
-    /// Largest size of any linear memory, in bytes.
-    pub memory_bytes: usize,
-    /// Bytes of log lines, stdout and stderr a test may produce.
-    pub output_bytes: usize,
-    /// Bytes of stdout or stderr kept from one `exec` call.
-    pub exec_output_bytes: usize,
-}
-
-impl Default for InstanceLimits {
-    fn default() -> Self {
-        Self {
-            memory_bytes: 512 << 20,
-            output_bytes: 4 << 20,
-            exec_output_bytes: 16 << 20,
-        }
-    }
-}
-
-/// The component a level runs, kept to hand it to the next level.
-#[derive(Debug)]
-pub struct ComponentSource {
-    /// The `.wasm` bytes.
-    pub bytes: Vec<u8>,
-    /// Their hex sha256.
-    pub sha256: String,
-    /// This level's precompiled artifact of them: (engine key, file), handed
-    /// down with the bytes so levels with the same engine skip compiling.
-    pub precompiled: Option<(String, std::path::PathBuf)>,
-}
-
 /// Everything an instance at this level may know and use, shared by all its instances.
 #[derive(Debug)]
 pub struct LevelContext {
@@ -99,6 +61,8 @@ pub struct LevelContext {
     pub grants: Grants,
     /// Limits of each instance.
     pub limits: InstanceLimits,
+    /// How deep the chain may go and how many levels a test may hold.
+    pub nest: NestLimits,
     /// Environment variables of the component, handed down the chain.
     pub env: Vec<(String, String)>,
     /// How to reach SSH levels below this one.
@@ -119,6 +83,7 @@ impl LevelContext {
             path: format!("{}/L{depth}", self.level.path),
             grants: self.grants.clone(),
             limits: self.limits.into(),
+            nest: self.nest,
             env: self.env.clone(),
             ssh: self.ssh.clone(),
             vm: self.vms.settings.clone(),
@@ -221,4 +186,34 @@ pub fn linker(engine: &wasmtime::Engine) -> anyhow::Result<Linker<HostState>> {
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
     bindings::Suite::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
     Ok(linker)
+}
+
+impl From<ErrorKind> for WireErrorKind {
+    fn from(k: ErrorKind) -> Self {
+        match k {
+            ErrorKind::Denied => Self::Denied,
+            ErrorKind::Timeout => Self::Timeout,
+            ErrorKind::Io => Self::Io,
+            ErrorKind::NotFound => Self::NotFound,
+            ErrorKind::InvalidArgument => Self::InvalidArgument,
+            ErrorKind::LevelLost => Self::LevelLost,
+            ErrorKind::Unsupported => Self::Unsupported,
+            ErrorKind::Internal => Self::Internal,
+        }
+    }
+}
+
+impl From<WireErrorKind> for ErrorKind {
+    fn from(k: WireErrorKind) -> Self {
+        match k {
+            WireErrorKind::Denied => Self::Denied,
+            WireErrorKind::Timeout => Self::Timeout,
+            WireErrorKind::Io => Self::Io,
+            WireErrorKind::NotFound => Self::NotFound,
+            WireErrorKind::InvalidArgument => Self::InvalidArgument,
+            WireErrorKind::LevelLost => Self::LevelLost,
+            WireErrorKind::Unsupported => Self::Unsupported,
+            WireErrorKind::Internal => Self::Internal,
+        }
+    }
 }

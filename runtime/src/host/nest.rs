@@ -11,11 +11,12 @@ use wasmtime::component::Resource;
 use super::HostState;
 use super::bindings::matryoshka::test::nest::{Host, HostGuest, VmSpec};
 use super::bindings::matryoshka::test::types::{Error as WitError, ErrorKind};
-use super::{LogLevel, Stream};
-use crate::level::vm::{AccelPolicy, VmRequest};
-use crate::relay::connection::Connection;
-use crate::relay::protocol::{RemoteError, WireErrorKind};
-use crate::relay::transport::Target;
+use crate::config::AccelPolicy;
+use crate::level::Target;
+use crate::level::connection::Connection;
+use crate::level::vm::VmRequest;
+use crate::output::{LogLevel, Stream};
+use crate::wire::{RemoteError, WireErrorKind};
 
 /// The host side of a `guest` resource.
 pub struct GuestHandle {
@@ -39,12 +40,10 @@ impl HostGuest for HostState {
         &mut self,
         spec: VmSpec,
     ) -> wasmtime::Result<Result<Resource<GuestHandle>, WitError>> {
-        let accel = match spec.accel.as_deref() {
+        let accel = match spec.accel.as_deref().map(|a| (a, AccelPolicy::parse(a))) {
             None => None,
-            Some("auto") => Some(AccelPolicy::Auto),
-            Some("kvm") => Some(AccelPolicy::Kvm),
-            Some("tcg") => Some(AccelPolicy::Tcg),
-            Some(other) => {
+            Some((_, Some(policy))) => Some(policy),
+            Some((other, None)) => {
                 return Ok(Err(self.error(
                     ErrorKind::InvalidArgument,
                     format!("unknown accel `{other}`: expected auto, kvm or tcg"),

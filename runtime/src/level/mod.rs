@@ -1,8 +1,22 @@
-//! Where this runtime sits in a chain of levels, and (in [`qemu`]) the command
-//! lines that boot VM levels.
+//! Levels: where this runtime sits in a chain, and the parent side of a hop.
+//!
+//! - [`connection`]: a live connection to a child runtime: handshake, calls,
+//!   events, heartbeat.
+//! - [`transport`]: byte streams to a child runtime, behind one interface.
+//! - [`local`], [`ssh`], [`vm`]: the three kinds of level.
+//! - [`replicate`]: which runtime binary a level below gets.
+//!
+//! Each runtime relays only to its direct children: a level's events travel up
+//! one hop at a time, tagged with the level path where they happened.
 
-pub mod qemu;
+pub mod connection;
+pub mod local;
+pub mod replicate;
+pub mod ssh;
+pub mod transport;
 pub mod vm;
+
+pub use transport::Target;
 
 /// Facts about the level this runtime runs at.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,7 +7,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{Reporter, indent};
 use crate::event::{Outcome, TestEvent, TestFailure, TestId};
-use crate::host::{CapturedOutput, Stream};
+use crate::output::{CapturedOutput, Stream};
 
 /// Writes readable results to `out`, progress to the terminal.
 pub struct HumanReporter<W> {

@@ -4,14 +4,15 @@
 //! the command (split on whitespace), e.g. to run the child under a debugger or
 //! `strace`; it is read from the runtime's environment, never from a component.
 
-use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use super::{StderrTail, Transport, TransportGuard};
-use crate::relay::protocol::{LevelSetup, RemoteError, WireErrorKind};
+use super::replicate::{own_exe, verbosity_flag};
+use super::transport::{StderrTail, Transport, TransportGuard};
+use crate::process;
+use crate::wire::{LevelSetup, RemoteError, WireErrorKind};
 
 /// Starts `matryoshka serve --stdio` as a child process.
 pub fn spawn(setup: &LevelSetup) -> Result<Transport, RemoteError> {
@@ -23,15 +24,15 @@ pub fn spawn(setup: &LevelSetup) -> Result<Transport, RemoteError> {
     let mut cmd = match std::env::var("MATRYOSHKA_LOCAL_SERVE") {
         Ok(line) if !line.trim().is_empty() => {
             let mut words = line.split_whitespace();
-            let mut cmd = Command::new(words.next().unwrap_or_default());
+            let mut cmd = std::process::Command::new(words.next().unwrap_or_default());
             cmd.args(words);
             cmd
         }
         _ => {
-            let exe = super::own_exe()
+            let exe = own_exe()
                 .map_err(|e| err(format!("cannot find this runtime's own binary: {e}")))?;
-            let mut cmd = Command::new(exe);
-            if let Some(flag) = super::verbosity_flag().split_whitespace().next() {
+            let mut cmd = std::process::Command::new(exe);
+            if let Some(flag) = verbosity_flag().split_whitespace().next() {
                 cmd.arg(flag);
             }
             cmd.args(["serve", "--stdio"]);
@@ -40,9 +41,10 @@ pub fn spawn(setup: &LevelSetup) -> Result<Transport, RemoteError> {
     };
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
+        .stderr(Stdio::piped());
+    process::isolate(&mut cmd, process::Environment::Inherit);
+    let mut cmd = Command::from(cmd);
+    cmd.kill_on_drop(true);
     let mut child = cmd.spawn().map_err(|e| {
         err(format!(
             "cannot start a local runtime for {}: {e}",
@@ -68,7 +70,7 @@ pub fn spawn(setup: &LevelSetup) -> Result<Transport, RemoteError> {
         reader: Box::new(stdout),
         writer: Box::new(stdin),
         guard: Box::new(LocalGuard {
-            group: child.id().and_then(|p| i32::try_from(p).ok()),
+            group: child.id(),
             child,
             tail,
         }),
@@ -80,7 +82,7 @@ pub fn spawn(setup: &LevelSetup) -> Result<Transport, RemoteError> {
 
 struct LocalGuard {
     child: Child,
-    group: Option<i32>,
+    group: Option<u32>,
     tail: StderrTail,
 }
 
@@ -96,11 +98,8 @@ impl TransportGuard for LocalGuard {
         // with it, even though SIGKILL skips its destructors.
         // The group id is the pid at spawn time: the leader may already be reaped
         // while the commands it started still run.
-        if let Some(pid) = self.group {
-            // SAFETY: kill(2) with a negative pid signals that process group; no memory is involved.
-            unsafe {
-                libc::kill(-pid, libc::SIGKILL);
-            }
+        if let Some(pgid) = self.group {
+            process::kill_group(pgid);
         }
         let _ = self.child.start_kill();
     }
@@ -111,13 +110,7 @@ impl TransportGuard for LocalGuard {
         for _ in 0..20 {
             match self.child.try_wait() {
                 Ok(Some(status)) => {
-                    exit = match (status.code(), status.signal()) {
-                        (Some(code), _) => Some(format!("its runtime exited with status {code}")),
-                        (None, Some(sig)) => {
-                            Some(format!("its runtime was killed by signal {sig}"))
-                        }
-                        _ => None,
-                    };
+                    exit = Some(format!("its runtime {}", process::ended(status)));
                     break;
                 }
                 Ok(None) => std::thread::sleep(std::time::Duration::from_millis(10)),

@@ -6,14 +6,11 @@
 //! - a VM booted by this level from an image (`vm`), whose runtime serves on a
 //!   virtio-serial port behind a socket this level holds.
 
-pub mod local;
-pub mod ssh;
-pub mod vm;
-
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::protocol::{LevelSetup, RemoteError, WireErrorKind};
-use crate::level::vm::VmRequest;
+use super::vm::{VmContext, VmRequest};
+use super::{local, ssh, vm};
+use crate::wire::{LevelSetup, RemoteError, WireErrorKind};
 
 /// Where the next level is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,7 +51,7 @@ pub struct Transport {
     /// What booting it decided, for VM levels.
     pub vm: Option<VmFacts>,
     /// Silence after which the child is declared lost, when not the default
-    /// [`HEARTBEAT_LOST`](super::HEARTBEAT_LOST).
+    /// [`HEARTBEAT_LOST`](crate::wire::HEARTBEAT_LOST).
     pub heartbeat_grace: Option<std::time::Duration>,
 }
 
@@ -85,7 +82,7 @@ pub trait TransportGuard: Send {
 pub async fn open(
     target: &Target,
     setup: &LevelSetup,
-    vms: &vm::VmContext,
+    vms: &VmContext,
 ) -> Result<Transport, RemoteError> {
     match target {
         Target::Local => local::spawn(setup),
@@ -104,42 +101,6 @@ pub async fn open(
             ssh::open(spec, setup, ssh).await
         }
         Target::Vm(req) => vm::open(req, setup, vms).await,
-    }
-}
-
-/// This runtime's own binary. A VM level runs it from a file its initramfs
-/// unpacked and bound into the root before unlinking the original, for which the
-/// kernel names the path with a ` (deleted)` suffix: the bound path is the one
-/// without it.
-pub fn own_exe() -> std::io::Result<std::path::PathBuf> {
-    use std::os::unix::fs::MetadataExt;
-    let exe = std::env::current_exe()?;
-    // Only the very file this process runs: a binary rebuilt at that path since is
-    // another runtime (maybe another protocol).
-    let running = std::fs::metadata("/proc/self/exe").ok();
-    if let Some(bound) = exe
-        .to_str()
-        .and_then(|p| p.strip_suffix(" (deleted)"))
-        .map(std::path::PathBuf::from)
-        .filter(|p| {
-            let here = std::fs::metadata(p).ok();
-            matches!((&running, &here), (Some(r), Some(h)) if r.dev() == h.dev() && r.ino() == h.ino())
-        })
-    {
-        return Ok(bound);
-    }
-    Ok(exe)
-}
-
-/// ` -v` or ` -vv` when this runtime logs at info or debug level, else empty: a
-/// child runtime logs as much, and its stderr is relayed into this one's log.
-pub fn verbosity_flag() -> &'static str {
-    if tracing::enabled!(tracing::Level::DEBUG) {
-        " -vv"
-    } else if tracing::enabled!(tracing::Level::INFO) {
-        " -v"
-    } else {
-        ""
     }
 }
 

@@ -1,166 +1,40 @@
-//! VM levels as a transport: boot QEMU from the image with the runtime in its
-//! initramfs (see [`crate::level::vm`]); the level's init starts that runtime on
-//! a virtio-serial port, and the relay runs over the socket behind it. No network
-//! and no SSH on the relay's path: the level's sshd is there for people, reached
-//! with the printed `ssh -J …` command.
+//! VM levels: boot QEMU from the image with the runtime in its initramfs; the
+//! level's init starts that runtime on a virtio-serial port, and the relay runs
+//! over the socket behind it. No network and no SSH on the relay's path: the
+//! level's sshd is there for people, reached with the printed `ssh -J …` command.
+//!
+//! - [`context`]: what a level knows for booting levels below it (run folder, key).
+//! - [`image`], [`initrd`]: the files a level boots from.
+//! - [`accel`]: KVM or TCG, and why.
+//! - [`argv`]: QEMU's command line, built as data.
+//! - [`qemu`]: the running QEMU and how it ended.
+//! - [`boot`]: starting QEMU and waiting until the level serves.
+
+pub mod accel;
+pub mod argv;
+pub mod boot;
+pub mod context;
+pub mod image;
+pub mod initrd;
+pub mod qemu;
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
 
-use russh::keys::PrivateKey;
 use tokio::io::AsyncReadExt;
 
-use super::{StderrTail, Transport, TransportGuard, ssh};
-use crate::level::vm::{self, BootPlan, Qemu, VmRequest};
-use crate::relay::protocol::{LevelSetup, RemoteError, SshSettings, VmSettings, WireErrorKind};
+pub use boot::VmRequest;
+pub use context::{RunDir, VmContext};
+
+use super::replicate;
+use super::ssh::sh_quote;
+use super::transport::{StderrTail, Transport, TransportGuard, VmFacts};
+use crate::wire::{LevelSetup, RemoteError, WireErrorKind};
+use boot::BootPlan;
+use context::RunKey;
+use qemu::Qemu;
 
 /// Silence after which a VM level is declared lost.
 const VM_HEARTBEAT_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
-
-/// What a level knows for booting VM levels below it.
-#[derive(Debug)]
-pub struct VmContext {
-    /// The run's settings, as handed to this level.
-    pub settings: VmSettings,
-    /// Image folder given on the command line (L0 only).
-    pub image_dir: Option<PathBuf>,
-    /// Where consoles and QEMU logs go.
-    pub run_dir: RunDir,
-    /// Where the KVM probe is remembered.
-    pub memo_dir: Option<PathBuf>,
-    key: OnceLock<Result<RunKey, String>>,
-}
-
-impl VmContext {
-    /// A context for a level.
-    pub fn new(
-        settings: VmSettings,
-        image_dir: Option<PathBuf>,
-        run_dir: RunDir,
-        memo_dir: Option<PathBuf>,
-    ) -> Self {
-        Self {
-            settings,
-            image_dir,
-            run_dir,
-            memo_dir,
-            key: OnceLock::new(),
-        }
-    }
-
-    /// The run's key: the one given with `--ssh-key` (handed down the chain), or
-    /// one made for this run and written beside the consoles for printed `ssh` commands.
-    fn run_key(&self, ssh: Option<&SshSettings>) -> Result<RunKey, String> {
-        self.key
-            .get_or_init(|| match ssh {
-                Some(s) => RunKey::from_private(&s.private_key, s.key_path.clone()),
-                None => {
-                    let key = RunKey::generate()?;
-                    let path = self.run_dir.path()?.join("id_ed25519");
-                    write_private(&path, &key.private_key)?;
-                    Ok(RunKey {
-                        path: std::path::absolute(&path)
-                            .ok()
-                            .map(|p| p.display().to_string()),
-                        ..key
-                    })
-                }
-            })
-            .clone()
-    }
-}
-
-/// Folder for consoles and QEMU logs of the levels booted from here.
-#[derive(Debug)]
-pub enum RunDir {
-    /// A folder that is kept (L0: `target/matryoshka/<run>`).
-    Kept(PathBuf),
-    /// A temporary folder, made on first use and removed with the runtime.
-    Temporary(OnceLock<Result<tempfile::TempDir, String>>),
-}
-
-impl RunDir {
-    /// The folder, made if needed.
-    pub fn path(&self) -> Result<PathBuf, String> {
-        match self {
-            Self::Kept(p) => {
-                std::fs::create_dir_all(p)
-                    .map_err(|e| format!("cannot create {}: {e}", p.display()))?;
-                Ok(p.clone())
-            }
-            Self::Temporary(dir) => dir
-                .get_or_init(|| {
-                    tempfile::Builder::new()
-                        .prefix("matryoshka-run.")
-                        .tempdir()
-                        .map_err(|e| format!("cannot create a folder for consoles: {e}"))
-                })
-                .as_ref()
-                .map(|d| d.path().to_path_buf())
-                .map_err(Clone::clone),
-        }
-    }
-}
-
-/// The SSH key VM levels accept.
-#[derive(Clone)]
-struct RunKey {
-    private_key: String,
-    public_line: String,
-    path: Option<String>,
-}
-
-impl std::fmt::Debug for RunKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RunKey")
-            .field("public_line", &self.public_line)
-            .field("path", &self.path)
-            .finish_non_exhaustive()
-    }
-}
-
-impl RunKey {
-    fn from_private(openssh: &str, path: Option<String>) -> Result<Self, String> {
-        let key = PrivateKey::from_openssh(openssh)
-            .map_err(|e| format!("the run's SSH key is unusable: {e}"))?;
-        let public_line = key
-            .public_key()
-            .to_openssh()
-            .map_err(|e| format!("cannot encode the run's public key: {e}"))?;
-        Ok(Self {
-            private_key: openssh.to_string(),
-            public_line,
-            path,
-        })
-    }
-
-    fn generate() -> Result<Self, String> {
-        let mut seed = [0u8; 32];
-        std::fs::File::open("/dev/urandom")
-            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed))
-            .map_err(|e| format!("cannot read /dev/urandom for the run's key: {e}"))?;
-        let pair = russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&seed);
-        let mut key = PrivateKey::from(pair);
-        key.set_comment("matryoshka-run");
-        let private = key
-            .to_openssh(russh::keys::ssh_key::LineEnding::LF)
-            .map_err(|e| format!("cannot encode the run's key: {e}"))?;
-        Self::from_private(&private, None)
-    }
-}
-
-fn write_private(path: &std::path::Path, key: &str) -> Result<(), String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .and_then(|mut f| f.write_all(key.as_bytes()))
-        .map_err(|e| format!("cannot write the run's key to {}: {e}", path.display()))
-}
 
 /// Boots the level and returns the relay's stream to its runtime, which owns the
 /// QEMU process.
@@ -189,7 +63,7 @@ pub async fn open(
             .arch
             .clone()
             .unwrap_or_else(|| std::env::consts::ARCH.to_string());
-        tokio::task::spawn_blocking(move || ssh::image_for(&arch))
+        tokio::task::spawn_blocking(move || replicate::image_for(&arch))
             .await
             .map_err(|e| err(WireErrorKind::Internal, e.to_string()))?
             .map_err(|m| err(WireErrorKind::Unsupported, m))?
@@ -212,7 +86,7 @@ pub async fn open(
             .join("vm-runtime"),
         host_key,
     };
-    let booted = vm::boot(&req, &plan).await.map_err(|m| {
+    let booted = boot::boot(&req, &plan).await.map_err(|m| {
         let kind = if m.starts_with("no ") && m.contains("images/build.sh") {
             WireErrorKind::NotFound
         } else if m.contains("was not serving within") {
@@ -265,7 +139,7 @@ pub async fn open(
             tail,
         }),
         ssh_command,
-        vm: Some(super::VmFacts {
+        vm: Some(VmFacts {
             accel: booted.accel.name().to_string(),
             accel_reason: booted.accel_reason,
             hop: format!("root@127.0.0.1:{}", booted.ssh_port),
@@ -319,7 +193,7 @@ async fn follow_level_log(path: PathBuf, from: u64, level: String, tail: StderrT
 fn debug_ssh_command(key_path: Option<&str>, jump: &[String], port: u16) -> String {
     let mut cmd = String::from("ssh");
     if let Some(key) = key_path {
-        cmd.push_str(&format!(" -i {}", ssh::sh_quote(key)));
+        cmd.push_str(&format!(" -i {}", sh_quote(key)));
     }
     cmd.push_str(" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null");
     if !jump.is_empty() {
@@ -366,13 +240,5 @@ mod tests {
             debug_ssh_command(None, &["root@127.0.0.1:40022".into()], 40100),
             "ssh -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -J root@127.0.0.1:40022 -p 40100 root@127.0.0.1"
         );
-    }
-
-    #[test]
-    fn generated_keys_round_trip() {
-        let key = RunKey::generate().expect("a key");
-        assert!(key.public_line.starts_with("ssh-ed25519 "), "{key:?}");
-        let again = RunKey::from_private(&key.private_key, None).expect("parses");
-        assert_eq!(again.public_line, key.public_line);
     }
 }

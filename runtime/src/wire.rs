@@ -10,6 +10,8 @@
 //! then answers [`Message::Ready`] or [`Message::Fatal`]. After that the parent
 //! sends calls and pings, the child sends returns, events and pongs.
 
+use std::time::Duration;
+
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -17,10 +19,18 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
+use crate::config::{Grants, InstanceLimits, NestLimits, SshSettings, VmSettings};
 use crate::event::{Outcome, TestFailure};
-use crate::grants::Grants;
-use crate::host::{ErrorKind, InstanceLimits, LogLevel};
-use crate::level::vm::AccelPolicy;
+use crate::output::LogLevel;
+
+/// How often a parent pings a child.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
+/// Silence after which a child is declared lost.
+pub const HEARTBEAT_LOST: Duration = Duration::from_secs(3);
+/// Time a child has to say `Hello` after its transport is up.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time a child has to load (and maybe compile) the component.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The protocol version this runtime speaks; both ends must agree at `Hello`.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -131,6 +141,8 @@ pub struct LevelSetup {
     pub grants: Grants,
     /// The parent's instance limits.
     pub limits: WireLimits,
+    /// How deep the chain may go and how many levels a test may hold.
+    pub nest: NestLimits,
     /// Environment of the component.
     pub env: Vec<(String, String)>,
     /// How the child reaches levels below it.
@@ -169,15 +181,6 @@ impl From<WireOutcome> for Outcome {
     }
 }
 
-/// Run-wide settings of VM levels, handed down the chain.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VmSettings {
-    /// The run's accelerator policy.
-    pub accel: AccelPolicy,
-    /// `user@host:port` SSH hops from L0 to this level, for printed `ssh -J` commands.
-    pub jump: Vec<String>,
-}
-
 /// [`InstanceLimits`] on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WireLimits {
@@ -210,30 +213,6 @@ impl From<WireLimits> for InstanceLimits {
     }
 }
 
-/// SSH credentials of a run, handed down so each level can reach the next.
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
-pub struct SshSettings {
-    /// The run's private key, OpenSSH format.
-    pub private_key: String,
-    /// Pinned host keys, `known_hosts` format.
-    pub known_hosts: String,
-    /// Cache folder on SSH targets; `~/.cache/matryoshka` when absent.
-    pub remote_cache_dir: Option<String>,
-    /// Where the key is on the machine the run started from, for printed `ssh` commands.
-    pub key_path: Option<String>,
-}
-
-impl std::fmt::Debug for SshSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SshSettings")
-            .field("private_key", &"<redacted>")
-            .field("known_hosts", &self.known_hosts)
-            .field("remote_cache_dir", &self.remote_cache_dir)
-            .field("key_path", &self.key_path)
-            .finish()
-    }
-}
-
 /// An error that crossed a hop, with the level it came from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Error)]
 #[error("{kind:?} at {level_path}: {message}")]
@@ -246,7 +225,7 @@ pub struct RemoteError {
     pub level_path: String,
 }
 
-/// [`ErrorKind`] on the wire.
+/// The WIT `error-kind` on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[expect(missing_docs, reason = "mirrors the WIT error-kind, documented there")]
 pub enum WireErrorKind {
@@ -258,36 +237,6 @@ pub enum WireErrorKind {
     LevelLost,
     Unsupported,
     Internal,
-}
-
-impl From<ErrorKind> for WireErrorKind {
-    fn from(k: ErrorKind) -> Self {
-        match k {
-            ErrorKind::Denied => Self::Denied,
-            ErrorKind::Timeout => Self::Timeout,
-            ErrorKind::Io => Self::Io,
-            ErrorKind::NotFound => Self::NotFound,
-            ErrorKind::InvalidArgument => Self::InvalidArgument,
-            ErrorKind::LevelLost => Self::LevelLost,
-            ErrorKind::Unsupported => Self::Unsupported,
-            ErrorKind::Internal => Self::Internal,
-        }
-    }
-}
-
-impl From<WireErrorKind> for ErrorKind {
-    fn from(k: WireErrorKind) -> Self {
-        match k {
-            WireErrorKind::Denied => Self::Denied,
-            WireErrorKind::Timeout => Self::Timeout,
-            WireErrorKind::Io => Self::Io,
-            WireErrorKind::NotFound => Self::NotFound,
-            WireErrorKind::InvalidArgument => Self::InvalidArgument,
-            WireErrorKind::LevelLost => Self::LevelLost,
-            WireErrorKind::Unsupported => Self::Unsupported,
-            WireErrorKind::Internal => Self::Internal,
-        }
-    }
 }
 
 /// Output that travels up the chain.

@@ -20,15 +20,16 @@ use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::protocol::{
-    FrameReader, FrameWriter, LevelSetup, Message, PROTOCOL_VERSION, RemoteError, RemoteEvent,
-    SshSettings, WireErrorKind, WireOutcome,
-};
-use super::transport::vm::VmContext;
 use super::transport::{self, Target, Transport, TransportGuard};
-use super::{HEARTBEAT_INTERVAL, HEARTBEAT_LOST, HELLO_TIMEOUT, READY_TIMEOUT};
+use super::vm::VmContext;
+use crate::config::SshSettings;
+use crate::engine::ComponentSource;
 use crate::event::Outcome;
-use crate::host::{Capture, ComponentSource, Stream};
+use crate::output::{Capture, Stream};
+use crate::wire::{
+    FrameReader, FrameWriter, HEARTBEAT_INTERVAL, HEARTBEAT_LOST, HELLO_TIMEOUT, LevelSetup,
+    Message, PROTOCOL_VERSION, READY_TIMEOUT, RemoteError, RemoteEvent, WireErrorKind, WireOutcome,
+};
 
 /// What a waiting call gets: the child's answer, or the cause of the loss.
 enum Answer {

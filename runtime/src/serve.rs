@@ -15,14 +15,16 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use wasmtime::Store;
 
-use super::protocol::{
+use crate::engine::{self, CacheDir};
+use crate::host::{HostState, LevelContext, Suite};
+use crate::level::vm::{RunDir, VmContext};
+use crate::level::{LevelInfo, replicate, uname};
+use crate::output::{Capture, OutputSink, Stream};
+use crate::runner::Chain;
+use crate::suite::{self, LoadedSuite};
+use crate::wire::{
     FrameReader, FrameWriter, Message, RemoteError, RemoteEvent, WireErrorKind, WireOutcome,
 };
-use crate::engine::{self, CacheDir, LoadedSuite};
-use crate::host::{Capture, HostState, LevelContext, OutputSink, Stream, Suite};
-use crate::level::{LevelInfo, uname};
-use crate::relay::transport::vm::{RunDir, VmContext};
-use crate::runner::Chain;
 
 /// Silence from the parent after which a serving runtime exits. Long enough for
 /// a parent that is itself a nested guest starved of CPU while it runs this level.
@@ -46,7 +48,7 @@ pub async fn serve_stdio(opts: ServeOptions) -> u8 {
         Some((rx, tx)) => serve(rx, tx, opts).await,
         None => serve(tokio::io::stdin(), tokio::io::stdout(), opts).await,
     };
-    crate::level::vm::kill_all();
+    crate::process::kill_all();
     match result {
         Ok(()) => 0,
         Err(e) => {
@@ -144,7 +146,7 @@ where
         version: opts.protocol_version,
         arch: arch.clone(),
         hostname: hostname.clone(),
-        runtime_sha256: super::transport::ssh::own_sha_from_name(),
+        runtime_sha256: replicate::own_sha_from_name(),
     });
 
     let (sha, setup) = match reader.next().await {
@@ -199,20 +201,17 @@ where
     };
     let cache = opts.cache.clone();
     let label = PathBuf::from(format!("{sha}.wasm"));
-    let loaded = match tokio::task::spawn_blocking(move || {
-        engine::load_bytes(&label, bytes, &cache)
-    })
-    .await
-    {
-        Ok(Ok(suite)) => suite,
-        Ok(Err(e)) => {
-            let _ = out.send(Message::Fatal {
-                error: fatal(e.to_string()),
-            });
-            return finish(out, writer_task).await;
-        }
-        Err(e) => return Err(format!("loading the component panicked: {e}")),
-    };
+    let loaded =
+        match tokio::task::spawn_blocking(move || suite::load_bytes(&label, bytes, &cache)).await {
+            Ok(Ok(suite)) => suite,
+            Ok(Err(e)) => {
+                let _ = out.send(Message::Fatal {
+                    error: fatal(e.to_string()),
+                });
+                return finish(out, writer_task).await;
+            }
+            Err(e) => return Err(format!("loading the component panicked: {e}")),
+        };
     let ctx = Arc::new(LevelContext {
         level: LevelInfo {
             depth: setup.depth,
@@ -222,6 +221,7 @@ where
         },
         grants: setup.grants.clone(),
         limits: setup.limits.into(),
+        nest: setup.nest,
         env: setup.env.clone(),
         ssh: setup.ssh.clone(),
         component: loaded.component.clone(),

@@ -1,0 +1,182 @@
+//! Self-replication: which runtime binary a level below gets, and its hash.
+//!
+//! A level of the same architecture gets this runtime itself (or the build in
+//! `$MATRYOSHKA_RUNTIME_DIR/<arch>/matryoshka`, e.g. a release build driven by a
+//! debug one); every copy is named `matryoshka-<sha256>` at the level, so a
+//! runtime knows its own hash from its name.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::engine::{CacheDir, sha256_hex};
+
+/// This runtime's own binary. A VM level runs it from a file its initramfs
+/// unpacked and bound into the root before unlinking the original, for which the
+/// kernel names the path with a ` (deleted)` suffix: the bound path is the one
+/// without it.
+pub fn own_exe() -> std::io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let exe = std::env::current_exe()?;
+    // Only the very file this process runs: a binary rebuilt at that path since is
+    // another runtime (maybe another protocol).
+    let running = std::fs::metadata("/proc/self/exe").ok();
+    if let Some(bound) = exe
+        .to_str()
+        .and_then(|p| p.strip_suffix(" (deleted)"))
+        .map(std::path::PathBuf::from)
+        .filter(|p| {
+            let here = std::fs::metadata(p).ok();
+            matches!((&running, &here), (Some(r), Some(h)) if r.dev() == h.dev() && r.ino() == h.ino())
+        })
+    {
+        return Ok(bound);
+    }
+    Ok(exe)
+}
+
+/// ` -v` or ` -vv` when this runtime logs at info or debug level, else empty: a
+/// child runtime logs as much, and its stderr is relayed into this one's log.
+pub fn verbosity_flag() -> &'static str {
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        " -vv"
+    } else if tracing::enabled!(tracing::Level::INFO) {
+        " -v"
+    } else {
+        ""
+    }
+}
+
+/// A runtime binary to send: its hash, and its gzip-compressed bytes made on
+/// first use (a warm hop only needs the hash).
+pub struct RuntimeImage {
+    /// Hex sha256 of the uncompressed binary.
+    pub sha256: String,
+    path: PathBuf,
+    gz: OnceLock<Result<Arc<Vec<u8>>, String>>,
+}
+
+impl RuntimeImage {
+    /// The binary.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// The binary, gzip-compressed; a `.gz` copy beside it is used when present.
+    pub fn gz(&self) -> Result<Arc<Vec<u8>>, String> {
+        self.gz
+            .get_or_init(|| {
+                let companion = PathBuf::from(format!("{}.gz", self.path.display()));
+                if let Ok(gz) = std::fs::read(&companion) {
+                    return Ok(Arc::new(gz));
+                }
+                let bytes = std::fs::read(&self.path)
+                    .map_err(|e| format!("cannot read {}: {e}", self.path.display()))?;
+                let mut enc =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                enc.write_all(&bytes)
+                    .and_then(|()| enc.finish())
+                    .map(Arc::new)
+                    .map_err(|e| format!("cannot compress the runtime: {e}"))
+            })
+            .clone()
+    }
+}
+
+/// The sha256 of this runtime when its file name carries it (`matryoshka-<sha256>`),
+/// as it does on every level it was copied to.
+pub fn own_sha_from_name() -> Option<String> {
+    let exe = own_exe().ok()?;
+    sha_from_name(&exe)
+}
+
+fn sha_from_name(path: &std::path::Path) -> Option<String> {
+    let sha = path.file_name()?.to_str()?.strip_prefix("matryoshka-")?;
+    (sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit())).then(|| sha.to_string())
+}
+
+/// This runtime's own image, computed once per process.
+pub fn own_image() -> Result<Arc<RuntimeImage>, String> {
+    static IMAGE: OnceLock<Arc<RuntimeImage>> = OnceLock::new();
+    if let Some(image) = IMAGE.get() {
+        return Ok(image.clone());
+    }
+    let exe = own_exe().map_err(|e| format!("cannot find this runtime's binary: {e}"))?;
+    let image = Arc::new(image_of(&exe)?);
+    Ok(IMAGE.get_or_init(|| image).clone())
+}
+
+/// The image of the runtime binary at `path`. Its hash comes from its name when
+/// it carries one, else from a hash remembered per size and mtime in the cache.
+pub fn image_of(path: &std::path::Path) -> Result<RuntimeImage, String> {
+    let sha256 = match sha_from_name(path) {
+        Some(sha) => sha,
+        None => remembered_sha(path)?,
+    };
+    Ok(RuntimeImage {
+        sha256,
+        path: path.to_path_buf(),
+        gz: OnceLock::new(),
+    })
+}
+
+fn remembered_sha(path: &std::path::Path) -> Result<String, String> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("cannot stat {}: {e}", path.display()))?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let memo = CacheDir::default_location().dir().map(|dir| {
+        dir.join("self")
+            .join(format!("{}-{mtime}.sha256", meta.len()))
+    });
+    if let Some(sha) = memo.as_ref().and_then(|m| std::fs::read_to_string(m).ok()) {
+        return Ok(sha.trim().to_string());
+    }
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let sha = sha256_hex(&bytes);
+    if let Some(memo) = memo
+        && let Some(dir) = memo.parent()
+        && std::fs::create_dir_all(dir).is_ok()
+    {
+        let _ = std::fs::write(memo, &sha);
+    }
+    Ok(sha)
+}
+
+/// The image to send to a level of architecture `arch`: the build in
+/// `$MATRYOSHKA_RUNTIME_DIR/<arch>/matryoshka` when there is one (e.g. a release
+/// build, small to copy, driven by a debug build at L0), else this runtime itself
+/// when the architecture matches.
+pub fn image_for(arch: &str) -> Result<Arc<RuntimeImage>, String> {
+    static CHOSEN: OnceLock<Mutex<std::collections::HashMap<String, Arc<RuntimeImage>>>> =
+        OnceLock::new();
+    let chosen = CHOSEN.get_or_init(Mutex::default);
+    if let Some(image) = chosen.lock().unwrap_or_else(|e| e.into_inner()).get(arch) {
+        return Ok(image.clone());
+    }
+    let dir = std::env::var_os("MATRYOSHKA_RUNTIME_DIR").map(PathBuf::from);
+    let candidate = dir.as_ref().map(|d| d.join(arch).join("matryoshka"));
+    let image = match candidate {
+        Some(path) if path.exists() => Arc::new(image_of(&path)?),
+        _ if arch == std::env::consts::ARCH => own_image()?,
+        _ => {
+            return Err(format!(
+                "the level is {arch} but this runtime is {}, and no {arch} runtime was found{}: build one \
+             with `cargo build --release --target {arch}-unknown-linux-gnu -p matryoshka` and put it at \
+             $MATRYOSHKA_RUNTIME_DIR/{arch}/matryoshka",
+                std::env::consts::ARCH,
+                candidate
+                    .map(|p| format!(" at {}", p.display()))
+                    .unwrap_or_else(|| " ($MATRYOSHKA_RUNTIME_DIR is not set)".into())
+            ));
+        }
+    };
+    chosen
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(arch.to_string(), image.clone());
+    Ok(image)
+}

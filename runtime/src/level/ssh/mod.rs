@@ -1,0 +1,226 @@
+//! SSH levels: copy the runtime there (once per hash), then run `serve --stdio`
+//! in an exec channel.
+//!
+//! Host keys are pinned: the server's key must match a `known_hosts` entry the
+//! run was given, never learned on first use. Authentication uses the run's key.
+//!
+//! Self-replication, per hop:
+//! 1. one exec channel probes the target: `uname -m`, the cache folder, and the
+//!    runtimes already there (`matryoshka-<sha256>`);
+//! 2. if the runtime for that architecture is missing, a second channel streams
+//!    it gzip-compressed into a temporary file that is renamed into place only
+//!    when complete (an interrupted upload leaves nothing behind); the
+//!    compressed copy is kept beside it so the next hop sends it without
+//!    compressing again;
+//! 3. a third channel runs `<cache>/bin/matryoshka-<sha256> serve --stdio`.
+
+mod known_hosts;
+mod session;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+
+pub use known_hosts::{SshTarget, is_pinned};
+
+use super::replicate::{image_for, verbosity_flag};
+use super::transport::Transport;
+use crate::config::SshSettings;
+use crate::wire::{LevelSetup, RemoteError, WireErrorKind};
+use session::{connect, exec, start_channel};
+
+/// How long an SSH level has to accept the connection and authenticate.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an SSH server may leave keepalives unanswered before the session is dropped.
+const PATIENCE: Duration = Duration::from_secs(15);
+/// How long the probe of a target may take.
+const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long copying the runtime to a target may take.
+const UPLOAD_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Connects with `ssh`'s key and pinned host keys, copies the runtime if needed,
+/// and starts it serving.
+pub async fn open(
+    spec: &str,
+    setup: &LevelSetup,
+    ssh: &SshSettings,
+) -> Result<Transport, RemoteError> {
+    let err = |kind: WireErrorKind, message: String| RemoteError {
+        kind,
+        message: format!("{message} (reaching {} at ssh://{spec})", setup.path),
+        level_path: setup.path.clone(),
+    };
+    let target = SshTarget::parse(spec).map_err(|m| err(WireErrorKind::InvalidArgument, m))?;
+    let started = std::time::Instant::now();
+    let (handle, quick_ack) =
+        tokio::time::timeout(CONNECT_TIMEOUT, connect(&target, ssh, PATIENCE))
+            .await
+            .map_err(|_| {
+                err(
+                    WireErrorKind::Timeout,
+                    format!("no SSH session within {} s", CONNECT_TIMEOUT.as_secs()),
+                )
+            })?
+            .map_err(|m| err(WireErrorKind::Io, m))?;
+    let handle = Arc::new(handle);
+    let session_ms = started.elapsed().as_millis();
+
+    let cache = ssh
+        .remote_cache_dir
+        .as_deref()
+        .map(|d| remote_path(&d.replace("{depth}", &setup.depth.to_string())))
+        .unwrap_or_else(|| "\"$HOME/.cache/matryoshka\"".into());
+    // Warm path, one exec: if this runtime is already cached there (same arch, same
+    // hash), the script becomes it and speaks the protocol at once. Otherwise it
+    // prints a probe report: arch, cache folder, the runtimes it has.
+    let own = tokio::task::spawn_blocking(|| image_for(std::env::consts::ARCH))
+        .await
+        .map_err(|e| err(WireErrorKind::Internal, e.to_string()))?
+        .map_err(|m| err(WireErrorKind::Unsupported, m))?;
+    let first = format!(
+        "D={cache}; B=\"$D/bin/matryoshka-{sha}\"; \
+         if [ \"$(uname -m)\" = {arch} ] && [ -x \"$B\" ]; then exec \"$B\"{verbose} serve --stdio --cache-dir \"$D\"; fi; \
+         echo {PROBE_MARK}; mkdir -p \"$D/bin\" && uname -m && echo \"$D\" && ls \"$D/bin\"",
+        sha = own.sha256,
+        arch = sh_quote(std::env::consts::ARCH),
+        verbose = verbosity_flag(),
+    );
+    let mut chan = tokio::time::timeout(EXEC_TIMEOUT, start_channel(&handle, &first, &setup.path))
+        .await
+        .map_err(|_| {
+            err(
+                WireErrorKind::Timeout,
+                format!("no answer within {} s", EXEC_TIMEOUT.as_secs()),
+            )
+        })?
+        .map_err(|m| err(WireErrorKind::Io, m))?;
+    let mut head = vec![0u8; PROBE_MARK.len() + 1];
+    let got = tokio::time::timeout(EXEC_TIMEOUT, chan.reader.read_exact(&mut head)).await;
+    if !matches!(got, Ok(Ok(_))) {
+        return Err(err(
+            WireErrorKind::Io,
+            format!("the target closed the channel at once{}", chan.describe()),
+        ));
+    }
+    if head != format!("{PROBE_MARK}\n").as_bytes() {
+        tracing::info!(level = %setup.path, "ssh://{spec}: cached runtime started after {} ms", started.elapsed().as_millis());
+        quick_ack.store(false, std::sync::atomic::Ordering::Relaxed);
+        chan.reader = Box::new(std::io::Cursor::new(head).chain(chan.reader));
+        return Ok(chan.into_transport(handle, ssh_command(ssh, &target)));
+    }
+    let mut report = String::new();
+    let _ = tokio::time::timeout(EXEC_TIMEOUT, chan.reader.read_to_string(&mut report)).await;
+    let probe_failed = chan.describe();
+    drop(chan);
+    let mut lines = report.lines();
+    let arch = lines.next().unwrap_or_default().trim().to_string();
+    if arch.is_empty() || !arch.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(err(
+            WireErrorKind::Unsupported,
+            format!("probing the target failed (architecture `{arch}`){probe_failed}"),
+        ));
+    }
+    let dir = lines.next().unwrap_or_default().trim().to_string();
+    let present: Vec<&str> = lines.collect();
+    let image = {
+        let arch = arch.clone();
+        tokio::task::spawn_blocking(move || image_for(&arch))
+            .await
+            .map_err(|e| err(WireErrorKind::Internal, e.to_string()))?
+            .map_err(|m| err(WireErrorKind::Unsupported, m))?
+    };
+    let name = format!("matryoshka-{}", image.sha256);
+    let remote_bin = format!("{dir}/bin/{name}");
+    if !present.contains(&name.as_str()) {
+        let gz = {
+            let image = image.clone();
+            tokio::task::spawn_blocking(move || image.gz())
+                .await
+                .map_err(|e| err(WireErrorKind::Internal, e.to_string()))?
+                .map_err(|m| err(WireErrorKind::Io, m))?
+        };
+        tracing::info!(level = %setup.path, "copying the runtime ({} bytes compressed) to {remote_bin}", gz.len());
+        let upload = format!(
+            "set -e; B={bin}; T=$(mktemp \"$B.XXXXXX\"); G=$(mktemp \"$B.gz.XXXXXX\"); \
+             trap 'rm -f \"$T\" \"$G\"' EXIT; cat > \"$G\"; gzip -dc < \"$G\" > \"$T\"; chmod 755 \"$T\"; \
+             mv \"$G\" \"$B.gz\"; mv \"$T\" \"$B\"; trap - EXIT",
+            bin = sh_quote(&remote_bin)
+        );
+        let (status, _, stderr) =
+            tokio::time::timeout(UPLOAD_TIMEOUT, exec(&handle, &upload, Some(&gz)))
+                .await
+                .map_err(|_| {
+                    err(
+                        WireErrorKind::Timeout,
+                        format!(
+                            "copying the runtime took over {} s",
+                            UPLOAD_TIMEOUT.as_secs()
+                        ),
+                    )
+                })?
+                .map_err(|m| err(WireErrorKind::Io, m))?;
+        if status != Some(0) {
+            return Err(err(
+                WireErrorKind::Io,
+                format!("copying the runtime failed: {}", stderr.trim()),
+            ));
+        }
+    }
+    tracing::info!(
+        level = %setup.path,
+        "ssh://{spec}: session {session_ms} ms, probe and copy done at {} ms",
+        started.elapsed().as_millis()
+    );
+    let serve = format!(
+        "exec {}{} serve --stdio --cache-dir {}",
+        sh_quote(&remote_bin),
+        verbosity_flag(),
+        sh_quote(&dir)
+    );
+    let chan = start_channel(&handle, &serve, &setup.path)
+        .await
+        .map_err(|m| err(WireErrorKind::Io, format!("cannot start the runtime: {m}")))?;
+    quick_ack.store(false, std::sync::atomic::Ordering::Relaxed);
+    Ok(chan.into_transport(handle, ssh_command(ssh, &target)))
+}
+
+/// What the first line of the first exec says when the runtime is not cached.
+const PROBE_MARK: &str = "MATRYOSHKA-PROBE";
+
+/// Quotes a remote path for a POSIX shell, keeping a leading `~/` meaning `$HOME/`.
+fn remote_path(path: &str) -> String {
+    match path.strip_prefix("~/") {
+        Some(rest) => format!("\"$HOME\"/{}", sh_quote(rest)),
+        None => sh_quote(path),
+    }
+}
+
+/// Quotes `s` for a POSIX shell.
+pub fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+fn ssh_command(ssh: &SshSettings, target: &SshTarget) -> Option<String> {
+    Some(match &ssh.key_path {
+        Some(key) => format!(
+            "ssh -i {} -p {} {}@{}",
+            sh_quote(key),
+            target.port,
+            target.user,
+            target.host
+        ),
+        None => format!("ssh -p {} {}@{}", target.port, target.user, target.host),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting() {
+        assert_eq!(sh_quote("a b"), "'a b'");
+        assert_eq!(sh_quote("it's"), r"'it'\''s'");
+    }
+}

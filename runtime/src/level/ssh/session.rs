@@ -1,0 +1,355 @@
+//! An SSH session to a level: pinned host key, the run's key, exec channels
+//! whose output is pumped without stalling the session, and the guard that
+//! ends it.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use russh::client::{self, Handle};
+use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
+use russh::{ChannelMsg, Disconnect};
+use tokio::io::AsyncWriteExt;
+
+use super::known_hosts::{SshTarget, is_pinned};
+use crate::config::SshSettings;
+use crate::level::transport::{StderrTail, Transport, TransportGuard};
+
+/// SSH keepalive interval.
+const KEEPALIVE: Duration = Duration::from_secs(5);
+
+pub(super) struct Pinned {
+    target: SshTarget,
+    known_hosts: String,
+    presented: Arc<Mutex<Option<String>>>,
+}
+
+impl client::Handler for Pinned {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let key = key.public_key();
+        if let Ok(line) = key.to_openssh() {
+            *self.presented.lock().unwrap_or_else(|e| e.into_inner()) = Some(line);
+        }
+        Ok(is_pinned(&self.known_hosts, &self.target, &key))
+    }
+}
+
+/// A started exec channel: its stdout as a reader, its stdin as a writer, and a
+/// pump that keeps draining it (an undrained channel stalls the whole session).
+pub(super) struct StartedChannel {
+    pub reader: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    pub writer: Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+    exit: Arc<Mutex<Option<String>>>,
+    tail: StderrTail,
+    pump: tokio::task::JoinHandle<()>,
+}
+
+impl StartedChannel {
+    pub fn describe(&self) -> String {
+        describe(&self.exit, &self.tail)
+    }
+
+    pub fn into_transport(
+        self,
+        handle: Arc<Handle<Pinned>>,
+        ssh_command: Option<String>,
+    ) -> Transport {
+        Transport {
+            reader: self.reader,
+            writer: self.writer,
+            guard: Box::new(SshGuard {
+                handle: Some(handle),
+                pump: self.pump,
+                exit: self.exit,
+                tail: self.tail,
+            }),
+            ssh_command,
+            vm: None,
+            heartbeat_grace: None,
+        }
+    }
+}
+
+pub(super) async fn start_channel(
+    handle: &Handle<Pinned>,
+    cmd: &str,
+    path: &str,
+) -> Result<StartedChannel, String> {
+    let started = std::time::Instant::now();
+    let channel = handle
+        .channel_open_session()
+        .await
+        .map_err(|e| format!("cannot open a channel: {e}"))?;
+    let opened = started.elapsed();
+    channel
+        .exec(true, cmd)
+        .await
+        .map_err(|e| format!("exec failed: {e}"))?;
+    tracing::debug!(
+        level = %path,
+        "channel open {} µs, exec sent {} µs",
+        opened.as_micros(),
+        started.elapsed().as_micros()
+    );
+    let (mut rd, wr) = channel.split();
+    let writer = wr.make_writer();
+    let (stdout_r, mut stdout_w) = tokio::io::simplex(256 << 10);
+    let exit = Arc::new(Mutex::new(None::<String>));
+    let tail = StderrTail::default();
+    let pump = {
+        let exit = exit.clone();
+        let tail = tail.clone();
+        let path = path.to_string();
+        tokio::spawn(async move {
+            let _write_half = wr;
+            while let Some(msg) = rd.wait().await {
+                match msg {
+                    ChannelMsg::Data { data } if stdout_w.write_all(&data).await.is_err() => break,
+                    ChannelMsg::Data { .. } => {}
+                    ChannelMsg::ExtendedData { data, ext: 1 } => {
+                        for line in String::from_utf8_lossy(&data).lines() {
+                            tail.push(&path, line);
+                        }
+                    }
+                    ChannelMsg::ExitStatus { exit_status } => {
+                        *exit.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some(format!("its runtime exited with status {exit_status}"));
+                    }
+                    ChannelMsg::ExitSignal { signal_name, .. } => {
+                        *exit.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some(format!("its runtime was killed by signal {signal_name:?}"));
+                    }
+                    _ => {}
+                }
+            }
+            let _ = stdout_w.shutdown().await;
+        })
+    };
+    Ok(StartedChannel {
+        reader: Box::new(stdout_r),
+        writer: Box::new(writer),
+        exit,
+        tail,
+        pump,
+    })
+}
+
+/// How the channel's command ended and what it last said on stderr, or empty.
+fn describe(exit: &Mutex<Option<String>>, tail: &StderrTail) -> String {
+    let exit = exit.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    tail.explain(exit.as_deref())
+}
+
+pub(super) async fn connect(
+    target: &SshTarget,
+    ssh: &SshSettings,
+    patience: Duration,
+) -> Result<(Handle<Pinned>, Arc<std::sync::atomic::AtomicBool>), String> {
+    let key = PrivateKey::from_openssh(&ssh.private_key)
+        .map_err(|e| format!("the run's SSH key is unusable: {e}"))?;
+    let config = Arc::new(client::Config {
+        nodelay: true,
+        keepalive_interval: Some(KEEPALIVE),
+        keepalive_max: usize::try_from(patience.as_secs() / KEEPALIVE.as_secs())
+            .unwrap_or(3)
+            .max(3),
+        ..Default::default()
+    });
+    let presented = Arc::new(Mutex::new(None));
+    let handler = Pinned {
+        target: target.clone(),
+        known_hosts: ssh.known_hosts.clone(),
+        presented: presented.clone(),
+    };
+    let stream = tokio::net::TcpStream::connect((target.host.as_str(), target.port))
+        .await
+        .map_err(|e| format!("cannot connect to {}:{}: {e}", target.host, target.port))?;
+    let _ = stream.set_nodelay(true);
+    let quick_ack = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let stream = QuickAck {
+        stream,
+        on: quick_ack.clone(),
+    };
+    let mut handle = match client::connect_stream(config, stream, handler).await {
+        Ok(h) => h,
+        Err(russh::Error::UnknownKey) => {
+            let shown = presented
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .unwrap_or_default();
+            return Err(format!(
+                "host key of {} is not pinned for this run (it presented `{shown}`); add the line \
+                 `{} {shown}` to the file given with --ssh-known-hosts",
+                target.known_hosts_name(),
+                target.known_hosts_name()
+            ));
+        }
+        Err(e) => {
+            return Err(format!(
+                "SSH handshake with {}:{} failed: {e}",
+                target.host, target.port
+            ));
+        }
+    };
+    let auth = handle
+        .authenticate_publickey(
+            &target.user,
+            PrivateKeyWithHashAlg::new(Arc::new(key), None),
+        )
+        .await
+        .map_err(|e| format!("authentication failed: {e}"))?;
+    if !auth.success() {
+        return Err(format!(
+            "{}@{} refused the run's key: add its public key to ~{}/.ssh/authorized_keys there",
+            target.user, target.host, target.user
+        ));
+    }
+    Ok((handle, quick_ack))
+}
+
+/// A TCP stream that acknowledges what it receives at once (`TCP_QUICKACK` after
+/// every read) while `on` is set: while the session is set up. OpenSSH's sshd
+/// leaves Nagle's algorithm on until a session starts and sends its
+/// post-authentication messages as separate small segments: with this side's ACKs
+/// delayed (up to 40 ms on Linux), the second one waited for the first one's ACK,
+/// and every new connection paid ~43 ms before its channel opened. Once the runtime
+/// runs there, frames go both ways and ACKs ride on them as usual.
+struct QuickAck {
+    stream: tokio::net::TcpStream,
+    on: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl QuickAck {
+    fn ack_now(&self) {
+        use std::os::fd::AsRawFd;
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt(2) on this stream's own socket with a valid int option;
+        // the kernel copies the value before returning.
+        unsafe {
+            libc::setsockopt(
+                self.stream.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_QUICKACK,
+                (&raw const on).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for QuickAck {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.stream).poll_read(cx, buf);
+        if matches!(polled, std::task::Poll::Ready(Ok(())))
+            && buf.filled().len() > before
+            && self.on.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            // Linux falls back to delayed ACKs after a while: ask again after each read.
+            self.ack_now();
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for QuickAck {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Runs `cmd` in its own channel, feeding `stdin`; returns (exit status, stdout, stderr).
+pub(super) async fn exec(
+    handle: &Handle<Pinned>,
+    cmd: &str,
+    stdin: Option<&[u8]>,
+) -> Result<(Option<u32>, String, String), String> {
+    let mut ch = handle
+        .channel_open_session()
+        .await
+        .map_err(|e| format!("cannot open a channel: {e}"))?;
+    ch.exec(true, cmd)
+        .await
+        .map_err(|e| format!("exec failed: {e}"))?;
+    if let Some(bytes) = stdin {
+        ch.data(bytes)
+            .await
+            .map_err(|e| format!("sending data failed: {e}"))?;
+    }
+    ch.eof()
+        .await
+        .map_err(|e| format!("closing stdin failed: {e}"))?;
+    let (mut out, mut err, mut status) = (Vec::new(), Vec::new(), None);
+    while let Some(msg) = ch.wait().await {
+        match msg {
+            ChannelMsg::Data { data } => out.extend_from_slice(&data),
+            ChannelMsg::ExtendedData { data, ext: 1 } => err.extend_from_slice(&data),
+            ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
+            ChannelMsg::Failure => return Err(format!("the server refused to run `{cmd}`")),
+            _ => {}
+        }
+    }
+    Ok((
+        status,
+        String::from_utf8_lossy(&out).into_owned(),
+        String::from_utf8_lossy(&err).into_owned(),
+    ))
+}
+
+struct SshGuard {
+    handle: Option<Arc<Handle<Pinned>>>,
+    pump: tokio::task::JoinHandle<()>,
+    exit: Arc<Mutex<Option<String>>>,
+    tail: StderrTail,
+}
+
+impl Drop for SshGuard {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl TransportGuard for SshGuard {
+    fn shutdown(&mut self) {
+        self.pump.abort();
+        if let Some(handle) = self.handle.take() {
+            // Closing the session closes the runtime's stdin there, which ends it.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = handle.disconnect(Disconnect::ByApplication, "", "en").await;
+                });
+            }
+        }
+    }
+
+    fn describe_exit(&mut self) -> String {
+        describe(&self.exit, &self.tail)
+    }
+}

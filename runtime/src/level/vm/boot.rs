@@ -1,0 +1,432 @@
+//! Booting a VM level: QEMU from the image with the runtime in its initramfs,
+//! watched until the level's runtime serves the relay.
+//!
+//! The runtime rides in the initramfs ([`RuntimeInitrd`]); the level's init starts
+//! it on a virtio-serial port ([`argv::RELAY_PORT`]) whose other end is a socket
+//! this level holds. The boot is watched on three channels that only this level reads:
+//! - the serial console: `MATRYOSHKA-BOOT` from the initramfs, the first sign of
+//!   life, and whatever the kernel says when it panics;
+//! - the level log ([`argv::LOG_PORT`]): `MATRYOSHKA-STEP` lines with boot
+//!   timings, `MATRYOSHKA-FAIL` when the init gives up, then the runtime's stderr;
+//! - the relay socket: the runtime's first bytes (its `Hello`) mean it serves.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use super::accel::{choose_accel, remember, wait_for_kvm_module};
+use super::argv::{self, Accel, Arch, MachineSpec};
+use super::image::Image;
+use super::initrd::RuntimeInitrd;
+use super::qemu::{LevelFiles, Qemu, QemuEnd};
+use crate::config::AccelPolicy;
+use crate::process;
+
+/// Default deadline for a level's runtime to serve.
+pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// What a test asks for when it boots a level; unset fields take defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VmRequest {
+    /// Memory, MiB [default: 60% of what this level has available, at most 4096].
+    pub memory_mib: Option<u32>,
+    /// Virtual CPUs [default: 2 for L1, 1 below].
+    pub cpus: Option<u32>,
+    /// Guest architecture [default: this level's].
+    pub arch: Option<String>,
+    /// Folder with `kernel`, `initrd` and `root.img` [default: see [`Image::resolve`]].
+    pub image: Option<PathBuf>,
+    /// Accelerator, overriding the run's policy.
+    pub accel: Option<AccelPolicy>,
+    /// Deadline for the level's runtime to serve.
+    pub boot_timeout: Option<Duration>,
+}
+
+/// A level that booted and whose runtime serves.
+#[derive(Debug)]
+pub struct Booted {
+    /// Its QEMU process.
+    pub qemu: Qemu,
+    /// The relay's byte stream to its runtime, whose `Hello` is waiting to be read.
+    pub relay: std::os::unix::net::UnixStream,
+    /// Host port forwarded to its SSH port, on 127.0.0.1 (for people, not the relay).
+    pub ssh_port: u16,
+    /// The accelerator it runs under.
+    pub accel: Accel,
+    /// Why `auto` chose that accelerator, for the run's log.
+    pub accel_reason: String,
+    /// How long it took from starting QEMU to its runtime's first bytes.
+    pub boot_time: Duration,
+}
+
+/// Everything [`boot`] needs besides the request.
+#[derive(Debug, Clone)]
+pub struct BootPlan {
+    /// Depth of the new level.
+    pub depth: u32,
+    /// Level path of the new level, e.g. `L0/L1`.
+    pub path: String,
+    /// The run's accelerator policy.
+    pub policy: AccelPolicy,
+    /// Folder for consoles and QEMU logs.
+    pub run_dir: PathBuf,
+    /// `authorized_keys` line the new level accepts.
+    pub authorized_key: String,
+    /// Folder to remember the KVM probe in, when there is one.
+    pub memo_dir: Option<PathBuf>,
+    /// The runtime binary the level serves with, and its hex sha256.
+    pub runtime: (PathBuf, String),
+    /// Where initramfs images with a runtime appended are kept.
+    pub initrd_cache: PathBuf,
+    /// The level's SSH host key (OpenSSH private key), made by this level so that
+    /// the level need not make one under emulation; without one it makes its own.
+    pub host_key: Option<String>,
+}
+
+/// Boots a level and waits until its runtime serves.
+pub async fn boot(req: &VmRequest, plan: &BootPlan) -> Result<Booted, String> {
+    let arch = match &req.arch {
+        Some(a) => Arch::from_uname(a)
+            .ok_or_else(|| format!("cannot boot a `{a}` level: known are x86_64 and s390x"))?,
+        None => Arch::host(),
+    };
+    let mut image = Image::resolve(req.image.as_deref(), arch)?;
+    std::fs::create_dir_all(&plan.run_dir)
+        .map_err(|e| format!("cannot create {}: {e}", plan.run_dir.display()))?;
+    let initrd = {
+        let (initrd, (binary, sha), dir) = (
+            image.initrd.clone(),
+            plan.runtime.clone(),
+            plan.initrd_cache.clone(),
+        );
+        tokio::task::spawn_blocking(move || RuntimeInitrd::prepare(&initrd, &binary, &sha, &dir))
+            .await
+            .map_err(|e| e.to_string())??
+    };
+    image.initrd = initrd.path;
+    let timeout = req.boot_timeout.unwrap_or(DEFAULT_BOOT_TIMEOUT);
+    wait_for_kvm_module(&plan.path).await;
+    let (accel, mut reason, probe) = choose_accel(req.accel.unwrap_or(plan.policy), arch, plan)?;
+    let first = start_and_wait(req, plan, &image, arch, accel, timeout, probe).await;
+    match first {
+        Err(Failure::KvmUnusable(why)) => {
+            remember(plan, &format!("tcg: {why}"));
+            tracing::warn!(level = %plan.path, "KVM does not work here ({why}); booting with TCG");
+            reason = format!("auto: KVM does not work at the parent level ({why})");
+            start_and_wait(req, plan, &image, arch, Accel::Tcg, timeout, false)
+                .await
+                .map_err(Failure::into_message)
+        }
+        Err(e) => Err(e.into_message()),
+        Ok(booted) => {
+            if probe {
+                remember(plan, "kvm");
+            }
+            Ok(booted)
+        }
+    }
+    .map(|mut b| {
+        b.accel_reason = reason;
+        b
+    })
+}
+
+enum Failure {
+    /// KVM was only being tried, and the guest did not boot with it.
+    KvmUnusable(String),
+    /// The boot failed; the message says how and shows the console.
+    Boot(String),
+}
+
+impl Failure {
+    fn into_message(self) -> String {
+        match self {
+            Self::KvmUnusable(m) | Self::Boot(m) => m,
+        }
+    }
+}
+
+/// Memory for a level when the request sets none: 60% of what this level has available.
+fn default_memory_mib() -> u32 {
+    let available_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .unwrap_or(4 << 20);
+    u32::try_from(available_kib * 6 / 10 / 1024)
+        .unwrap_or(u32::MAX)
+        .clamp(256, 4096)
+}
+
+/// CPUs for a level when the request sets none: 2 for L1 (at most what L0 has), 1 below.
+/// Two vCPUs in a KVM-in-TCG L2 that runs L3 locked up L1's KVM (soft lockups in L1's
+/// kernel) on the 2-core machine this was measured on; one vCPU per deeper level boots.
+fn default_cpus(depth: u32) -> u32 {
+    if depth <= 1 {
+        std::thread::available_parallelism()
+            .map_or(1, |n| u32::try_from(n.get()).unwrap_or(2).min(2))
+    } else {
+        1
+    }
+}
+
+async fn start_and_wait(
+    req: &VmRequest,
+    plan: &BootPlan,
+    image: &Image,
+    arch: Arch,
+    accel: Accel,
+    timeout: Duration,
+    probe: bool,
+) -> Result<Booted, Failure> {
+    let name = plan.path.replace('/', "-");
+    let files = LevelFiles {
+        console: plan.run_dir.join(format!("{name}.console")),
+        qemu_log: plan.run_dir.join(format!("{name}.qemu.log")),
+        level_log: plan.run_dir.join(format!("{name}.log")),
+    };
+    let key_b64 = base64(plan.authorized_key.trim().as_bytes());
+    // A port taken between choosing and QEMU binding it fails the start: try another.
+    let mut attempt = 0;
+    // A guest that resets while it boots (seen now and then with KVM nested in TCG,
+    // see docs/benchmarks.md) is booted once more.
+    let mut resets = 0;
+    loop {
+        attempt += 1;
+        let ssh_port = free_port().map_err(Failure::Boot)?;
+        let (relay, guest_end) = std::os::unix::net::UnixStream::pair().map_err(|e| {
+            Failure::Boot(format!("cannot make a socket pair for {}: {e}", plan.path))
+        })?;
+        let spec = MachineSpec {
+            arch,
+            accel,
+            memory_mib: req.memory_mib.unwrap_or_else(default_memory_mib),
+            cpus: req.cpus.unwrap_or_else(|| default_cpus(plan.depth)).max(1),
+            kernel: image.kernel.clone(),
+            initrd: image.initrd.clone(),
+            root: image.root.clone(),
+            append: [
+                format!("level={}", plan.depth),
+                format!("matryoshka.key={key_b64}"),
+                format!("matryoshka.runtime={}", plan.runtime.1),
+            ]
+            .into_iter()
+            .chain(
+                crate::level::replicate::verbosity_flag()
+                    .split_whitespace()
+                    .map(|flag| format!("matryoshka.verbose={flag}")),
+            )
+            .chain(
+                plan.host_key
+                    .iter()
+                    .map(|private| format!("matryoshka.hostkey={}", base64(private.as_bytes()))),
+            )
+            .collect(),
+            ssh_port,
+            console_log: files.console.clone(),
+            relay_fd: std::os::fd::AsRawFd::as_raw_fd(&guest_end),
+            level_log: files.level_log.clone(),
+            qmp_socket: None,
+        };
+        let argv = argv::argv(&spec);
+        tracing::info!(level = %plan.path, "booting: {}", argv.join(" "));
+        let _ = std::fs::remove_file(&files.console);
+        let started = Instant::now();
+        let mut qemu = Qemu::spawn(&argv, files.clone(), guest_end).map_err(|e| {
+            let hint = if e.kind() == std::io::ErrorKind::NotFound {
+                "; install QEMU (Debian: qemu-system-x86 or qemu-system-misc)"
+            } else {
+                ""
+            };
+            Failure::Boot(format!(
+                "cannot start {} for {}: {e}{hint}",
+                argv[0], plan.path
+            ))
+        })?;
+        match wait_ready(&mut qemu, &relay, plan, accel, started, timeout, probe).await {
+            Err(Failure::Boot(m)) if attempt < 3 && qemu.log_tail().contains("hostfwd") => {
+                tracing::info!(level = %plan.path, "port {ssh_port} was taken ({m}); trying another");
+            }
+            Err(Failure::Boot(m)) if resets == 0 && qemu.end() == Some(QemuEnd::SilentReset) => {
+                resets += 1;
+                tracing::warn!(level = %plan.path, "booting {} once more, after: {m}", plan.path);
+            }
+            Err(e) => return Err(e),
+            Ok(()) => {
+                return Ok(Booted {
+                    qemu,
+                    relay,
+                    ssh_port,
+                    accel,
+                    accel_reason: String::new(),
+                    boot_time: started.elapsed(),
+                });
+            }
+        }
+    }
+}
+
+/// Polls until the runtime's first bytes on the relay, an early exit, or a deadline.
+async fn wait_ready(
+    qemu: &mut Qemu,
+    relay: &std::os::unix::net::UnixStream,
+    plan: &BootPlan,
+    accel: Accel,
+    started: Instant,
+    timeout: Duration,
+    probe: bool,
+) -> Result<(), Failure> {
+    let accel_name = accel.name();
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if has_bytes(relay) {
+            tracing::info!(
+                level = %plan.path,
+                "serving after {:.1} s; guest uptime at each step: {}",
+                started.elapsed().as_secs_f64(),
+                boot_steps(&qemu.level_log())
+            );
+            return Ok(());
+        }
+        let console = qemu.console();
+        let level_log = qemu.level_log();
+        if let Some(fail) = line_after(&level_log, "MATRYOSHKA-FAIL")
+            .or_else(|| line_after(&console, "MATRYOSHKA-FAIL"))
+        {
+            qemu.kill();
+            return Err(Failure::Boot(format!(
+                "{} failed to boot: {}; {}",
+                plan.path,
+                fail.trim_start_matches(": "),
+                qemu.tails()
+            )));
+        }
+        if let Some(status) = qemu.exited() {
+            let why = format!(
+                "QEMU ({accel_name}) exited after {:.1} s ({}: {}){}",
+                started.elapsed().as_secs_f64(),
+                process::status_words(status),
+                QemuEnd::of(status, &console, &qemu.level_log()),
+                qemu.log_summary()
+            );
+            // While KVM is only being tried, an exit before the first sign of life
+            // that QEMU blames on KVM means KVM does not work here; any other early
+            // exit (a bad memory size, say) is the boot's own failure.
+            if probe
+                && !console.contains("MATRYOSHKA-BOOT")
+                && qemu.log_tail().to_ascii_lowercase().contains("kvm")
+            {
+                return Err(Failure::KvmUnusable(why));
+            }
+            return Err(Failure::Boot(format!(
+                "{} did not boot: {why}; {}",
+                plan.path,
+                qemu.tails()
+            )));
+        }
+        let waited = started.elapsed();
+        // Each level down runs several times slower (here an L3 kernel reached its
+        // initramfs only after ~100 s): the silence allowed grows fourfold per depth.
+        let silence = super::accel::KVM_PROBE * 4u32.pow(plan.depth.clamp(1, 5) - 1);
+        if probe && waited > silence && !console.contains("MATRYOSHKA-BOOT") {
+            qemu.kill();
+            return Err(Failure::KvmUnusable(format!(
+                "a KVM guest printed nothing for {} s",
+                silence.as_secs()
+            )));
+        }
+        if waited > timeout {
+            qemu.kill();
+            return Err(Failure::Boot(format!(
+                "{} was not serving within {:.1} s ({accel_name}); {}",
+                plan.path,
+                timeout.as_secs_f64(),
+                qemu.tails()
+            )));
+        }
+    }
+}
+
+/// Whether the runtime's first bytes are waiting on the relay socket (a closed or
+/// broken socket is not: QEMU's exit is reported by the caller).
+fn has_bytes(relay: &std::os::unix::net::UnixStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut byte = 0u8;
+    // SAFETY: recv(2) peeks at most one byte into `byte`, which outlives the call.
+    let n = unsafe {
+        libc::recv(
+            relay.as_raw_fd(),
+            (&raw mut byte).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n > 0
+}
+
+/// The `MATRYOSHKA-STEP <uptime> <step>` lines of a console as `step 1.23 s, …`.
+fn boot_steps(console: &str) -> String {
+    const STEP: &str = "MATRYOSHKA-STEP ";
+    let steps: Vec<String> = console
+        .lines()
+        .filter_map(|l| {
+            let rest = &l[l.find(STEP)? + STEP.len()..];
+            let (uptime, step) = rest.trim().split_once(' ')?;
+            Some(format!("{step} {uptime} s"))
+        })
+        .collect();
+    if steps.is_empty() {
+        "none printed".into()
+    } else {
+        steps.join(", ")
+    }
+}
+
+fn line_after(console: &str, marker: &str) -> Option<String> {
+    console.lines().find_map(|l| {
+        let at = l.find(marker)?;
+        Some(l[at + marker.len()..].trim().to_string())
+    })
+}
+
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("cannot find a free port on 127.0.0.1: {e}"))
+}
+
+fn base64(bytes: &[u8]) -> String {
+    use base64ct::Encoding;
+    base64ct::Base64::encode_string(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markers_are_found_in_noisy_consoles() {
+        let console = "[ 1.0] x\r\nMATRYOSHKA-BOOT\r\nMATRYOSHKA-FAIL: no root\r\n\
+                       MATRYOSHKA-READY level=2 accel=kvm kvm=yes\r\n";
+        assert_eq!(
+            line_after(console, "MATRYOSHKA-FAIL").as_deref(),
+            Some(": no root")
+        );
+        assert_eq!(
+            line_after(console, "MATRYOSHKA-READY ").as_deref(),
+            Some("level=2 accel=kvm kvm=yes")
+        );
+        assert_eq!(line_after(console, "MATRYOSHKA-STEP"), None);
+    }
+
+    #[test]
+    fn boot_steps_are_listed_in_console_order() {
+        let console = "MATRYOSHKA-BOOT\r\n[    3.1] noise\r\nMATRYOSHKA-STEP 3.93 init\r\n\
+                       MATRYOSHKA-STEP 5.52 runtime started\r\nMATRYOSHKA-READY level=1\r\n";
+        assert_eq!(boot_steps(console), "init 3.93 s, runtime started 5.52 s");
+        assert_eq!(boot_steps("MATRYOSHKA-BOOT\n"), "none printed");
+    }
+}
