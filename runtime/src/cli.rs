@@ -71,6 +71,9 @@ struct ServeArgs {
     /// Announce another protocol version (for testing version checks).
     #[arg(long, hide = true, default_value_t = crate::wire::PROTOCOL_VERSION)]
     protocol_version: u32,
+    /// Misbehave towards the parent once ready (for testing how parents cope).
+    #[arg(long, hide = true, value_enum)]
+    inject: Option<crate::serve::Inject>,
 }
 
 #[derive(Debug, Args)]
@@ -155,6 +158,12 @@ struct TestArgs {
     /// (L0 -> L1 -> ... -> LN, each booted by the level above from the same image).
     #[arg(long, value_name = "N", default_value_t = 0)]
     levels: u32,
+    /// Deepest level a test may reach (L0 is 0); deeper is a `denied` error.
+    #[arg(long, value_name = "N", default_value_t = NestLimits::DEFAULT_MAX_DEPTH)]
+    max_depth: u32,
+    /// Levels a test may hold at once over its whole chain; more is a `denied` error.
+    #[arg(long, value_name = "N", default_value_t = NestLimits::DEFAULT_MAX_LEVELS)]
+    max_levels: u32,
     /// Folder for this run's consoles, QEMU logs and SSH key [default: target/matryoshka/<run>].
     #[arg(long, value_name = "PATH")]
     run_dir: Option<PathBuf>,
@@ -191,6 +200,7 @@ pub fn main() -> ExitCode {
                     .map(CacheDir::At)
                     .unwrap_or_else(CacheDir::default_location),
                 protocol_version: args.protocol_version,
+                inject: args.inject,
             };
             runtime.block_on(serve_stdio(opts))
         }
@@ -342,7 +352,10 @@ async fn test(args: TestArgs) -> u8 {
         level: LevelInfo::top(),
         grants,
         limits,
-        nest: NestLimits::default(),
+        nest: NestLimits {
+            max_depth: args.max_depth,
+            max_levels: args.max_levels,
+        },
         env: args.env.clone(),
         ssh,
         component: loaded.component.clone(),
@@ -355,6 +368,7 @@ async fn test(args: TestArgs) -> u8 {
             RunDir::Kept(args.run_dir.clone().unwrap_or_else(default_run_dir)),
             memo_dir,
         ),
+        parent_budget: None,
     };
     let runner = Runner::new(loaded, ctx);
     let cases = match runner.list().await {
@@ -391,6 +405,13 @@ async fn test(args: TestArgs) -> u8 {
     let plan = runner::plan(&cases, &opts);
     if args.list {
         return list(&runner, &plan, args.format);
+    }
+    if args.levels > args.max_depth {
+        eprintln!(
+            "error: --levels {} is deeper than --max-depth {}; raise it with --max-depth {}",
+            args.levels, args.max_depth, args.levels
+        );
+        return EXIT_USAGE;
     }
     let (runner, opts) = if args.levels > 0 {
         eprintln!(

@@ -33,7 +33,7 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 pub const READY_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The protocol version this runtime speaks; both ends must agree at `Hello`.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame accepted: a component plus headroom.
 pub const MAX_FRAME: usize = 256 << 20;
@@ -123,11 +123,56 @@ pub enum Message {
     },
     /// Parent → child: drop the instance and exit.
     Shutdown,
+    /// Child → parent: a test wants to hold one more level (at `path`, in the
+    /// child's subtree); answered by `Acquired`. Levels are counted at L0.
+    Acquire {
+        /// Echoed by the `Acquired`.
+        id: u64,
+        /// The level that would be opened, for messages.
+        path: String,
+    },
+    /// Parent → child: whether the `Acquire` was granted.
+    Acquired {
+        /// The `Acquire`'s id.
+        id: u64,
+        /// Granted, or why not (kind `denied`, naming the flag).
+        result: Result<(), RemoteError>,
+    },
+    /// Child → parent: levels acquired earlier are gone.
+    Release {
+        /// How many.
+        count: u32,
+    },
     /// Either side: an error that ends the connection.
     Fatal {
         /// What went wrong.
         error: RemoteError,
     },
+}
+
+impl Message {
+    /// The variant's name, for messages about an unexpected one.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "Hello",
+            Message::Load { .. } => "Load",
+            Message::NeedComponent => "NeedComponent",
+            Message::Component { .. } => "Component",
+            Message::Ready => "Ready",
+            Message::Call { .. } => "Call",
+            Message::Run { .. } => "Run",
+            Message::Return { .. } => "Return",
+            Message::Event { .. } => "Event",
+            Message::Ping { .. } => "Ping",
+            Message::Pong { .. } => "Pong",
+            Message::Cancel { .. } => "Cancel",
+            Message::Shutdown => "Shutdown",
+            Message::Fatal { .. } => "Fatal",
+            Message::Acquire { .. } => "Acquire",
+            Message::Acquired { .. } => "Acquired",
+            Message::Release { .. } => "Release",
+        }
+    }
 }
 
 /// Where a level sits and what it may do; sent down with `Load`.

@@ -327,7 +327,11 @@ fn a_protocol_version_mismatch_is_named() {
     r.expect_code(101);
     let line = r.line_for("FAIL", "reaches_every_level");
     assert!(
-        line.contains("infrastructure: the runtime at L0/L1 speaks relay protocol version 99, this one speaks 1"),
+        line.contains(&format!(
+            "infrastructure: the runtime at L0/L1 speaks relay protocol version 99, this one \
+             speaks {}",
+            matryoshka::wire::PROTOCOL_VERSION
+        )),
         "{line}"
     );
     assert_nothing_left(&tag, None);

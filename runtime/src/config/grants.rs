@@ -131,7 +131,8 @@ impl Grants {
             let fs = match entry {
                 FsEntry::Short(spec) => parse_fs(&spec, Some(base)).map_err(bad)?,
                 FsEntry::Full { host, guest, write } => {
-                    let host = base.join(host);
+                    let host = std::path::absolute(base.join(&host))
+                        .map_err(|e| bad(format!("{}: {e}", host.display())))?;
                     let guest = guest.unwrap_or_else(|| host.display().to_string());
                     FsGrant {
                         host,
@@ -170,12 +171,12 @@ fn parse_fs(spec: &str, base: Option<&Path>) -> Result<FsGrant, String> {
         Some(base) => base.join(host),
         None => PathBuf::from(host),
     };
+    // Made absolute here, at L0: the grant travels down the chain and means the
+    // same path at every level, not one relative to wherever a level runs.
+    let host = std::path::absolute(&host).map_err(|e| format!("{}: {e}", host.display()))?;
     let guest = match guest {
         Some(g) => g.to_string(),
-        None => std::path::absolute(&host)
-            .map_err(|e| format!("{}: {e}", host.display()))?
-            .display()
-            .to_string(),
+        None => host.display().to_string(),
     };
     Ok(FsGrant {
         host,
@@ -231,6 +232,18 @@ mod tests {
             g.exec.iter().map(String::as_str).collect::<Vec<_>>(),
             expected
         );
+    }
+
+    #[test]
+    fn relative_fs_grants_are_made_absolute_where_they_are_given() {
+        let mut g = Grants::default();
+        g.add("fs=data:/data").expect("valid grant");
+        let cwd = std::env::current_dir().expect("cwd");
+        assert_eq!(g.fs[0].host, cwd.join("data"));
+        assert!(g.fs[0].host.is_absolute());
+        g.add("fs=.").expect("valid grant");
+        assert_eq!(g.fs[1].host, std::path::absolute(".").expect("absolute"));
+        assert_eq!(g.fs[1].guest, g.fs[1].host.display().to_string());
     }
 
     #[rstest]

@@ -8,6 +8,7 @@ use tokio::process::Command;
 use super::HostState;
 use super::bindings::matryoshka::test::host::{Host, Output};
 use super::bindings::matryoshka::test::types::{Error as WitError, ErrorKind};
+use crate::process;
 
 impl Host for HostState {
     fn hostname(&mut self) -> wasmtime::Result<String> {
@@ -35,7 +36,8 @@ impl Host for HostState {
             Ok(()) => self.ctx.level.path.clone(),
             Err(e) => return Ok(Err(e)),
         };
-        let result = run_command(argv, stdin, self.ctx.limits.exec_output_bytes).await;
+        let result =
+            run_command(argv, stdin, self.ctx.limits.exec_output_bytes, &self.groups).await;
         Ok(result.map_err(|(kind, message)| WitError {
             kind,
             message: format!("{message} (at {level_path})"),
@@ -67,14 +69,18 @@ impl HostState {
     }
 }
 
-/// Runs a granted command; its output is bounded and it is killed if the call is dropped.
+/// Runs a granted command with a cleared environment ([`process::EXEC_ENV`]) in a
+/// process group of its own, added to `groups`: whatever it leaves running is
+/// killed with the instance. Its output is bounded, and it is killed if the call
+/// is dropped.
 async fn run_command(
     argv: Vec<String>,
     stdin: Option<Vec<u8>>,
     limit: usize,
+    groups: &process::Groups,
 ) -> Result<Output, (ErrorKind, String)> {
     let program = &argv[0];
-    let mut cmd = Command::new(program);
+    let mut cmd = std::process::Command::new(program);
     cmd.args(&argv[1..])
         .stdin(if stdin.is_some() {
             Stdio::piped()
@@ -82,9 +88,17 @@ async fn run_command(
             Stdio::null()
         })
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(|e| {
+        .stderr(Stdio::piped());
+    process::isolate(&mut cmd, process::Environment::Exec);
+    let mut cmd = Command::from(cmd);
+    cmd.kill_on_drop(true);
+    let spawned = cmd.spawn();
+    if let Ok(child) = &spawned
+        && let Some(pgid) = child.id()
+    {
+        groups.add(pgid);
+    }
+    let mut child = spawned.map_err(|e| {
         let kind = if e.kind() == std::io::ErrorKind::NotFound {
             ErrorKind::NotFound
         } else {

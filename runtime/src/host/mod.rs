@@ -23,8 +23,9 @@ pub use nest::GuestHandle;
 use crate::config::{Grants, InstanceLimits, NestLimits, SshSettings};
 use crate::engine::ComponentSource;
 use crate::level::LevelInfo;
+use crate::level::budget::LevelBudget;
 use crate::level::vm::VmContext;
-use crate::output::{Capture, Stream};
+use crate::output::{Capture, LogLevel, Stream};
 use crate::wire::{LevelSetup, WireErrorKind};
 
 #[expect(
@@ -71,9 +72,19 @@ pub struct LevelContext {
     pub component: Arc<ComponentSource>,
     /// How VM levels are booted from here.
     pub vms: VmContext,
+    /// At a served level, the parent's count of the levels a test holds; at L0
+    /// none: each instance counts its own.
+    pub parent_budget: Option<Arc<LevelBudget>>,
 }
 
 impl LevelContext {
+    /// The budget a new instance (or a `--levels` chain) takes its levels from.
+    pub fn new_budget(&self) -> Arc<LevelBudget> {
+        self.parent_budget
+            .clone()
+            .unwrap_or_else(|| LevelBudget::root(self.nest.max_levels))
+    }
+
     /// What the next level below this one is told at `Load`: its place, this level's
     /// grants and limits (never more), and `descend` more VM levels to boot below it.
     pub fn child_setup(&self, descend: u32) -> LevelSetup {
@@ -99,6 +110,9 @@ pub struct HostState {
     pub(crate) limiter: MemoryLimiter,
     ctx: Arc<LevelContext>,
     capture: Arc<Capture>,
+    budget: Arc<LevelBudget>,
+    /// Process groups of the commands this instance ran, killed with it.
+    groups: crate::process::Groups,
     panic: Option<Failure>,
     /// The first level this instance could not boot or reach: a failing test
     /// that met one is reported as an infrastructure error with this cause.
@@ -121,18 +135,25 @@ impl HostState {
             } else {
                 FsPerms::ReadOnly
             };
-            wasi.preopened_dir(&fs.host, &fs.guest, perms)
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "cannot open granted directory {} for the guest: {e}",
-                        fs.host.display()
-                    )
-                })?;
+            // A granted folder missing at this level is not a lost level: the
+            // test is told, and its own opens under that path fail as not found.
+            if let Err(e) = wasi.preopened_dir(&fs.host, &fs.guest, perms) {
+                let note = format!(
+                    "the granted folder {} is not available at {} ({e:#}); {} is not mounted \
+                     for the component",
+                    fs.host.display(),
+                    ctx.level.path,
+                    fs.guest
+                );
+                let _ = capture.write(Stream::Log(LogLevel::Warn), note.as_bytes());
+            }
         }
         Ok(Self {
             wasi: wasi.build(),
             table: ResourceTable::new(),
             limiter: MemoryLimiter::new(ctx.limits.memory_bytes),
+            budget: ctx.new_budget(),
+            groups: crate::process::Groups::default(),
             ctx,
             capture,
             panic: None,

@@ -13,14 +13,26 @@ use super::bindings::matryoshka::test::nest::{Host, HostGuest, VmSpec};
 use super::bindings::matryoshka::test::types::{Error as WitError, ErrorKind};
 use crate::config::AccelPolicy;
 use crate::level::Target;
+use crate::level::budget::LevelBudget;
 use crate::level::connection::Connection;
 use crate::level::vm::VmRequest;
 use crate::output::{LogLevel, Stream};
 use crate::wire::{RemoteError, WireErrorKind};
 
-/// The host side of a `guest` resource.
+/// The host side of a `guest` resource. Dropping it closes the connection
+/// (every level below goes) and gives its level back to the test's budget.
 pub struct GuestHandle {
     conn: Arc<Connection>,
+    _held: Held,
+}
+
+/// One level taken from a budget, given back when dropped.
+struct Held(Arc<LevelBudget>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.release(1);
+    }
 }
 
 impl Host for HostState {}
@@ -132,9 +144,30 @@ impl HostState {
             )));
         }
         let setup = self.ctx.child_setup(0);
+        let max_depth = self.ctx.nest.max_depth;
+        if setup.depth > max_depth {
+            return Ok(Err(self.error(
+                ErrorKind::Denied,
+                format!(
+                    "cannot open {}: it would be level {}, deeper than --max-depth {max_depth} \
+                     allows; raise it with --max-depth N",
+                    setup.path, setup.depth
+                ),
+            )));
+        }
+        if let Err(e) = self.budget.acquire(&setup.path).await {
+            if e.kind == WireErrorKind::LevelLost {
+                self.note_infrastructure(&e);
+            }
+            return Ok(Err(from_remote(e)));
+        }
+        let held = Held(self.budget.clone());
         let component = self.ctx.component.clone();
         let capture = self.capture.clone();
-        match Connection::open(&target, setup, component, capture, &self.ctx.vms).await {
+        let budget = self.budget.clone();
+        let opened =
+            Connection::open(&target, setup, component, capture, &self.ctx.vms, budget).await;
+        match opened {
             Ok(conn) => {
                 if let Some((accel, why)) = &conn.info().accel {
                     let line = format!("{} booted with {accel} ({why})", conn.info().path);
@@ -144,6 +177,7 @@ impl HostState {
                 }
                 let handle = GuestHandle {
                     conn: Arc::new(conn),
+                    _held: held,
                 };
                 Ok(Ok(self.table.push(handle)?))
             }

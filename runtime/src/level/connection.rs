@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use super::budget::LevelBudget;
 use super::transport::{self, Target, Transport, TransportGuard};
 use super::vm::VmContext;
 use crate::config::SshSettings;
@@ -39,6 +40,9 @@ enum Answer {
 
 /// How much longer than a remote test's own deadline its parent waits for the outcome.
 const RUN_SLACK: Duration = Duration::from_secs(30);
+
+/// Frames queued for a child before senders wait.
+const OUT_QUEUE: usize = 64;
 
 /// Calls with more argument bytes than this count as activity when their send ends.
 const BIG_FRAME: usize = 64 << 10;
@@ -65,22 +69,27 @@ pub struct ChildInfo {
 /// A connection to a child runtime that serves one instance of the component.
 pub struct Connection {
     info: ChildInfo,
-    out: mpsc::UnboundedSender<Message>,
+    out: mpsc::Sender<Message>,
     pending: Pending,
     lost: Arc<Mutex<Option<String>>>,
     next_id: AtomicU64,
     tasks: Vec<JoinHandle<()>>,
     guard: Arc<Mutex<Box<dyn TransportGuard>>>,
+    /// The budget the child's subtree takes its levels from, and how many it holds.
+    budget: Arc<LevelBudget>,
+    subtree: Arc<Mutex<u32>>,
 }
 
 impl Connection {
     /// Reaches `target`, starts a runtime there and loads the component into it.
+    /// Levels the child's subtree opens later are taken from `budget`.
     pub async fn open(
         target: &Target,
         mut setup: LevelSetup,
         component: Arc<ComponentSource>,
         capture: Arc<Capture>,
         vms: &VmContext,
+        budget: Arc<LevelBudget>,
     ) -> Result<Self, RemoteError> {
         let path = setup.path.clone();
         let lost_err = |message: String| RemoteError {
@@ -153,7 +162,7 @@ impl Connection {
                     level_path: path.clone(),
                 });
             }
-            other => return Err(lost_err(format!("expected Hello, got {}", name(&other)))),
+            other => return Err(lost_err(format!("expected Hello, got {}", other.name()))),
         };
 
         // Load: hand over the component (only if the child lacks it) and wait for Ready.
@@ -191,11 +200,16 @@ impl Connection {
                 }
                 Message::Ready => break,
                 Message::Fatal { error } => return Err(error),
+                Message::Event { level_path, .. } if !within(&setup.path, &level_path) => {
+                    return Err(lost_err(format!(
+                        "it sent an event as {level_path:?}, outside its own levels"
+                    )));
+                }
                 Message::Event { level_path, event } => forward(&capture, &level_path, event),
                 other => {
                     return Err(lost_err(format!(
                         "unexpected {} while loading",
-                        name(&other)
+                        other.name()
                     )));
                 }
             }
@@ -211,7 +225,8 @@ impl Connection {
         };
         let pending: Pending = Arc::default();
         let lost: Arc<Mutex<Option<String>>> = Arc::default();
-        let (out, mut out_rx) = mpsc::unbounded_channel::<Message>();
+        // Bounded: a caller waits while the child is slow to take its frames.
+        let (out, mut out_rx) = mpsc::channel::<Message>(OUT_QUEUE);
 
         let last_sent = Arc::new(Mutex::new(Instant::now()));
         let writer_task = {
@@ -240,10 +255,15 @@ impl Connection {
                 }
             })
         };
+        let subtree: Arc<Mutex<u32>> = Arc::default();
         let reader_task = {
             let lost = lost.clone();
             let pending = pending.clone();
             let guard = guard.clone();
+            let out = out.clone();
+            let budget = budget.clone();
+            let subtree = subtree.clone();
+            let own = setup.path.clone();
             tokio::spawn(async move {
                 let cause = loop {
                     let msg = match reader.next().await {
@@ -257,12 +277,40 @@ impl Connection {
                                 let _ = tx.send(Answer::Reply(result));
                             }
                         }
+                        Message::Event { level_path, .. } if !within(&own, &level_path) => {
+                            break format!(
+                                "it sent an event as {level_path:?}, outside its own levels ({own}/...)"
+                            );
+                        }
                         Message::Event { level_path, event } => {
                             forward(&capture, &level_path, event)
                         }
+                        Message::Acquire { path, .. } if !within(&own, &path) => {
+                            break format!(
+                                "it asked for a level as {path:?}, outside its own levels ({own}/...)"
+                            );
+                        }
+                        Message::Acquire { id, path } => {
+                            let (budget, subtree, out) =
+                                (budget.clone(), subtree.clone(), out.clone());
+                            tokio::spawn(async move {
+                                let result = budget.acquire(&path).await;
+                                if result.is_ok() {
+                                    *lock(&subtree) += 1;
+                                }
+                                let _ = out.send(Message::Acquired { id, result }).await;
+                            });
+                        }
+                        Message::Release { count } => {
+                            let mut held = lock(&subtree);
+                            let count = count.min(*held);
+                            *held -= count;
+                            drop(held);
+                            budget.release(count);
+                        }
                         Message::Pong { .. } => {}
                         Message::Fatal { error } => break format!("it failed: {}", error.message),
-                        other => break format!("unexpected {}", name(&other)),
+                        other => break format!("unexpected {}", other.name()),
                     }
                 };
                 declare_lost(&lost, &pending, &guard, cause);
@@ -295,7 +343,10 @@ impl Connection {
                         return;
                     }
                     seq += 1;
-                    if out.send(Message::Ping { seq }).is_err() {
+                    // A full queue already shows the child is slow; silence decides.
+                    if let Err(mpsc::error::TrySendError::Closed(_)) =
+                        out.try_send(Message::Ping { seq })
+                    {
                         return;
                     }
                 }
@@ -309,6 +360,8 @@ impl Connection {
             next_id: AtomicU64::new(1),
             tasks: vec![writer_task, reader_task, heartbeat_task],
             guard,
+            budget,
+            subtree,
         })
     }
 
@@ -378,7 +431,7 @@ impl Connection {
             }
             lock(&self.pending).insert(id, tx);
         }
-        if self.out.send(message(id)).is_err() {
+        if self.out.send(message(id)).await.is_err() {
             lock(&self.pending).remove(&id);
             let cause = lock(&self.lost)
                 .clone()
@@ -390,7 +443,7 @@ impl Connection {
                 Ok(answer) => answer,
                 Err(_) => {
                     lock(&self.pending).remove(&id);
-                    let _ = self.out.send(Message::Cancel { id });
+                    let _ = self.out.try_send(Message::Cancel { id });
                     return Err(RemoteError {
                         kind: WireErrorKind::Timeout,
                         message: format!(
@@ -423,12 +476,21 @@ impl Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        let _ = self.out.send(Message::Shutdown);
+        let _ = self.out.try_send(Message::Shutdown);
         for t in &self.tasks {
             t.abort();
         }
         lock(&self.guard).shutdown();
+        // Everything the child's subtree held is gone with it.
+        let held = std::mem::take(&mut *lock(&self.subtree));
+        self.budget.release(held);
     }
+}
+
+/// Whether `path` is `own` or a level below it.
+fn within(own: &str, path: &str) -> bool {
+    path.strip_prefix(own)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 fn lost_error(path: &str, cause: &str) -> RemoteError {
@@ -492,25 +554,6 @@ fn forward(capture: &Capture, level_path: &str, event: RemoteEvent) {
     };
     // Over budget: the level that spent it already failed its own write.
     let _ = capture.write_from(level_path, stream, text.as_bytes());
-}
-
-fn name(msg: &Message) -> &'static str {
-    match msg {
-        Message::Hello { .. } => "Hello",
-        Message::Load { .. } => "Load",
-        Message::NeedComponent => "NeedComponent",
-        Message::Component { .. } => "Component",
-        Message::Ready => "Ready",
-        Message::Call { .. } => "Call",
-        Message::Run { .. } => "Run",
-        Message::Return { .. } => "Return",
-        Message::Event { .. } => "Event",
-        Message::Ping { .. } => "Ping",
-        Message::Pong { .. } => "Pong",
-        Message::Cancel { .. } => "Cancel",
-        Message::Shutdown => "Shutdown",
-        Message::Fatal { .. } => "Fatal",
-    }
 }
 
 /// A reader that records when bytes last arrived, so a large frame in flight

@@ -6,11 +6,10 @@
 
 use std::process::Stdio;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use super::replicate::{own_exe, verbosity_flag};
-use super::transport::{StderrTail, Transport, TransportGuard};
+use super::transport::{StderrTail, Transport, TransportGuard, for_each_line};
 use crate::process;
 use crate::wire::{LevelSetup, RemoteError, WireErrorKind};
 
@@ -60,12 +59,9 @@ pub fn spawn(setup: &LevelSetup) -> Result<Transport, RemoteError> {
     let path = setup.path.clone();
     let tail = StderrTail::default();
     let tail_writer = tail.clone();
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(stderr).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            tail_writer.push(&path, &line);
-        }
-    });
+    tokio::spawn(for_each_line(stderr, move |line| {
+        tail_writer.push(&path, line)
+    }));
     Ok(Transport {
         reader: Box::new(stdout),
         writer: Box::new(stdin),

@@ -5,10 +5,12 @@
 //! - [`transport`]: byte streams to a child runtime, behind one interface.
 //! - [`local`], [`ssh`], [`vm`]: the three kinds of level.
 //! - [`replicate`]: which runtime binary a level below gets.
+//! - [`budget`]: how many levels a test holds, counted at L0.
 //!
 //! Each runtime relays only to its direct children: a level's events travel up
 //! one hop at a time, tagged with the level path where they happened.
 
+pub mod budget;
 pub mod connection;
 pub mod local;
 pub mod replicate;

@@ -104,6 +104,40 @@ pub async fn open(
     }
 }
 
+/// Longest line kept from a child's stderr or a level log; the rest of a longer
+/// line is dropped (a child cannot grow its parent's memory with one endless line).
+pub const MAX_LINE: usize = 8 << 10;
+
+/// Reads `reader` to its end and hands each line (without its newline, cut to
+/// [`MAX_LINE`] bytes, invalid UTF-8 replaced) to `each`.
+pub async fn for_each_line(reader: impl AsyncRead + Unpin, mut each: impl FnMut(&str)) {
+    use tokio::io::AsyncReadExt;
+    let mut reader = reader;
+    let mut line: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 8 << 10];
+    loop {
+        let n = match reader.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        for piece in chunk[..n].split_inclusive(|&b| b == b'\n') {
+            let (text, ends) = match piece.strip_suffix(b"\n") {
+                Some(text) => (text, true),
+                None => (piece, false),
+            };
+            let room = MAX_LINE.saturating_sub(line.len());
+            line.extend_from_slice(&text[..text.len().min(room)]);
+            if ends {
+                each(&String::from_utf8_lossy(&line));
+                line.clear();
+            }
+        }
+    }
+    if !line.is_empty() {
+        each(&String::from_utf8_lossy(&line));
+    }
+}
+
 /// The last lines a child runtime wrote to its stderr, for error messages.
 #[derive(Clone, Default)]
 pub struct StderrTail(std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>);
@@ -135,5 +169,28 @@ impl StderrTail {
         } else {
             format!(" ({})", parts.join("; "))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn lines_are_cut_at_the_limit() {
+        let mut input = b"short\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', MAX_LINE * 3));
+        input.extend_from_slice(b"\nlast");
+        let mut seen = Vec::new();
+        for_each_line(&input[..], |l| seen.push(l.to_string())).await;
+        assert_eq!(
+            seen.len(),
+            3,
+            "{:?}",
+            seen.iter().map(String::len).collect::<Vec<_>>()
+        );
+        assert_eq!(seen[0], "short");
+        assert_eq!(seen[1].len(), MAX_LINE);
+        assert_eq!(seen[2], "last");
     }
 }

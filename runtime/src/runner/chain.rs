@@ -52,6 +52,7 @@ impl Chain {
             ctx.component.clone(),
             capture,
             &ctx.vms,
+            ctx.new_budget(),
         )
         .await?;
         let deepest = (depth..depth + levels.max(1))

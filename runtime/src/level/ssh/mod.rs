@@ -110,7 +110,8 @@ pub async fn open(
         return Ok(chan.into_transport(handle, ssh_command(ssh, &target)));
     }
     let mut report = String::new();
-    let _ = tokio::time::timeout(EXEC_TIMEOUT, chan.reader.read_to_string(&mut report)).await;
+    let probe = (&mut chan.reader).take(64 << 10);
+    let _ = tokio::time::timeout(EXEC_TIMEOUT, read_probe(probe, &mut report)).await;
     let probe_failed = chan.describe();
     drop(chan);
     let mut lines = report.lines();
@@ -187,6 +188,11 @@ pub async fn open(
 
 /// What the first line of the first exec says when the runtime is not cached.
 const PROBE_MARK: &str = "MATRYOSHKA-PROBE";
+
+/// Reads at most what `probe` allows of a probe report into `report`.
+async fn read_probe(mut probe: impl tokio::io::AsyncRead + Unpin, report: &mut String) {
+    let _ = probe.read_to_string(report).await;
+}
 
 /// Quotes a remote path for a POSIX shell, keeping a leading `~/` meaning `$HOME/`.
 fn remote_path(path: &str) -> String {

@@ -13,18 +13,29 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
-use wasmtime::Store;
+
+mod instance;
+mod stdio;
+
+pub use stdio::{serve_stdio, stdin_is_serial_port};
+
+use instance::Instance;
 
 use crate::engine::{self, CacheDir};
-use crate::host::{HostState, LevelContext, Suite};
+use crate::host::LevelContext;
+use crate::level::budget::{LevelBudget, ParentLink};
 use crate::level::vm::{RunDir, VmContext};
 use crate::level::{LevelInfo, replicate, uname};
-use crate::output::{Capture, OutputSink, Stream};
+use crate::output::{OutputSink, Stream};
 use crate::runner::Chain;
-use crate::suite::{self, LoadedSuite};
+use crate::suite;
 use crate::wire::{
-    FrameReader, FrameWriter, Message, RemoteError, RemoteEvent, WireErrorKind, WireOutcome,
+    FrameReader, FrameWriter, Message, READY_TIMEOUT, RemoteError, RemoteEvent, WireErrorKind,
+    WireOutcome,
 };
+
+/// Time the parent has to send `Load` after this runtime's `Hello`.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Silence from the parent after which a serving runtime exits. Long enough for
 /// a parent that is itself a nested guest starved of CPU while it runs this level.
@@ -37,92 +48,18 @@ pub struct ServeOptions {
     pub cache: CacheDir,
     /// The version announced in `Hello` (differs from [`PROTOCOL_VERSION`] only in tests).
     pub protocol_version: u32,
+    /// A misbehaviour to show the parent, for tests of how a parent copes with
+    /// a broken or hostile level (hidden `--inject`).
+    pub inject: Option<Inject>,
 }
 
-/// Serves one parent on stdin/stdout until it goes away. Returns the exit code.
-pub async fn serve_stdio(opts: ServeOptions) -> u8 {
-    // Pipes (a local parent, OpenSSH's exec channels) are polled directly; tokio's
-    // stdin/stdout go through a blocking thread per read and write, which costs
-    // tens of microseconds on every hop of every call.
-    let result = match stdio_pipes() {
-        Some((rx, tx)) => serve(rx, tx, opts).await,
-        None => serve(tokio::io::stdin(), tokio::io::stdout(), opts).await,
-    };
-    crate::process::kill_all();
-    match result {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("matryoshka serve: {e}");
-            1
-        }
-    }
-}
-
-fn stdio_pipes() -> Option<(
-    tokio::net::unix::pipe::Receiver,
-    tokio::net::unix::pipe::Sender,
-)> {
-    use std::os::fd::AsFd;
-    let stdin = std::io::stdin().as_fd().try_clone_to_owned().ok()?;
-    let stdout = std::io::stdout().as_fd().try_clone_to_owned().ok()?;
-    if is_serial_port(&stdin) {
-        // A VM level's relay port (virtio-serial). Its host end is connected before
-        // the guest boots; wait for that all the same, since a read with the host
-        // away returns end-of-file. The port is then used in blocking mode through
-        // tokio's stdio threads: polled non-blocking with epoll, its second write
-        // never reached the host (seen here on Linux 6.1).
-        wait_writable(&stdout);
-        return None;
-    }
-    let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(stdin).ok()?;
-    let tx = tokio::net::unix::pipe::Sender::from_owned_fd(stdout).ok()?;
-    Some((rx, tx))
-}
-
-/// Whether this process's stdin is a VM level's relay port (a character device
-/// other than a terminal).
-pub fn stdin_is_serial_port() -> bool {
-    use std::os::fd::AsFd;
-    std::io::stdin()
-        .as_fd()
-        .try_clone_to_owned()
-        .is_ok_and(|fd| is_serial_port(&fd))
-}
-
-/// Whether `fd` is a character device other than a terminal.
-fn is_serial_port(fd: &std::os::fd::OwnedFd) -> bool {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::FileTypeExt;
-    let Ok(file) = fd.try_clone().map(std::fs::File::from) else {
-        return false;
-    };
-    // SAFETY: isatty(3) only inspects the descriptor.
-    let tty = unsafe { libc::isatty(fd.as_raw_fd()) } == 1;
-    !tty && file
-        .metadata()
-        .is_ok_and(|m| m.file_type().is_char_device())
-}
-
-/// Blocks until `fd` can be written: a virtio-serial port is writable only while
-/// its host end is connected.
-fn wait_writable(fd: &std::os::fd::OwnedFd) {
-    use std::os::fd::AsRawFd;
-    loop {
-        let mut poll = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLOUT,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd, for the duration of the call.
-        let n = unsafe { libc::poll(&mut poll, 1, 1000) };
-        if n > 0 && poll.revents & libc::POLLOUT != 0 {
-            return;
-        }
-        // With the host away the port reports a hang-up at once: look again soon.
-        if n != 0 {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
+/// Misbehaviours `serve --inject` shows its parent once it is ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Inject {
+    /// An event tagged with the parent's level path instead of its own.
+    ForeignEvent,
+    /// 256 MiB of standard output events, as fast as they can be sent.
+    EventFlood,
 }
 
 /// Serves one parent on the given streams.
@@ -149,14 +86,21 @@ where
         runtime_sha256: replicate::own_sha_from_name(),
     });
 
-    let (sha, setup) = match reader.next().await {
-        Some(Ok(Message::Load {
+    let load = tokio::time::timeout(LOAD_TIMEOUT, reader.next()).await;
+    let (sha, setup) = match load {
+        Err(_) => {
+            return Err(format!(
+                "the parent sent no Load within {} s",
+                LOAD_TIMEOUT.as_secs()
+            ));
+        }
+        Ok(Some(Ok(Message::Load {
             component_sha256,
             setup,
-        })) => (component_sha256, *setup),
-        Some(Ok(other)) => return Err(format!("expected Load, got {other:?}")),
-        Some(Err(e)) => return Err(e.to_string()),
-        None => return Err("the parent closed the stream before Load".into()),
+        }))) => (component_sha256, *setup),
+        Ok(Some(Ok(other))) => return Err(format!("expected Load, got {}", other.name())),
+        Ok(Some(Err(e))) => return Err(e.to_string()),
+        Ok(None) => return Err("the parent closed the stream before Load".into()),
     };
     tracing::debug!(level = %setup.path, "Load of component {component}", component = sha);
     let fatal = |message: String| RemoteError {
@@ -173,11 +117,22 @@ where
         }
         None => {
             let _ = out.send(Message::NeedComponent);
-            let (bytes, precompiled) = match reader.next().await {
-                Some(Ok(Message::Component { bytes, precompiled })) => (bytes, precompiled),
-                Some(Ok(other)) => return Err(format!("expected Component, got {other:?}")),
-                Some(Err(e)) => return Err(e.to_string()),
-                None => return Err("the parent closed the stream before the component".into()),
+            let sent = tokio::time::timeout(READY_TIMEOUT, reader.next()).await;
+            let (bytes, precompiled) = match sent {
+                Err(_) => {
+                    return Err(format!(
+                        "the parent sent no component within {} s",
+                        READY_TIMEOUT.as_secs()
+                    ));
+                }
+                Ok(Some(Ok(Message::Component { bytes, precompiled }))) => (bytes, precompiled),
+                Ok(Some(Ok(other))) => {
+                    return Err(format!("expected Component, got {}", other.name()));
+                }
+                Ok(Some(Err(e))) => return Err(e.to_string()),
+                Ok(None) => {
+                    return Err("the parent closed the stream before the component".into());
+                }
             };
             let got = engine::sha256_hex(&bytes);
             if got != sha {
@@ -212,6 +167,11 @@ where
             }
             Err(e) => return Err(format!("loading the component panicked: {e}")),
         };
+    // Levels a test opens here are counted at L0, asked for through the parent.
+    let link = {
+        let out = out.clone();
+        ParentLink::new(move |msg| out.send(msg).is_ok())
+    };
     let ctx = Arc::new(LevelContext {
         level: LevelInfo {
             depth: setup.depth,
@@ -231,6 +191,7 @@ where
             RunDir::Temporary(std::sync::OnceLock::new()),
             opts.cache.dir().map(PathBuf::from),
         ),
+        parent_budget: Some(LevelBudget::via_parent(link.clone())),
     });
     let loaded = Arc::new(loaded);
     let mut instance = match Instance::start(&loaded, &ctx, &out).await {
@@ -259,6 +220,9 @@ where
         None
     };
     let _ = out.send(Message::Ready);
+    let injected = opts
+        .inject
+        .map(|inject| tokio::spawn(misbehave(inject, setup.path.clone(), out.clone())));
 
     // Calls run one at a time on the instance task; this loop keeps answering pings.
     let (calls, mut calls_rx) = mpsc::unbounded_channel::<(u64, String, Vec<u8>, Option<u64>)>();
@@ -338,13 +302,14 @@ where
             Some(Ok(Message::Cancel { id })) => {
                 let _ = cancel.send(id);
             }
+            Some(Ok(Message::Acquired { id, result })) => link.answer(id, result),
             Some(Ok(Message::Shutdown)) => break,
             None => {
                 tracing::info!("the parent closed the stream; exiting");
                 break;
             }
             Some(Ok(other)) => {
-                tracing::warn!("unexpected message from the parent: {other:?}");
+                tracing::warn!("unexpected {} from the parent", other.name());
                 break;
             }
             Some(Err(e)) => {
@@ -354,6 +319,9 @@ where
         }
     }
     // Dropping the instance drops its guests, which shuts down every level below.
+    if let Some(task) = injected {
+        task.abort();
+    }
     worker.abort();
     let _ = worker.await;
     for test in tests {
@@ -361,6 +329,32 @@ where
     }
     drop(chain);
     finish(out, writer_task).await
+}
+
+/// Shows the parent the misbehaviour `inject`.
+async fn misbehave(inject: Inject, path: String, out: mpsc::UnboundedSender<Message>) {
+    match inject {
+        Inject::ForeignEvent => {
+            let parent = path.rsplit_once('/').map_or("L0", |(p, _)| p).to_string();
+            let _ = out.send(Message::Event {
+                level_path: parent,
+                event: RemoteEvent::Stdout("written in the parent's name\n".into()),
+            });
+        }
+        Inject::EventFlood => {
+            let chunk = "f".repeat(64 << 10);
+            for _ in 0..4096 {
+                let sent = out.send(Message::Event {
+                    level_path: path.clone(),
+                    event: RemoteEvent::Stdout(chunk.clone()),
+                });
+                if sent.is_err() {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+    }
 }
 
 async fn finish(
@@ -372,119 +366,8 @@ async fn finish(
     Ok(())
 }
 
-/// The one instance a connection keeps, re-created if a call traps.
-struct Instance {
-    store: Store<HostState>,
-    suite: Suite,
-}
-
-impl Instance {
-    async fn start(
-        loaded: &LoadedSuite,
-        ctx: &Arc<LevelContext>,
-        out: &mpsc::UnboundedSender<Message>,
-    ) -> Result<Self, String> {
-        let capture = Capture::forwarding(&ctx.level.path, ctx.limits.output_bytes, up_sink(out));
-        let state = HostState::new(ctx.clone(), capture).map_err(|e| format!("{e:#}"))?;
-        let mut store = crate::runner::new_store(&loaded.engine, state);
-        let suite = loaded
-            .pre
-            .instantiate_async(&mut store)
-            .await
-            .map_err(|e| format!("cannot instantiate the component: {e:#}"))?;
-        Ok(Self { store, suite })
-    }
-
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one call's full context, used once"
-    )]
-    async fn call(
-        &mut self,
-        loaded: &LoadedSuite,
-        ctx: &Arc<LevelContext>,
-        out: &mpsc::UnboundedSender<Message>,
-        function: &str,
-        args: Vec<u8>,
-        deadline_ms: Option<u64>,
-        id: u64,
-        cancel: &mut mpsc::UnboundedReceiver<u64>,
-    ) -> Result<Vec<u8>, RemoteError> {
-        let path = ctx.level.path.clone();
-        let err = |kind, message: String| RemoteError {
-            kind,
-            message,
-            level_path: path.clone(),
-        };
-        self.store.data().capture().reset_budget();
-        let outcome = {
-            let store = &mut self.store;
-            let suite = &self.suite;
-            let call = suite.call_call(&mut *store, function, &args);
-            let deadline = deadline_ms.map(Duration::from_millis);
-            tokio::select! {
-                r = async {
-                    match deadline {
-                        Some(d) => tokio::time::timeout(d, call).await.ok(),
-                        None => Some(call.await),
-                    }
-                } => r.map(Some),
-                () = cancelled(cancel, id) => Some(None),
-            }
-        };
-        let mut kind = WireErrorKind::Internal;
-        let trapped = match outcome {
-            Some(Some(Ok(result))) => {
-                // A call that failed after a level below could not be booted or was
-                // lost failed for that reason: say so to the parent, whatever kind
-                // the component chose.
-                let lost = self.store.data().infrastructure_error().is_some();
-                return result.map_err(|e| RemoteError {
-                    kind: if lost {
-                        WireErrorKind::LevelLost
-                    } else {
-                        e.kind.into()
-                    },
-                    message: e.message,
-                    level_path: e.level_path,
-                });
-            }
-            Some(Some(Err(trap))) => {
-                let panic = self.store.data_mut().take_panic();
-                match panic {
-                    Some(f) => format!(
-                        "`{function}` panicked at {path}: {}{}",
-                        f.message,
-                        f.file
-                            .map(|file| format!(" ({file}:{})", f.line.unwrap_or(0)))
-                            .unwrap_or_default()
-                    ),
-                    None => format!("`{function}` trapped at {path}: {trap:#}"),
-                }
-            }
-            Some(None) => format!("`{function}` was cancelled at {path}"),
-            None => {
-                kind = WireErrorKind::Timeout;
-                format!(
-                    "`{function}` did not return within {} ms at {path}",
-                    deadline_ms.unwrap_or_default()
-                )
-            }
-        };
-        // The instance is unusable after a trap or an abandoned call: start a new one.
-        match Self::start(loaded, ctx, out).await {
-            Ok(fresh) => *self = fresh,
-            Err(e) => tracing::error!("cannot restart the instance: {e}"),
-        }
-        Err(err(
-            kind,
-            format!("{trapped}; the remote instance was restarted and its state is lost"),
-        ))
-    }
-}
-
 /// A sink that relays output (of this level or any below) to the parent as `Event`s.
-fn up_sink(out: &mpsc::UnboundedSender<Message>) -> OutputSink {
+pub(crate) fn up_sink(out: &mpsc::UnboundedSender<Message>) -> OutputSink {
     let out = out.clone();
     Arc::new(move |origin: &str, stream, text: &str| {
         let event = match stream {
@@ -500,15 +383,6 @@ fn up_sink(out: &mpsc::UnboundedSender<Message>) -> OutputSink {
             event,
         });
     })
-}
-
-async fn cancelled(cancel: &mut mpsc::UnboundedReceiver<u64>, id: u64) {
-    while let Some(c) = cancel.recv().await {
-        if c == id {
-            return;
-        }
-    }
-    std::future::pending::<()>().await;
 }
 
 fn components_dir(cache: &CacheDir) -> Option<PathBuf> {
