@@ -2,8 +2,10 @@
 //!
 //! Compiling a component is the slow part of a start, so the precompiled
 //! artifact is cached on disk, keyed by the component's sha256 and the engine's
-//! compatibility hash. Everything a user can get wrong about the file — not
-//! wasm, a core module, the wrong world — is a [`LoadError`] that names it.
+//! compatibility hash. An artifact is native code: [`secure_dir`] checks that no
+//! other user can write to its folders before one is loaded. Everything a user
+//! can get wrong about the file — not wasm, a core module, the wrong world — is
+//! a [`LoadError`] that names it.
 //! Linking with the host functions is the `suite` module's: this module knows
 //! nothing of them.
 
@@ -17,6 +19,13 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 use wasmtime::component::Component;
 use wasmtime::component::types::ComponentItem;
+
+mod cache;
+
+pub use cache::{
+    CacheDir, CacheError, cached_component, secure_dir, secure_file, store_component,
+    write_atomically,
+};
 
 /// The WIT world every suite must target, as named in error messages.
 pub const WORLD: &str = "matryoshka:test/suite@0.1.0";
@@ -78,6 +87,9 @@ pub enum LoadError {
         /// The missing export or unknown import.
         problem: String,
     },
+    /// The compile cache cannot be trusted; nothing in it was loaded.
+    #[error(transparent)]
+    Cache(#[from] CacheError),
     /// The engine itself failed.
     #[error("runtime error while loading {path}: {message}")]
     Engine {
@@ -86,39 +98,6 @@ pub enum LoadError {
         /// The error.
         message: String,
     },
-}
-
-/// Where precompiled components are kept.
-#[derive(Debug, Clone)]
-pub enum CacheDir {
-    /// Compile every time.
-    Disabled,
-    /// Keep artifacts under this folder.
-    At(PathBuf),
-}
-
-impl CacheDir {
-    /// `$MATRYOSHKA_CACHE_DIR`, `$XDG_CACHE_HOME/matryoshka` or `~/.cache/matryoshka`.
-    pub fn default_location() -> Self {
-        if let Some(dir) = std::env::var_os("MATRYOSHKA_CACHE_DIR") {
-            return Self::At(dir.into());
-        }
-        if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
-            return Self::At(PathBuf::from(dir).join("matryoshka"));
-        }
-        match std::env::var_os("HOME") {
-            Some(home) => Self::At(PathBuf::from(home).join(".cache/matryoshka")),
-            None => Self::Disabled,
-        }
-    }
-
-    /// The folder, unless caching is disabled.
-    pub fn dir(&self) -> Option<&Path> {
-        match self {
-            Self::At(dir) => Some(dir),
-            Self::Disabled => None,
-        }
-    }
 }
 
 /// How a component was obtained, for reports and benchmarks.
@@ -221,12 +200,18 @@ fn compile_cached(
     sha256: &str,
     cache: &CacheDir,
 ) -> Result<(Component, CompileSource), LoadError> {
-    let artifact = artifact_path(engine, cache, sha256);
+    // The folders are checked before anything in them is looked at.
+    let artifact = cache
+        .open(&engine_key(engine))?
+        .map(|dir| dir.join(format!("{sha256}.cwasm")));
     if let Some(artifact) = &artifact
         && artifact.exists()
     {
+        secure_file(artifact)?;
         // SAFETY: the file was written by `Component::serialize` of an engine with the
-        // same compatibility hash (it is in the path), into a cache only we write to.
+        // same compatibility hash (it is in the path), and `open` and `secure_file` just
+        // checked that no other user can write to it or to any folder above it up to the
+        // cache root.
         match unsafe { Component::deserialize_file(engine, artifact) } {
             Ok(component) => return Ok((component, CompileSource::Cached)),
             Err(e) => tracing::warn!("ignoring unusable cache entry {}: {e}", artifact.display()),
@@ -308,15 +293,22 @@ pub fn artifact_path(engine: &wasmtime::Engine, cache: &CacheDir, sha256: &str) 
 
 /// Puts an artifact precompiled by a parent level into `cache`, so loading the
 /// component skips Cranelift. Loading checks it like any cached artifact (and
-/// compiles after all if this machine's CPU lacks a feature it uses).
+/// compiles after all if this machine's CPU lacks a feature it uses). Nothing is
+/// written to a cache folder that fails [`secure_dir`]: loading then says why.
 pub fn adopt_artifact(cache: &CacheDir, key: &str, sha256: &str, bytes: &[u8]) {
     let Ok(engine) = engine() else { return };
     if key != engine_key(&engine) {
         return;
     }
-    let Some(path) = artifact_path(&engine, cache, sha256) else {
-        return;
+    let dir = match cache.open(key) {
+        Ok(Some(dir)) => dir,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!("not keeping the precompiled component: {e}");
+            return;
+        }
     };
+    let path = dir.join(format!("{sha256}.cwasm"));
     if let Err(e) = write_atomically(&path, bytes) {
         tracing::warn!(
             "cannot keep the precompiled component at {}: {e:#}",
@@ -327,17 +319,6 @@ pub fn adopt_artifact(cache: &CacheDir, key: &str, sha256: &str, bytes: &[u8]) {
 
 fn store_artifact(component: &Component, artifact: &Path) -> anyhow::Result<()> {
     write_atomically(artifact, &component.serialize()?)
-}
-
-/// Writes `bytes` to `path` through a temporary file beside it, making the folder
-/// if needed: readers see the old file or the whole new one, never a part.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let dir = path.parent().ok_or_else(|| anyhow::anyhow!("no parent"))?;
-    std::fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    std::io::Write::write_all(&mut tmp, bytes)?;
-    tmp.persist(path)?;
-    Ok(())
 }
 
 fn check_world(

@@ -384,3 +384,105 @@ fn a_thousand_tests_run_in_parallel() {
     r.expect_code(0);
     r.expect_stdout("1000 passed, 0 failed, 0 ignored");
 }
+
+/// Runs `matryoshka test BASICS --list` with the compile cache at `cache`.
+fn list_with_cache(cache: &std::path::Path) -> common::Run {
+    let cache = cache.to_str().expect("utf-8 path");
+    run(&["test", BASICS, "--list", "--cache-dir", cache])
+}
+
+fn chmod(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+#[test]
+fn a_cache_others_can_write_to_is_refused_before_an_artifact_in_it_is_loaded() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().join("cache");
+    list_with_cache(&root).expect_code(0);
+    // The one artifact the run stored: <root>/<engine key>/<sha256>.cwasm.
+    let keys: Vec<_> = std::fs::read_dir(&root)
+        .expect("cache root")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().is_some_and(|n| n != "components"))
+        .collect();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let key = &keys[0];
+    let artifacts: Vec<_> = std::fs::read_dir(key)
+        .expect("key folder")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(artifacts.len(), 1, "{artifacts:?}");
+    let artifact = &artifacts[0];
+    assert!(
+        artifact.to_string_lossy().ends_with(".cwasm"),
+        "{artifact:?}"
+    );
+    for made in [&root, key] {
+        let mode = std::os::unix::fs::MetadataExt::mode(&std::fs::metadata(made).expect("stat"));
+        assert_eq!(mode & 0o777, 0o700, "{}", made.display());
+    }
+    // Planted where the next run would load it.
+    std::fs::write(artifact, b"not an artifact").expect("plant");
+
+    let refused = |r: &common::Run, dir: &std::path::Path, problem: &str| {
+        r.expect_code(101);
+        assert!(
+            r.stderr.contains(&format!(
+                "error: refusing the cache folder {}: {problem}",
+                dir.display()
+            )),
+            "{}",
+            r.stderr
+        );
+        assert!(
+            !r.stderr.contains("ignoring unusable cache entry"),
+            "{}",
+            r.stderr
+        );
+        assert!(r.stdout.is_empty(), "{}", r.stdout);
+    };
+    chmod(&root, 0o777);
+    let r = list_with_cache(&root);
+    refused(&r, &root, "mode 0777 (writable by group and others)");
+    assert!(
+        r.stderr
+            .contains(&format!("fix: `chmod 700 {}`", root.display())),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("--cache-dir"), "{}", r.stderr);
+
+    // Every folder from the root down to the artifact's is checked.
+    chmod(&root, 0o700);
+    chmod(key, 0o770);
+    refused(
+        &list_with_cache(&root),
+        key,
+        "mode 0770 (writable by its group)",
+    );
+    chmod(key, 0o700);
+    std::os::unix::fs::chown(key, Some(65534), None).expect("chown to nobody (tests run as root)");
+    refused(
+        &list_with_cache(&root),
+        key,
+        "owned by uid 65534, not by uid 0 that this runtime runs as",
+    );
+
+    // Control: with the folders safe again, the planted file is the artifact the
+    // run tries (and fails) to load before it compiles afresh.
+    std::os::unix::fs::chown(key, Some(0), None).expect("chown back");
+    let r = list_with_cache(&root);
+    r.expect_code(0);
+    assert!(
+        r.stderr.contains(&format!(
+            "ignoring unusable cache entry {}",
+            artifact.display()
+        )),
+        "{}",
+        r.stderr
+    );
+}

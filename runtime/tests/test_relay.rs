@@ -336,3 +336,132 @@ fn a_protocol_version_mismatch_is_named() {
     );
     assert_nothing_left(&tag, None);
 }
+
+/// Runs `reaches_every_level` over `chain` with `env` set for L0.
+fn reach(chain: &SshChain, tag: &str, env: &[(&str, &Path)]) -> Run {
+    let mut cmd = bin();
+    for (key, value) in env {
+        cmd.env(key, value);
+    }
+    let out = cmd
+        .env("MATRYOSHKA_TEST_TAG", tag)
+        .args(["test", RELAY, "--env"])
+        .arg(format!("MATRYOSHKA_CHAIN={}", chain.chain()))
+        .args(chain.args())
+        .args(["--exact", "reaches_every_level"])
+        .output()
+        .expect("start matryoshka");
+    Run::from(out)
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_runtime_that_arrives_as_another_binary_is_not_kept_or_run() {
+    // The runtime to send is this one, but the compressed copy beside it (which
+    // is sent as is) holds another program.
+    let runtimes = tempfile::tempdir().expect("runtime dir");
+    let arch_dir = runtimes.path().join(std::env::consts::ARCH);
+    std::fs::create_dir(&arch_dir).expect("arch dir");
+    let runtime = arch_dir.join("matryoshka");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_matryoshka"), &runtime).expect("link");
+    let marker = runtimes.path().join("ran");
+    let other = format!("#!/bin/sh\ntouch {}\n", marker.display());
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, other.as_bytes()).expect("compress");
+    std::fs::write(arch_dir.join("matryoshka.gz"), gz.finish().expect("gzip")).expect("write .gz");
+
+    let chain = SshChain::new(1);
+    let tag = unique_tag("badgz");
+    let r = reach(&chain, &tag, &[("MATRYOSHKA_RUNTIME_DIR", runtimes.path())]);
+    r.expect_code(101);
+    let line = r.line_for("FAIL", "reaches_every_level");
+    let bin_dir = chain.cache(1).join("bin");
+    assert!(
+        line.contains(&format!(
+            "the runtime copied to {}/matryoshka-",
+            bin_dir.display()
+        )),
+        "{line}"
+    );
+    assert!(line.contains("so it was not kept"), "{line}");
+    assert!(
+        line.contains(&format!(
+            "the compressed copy sent ({}.gz)",
+            runtime.display()
+        )),
+        "{line}"
+    );
+    assert!(!marker.exists(), "the other program ran");
+    assert_eq!(
+        files_in(&bin_dir),
+        Vec::<String>::new(),
+        "left in {}",
+        bin_dir.display()
+    );
+    let needle = chain.caches.path().display().to_string();
+    assert_nothing_left(&tag, Some(&needle));
+}
+
+#[test]
+fn a_cached_runtime_is_not_run_from_a_folder_others_can_write_to() {
+    let chain = SshChain::new(1);
+    let tag = unique_tag("unsafecache");
+    reach(&chain, &tag, &[]).expect_code(0);
+    let bin_dir = chain.cache(1).join("bin");
+    for made in [chain.cache(1), bin_dir.clone()] {
+        let mode = std::os::unix::fs::MetadataExt::mode(&std::fs::metadata(&made).expect("stat"));
+        assert_eq!(mode & 0o777, 0o700, "{}", made.display());
+    }
+    // Swap the cached runtime for a program that leaves a mark.
+    let runtimes: Vec<String> = runtimes_in(&chain.cache(1));
+    assert_eq!(runtimes.len(), 1, "{runtimes:?}");
+    let cached = bin_dir.join(&runtimes[0]);
+    let marker = chain.caches.path().join("ran");
+    let chmod = |path: &Path, mode: u32| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    };
+    // Renamed into place: the runtime of the first run may still be exiting.
+    let planted = bin_dir.join("planted");
+    std::fs::write(
+        &planted,
+        format!("#!/bin/sh\ntouch {}\nexit 1\n", marker.display()),
+    )
+    .expect("plant");
+    chmod(&planted, 0o755);
+    std::fs::rename(&planted, &cached).expect("plant");
+    chmod(&bin_dir, 0o777);
+    let r = reach(&chain, &tag, &[]);
+    r.expect_code(101);
+    let line = r.line_for("FAIL", "reaches_every_level");
+    assert!(
+        line.contains(&format!(
+            "refusing the runtime cache there, another user could replace the runtime in it: \
+             {} is mode 0777 (writable by group and others) (fix: `chmod 700 {}` there",
+            bin_dir.display(),
+            bin_dir.display()
+        )),
+        "{line}"
+    );
+    assert!(!marker.exists(), "the planted runtime ran");
+
+    // Control: from a safe folder the same file is what the warm path starts.
+    chmod(&bin_dir, 0o700);
+    reach(&chain, &tag, &[]).expect_code(101);
+    assert!(
+        marker.exists(),
+        "the warm path did not start {}",
+        cached.display()
+    );
+    let needle = chain.caches.path().display().to_string();
+    assert_nothing_left(&tag, Some(&needle));
+}

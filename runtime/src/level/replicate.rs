@@ -9,7 +9,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::engine::{CacheDir, sha256_hex};
+use crate::engine::{CacheDir, sha256_hex, write_atomically};
 
 /// This runtime's own binary. A VM level runs it from a file its initramfs
 /// unpacked and bound into the root before unlinking the original, for which the
@@ -128,20 +128,19 @@ fn remembered_sha(path: &std::path::Path) -> Result<String, String> {
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_nanos());
-    let memo = CacheDir::default_location().dir().map(|dir| {
-        dir.join("self")
-            .join(format!("{}-{mtime}.sha256", meta.len()))
-    });
+    // The memo names the binary a level below runs (`matryoshka-<sha256>` there):
+    // it is read only from a folder no other user can write to.
+    let memo = CacheDir::default_location()
+        .open("self")
+        .map_err(|e| format!("cannot remember the runtime's hash: {e}"))?
+        .map(|dir| dir.join(format!("{}-{mtime}.sha256", meta.len())));
     if let Some(sha) = memo.as_ref().and_then(|m| std::fs::read_to_string(m).ok()) {
         return Ok(sha.trim().to_string());
     }
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let sha = sha256_hex(&bytes);
-    if let Some(memo) = memo
-        && let Some(dir) = memo.parent()
-        && std::fs::create_dir_all(dir).is_ok()
-    {
-        let _ = std::fs::write(memo, &sha);
+    if let Some(memo) = memo {
+        let _ = write_atomically(&memo, sha.as_bytes());
     }
     Ok(sha)
 }

@@ -110,7 +110,7 @@ where
     };
     let started = std::time::Instant::now();
     let short = sha.get(..12).unwrap_or(&sha);
-    let bytes = match cached_component(&opts.cache, &sha) {
+    let bytes = match engine::cached_component(&opts.cache, &sha) {
         Some(bytes) => {
             tracing::info!(level = %setup.path, "component {short} was cached here");
             bytes
@@ -147,7 +147,7 @@ where
                 bytes.len(),
                 precompiled.as_ref().map_or("none".to_string(), |(_, a)| format!("{} bytes", a.len()))
             );
-            store_component(&opts.cache, &sha, &bytes);
+            engine::store_component(&opts.cache, &sha, &bytes);
             if let Some((key, artifact)) = precompiled {
                 engine::adopt_artifact(&opts.cache, &key, &sha, &artifact);
             }
@@ -383,23 +383,4 @@ pub(crate) fn up_sink(out: &mpsc::UnboundedSender<Message>) -> OutputSink {
             event,
         });
     })
-}
-
-fn components_dir(cache: &CacheDir) -> Option<PathBuf> {
-    Some(cache.dir()?.join("components"))
-}
-
-fn cached_component(cache: &CacheDir, sha: &str) -> Option<Vec<u8>> {
-    let path = components_dir(cache)?.join(format!("{sha}.wasm"));
-    let bytes = std::fs::read(path).ok()?;
-    (engine::sha256_hex(&bytes) == sha).then_some(bytes)
-}
-
-fn store_component(cache: &CacheDir, sha: &str, bytes: &[u8]) {
-    let Some(dir) = components_dir(cache) else {
-        return;
-    };
-    if let Err(e) = engine::write_atomically(&dir.join(format!("{sha}.wasm")), bytes) {
-        tracing::warn!("cannot cache the component in {}: {e:#}", dir.display());
-    }
 }

@@ -5,16 +5,21 @@
 //! run was given, never learned on first use. Authentication uses the run's key.
 //!
 //! Self-replication, per hop:
-//! 1. one exec channel probes the target: `uname -m`, the cache folder, and the
-//!    runtimes already there (`matryoshka-<sha256>`);
+//! 1. one exec channel becomes the cached runtime when it is there and its cache
+//!    folder is safe (owned by the login user, writable by no one else), or else
+//!    probes the target: `uname -m`, the cache folder (made 0700), and the
+//!    runtimes already there (`matryoshka-<sha256>`). A cache folder others can
+//!    write to fails the hop: a runtime copied into it could be swapped before
+//!    it starts;
 //! 2. if the runtime for that architecture is missing, a second channel streams
 //!    it gzip-compressed into a temporary file that is renamed into place only
-//!    when complete (an interrupted upload leaves nothing behind); the
-//!    compressed copy is kept beside it so the next hop sends it without
-//!    compressing again;
+//!    when complete and its sha256 is the one it was sent as (an interrupted or
+//!    damaged upload leaves nothing behind); the compressed copy is kept beside
+//!    it so the next hop sends it without compressing again;
 //! 3. a third channel runs `<cache>/bin/matryoshka-<sha256> serve --stdio`.
 
 mod known_hosts;
+mod script;
 mod session;
 
 use std::sync::Arc;
@@ -28,6 +33,7 @@ use super::replicate::{image_for, verbosity_flag};
 use super::transport::Transport;
 use crate::config::SshSettings;
 use crate::wire::{LevelSetup, RemoteError, WireErrorKind};
+use script::{PROBE_MARK, Probe};
 use session::{connect, exec, start_channel};
 
 /// How long an SSH level has to accept the connection and authenticate.
@@ -78,13 +84,11 @@ pub async fn open(
         .await
         .map_err(|e| err(WireErrorKind::Internal, e.to_string()))?
         .map_err(|m| err(WireErrorKind::Unsupported, m))?;
-    let first = format!(
-        "D={cache}; B=\"$D/bin/matryoshka-{sha}\"; \
-         if [ \"$(uname -m)\" = {arch} ] && [ -x \"$B\" ]; then exec \"$B\"{verbose} serve --stdio --cache-dir \"$D\"; fi; \
-         echo {PROBE_MARK}; mkdir -p \"$D/bin\" && uname -m && echo \"$D\" && ls \"$D/bin\"",
-        sha = own.sha256,
-        arch = sh_quote(std::env::consts::ARCH),
-        verbose = verbosity_flag(),
+    let first = script::warm_or_probe(
+        &cache,
+        &own.sha256,
+        std::env::consts::ARCH,
+        verbosity_flag(),
     );
     let mut chan = tokio::time::timeout(EXEC_TIMEOUT, start_channel(&handle, &first, &setup.path))
         .await
@@ -114,16 +118,25 @@ pub async fn open(
     let _ = tokio::time::timeout(EXEC_TIMEOUT, read_probe(probe, &mut report)).await;
     let probe_failed = chan.describe();
     drop(chan);
-    let mut lines = report.lines();
-    let arch = lines.next().unwrap_or_default().trim().to_string();
-    if arch.is_empty() || !arch.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-        return Err(err(
-            WireErrorKind::Unsupported,
-            format!("probing the target failed (architecture `{arch}`){probe_failed}"),
-        ));
-    }
-    let dir = lines.next().unwrap_or_default().trim().to_string();
-    let present: Vec<&str> = lines.collect();
+    let (arch, dir, present) = match script::parse_probe(&report) {
+        Probe::Ready { arch, dir, present } => (arch, dir, present),
+        Probe::Unsafe(folders) => {
+            return Err(err(
+                WireErrorKind::Io,
+                format!(
+                    "refusing the runtime cache there, another user could replace the runtime \
+                     in it: {}",
+                    folders.join("; ")
+                ),
+            ));
+        }
+        Probe::Garbled(what) => {
+            return Err(err(
+                WireErrorKind::Unsupported,
+                format!("probing the target failed ({what}){probe_failed}"),
+            ));
+        }
+    };
     let image = {
         let arch = arch.clone();
         tokio::task::spawn_blocking(move || image_for(&arch))
@@ -133,7 +146,7 @@ pub async fn open(
     };
     let name = format!("matryoshka-{}", image.sha256);
     let remote_bin = format!("{dir}/bin/{name}");
-    if !present.contains(&name.as_str()) {
+    if !present.contains(&name) {
         let gz = {
             let image = image.clone();
             tokio::task::spawn_blocking(move || image.gz())
@@ -142,13 +155,8 @@ pub async fn open(
                 .map_err(|m| err(WireErrorKind::Io, m))?
         };
         tracing::info!(level = %setup.path, "copying the runtime ({} bytes compressed) to {remote_bin}", gz.len());
-        let upload = format!(
-            "set -e; B={bin}; T=$(mktemp \"$B.XXXXXX\"); G=$(mktemp \"$B.gz.XXXXXX\"); \
-             trap 'rm -f \"$T\" \"$G\"' EXIT; cat > \"$G\"; gzip -dc < \"$G\" > \"$T\"; chmod 755 \"$T\"; \
-             mv \"$G\" \"$B.gz\"; mv \"$T\" \"$B\"; trap - EXIT",
-            bin = sh_quote(&remote_bin)
-        );
-        let (status, _, stderr) =
+        let upload = script::upload(&remote_bin, &image.sha256);
+        let (status, stdout, stderr) =
             tokio::time::timeout(UPLOAD_TIMEOUT, exec(&handle, &upload, Some(&gz)))
                 .await
                 .map_err(|_| {
@@ -164,7 +172,14 @@ pub async fn open(
         if status != Some(0) {
             return Err(err(
                 WireErrorKind::Io,
-                format!("copying the runtime failed: {}", stderr.trim()),
+                script::upload_failure(
+                    status,
+                    &stdout,
+                    &stderr,
+                    &remote_bin,
+                    &image.sha256,
+                    &image.path().display().to_string(),
+                ),
             ));
         }
     }
@@ -185,9 +200,6 @@ pub async fn open(
     quick_ack.store(false, std::sync::atomic::Ordering::Relaxed);
     Ok(chan.into_transport(handle, ssh_command(ssh, &target)))
 }
-
-/// What the first line of the first exec says when the runtime is not cached.
-const PROBE_MARK: &str = "MATRYOSHKA-PROBE";
 
 /// Reads at most what `probe` allows of a probe report into `report`.
 async fn read_probe(mut probe: impl tokio::io::AsyncRead + Unpin, report: &mut String) {

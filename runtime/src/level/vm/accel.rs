@@ -56,12 +56,13 @@ pub(super) fn choose_accel(
 /// Where the KVM probe is remembered: one file per boot of this machine.
 fn memo_file(plan: &BootPlan) -> Option<PathBuf> {
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
-    Some(
-        plan.memo_dir
-            .as_ref()?
-            .join("accel")
-            .join(format!("{}.txt", boot_id.trim())),
-    )
+    let root = plan.memo_dir.as_ref()?;
+    let dir = root.join("accel");
+    // Only a hint, so a folder others can write to is skipped, not fatal.
+    crate::engine::secure_dir(root, &dir)
+        .inspect_err(|e| tracing::warn!("not remembering the accelerator: {e}"))
+        .ok()?;
+    Some(dir.join(format!("{}.txt", boot_id.trim())))
 }
 
 fn recall(plan: &BootPlan) -> Option<String> {
@@ -71,10 +72,7 @@ fn recall(plan: &BootPlan) -> Option<String> {
 }
 
 pub(super) fn remember(plan: &BootPlan, what: &str) {
-    if let Some(file) = memo_file(plan)
-        && let Some(dir) = file.parent()
-        && std::fs::create_dir_all(dir).is_ok()
-    {
+    if let Some(file) = memo_file(plan) {
         let _ = std::fs::write(file, what);
     }
 }

@@ -30,13 +30,14 @@ impl RuntimeInitrd {
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_nanos());
         let path = dir.join(format!("{sha256}-{}-{mtime}.initrd", meta.len()));
+        // The runtime in it runs at the level: reuse or write it only where no other
+        // user can write (the folder, made 0700, and the cache root above it).
+        crate::engine::secure_dir(dir.parent().unwrap_or(dir), dir).map_err(|e| e.to_string())?;
         if let Ok(file) = std::fs::File::options().append(true).open(&path) {
             // In use: not stale for `prune_stale`.
             let _ = file.set_modified(std::time::SystemTime::now());
             return Ok(Self { path });
         }
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let tmp = tempfile::NamedTempFile::new_in(dir)
             .map_err(|e| format!("cannot create a file in {}: {e}", dir.display()))?;
         let write = || -> std::io::Result<()> {

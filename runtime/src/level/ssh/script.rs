@@ -1,0 +1,379 @@
+//! The shell scripts an SSH level runs before its runtime, and what their
+//! answers mean. Built and read by pure functions; `mod.rs` runs them.
+//!
+//! The remote cache holds native code the login user runs, so (as for the
+//! local cache, see [`crate::engine::secure_dir`]) a runtime there is started
+//! only when the cache folder and its `bin/` are owned by the login user and
+//! writable by neither group nor others, and a runtime is put there only after
+//! its sha256 matched the one it was sent as.
+
+/// What the first line of the first exec says when the runtime is not cached.
+pub(super) const PROBE_MARK: &str = "MATRYOSHKA-PROBE";
+/// The probe's line before the cache folders that others could write to.
+const UNSAFE_MARK: &str = "MATRYOSHKA-UNSAFE";
+/// The upload's answer when the target has no `sha256sum`.
+const NO_HASHER_MARK: &str = "MATRYOSHKA-NO-SHA256SUM";
+/// The upload's answer, with the hash found, when the copy is not the runtime sent.
+const MISMATCH_MARK: &str = "MATRYOSHKA-HASH-MISMATCH";
+
+/// `safe PATH...` succeeds when each path (symlinks followed) is owned by the
+/// login user and writable by neither group nor others. `ls -ln` is POSIX, so
+/// this holds on coreutils, busybox and BSD alike; one `ls` for all the paths
+/// keeps the warm path at two more processes (`id`, `ls`).
+const SAFE_FN: &str = "U=$(id -u); safe() { L=$(ls -ldnL \"$@\" 2>/dev/null) || return 1; n=0; \
+     while read -r m _ u _; do [ \"$u\" = \"$U\" ] || return 1; \
+     case \"$m\" in ?????-??-*) n=$((n+1)) ;; *) return 1 ;; esac; done <<EOF\n$L\nEOF\n\
+     [ \"$n\" = \"$#\" ]; }";
+
+/// The first exec: becomes the cached runtime `sha` when it is there for `arch`
+/// in a safe cache, else prints the probe report (see [`parse_probe`]). The
+/// cache folder `cache` is a shell word (quoted, or `"$HOME/..."`).
+pub(super) fn warm_or_probe(cache: &str, sha: &str, arch: &str, verbose: &str) -> String {
+    format!(
+        "D={cache}; B=\"$D/bin/matryoshka-{sha}\"; {SAFE_FN}; \
+         if [ \"$(uname -m)\" = {arch} ] && [ -x \"$B\" ] && safe \"$D\" \"$D/bin\" \"$B\"; then \
+         exec \"$B\"{verbose} serve --stdio --cache-dir \"$D\"; fi; \
+         echo {PROBE_MARK}; umask 077; mkdir -p \"$D/bin\" && uname -m && echo \"$D\" && \
+         if safe \"$D\" \"$D/bin\"; then \
+         for f in \"$D\"/bin/matryoshka-*; do safe \"$f\" && echo \"${{f##*/}}\"; done; true; \
+         else echo {UNSAFE_MARK}; for p in \"$D\" \"$D/bin\"; do safe \"$p\" || \
+         {{ set -- $(ls -ldnL \"$p\"); echo \"$1 $3 $U $p\"; }}; done; fi",
+        arch = super::sh_quote(arch),
+    )
+}
+
+/// What the probe found.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Probe {
+    /// The target's architecture, its cache folder, and the runtimes in it that
+    /// are safe to start (owned by the login user, writable by no one else).
+    Ready {
+        /// `uname -m`.
+        arch: String,
+        /// The cache folder, as the target's shell expanded it.
+        dir: String,
+        /// File names in `<dir>/bin`.
+        present: Vec<String>,
+    },
+    /// Cache folders that others could write to, each described.
+    Unsafe(Vec<String>),
+    /// An answer that is neither.
+    Garbled(String),
+}
+
+/// Reads the probe report that follows [`PROBE_MARK`].
+pub(super) fn parse_probe(report: &str) -> Probe {
+    let mut lines = report.lines();
+    let arch = lines.next().unwrap_or_default().trim().to_string();
+    if arch.is_empty() || !arch.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Probe::Garbled(format!("architecture `{arch}`"));
+    }
+    let dir = lines.next().unwrap_or_default().trim().to_string();
+    let rest: Vec<&str> = lines.collect();
+    if rest.first() == Some(&UNSAFE_MARK) {
+        return Probe::Unsafe(rest[1..].iter().map(|l| explain_unsafe(l)).collect());
+    }
+    Probe::Ready {
+        arch,
+        dir,
+        present: rest.iter().map(|l| l.to_string()).collect(),
+    }
+}
+
+/// `drwxrwxrwx 1000 0 /path` (mode, owner, login uid, folder) in words.
+fn explain_unsafe(line: &str) -> String {
+    let mut fields = line.splitn(4, ' ');
+    let (mode, owner, me, path) = (
+        fields.next().unwrap_or_default(),
+        fields.next().unwrap_or_default(),
+        fields.next().unwrap_or_default(),
+        fields.next().unwrap_or_default(),
+    );
+    let Some(bits) = mode_from_ls(mode) else {
+        return format!("{path} ({mode})");
+    };
+    if owner != me {
+        return format!(
+            "{path} is owned by uid {owner}, not by uid {me} that the login user is \
+             (fix: another folder with --remote-cache-dir)"
+        );
+    }
+    let who = match (bits & 0o020 != 0, bits & 0o002 != 0) {
+        (true, true) => "group and others",
+        (true, false) => "its group",
+        _ => "others",
+    };
+    format!(
+        "{path} is mode {bits:04o} (writable by {who}) (fix: `chmod 700 {path}` there once you \
+         trust what it holds, or another folder with --remote-cache-dir)"
+    )
+}
+
+/// The mode bits of an `ls -l` mode string (`drwxr-sr-t` is 0o3755).
+fn mode_from_ls(s: &str) -> Option<u32> {
+    let chars: Vec<char> = s.chars().collect();
+    if chars.len() < 10 {
+        return None;
+    }
+    let mut bits = 0;
+    for (i, c) in chars[1..10].iter().enumerate() {
+        let bit = 1 << (8 - i);
+        let special = match i {
+            2 => 0o4000,
+            5 => 0o2000,
+            8 => 0o1000,
+            _ => 0,
+        };
+        bits |= match c {
+            '-' => 0,
+            'r' | 'w' | 'x' => bit,
+            's' | 't' if special != 0 => bit | special,
+            'S' | 'T' if special != 0 => special,
+            _ => return None,
+        };
+    }
+    Some(bits)
+}
+
+/// Streams the gzip-compressed runtime in from stdin and puts it at `bin` only
+/// once its sha256 is `sha`; on any failure nothing is left behind.
+pub(super) fn upload(bin: &str, sha: &str) -> String {
+    format!(
+        "set -e; umask 077; B={bin}; T=$(mktemp \"$B.XXXXXX\"); G=$(mktemp \"$B.gz.XXXXXX\"); \
+         trap 'rm -f \"$T\" \"$G\"' EXIT; cat > \"$G\"; gzip -dc < \"$G\" > \"$T\"; \
+         command -v sha256sum > /dev/null 2>&1 || {{ echo {NO_HASHER_MARK}; exit 3; }}; \
+         H=$(sha256sum < \"$T\"); H=${{H%% *}}; \
+         [ \"$H\" = {sha} ] || {{ echo \"{MISMATCH_MARK} $H\"; exit 4; }}; \
+         chmod 755 \"$T\"; mv \"$G\" \"$B.gz\"; mv \"$T\" \"$B\"; trap - EXIT",
+        bin = super::sh_quote(bin),
+        sha = super::sh_quote(sha),
+    )
+}
+
+/// Why [`upload`] failed, from its exit status and output; `source` names the
+/// local file the copy came from.
+pub(super) fn upload_failure(
+    status: Option<u32>,
+    stdout: &str,
+    stderr: &str,
+    bin: &str,
+    sha: &str,
+    source: &str,
+) -> String {
+    if stdout.contains(NO_HASHER_MARK) {
+        return format!(
+            "the target has no `sha256sum` to check the runtime copied to {bin}, so it was not \
+             kept: install coreutils or busybox there"
+        );
+    }
+    if let Some(found) = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(MISMATCH_MARK))
+        .map(str::trim)
+    {
+        return format!(
+            "the runtime copied to {bin} hashes to {found}, not {sha}, so it was not kept: it \
+             was damaged on the way, or the compressed copy sent ({source}.gz) holds another \
+             binary than {source}"
+        );
+    }
+    let status = status.map_or("no exit status".to_string(), |s| format!("exit status {s}"));
+    format!(
+        "copying the runtime to {bin} failed ({status}): {}",
+        stderr.trim()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+    use std::process::{Command, Stdio};
+
+    fn sh(script: &str, stdin: &[u8]) -> (Option<i32>, String, String) {
+        let mut child = Command::new("sh")
+            .args(["-c", script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("sh");
+        let mut input = child.stdin.take().expect("stdin");
+        input.write_all(stdin).expect("feed");
+        drop(input);
+        let out = child.wait_with_output().expect("wait");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(bytes).expect("compress");
+        enc.finish().expect("compress")
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .expect("list")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn ls_modes_are_read() {
+        assert_eq!(mode_from_ls("drwx------"), Some(0o700));
+        assert_eq!(mode_from_ls("drwxrwxrwx."), Some(0o777));
+        assert_eq!(mode_from_ls("drwxrwxrwt"), Some(0o1777));
+        assert_eq!(mode_from_ls("-rwsr-Sr-T"), Some(0o7744));
+        assert_eq!(mode_from_ls("drwx"), None);
+    }
+
+    #[test]
+    fn an_upload_is_kept_only_when_its_hash_matches() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let runtime = b"#!/bin/sh\necho the runtime\n";
+        let sha = crate::engine::sha256_hex(runtime);
+        let bin = tmp.path().join(format!("matryoshka-{sha}"));
+        let bin = bin.to_str().expect("utf-8");
+
+        // Another binary under the runtime's name: refused, nothing left.
+        let (code, out, err) = sh(&upload(bin, &sha), &gzip(b"#!/bin/sh\necho another\n"));
+        assert_eq!(code, Some(4), "{out} {err}");
+        let why = upload_failure(Some(4), &out, &err, bin, &sha, "/x/matryoshka");
+        assert!(
+            why.starts_with(&format!("the runtime copied to {bin} hashes to ")),
+            "{why}"
+        );
+        assert!(
+            why.contains(&format!("not {sha}, so it was not kept")),
+            "{why}"
+        );
+        assert!(names(tmp.path()).is_empty(), "{:?}", names(tmp.path()));
+
+        // The runtime itself: kept, with its compressed copy.
+        let (code, out, err) = sh(&upload(bin, &sha), &gzip(runtime));
+        assert_eq!(code, Some(0), "{out} {err}");
+        assert_eq!(
+            names(tmp.path()),
+            [format!("matryoshka-{sha}"), format!("matryoshka-{sha}.gz")]
+        );
+        assert_eq!(std::fs::read(bin).expect("kept"), runtime);
+    }
+
+    #[test]
+    fn without_sha256sum_the_upload_fails_clearly() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        // A PATH with what the script needs except a hasher.
+        let tools = tmp.path().join("tools");
+        std::fs::create_dir(&tools).expect("tools");
+        for tool in ["mktemp", "cat", "gzip", "rm", "chmod", "mv"] {
+            let found = Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .expect("which");
+            let path = String::from_utf8_lossy(&found.stdout).trim().to_string();
+            std::os::unix::fs::symlink(path, tools.join(tool)).expect("link");
+        }
+        let bin = tmp.path().join("matryoshka-ab");
+        let bin = bin.to_str().expect("utf-8");
+        let script = format!("PATH={}; {}", tools.display(), upload(bin, "ab"));
+        let (code, out, err) = sh(&script, &gzip(b"x"));
+        assert_eq!(code, Some(3), "{out} {err}");
+        let why = upload_failure(Some(3), &out, &err, bin, "ab", "/x/matryoshka");
+        assert!(
+            why.contains("the target has no `sha256sum` to check the runtime copied"),
+            "{why}"
+        );
+        assert_eq!(names(tmp.path()), ["tools"]);
+    }
+
+    /// Runs the first exec against the cache `dir`, for a runtime `sha`.
+    fn first_exec(dir: &Path, sha: &str) -> (Option<i32>, String) {
+        let cache = super::super::sh_quote(dir.to_str().expect("utf-8"));
+        let (code, out, _) = sh(&warm_or_probe(&cache, sha, std::env::consts::ARCH, ""), b"");
+        (code, out)
+    }
+
+    #[test]
+    fn the_warm_path_runs_a_cached_runtime_only_from_a_safe_folder() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("cache");
+        let (_, out) = first_exec(&dir, "ab");
+        let Some(report) = out.strip_prefix(&format!("{PROBE_MARK}\n")) else {
+            panic!("no probe report: {out}");
+        };
+        assert_eq!(
+            parse_probe(report),
+            Probe::Ready {
+                arch: std::env::consts::ARCH.into(),
+                dir: dir.display().to_string(),
+                present: vec![]
+            }
+        );
+        for made in [&dir, &dir.join("bin")] {
+            let mode = std::fs::metadata(made).expect("stat").permissions().mode();
+            assert_eq!(mode & 0o777, 0o700, "{}", made.display());
+        }
+        // A cached "runtime" that says who it is.
+        let runtime = dir.join("bin/matryoshka-ab");
+        std::fs::write(&runtime, "#!/bin/sh\necho warm \"$@\"\n").expect("plant");
+        std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let (_, out) = first_exec(&dir, "ab");
+        assert!(out.starts_with("warm serve --stdio --cache-dir"), "{out}");
+
+        // The same with bin/ writable by others: not run, and the probe says why.
+        let bin = dir.join("bin");
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let (_, out) = first_exec(&dir, "ab");
+        assert!(!out.contains("warm"), "{out}");
+        let report = out.strip_prefix(&format!("{PROBE_MARK}\n")).unwrap_or(&out);
+        let Probe::Unsafe(why) = parse_probe(report) else {
+            panic!("not refused: {report}");
+        };
+        assert_eq!(
+            why,
+            [format!(
+                "{0} is mode 0777 (writable by group and others) (fix: `chmod 700 {0}` there \
+                 once you trust what it holds, or another folder with --remote-cache-dir)",
+                bin.display()
+            )]
+        );
+
+        // A runtime file others can write to is not listed (so it is copied again).
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o757)).expect("chmod");
+        let (_, out) = first_exec(&dir, "ab");
+        assert!(!out.contains("warm"), "{out}");
+        let report = out.strip_prefix(&format!("{PROBE_MARK}\n")).unwrap_or(&out);
+        assert!(
+            matches!(parse_probe(report), Probe::Ready { present, .. } if present.is_empty()),
+            "{report}"
+        );
+
+        // Owned by another user (root too must not run it).
+        std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::os::unix::fs::chown(&dir, Some(65534), None).expect("chown (tests run as root)");
+        let (_, out) = first_exec(&dir, "ab");
+        assert!(!out.contains("warm"), "{out}");
+        let report = out.strip_prefix(&format!("{PROBE_MARK}\n")).unwrap_or(&out);
+        let Probe::Unsafe(why) = parse_probe(report) else {
+            panic!("not refused: {report}");
+        };
+        assert_eq!(why.len(), 1, "{why:?}");
+        assert!(
+            why[0].starts_with(&format!(
+                "{} is owned by uid 65534, not by uid",
+                dir.display()
+            )),
+            "{why:?}"
+        );
+    }
+}
