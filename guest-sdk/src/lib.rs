@@ -65,7 +65,8 @@ pub fn log(level: Level, message: &str) {
 ///
 /// Each test is the name of a function in scope that takes no argument and
 /// returns `()` or `Result<(), E>` where `E: Debug`. Attributes before a name
-/// set its metadata: `#[ignore]`, `#[timeout_ms(N)]`, `#[tag("a", "b")]`.
+/// set its metadata: `#[ignore]`, `#[timeout_ms(N)]`, `#[tag("a", "b")]`, and
+/// `#[name("...")]` to report the test under another name than the function's.
 ///
 /// Each remote function takes one serde argument (a tuple for several, `()` for
 /// none) and returns `Result<T, host::Error>` with `T: Serialize`.
@@ -133,10 +134,13 @@ macro_rules! __case_attr {
     ($case:ident, tag($($tag:literal),* $(,)?)) => {
         $( $case.tags.push($tag); )*
     };
+    ($case:ident, name($name:literal)) => {
+        $case.name = $name;
+    };
     ($case:ident, $other:ident $($rest:tt)*) => {
         ::std::compile_error!(::std::concat!(
             "unknown test attribute `", ::std::stringify!($other),
-            "`: expected #[ignore], #[timeout_ms(N)] or #[tag(\"...\")]"
+            "`: expected #[ignore], #[timeout_ms(N)], #[tag(\"...\")] or #[name(\"...\")]"
         ));
     };
 }

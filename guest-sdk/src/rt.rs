@@ -16,7 +16,7 @@ use crate::{ErrorKind, Failure, TestCase};
 
 /// One registered test.
 pub struct Case {
-    /// The function's name.
+    /// The function's name, or the one `#[name("...")]` gave.
     pub name: &'static str,
     /// Runs the test body.
     pub body: fn() -> Result<(), String>,

@@ -503,10 +503,17 @@ fn list(runner: &Runner, plan: &runner::Plan, format: Format) -> u8 {
                 "timeout_ms": c.timeout_ms,
                 "tags": c.tags,
             });
-            println!("{line}");
+            match crate::reporter::json::to_line(&line) {
+                Ok(line) => println!("{line}"),
+                Err(e) => eprintln!("error: cannot write the list: {e}"),
+            }
         } else {
             let ignored = if c.ignored { " (ignored)" } else { "" };
-            println!("{suite}::{}: test{ignored}", c.name);
+            let name = crate::reporter::text::line(&c.name);
+            println!(
+                "{}::{name}: test{ignored}",
+                crate::reporter::text::line(suite)
+            );
         }
     }
     0

@@ -65,6 +65,49 @@ pub struct OutputLimitExceeded {
     pub limit: usize,
 }
 
+/// Bytes of a failure message a report keeps; the rest is cut with a note.
+pub const MESSAGE_LIMIT: usize = 64 << 10;
+
+/// Bytes of a failure message kept even when the output budget is spent, so a
+/// test that filled its budget still says why it failed.
+pub const MESSAGE_FLOOR: usize = 1 << 10;
+
+/// Bytes of a failure location (`file:line:column`) a report keeps.
+pub const LOCATION_LIMIT: usize = 1 << 10;
+
+/// Cuts `text` to at most `limit` bytes at a character boundary, ending it with a
+/// note that says how many bytes were cut and `why`. Text within the limit comes
+/// back unchanged, so capping twice at one limit cuts once. A `limit` smaller than
+/// the note leaves the note alone.
+pub fn cap_text(mut text: String, limit: usize, why: &str) -> String {
+    let total = text.len();
+    if total <= limit {
+        return text;
+    }
+    let note = |cut: usize| format!("\n[{cut} of {total} bytes cut: {why}]");
+    // The note for the largest possible cut is the longest one.
+    let room = limit.saturating_sub(note(total).len());
+    let keep = text.floor_char_boundary(room);
+    let note = note(total - keep);
+    text.truncate(keep);
+    text.push_str(&note);
+    text
+}
+
+/// A failure message cut to [`MESSAGE_LIMIT`].
+pub fn cap_message(message: String) -> String {
+    cap_text(
+        message,
+        MESSAGE_LIMIT,
+        "a failure message is kept up to 64 KiB",
+    )
+}
+
+/// A failure location cut to [`LOCATION_LIMIT`].
+pub fn cap_location(location: String) -> String {
+    cap_text(location, LOCATION_LIMIT, "a location is kept up to 1 KiB")
+}
+
 /// One captured log line.
 #[derive(Debug, Clone, Serialize)]
 pub struct LogLine {
@@ -202,6 +245,16 @@ impl Capture {
         Ok(())
     }
 
+    /// Counts up to `wanted` more bytes against the budget for text kept on the
+    /// test's behalf (its failure message) and returns how many fit. Unlike a
+    /// write, this never marks the budget exceeded: the test has already ended.
+    pub fn claim(&self, wanted: usize) -> usize {
+        let mut inner = self.lock();
+        let granted = wanted.min(self.limit.saturating_sub(inner.used));
+        inner.used += granted;
+        granted
+    }
+
     /// Gives the budget back, e.g. before the next call on a long-lived instance.
     pub fn reset_budget(&self) {
         let mut inner = self.lock();
@@ -296,6 +349,38 @@ mod tests {
         assert_eq!(out.stdout, "12345");
         assert_eq!(out.logs.len(), 1);
         assert_eq!(out.stderr, "");
+    }
+
+    #[test]
+    fn claims_take_what_is_left_of_the_budget() {
+        let c = Capture::new("L0", 10, None);
+        c.write(Stream::Stdout, b"123456").expect("fits");
+        assert_eq!(c.claim(3), 3);
+        assert_eq!(c.claim(3), 1, "only one byte was left");
+        assert_eq!(c.claim(3), 0);
+        assert!(c.exceeded().is_none(), "a claim never fails the test");
+        assert!(
+            c.write(Stream::Stdout, b"x").is_err(),
+            "but spends the budget"
+        );
+    }
+
+    #[test]
+    fn capped_text_keeps_a_prefix_and_says_how_much_was_cut() {
+        let short = cap_text("short".into(), 100, "why");
+        assert_eq!(short, "short");
+        let long = "é".repeat(1000); // 2000 bytes, two per character
+        let capped = cap_text(long.clone(), 100, "too long");
+        assert!(capped.len() <= 100, "{}", capped.len());
+        let (kept, note) = capped.split_once('\n').expect("a note");
+        assert!(long.starts_with(kept) && !kept.is_empty());
+        assert_eq!(
+            note,
+            format!("[{} of 2000 bytes cut: too long]", 2000 - kept.len())
+        );
+        assert_eq!(cap_text(capped.clone(), 100, "again"), capped, "idempotent");
+        let tiny = cap_text(long, 3, "tiny");
+        assert!(tiny.starts_with("\n[2000 of 2000 bytes cut"), "{tiny}");
     }
 
     #[test]

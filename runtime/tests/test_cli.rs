@@ -250,6 +250,8 @@ fn hostile_tests_each_end_with_their_own_error() {
     );
     expect("log_spam", "output-limit: output limit exceeded");
     expect("stdout_spam", "output-limit: output limit exceeded");
+    expect("huge_panic_message", "panic: zzzzzzzz");
+    expect("huge_error_message", "error: Error: eeeeeeee");
     r.line_for("PASS", "well_behaved");
     assert!(
         r.stdout.contains("hint: the component has no preopened directory for that path; grant one with --grant fs=PATH"),
@@ -257,7 +259,7 @@ fn hostile_tests_each_end_with_their_own_error() {
         r.stdout
     );
     assert!(
-        r.stdout.contains("1 passed, 6 failed, 0 ignored"),
+        r.stdout.contains("1 passed, 8 failed, 0 ignored"),
         "{}",
         r.stdout
     );

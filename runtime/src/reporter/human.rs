@@ -1,11 +1,17 @@
 //! Human output: a line per finished test, a progress bar on a terminal, and
 //! the failures with their captured output at the end.
+//!
+//! Every text the suite produced goes through [`text`]: names and other one-line
+//! fields with [`text::line`], messages and output with [`text::block`], so no
+//! control character reaches the terminal raw and a name stays on its line. A
+//! failure message appears once in full (in the failures section); the FAIL line
+//! shows at most 240 characters of its first line.
 
 use std::io::{self, IsTerminal, Write};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{Reporter, indent};
+use super::{Reporter, indent, text};
 use crate::event::{Outcome, TestEvent, TestFailure, TestId};
 use crate::output::{CapturedOutput, Stream};
 
@@ -58,28 +64,36 @@ impl<W: Write + Send> Reporter for HumanReporter<W> {
                 ..
             } => {
                 self.progress.set_length(*planned as u64);
-                let short = sha256.get(..12).unwrap_or(sha256);
+                let short = text::line(sha256.get(..12).unwrap_or(sha256));
                 self.line(&format!(
-                    "Starting {planned} tests from {suite} at {level_path} \
-                     (component {short}, {filtered_out} filtered out, {jobs} at a time)"
+                    "Starting {planned} tests from {} at {} \
+                     (component {short}, {filtered_out} filtered out, {jobs} at a time)",
+                    text::line(suite),
+                    text::line(level_path)
                 ))?;
             }
             TestEvent::TestStarted { test } => {
-                self.progress.set_message(test.name.clone());
+                self.progress
+                    .set_message(text::line(&test.name).into_owned());
             }
             TestEvent::Output {
                 test,
                 origin,
                 stream,
-                text,
+                text: written,
             } if self.show_output => {
                 let tag = match stream {
                     Stream::Stdout => "stdout".to_string(),
                     Stream::Stderr => "stderr".to_string(),
                     Stream::Log(level) => level.as_str().to_string(),
                 };
-                let prefix = format!("{tag:>6} {origin} {} | ", test.name);
-                self.line(&indent(text.trim_end_matches('\n'), &prefix))?;
+                let prefix = format!(
+                    "{tag:>6} {} {} | ",
+                    text::line(origin),
+                    text::line(&test.name)
+                );
+                let body = text::block(written.trim_end_matches('\n'));
+                self.line(&indent(&body, &prefix))?;
             }
             TestEvent::TestFinished {
                 test,
@@ -88,7 +102,7 @@ impl<W: Write + Send> Reporter for HumanReporter<W> {
                 output,
             } => {
                 self.progress.inc(1);
-                let name = format!("{} {}", test.level_path, test.full_name());
+                let name = display_name(test);
                 match outcome {
                     Outcome::Passed => {
                         self.line(&format!("    PASS [{duration_secs:>8.3}s] {name}"))?;
@@ -97,7 +111,7 @@ impl<W: Write + Send> Reporter for HumanReporter<W> {
                         self.line(&format!("    SKIP [{:>9}] {name} (ignored)", ""))?;
                     }
                     Outcome::Failed(f) => {
-                        let first = f.message.lines().next().unwrap_or("");
+                        let first = text::first_line(&f.message, LINE_WIDTH);
                         self.line(&format!(
                             "    FAIL [{duration_secs:>8.3}s] {name}: {}: {first}",
                             f.kind.as_str()
@@ -117,14 +131,13 @@ impl<W: Write + Send> Reporter for HumanReporter<W> {
                     for (test, failure, output) in &self.failures {
                         writeln!(
                             self.out,
-                            "\n--- {} {} ({}) ---",
-                            test.level_path,
-                            test.full_name(),
+                            "\n--- {} ({}) ---",
+                            display_name(test),
                             failure.kind.as_str()
                         )?;
-                        writeln!(self.out, "{}", failure.message)?;
+                        writeln!(self.out, "{}", text::block(&failure.message))?;
                         if let Some(at) = &failure.location {
-                            writeln!(self.out, "  at {at}")?;
+                            writeln!(self.out, "  at {}", text::line(at))?;
                         }
                         let rendered = render_output(output);
                         if !rendered.is_empty() {
@@ -135,9 +148,8 @@ impl<W: Write + Send> Reporter for HumanReporter<W> {
                     for (test, failure, _) in &self.failures {
                         writeln!(
                             self.out,
-                            "    {} {} ({})",
-                            test.level_path,
-                            test.full_name(),
+                            "    {} ({})",
+                            display_name(test),
                             failure.kind.as_str()
                         )?;
                     }
@@ -158,6 +170,15 @@ impl<W: Write + Send> Reporter for HumanReporter<W> {
     }
 }
 
+/// `level_path suite::name`, escaped to stay on one line.
+fn display_name(test: &TestId) -> String {
+    format!(
+        "{} {}",
+        text::line(&test.level_path),
+        text::line(&test.full_name())
+    )
+}
+
 /// Lines of each stream shown for a test; earlier ones are counted, not shown.
 const TAIL_LINES: usize = 20;
 /// Characters shown of one line.
@@ -174,7 +195,7 @@ fn render_output(output: &CapturedOutput) -> String {
                     "[{:>8.3}s {:>5} {}] {}",
                     l.at_secs,
                     l.level.as_str(),
-                    l.level_path,
+                    text::line(&l.level_path),
                     l.message
                 )
             })
@@ -190,13 +211,14 @@ fn render_output(output: &CapturedOutput) -> String {
     parts.join("\n")
 }
 
-fn tail(text: &str) -> String {
-    let lines: Vec<String> = text
+/// The last [`TAIL_LINES`] lines of `output`, each cut at [`LINE_WIDTH`] and escaped.
+fn tail(output: &str) -> String {
+    let lines: Vec<String> = output
         .trim_end()
         .lines()
         .map(|l| match l.char_indices().nth(LINE_WIDTH) {
-            Some((cut, _)) => format!("{}…", &l[..cut]),
-            None => l.to_string(),
+            Some((cut, _)) => format!("{}…", text::block(&l[..cut])),
+            None => text::block(l).into_owned(),
         })
         .collect();
     if lines.len() <= TAIL_LINES {

@@ -9,6 +9,7 @@ pub mod human;
 pub mod json;
 pub mod junit;
 pub mod tap;
+pub mod text;
 
 use std::io;
 

@@ -13,8 +13,11 @@ use tokio::task::JoinSet;
 use wasmtime::{Store, UpdateDeadline};
 
 mod chain;
+mod untrusted;
 
 pub use chain::Chain;
+use untrusted::keep_within_budget;
+pub use untrusted::{NAME_LIMIT, validate};
 
 use crate::event::{FailureKind, Outcome, Summary, TestEvent, TestFailure, TestId};
 use crate::host::{Failure, HostState, LevelContext, MemoryLimitExceeded, Suite, TestCase};
@@ -76,6 +79,19 @@ pub enum RunError {
         suite: String,
         /// What went wrong.
         message: String,
+    },
+    /// The suite's list of tests cannot be run as it is: names that are empty,
+    /// too long or declared twice would make reports ambiguous.
+    #[error(
+        "the suite {suite} is malformed: {} (each test needs a unique, non-empty name \
+         of at most {NAME_LIMIT} bytes)",
+        problems.join("; ")
+    )]
+    Malformed {
+        /// Suite name.
+        suite: String,
+        /// Each problem, e.g. `test name "x" is declared twice`.
+        problems: Vec<String>,
     },
 }
 
@@ -160,7 +176,8 @@ impl Runner {
         &self.suite
     }
 
-    /// Asks the component for its tests, in a fresh instance.
+    /// Asks the component for its tests, in a fresh instance, and checks their
+    /// names with [`validate`].
     pub async fn list(&self) -> Result<Vec<TestCase>, RunError> {
         let err = |message: String| RunError::List {
             suite: self.suite.name.clone(),
@@ -179,7 +196,7 @@ impl Runner {
             tokio::time::timeout(Duration::from_secs(30), call).await
         };
         match result {
-            Ok(Ok(cases)) => Ok(cases),
+            Ok(Ok(cases)) => validate(&self.suite.name, &cases).map(|()| cases),
             Ok(Err(trap)) => Err(err(format!("the `tests` export trapped: {trap:#}"))),
             Err(_) => Err(err("the `tests` export did not return within 30 s".into())),
         }
@@ -329,7 +346,7 @@ impl TestJob {
         let capture = Capture::new(&self.ctx.level.path, self.ctx.limits.output_bytes, sink);
         if let Some(chain) = &self.chain {
             let outcome = chain.run_test(&id.name, self.timeout, &capture).await;
-            return (outcome, capture.take());
+            return (keep_within_budget(outcome, &capture), capture.take());
         }
         let outcome = self.run_in(&id.name, capture.clone()).await;
         (outcome, capture.take())
@@ -337,7 +354,7 @@ impl TestJob {
 
     /// Runs `name` in a fresh instance whose output goes to `capture`.
     async fn run_in(self, name: &str, capture: Arc<Capture>) -> Outcome {
-        let state = match HostState::new(self.ctx.clone(), capture) {
+        let state = match HostState::new(self.ctx.clone(), capture.clone()) {
             Ok(state) => state,
             Err(e) => {
                 let failure = failure(FailureKind::Infrastructure, format!("{e:#}"), None);
@@ -354,7 +371,8 @@ impl TestJob {
             };
             tokio::time::timeout(self.timeout, call).await
         };
-        classify(result, store.data_mut(), self.timeout)
+        let outcome = classify(result, store.data_mut(), self.timeout);
+        keep_within_budget(outcome, &capture)
     }
 }
 

@@ -47,6 +47,26 @@ fn stdout_spam() {
     }
 }
 
+/// Bytes of the failure messages below: far more than a report keeps.
+const HUGE: usize = 8 << 20;
+
+fn huge_panic_message() {
+    panic!("{}", "z".repeat(HUGE));
+}
+
+/// An error whose `Debug` is its text as is, so building the message is quick.
+struct Verbatim(String);
+
+impl std::fmt::Debug for Verbatim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn huge_error_message() -> Result<(), Verbatim> {
+    Err(Verbatim("e".repeat(HUGE)))
+}
+
 fn well_behaved() {
     log::info!("still running at {}", host::level_path());
 }
@@ -59,6 +79,8 @@ matryoshka_guest::suite! {
         exec_without_grant,
         log_spam,
         stdout_spam,
+        #[timeout_ms(60_000)] huge_panic_message,
+        #[timeout_ms(60_000)] huge_error_message,
         well_behaved,
     ],
 }
