@@ -35,8 +35,15 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(300);
 /// The protocol version this runtime speaks; both ends must agree at `Hello`.
 pub const PROTOCOL_VERSION: u32 = 2;
 
-/// Largest frame accepted: a component plus headroom.
+/// Largest frame accepted: the `Component` frame (a component and its
+/// precompiled artifact), which only a child reads, and only before it is ready.
 pub const MAX_FRAME: usize = 256 << 20;
+
+/// Largest frame accepted otherwise (calls, returns, events): room for a call
+/// whose result carries two full `exec` outputs. A length prefix makes the
+/// reader reserve that much at once, so this bounds what a peer can make a
+/// level allocate.
+pub const MAX_CALL_FRAME: usize = 64 << 20;
 
 /// Everything that crosses a hop.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -332,11 +339,18 @@ pub struct FrameReader<R> {
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
-    /// Wraps `reader`.
+    /// Wraps `reader`, accepting frames of up to [`MAX_CALL_FRAME`] bytes.
     pub fn new(reader: R) -> Self {
+        let mut codec = codec();
+        codec.set_max_frame_length(MAX_CALL_FRAME);
         Self {
-            inner: FramedRead::new(reader, codec()),
+            inner: FramedRead::new(reader, codec),
         }
+    }
+
+    /// Accepts frames of up to `max` bytes from now on.
+    pub fn set_limit(&mut self, max: usize) {
+        self.inner.decoder_mut().set_max_frame_length(max);
     }
 
     /// The next message; `None` at a clean end of stream.
@@ -425,6 +439,22 @@ mod tests {
             },
         ];
         assert_eq!(round_trip(&msgs).await, msgs);
+    }
+
+    #[tokio::test]
+    async fn frames_over_the_limit_are_refused_before_they_are_read() {
+        use tokio::io::AsyncWriteExt;
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let claimed = u32::try_from(MAX_CALL_FRAME + 1).expect("fits");
+        a.write_all(&claimed.to_be_bytes()).await.expect("write");
+        let mut r = FrameReader::new(b);
+        let first = r.next().await.expect("an answer");
+        assert!(
+            first
+                .as_ref()
+                .is_err_and(|e| e.to_string().contains("frame size too big")),
+            "{first:?}"
+        );
     }
 
     #[tokio::test]

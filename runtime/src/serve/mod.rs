@@ -30,8 +30,8 @@ use crate::output::{OutputSink, Stream};
 use crate::runner::Chain;
 use crate::suite;
 use crate::wire::{
-    FrameReader, FrameWriter, Message, READY_TIMEOUT, RemoteError, RemoteEvent, WireErrorKind,
-    WireOutcome,
+    FrameReader, FrameWriter, MAX_CALL_FRAME, MAX_FRAME, Message, READY_TIMEOUT, RemoteError,
+    RemoteEvent, WireErrorKind, WireOutcome,
 };
 
 /// Time the parent has to send `Load` after this runtime's `Hello`.
@@ -117,7 +117,9 @@ where
         }
         None => {
             let _ = out.send(Message::NeedComponent);
+            reader.set_limit(MAX_FRAME);
             let sent = tokio::time::timeout(READY_TIMEOUT, reader.next()).await;
+            reader.set_limit(MAX_CALL_FRAME);
             let (bytes, precompiled) = match sent {
                 Err(_) => {
                     return Err(format!(
