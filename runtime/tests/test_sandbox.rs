@@ -196,3 +196,33 @@ fn a_flooding_level_costs_its_parent_no_more_than_the_output_budget() {
     eprintln!("L0 peak RSS during a 256 MiB flood: {} MiB", peak_kib >> 10);
     assert_nothing_left(&tag, None);
 }
+
+#[test]
+fn a_granted_folder_missing_at_a_level_is_not_a_lost_level() {
+    let tag = unique_tag("nofolder");
+    let missing = format!("/nonexistent-{tag}");
+    let grant = format!("fs={missing}");
+    let out = bin()
+        .env("MATRYOSHKA_TEST_TAG", &tag)
+        .args([
+            "test",
+            RELAY,
+            "--env",
+            "MATRYOSHKA_CHAIN=local",
+            "--grant",
+            &grant,
+            "--nocapture",
+            "--exact",
+            "reaches_every_level",
+        ])
+        .output()
+        .expect("start matryoshka");
+    let r = Run::from(out);
+    r.expect_code(0);
+    for level in ["L0", "L0/L1"] {
+        r.expect_stdout(&format!(
+            "the granted folder {missing} is not available at {level} ("
+        ));
+    }
+    assert_nothing_left(&tag, None);
+}
