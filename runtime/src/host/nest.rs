@@ -84,7 +84,9 @@ impl HostGuest for HostState {
         let result = conn
             .call(&function, args, timeout_ms.map(Duration::from_millis))
             .await;
-        if let Err(e) = &result {
+        if let Err(e) = &result
+            && e.kind == WireErrorKind::LevelLost
+        {
             self.note_infrastructure(e);
         }
         Ok(result.map_err(from_remote))
@@ -181,13 +183,14 @@ impl HostState {
                 };
                 Ok(Ok(self.table.push(handle)?))
             }
-            Err(mut e) => {
-                // A level that cannot be reached is the infrastructure's fault, not the test's.
+            Err(e) => {
+                // A level that cannot be reached is the infrastructure's fault, not the
+                // test's; the test still sees what went wrong (`not-found` for a missing
+                // image, `timeout` for a boot deadline, ...).
                 if !matches!(
                     e.kind,
                     WireErrorKind::Denied | WireErrorKind::InvalidArgument
                 ) {
-                    e.kind = WireErrorKind::LevelLost;
                     self.note_infrastructure(&e);
                 }
                 Ok(Err(from_remote(e)))
@@ -197,12 +200,9 @@ impl HostState {
 }
 
 impl HostState {
-    /// Remembers a lost or unbootable level (kind `level-lost`, here or below) as
+    /// Remembers a lost or unbootable level (here, or below: kind `level-lost`) as
     /// the cause of this test's failure, should it fail.
     fn note_infrastructure(&mut self, e: &RemoteError) {
-        if e.kind != WireErrorKind::LevelLost {
-            return;
-        }
         self.infrastructure.get_or_insert_with(|| {
             if e.message.contains(&e.level_path) {
                 e.message.clone()

@@ -291,12 +291,20 @@ impl Connection {
                             );
                         }
                         Message::Acquire { id, path } => {
-                            let (budget, subtree, out) =
-                                (budget.clone(), subtree.clone(), out.clone());
+                            let (budget, subtree, out, lost) =
+                                (budget.clone(), subtree.clone(), out.clone(), lost.clone());
                             tokio::spawn(async move {
                                 let result = budget.acquire(&path).await;
                                 if result.is_ok() {
-                                    *lock(&subtree) += 1;
+                                    // Counted under the `lost` lock: a child lost meanwhile
+                                    // gives it back at once.
+                                    let lost = lock(&lost);
+                                    if lost.is_some() {
+                                        budget.release(1);
+                                    } else {
+                                        *lock(&subtree) += 1;
+                                    }
+                                    drop(lost);
                                 }
                                 let _ = out.send(Message::Acquired { id, result }).await;
                             });
@@ -314,6 +322,9 @@ impl Connection {
                     }
                 };
                 declare_lost(&lost, &pending, &guard, cause);
+                // A lost child's subtree holds nothing any more.
+                let held = std::mem::take(&mut *lock(&subtree));
+                budget.release(held);
             })
         };
         let heartbeat_task = {
