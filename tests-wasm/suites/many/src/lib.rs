@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// Sleeps 400 ms and prints the wall-clock window it ran in as
+/// Sleeps 1 s and prints the wall-clock window it ran in as
 /// `window START_NS END_NS`; how many windows of one run overlap is how many
 /// tests ran at once.
 fn window() {
@@ -14,7 +14,7 @@ fn window() {
             .as_nanos()
     };
     let start = now();
-    std::thread::sleep(Duration::from_millis(400));
+    std::thread::sleep(Duration::from_secs(1));
     println!("window {start} {}", now());
 }
 
