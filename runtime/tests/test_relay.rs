@@ -579,17 +579,11 @@ fn output_written_below_counts_against_the_budget_at_l0() {
             panic of its `println!` (kind `error` at L0), not in `output-limit`"]
 fn one_remote_call_over_the_budget_fails_the_test_with_output_limit() {
     let tag = unique_tag("budget1");
+    let one_call = ["--env", "PRINT_CALLS=1", "--env", "PRINT_BYTES=5000"];
     let r = print_below(
         &tag,
         "local",
-        &[
-            "--max-output",
-            "2500",
-            "--env",
-            "PRINT_CALLS=1",
-            "--env",
-            "PRINT_BYTES=5000",
-        ],
+        &[&one_call[..], &["--max-output", "2500"]].concat(),
     );
     r.expect_code(100);
     let line = r.line_for("FAIL", "output_below_counts_at_l0");
