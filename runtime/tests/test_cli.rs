@@ -32,12 +32,13 @@ fn basics_reports_each_test_and_a_summary() {
         "{fail}"
     );
     r.line_for("SKIP", "ignored_by_default");
+    r.line_for("SKIP", "fs_write_via_rw_grant");
     // The failure section carries both values and the guest source location.
     r.expect_stdout("  left: 2\n right: 3");
     r.expect_stdout("  at basics/src/lib.rs:");
     assert!(
         r.stdout
-            .contains("10 passed, 1 failed, 1 ignored; 0 filtered out"),
+            .contains("10 passed, 1 failed, 2 ignored; 0 filtered out"),
         "{}",
         r.stdout
     );
@@ -49,7 +50,7 @@ fn all_pass_exit_zero_and_skip_filters() {
     r.expect_code(0);
     assert!(
         r.stdout
-            .contains("10 passed, 0 failed, 1 ignored; 1 filtered out"),
+            .contains("10 passed, 0 failed, 2 ignored; 1 filtered out"),
         "{}",
         r.stdout
     );
@@ -60,7 +61,7 @@ fn list_names_tests_without_running_them() {
     let r = run(&["test", BASICS, "--list"]);
     r.expect_code(0);
     let lines: Vec<&str> = r.stdout.lines().collect();
-    assert_eq!(lines.len(), 12, "{}", r.stdout);
+    assert_eq!(lines.len(), 13, "{}", r.stdout);
     assert!(lines.contains(&"basics::hostname_is_set: test"));
     assert!(lines.contains(&"basics::ignored_by_default: test (ignored)"));
     assert!(!r.stdout.contains("PASS"));
@@ -72,7 +73,7 @@ fn filters_exact_and_ignored() {
     r.expect_code(0);
     assert!(
         r.stdout
-            .contains("1 passed, 0 failed, 0 ignored; 11 filtered out"),
+            .contains("1 passed, 0 failed, 0 ignored; 12 filtered out"),
         "{}",
         r.stdout
     );
@@ -81,9 +82,11 @@ fn filters_exact_and_ignored() {
     r.expect_code(100);
     let fail = r.line_for("FAIL", "ignored_by_default");
     assert!(fail.contains("ignored tests run only with"), "{fail}");
+    // Without its `/out` grant the write fails.
+    r.line_for("FAIL", "fs_write_via_rw_grant");
     assert!(
         r.stdout
-            .contains("0 passed, 1 failed, 0 ignored; 11 filtered out"),
+            .contains("0 passed, 2 failed, 0 ignored; 11 filtered out"),
         "{}",
         r.stdout
     );
@@ -98,7 +101,7 @@ fn filters_exact_and_ignored() {
     r.expect_code(100);
     assert!(
         r.stdout
-            .contains("10 passed, 1 failed, 0 ignored; 1 filtered out"),
+            .contains("10 passed, 2 failed, 0 ignored; 1 filtered out"),
         "{}",
         r.stdout
     );
@@ -110,9 +113,9 @@ fn junit_output_parses_with_a_junit_parser() {
     r.expect_code(100);
     let report = junit_parser::from_reader(BufReader::new(r.stdout.as_bytes()))
         .unwrap_or_else(|e| panic!("JUnit did not parse: {e}\n{}", r.stdout));
-    assert_eq!(report.tests, 12);
+    assert_eq!(report.tests, 13);
     assert_eq!(report.failures, 1);
-    assert_eq!(report.skipped, 1);
+    assert_eq!(report.skipped, 2);
     let suite = &report.suites[0];
     assert_eq!(suite.name, "basics");
     let failed = suite
@@ -136,6 +139,8 @@ fn junit_output_parses_with_a_junit_parser() {
     let out = logged.system_out.as_deref().unwrap_or_default();
     assert!(out.contains("to stdout from L0"), "{out}");
     assert!(out.contains("[warn L0] a warning line"), "{out}");
+    let err = logged.system_err.as_deref().unwrap_or_default();
+    assert!(err.contains("to stderr"), "{err}");
 }
 
 #[test]
@@ -147,7 +152,7 @@ fn junit_file_beside_human_output() {
     r.expect_stdout("10 passed, 1 failed");
     let file = std::fs::File::open(&path).expect("report written");
     let report = junit_parser::from_reader(BufReader::new(file)).expect("parses");
-    assert_eq!(report.tests, 12);
+    assert_eq!(report.tests, 13);
 }
 
 #[test]
@@ -161,7 +166,7 @@ fn json_lines_carry_every_event() {
         .collect();
     let kinds = |k: &str| events.iter().filter(|e| e["event"] == k).count();
     assert_eq!(kinds("run-started"), 1);
-    assert_eq!(kinds("test-finished"), 12);
+    assert_eq!(kinds("test-finished"), 13);
     assert_eq!(kinds("run-finished"), 1);
     let live = events
         .iter()
@@ -177,7 +182,7 @@ fn json_lines_carry_every_event() {
     let summary = &events.last().expect("events")["summary"];
     assert_eq!(summary["passed"], 10);
     assert_eq!(summary["failed"], 1);
-    assert_eq!(summary["ignored"], 1);
+    assert_eq!(summary["ignored"], 2);
 }
 
 #[test]
@@ -186,14 +191,14 @@ fn tap_stream_has_a_matching_plan_and_skips() {
     r.expect_code(100);
     let lines: Vec<&str> = r.stdout.lines().collect();
     assert_eq!(lines[0], "TAP version 13");
-    assert_eq!(lines[1], "1..12");
+    assert_eq!(lines[1], "1..13");
     let results: Vec<&&str> = lines
         .iter()
         .filter(|l| l.starts_with("ok ") || l.starts_with("not ok "))
         .collect();
-    assert_eq!(results.len(), 12, "{}", r.stdout);
+    assert_eq!(results.len(), 13, "{}", r.stdout);
     assert!(
-        lines.contains(&"not ok 11 - basics::deliberately_fails"),
+        lines.contains(&"not ok 12 - basics::deliberately_fails"),
         "{}",
         r.stdout
     );
@@ -285,7 +290,7 @@ fn grants_from_the_command_line() {
         BASICS,
         "--no-config",
         "--grant",
-        "exec=uname,hostname",
+        "exec=uname,hostname,cat",
         "--grant",
         &fs,
         "--skip",
@@ -381,10 +386,79 @@ fn compiled_component_is_cached() {
 }
 
 #[test]
-fn a_thousand_tests_run_in_parallel() {
+fn a_thousand_tests_pass() {
     let r = run(&["test", MANY, "-j", "2"]);
     r.expect_code(0);
-    r.expect_stdout("1000 passed, 0 failed, 0 ignored");
+    r.expect_stdout("1000 passed, 0 failed, 4 ignored");
+}
+
+/// The most of the `window_*` tests of MANY that ran at once with `-j jobs`,
+/// from the wall-clock windows (`window START_NS END_NS`) each one printed.
+fn most_at_once(jobs: &str) -> usize {
+    let r = run(&["test", MANY, "--ignored", "-j", jobs, "--format", "json"]);
+    r.expect_code(0);
+    let windows: Vec<(u128, u128)> = r
+        .stdout
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("{e}: {l}"))
+        })
+        .filter(|e| e["event"] == "test-finished")
+        .map(|e| {
+            let out = e["output"]["stdout"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let mut fields = out.split_whitespace().skip(1).map(str::parse::<u128>);
+            match (fields.next(), fields.next()) {
+                (Some(Ok(start)), Some(Ok(end))) => (start, end),
+                _ => panic!("no window in {e}"),
+            }
+        })
+        .collect();
+    assert_eq!(windows.len(), 4, "{}", r.stdout);
+    // At most as many ran at once as there are windows holding some window's start.
+    windows
+        .iter()
+        .map(|(at, _)| windows.iter().filter(|(s, e)| s <= at && at < e).count())
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn jobs_is_how_many_tests_run_at_once() {
+    assert_eq!(most_at_once("1"), 1, "-j 1 ran tests at once");
+    assert_eq!(most_at_once("2"), 2, "-j 2 did not run two tests at once");
+    assert_eq!(most_at_once("4"), 4, "-j 4 did not run four tests at once");
+}
+
+#[test]
+fn a_rw_grant_writes_to_the_host_and_a_read_only_one_does_not() {
+    for (mode, code) in [(":rw", 0), ("", 100), (":ro", 100)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let grant = format!("fs={}:/out{mode}", dir.path().display());
+        let r = run(&[
+            "test",
+            BASICS,
+            "--no-config",
+            "--grant",
+            &grant,
+            "--ignored",
+            "--exact",
+            "fs_write_via_rw_grant",
+        ]);
+        r.expect_code(code);
+        let written = dir.path().join("written-by-guest.txt");
+        if code == 0 {
+            r.line_for("PASS", "fs_write_via_rw_grant");
+            let text = std::fs::read_to_string(&written).expect("the file written through /out");
+            assert_eq!(text, "written at L0\n");
+        } else {
+            let line = r.line_for("FAIL", "fs_write_via_rw_grant");
+            assert!(line.contains("PermissionDenied"), "{grant}: {line}");
+            assert!(!written.exists(), "{grant} let the guest write");
+        }
+    }
 }
 
 /// Runs `matryoshka test BASICS --list` with the compile cache at `cache`.

@@ -4,10 +4,12 @@
 #[allow(dead_code, reason = "shared by several test crates, each using a part")]
 mod common;
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use common::{Run, SshChain, assert_nothing_left, bin, unique_tag};
 use matryoshka_test_programs::RELAY;
@@ -29,8 +31,10 @@ fn a_chain_of_four_local_runtimes() {
     let tag = unique_tag("local4");
     let r = relay(&tag, "local,local,local,local", &["-j", "2"]);
     r.expect_code(0);
-    r.expect_stdout("5 passed, 0 failed, 4 ignored");
+    r.expect_stdout("7 passed, 0 failed, 5 ignored");
+    // Logs and stdout of the deepest level come up tagged with its level path.
     r.expect_stdout("info L0/L1/L2/L3/L4 streams_a_log_line_from_the_deepest_level | hello from the bottom (logged at L0/L1/L2/L3/L4)");
+    r.expect_stdout("stdout L0/L1/L2/L3/L4 streams_a_log_line_from_the_deepest_level | hello from the bottom (printed at L0/L1/L2/L3/L4)");
     r.expect_stdout("reached L0/L1/L2/L3/L4 on");
     assert_nothing_left(&tag, None);
 }
@@ -46,16 +50,43 @@ fn runtimes_in(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Inode and modification time of every file under `dir`, by path.
+fn file_identities(dir: &Path) -> BTreeMap<PathBuf, (u64, SystemTime)> {
+    let mut found = BTreeMap::new();
+    let mut folders = vec![dir.to_path_buf()];
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(&folder)
+            .expect("read cache folder")
+            .flatten()
+        {
+            let meta = entry.metadata().expect("stat");
+            if meta.is_dir() {
+                folders.push(entry.path());
+            } else {
+                let mtime = meta.modified().expect("mtime");
+                found.insert(entry.path(), (meta.ino(), mtime));
+            }
+        }
+    }
+    found
+}
+
+/// How many lines of `text` contain `needle`.
+fn lines_with(text: &str, needle: &str) -> usize {
+    text.lines().filter(|l| l.contains(needle)).count()
+}
+
 #[test]
-fn a_chain_of_three_ssh_hops_copies_the_runtime_to_each() {
+fn a_chain_of_three_ssh_hops_copies_the_runtime_to_each_and_a_warm_run_copies_nothing() {
     let chain = SshChain::new(3);
     let tag = unique_tag("ssh3");
     let args = chain.args();
     let mut extra: Vec<&str> = args.iter().map(String::as_str).collect();
-    extra.extend(["-j", "1"]);
+    // `-v`: every level's runtime says what it copied and what it found cached.
+    extra.extend(["-j", "1", "-v"]);
     let r = relay(&tag, &chain.chain(), &extra);
     r.expect_code(0);
-    r.expect_stdout("5 passed, 0 failed, 4 ignored");
+    r.expect_stdout("7 passed, 0 failed, 5 ignored");
     r.expect_stdout(
         "info L0/L1/L2/L3 streams_a_log_line_from_the_deepest_level | hello from the bottom",
     );
@@ -73,14 +104,61 @@ fn a_chain_of_three_ssh_hops_copies_the_runtime_to_each() {
             .map(|d| d.count())
             .unwrap_or(0);
         assert_eq!(components, 1, "component cached at L{depth}");
+        let to = format!("to {}/bin/matryoshka-", cache.display());
+        assert!(
+            r.stderr
+                .lines()
+                .any(|l| l.contains("copying the runtime (") && l.contains(&to)),
+            "no copy to L{depth}:\n{}",
+            r.stderr
+        );
     }
+    assert_eq!(
+        lines_with(&r.stderr, "copying the runtime ("),
+        3,
+        "{}",
+        r.stderr
+    );
+    assert_eq!(lines_with(&r.stderr, "received after"), 3, "{}", r.stderr);
     let needle = chain.caches.path().display().to_string();
     assert_nothing_left(&tag, Some(&needle));
+    let cold: Vec<_> = (1..=3).map(|d| file_identities(&chain.cache(d))).collect();
 
-    // Warm: everything is cached at every level, and the same tests pass.
+    // Warm: every level starts the runtime and loads the component it has, the same
+    // tests pass, and not one file of any level's cache is written or replaced.
     let r = relay(&tag, &chain.chain(), &extra);
     r.expect_code(0);
-    r.expect_stdout("5 passed, 0 failed");
+    r.expect_stdout("7 passed, 0 failed");
+    assert_eq!(
+        lines_with(&r.stderr, "copying the runtime"),
+        0,
+        "{}",
+        r.stderr
+    );
+    assert_eq!(lines_with(&r.stderr, "received after"), 0, "{}", r.stderr);
+    for (server, depth) in chain.servers.iter().zip(1..) {
+        let warm = format!(
+            "ssh://root@127.0.0.1:{}: cached runtime started",
+            server.port
+        );
+        assert!(lines_with(&r.stderr, &warm) > 0, "L{depth}:\n{}", r.stderr);
+    }
+    for depth in 1..=3 {
+        let path: Vec<String> = (0..=depth).map(|l| format!("L{l}")).collect();
+        let cached = format!("was cached here level={} ", path.join("/"));
+        assert!(
+            lines_with(&r.stderr, &cached) > 0,
+            "L{depth}:\n{}",
+            r.stderr
+        );
+    }
+    for (depth, before) in (1..=3).zip(&cold) {
+        assert_eq!(
+            &file_identities(&chain.cache(depth)),
+            before,
+            "the warm run wrote to the cache of L{depth}"
+        );
+    }
     assert_nothing_left(&tag, Some(&needle));
 }
 
@@ -466,4 +544,52 @@ fn a_cached_runtime_is_not_run_from_a_folder_others_can_write_to() {
     );
     let needle = chain.caches.path().display().to_string();
     assert_nothing_left(&tag, Some(&needle));
+}
+
+// ---- claims of the README, proven over real local chains ----
+
+/// Runs the ignored `output_below_counts_at_l0` test over `chain` with `extra`.
+fn print_below(tag: &str, chain: &str, extra: &[&str]) -> Run {
+    let mut args = vec!["--ignored", "--exact", "output_below_counts_at_l0"];
+    args.extend(extra);
+    relay(tag, chain, &args)
+}
+
+#[test]
+fn output_written_below_counts_against_the_budget_at_l0() {
+    // Four calls each print 1000 bytes at L2; each call starts a fresh budget at
+    // the levels below, so only L0's count of the test's output can reach 2500.
+    let tag = unique_tag("budget");
+    let r = print_below(&tag, "local,local", &["--max-output", "2500"]);
+    r.expect_code(100);
+    let line = r.line_for("FAIL", "output_below_counts_at_l0");
+    assert!(
+        line.contains("output-limit: output limit exceeded: the test wrote more than 2500 bytes"),
+        "{line}"
+    );
+    // Control: the same 4000 bytes fit a budget of 5000.
+    let r = print_below(&tag, "local,local", &["--max-output", "5000"]);
+    r.expect_code(0);
+    r.line_for("PASS", "output_below_counts_at_l0");
+    assert_nothing_left(&tag, None);
+}
+
+#[test]
+#[ignore = "fails today: a remote call that spends the whole budget at its level ends in a \
+            panic of its `println!` (kind `error` at L0), not in `output-limit`"]
+fn one_remote_call_over_the_budget_fails_the_test_with_output_limit() {
+    let tag = unique_tag("budget1");
+    let one_call = ["--env", "PRINT_CALLS=1", "--env", "PRINT_BYTES=5000"];
+    let r = print_below(
+        &tag,
+        "local",
+        &[&one_call[..], &["--max-output", "2500"]].concat(),
+    );
+    r.expect_code(100);
+    let line = r.line_for("FAIL", "output_below_counts_at_l0");
+    assert!(
+        line.contains("output-limit: output limit exceeded"),
+        "{line}"
+    );
+    assert_nothing_left(&tag, None);
 }

@@ -2,10 +2,11 @@
 //!
 //! The chain is named by `MATRYOSHKA_CHAIN` (set with `--env`): a comma-separated
 //! list of targets, `local` or `ssh://user@host:port`; the level at depth N
-//! reaches the next one through entry N.
+//! reaches the next one through entry N. Without it the tests that reach other
+//! levels fail: a chain of none would prove nothing.
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use matryoshka_guest::host::{self, Error};
 use matryoshka_guest::nest::Guest;
@@ -20,13 +21,26 @@ struct Hop {
     arch: String,
 }
 
+/// The targets of `MATRYOSHKA_CHAIN`; panics when there are none.
 fn chain() -> Vec<String> {
-    std::env::var("MATRYOSHKA_CHAIN")
+    let chain: Vec<String> = std::env::var("MATRYOSHKA_CHAIN")
         .unwrap_or_default()
         .split(',')
         .filter(|s| !s.is_empty())
         .map(str::to_string)
-        .collect()
+        .collect();
+    assert!(
+        !chain.is_empty(),
+        "MATRYOSHKA_CHAIN is not set at {}: run the relay suite with \
+         --env MATRYOSHKA_CHAIN=TARGET[,TARGET...] (`local` or `ssh://user@host:port`)",
+        host::level_path()
+    );
+    chain
+}
+
+/// The first level of the chain, reached from L0.
+fn first() -> Result<Guest, Error> {
+    Guest::connect(&chain()[0])
 }
 
 /// The next level below this one, if the chain goes further.
@@ -72,6 +86,31 @@ fn log_at_bottom(message: String) -> Result<String, Error> {
             Ok(host::level_path())
         }
     }
+}
+
+/// Prints `bytes` bytes (a line of `x`) at the bottom of the chain.
+fn print_at_bottom(bytes: usize) -> Result<String, Error> {
+    match next()? {
+        Some(next) => next.call("print_at_bottom", &bytes),
+        None => {
+            println!("{}", "x".repeat(bytes.saturating_sub(1)));
+            Ok(host::level_path())
+        }
+    }
+}
+
+/// Runs `argv` at the bottom of the chain and returns its exit status.
+fn exec_at_bottom(argv: Vec<String>) -> Result<Option<i32>, Error> {
+    match next()? {
+        Some(next) => next.call("exec_at_bottom", &argv),
+        None => Ok(host::exec(&argv)?.status),
+    }
+}
+
+/// Sleeps `ms` milliseconds here.
+fn sleep_ms(ms: u64) -> Result<(), Error> {
+    std::thread::sleep(Duration::from_millis(ms));
+    Ok(())
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -176,12 +215,10 @@ fn streams_a_log_line_from_the_deepest_level() -> Result<(), Error> {
 }
 
 fn remote_instance_keeps_state() -> Result<(), Error> {
-    let Some(first) = next()? else {
-        return Ok(());
-    };
+    let first = first()?;
     assert_eq!(first.call::<_, u32>("count", &())?, 1);
     assert_eq!(first.call::<_, u32>("count", &())?, 2);
-    let second = next()?.expect("same chain");
+    let second = self::first()?;
     assert_eq!(
         second.call::<_, u32>("count", &())?,
         1,
@@ -192,13 +229,72 @@ fn remote_instance_keeps_state() -> Result<(), Error> {
 }
 
 fn unknown_remote_function_is_not_found() -> Result<(), Error> {
-    let Some(first) = next()? else {
-        return Ok(());
-    };
+    let first = first()?;
     let err = first
         .call::<_, u32>("no_such_function", &())
         .expect_err("must fail");
     assert_eq!(err.kind.as_str(), "not-found", "{err}");
+    assert_eq!(err.level_path, first.level_path(), "{err}");
+    Ok(())
+}
+
+fn a_call_timeout_restarts_the_remote_instance() -> Result<(), Error> {
+    let first = first()?;
+    assert_eq!(first.call::<_, u32>("count", &())?, 1);
+    assert_eq!(first.call::<_, u32>("count", &())?, 2);
+    let started = Instant::now();
+    let err = first
+        .call_with_timeout::<_, ()>("sleep_ms", &20_000u64, Duration::from_millis(300))
+        .expect_err("a 20 s sleep returned within a 300 ms timeout");
+    let took = started.elapsed();
+    assert_eq!(err.kind.as_str(), "timeout", "{err}");
+    assert_eq!(err.level_path, first.level_path(), "{err}");
+    assert!(
+        took < Duration::from_secs(5),
+        "the timeout came after {took:?}"
+    );
+    // The same handle answers again, from a new instance: the count starts over.
+    assert_eq!(
+        first.call::<_, u32>("count", &())?,
+        1,
+        "the instance that timed out kept its state"
+    );
+    Ok(())
+}
+
+fn the_deepest_level_denies_what_l0_did_not_grant() -> Result<(), Error> {
+    // The grant of L0 (`sh`) holds at the bottom...
+    let status = exec_at_bottom(vec!["sh".into(), "-c".into(), "exit 7".into()])?;
+    assert_eq!(status, Some(7));
+    // ...and nothing more does.
+    let err = exec_at_bottom(vec!["cat".into(), "/dev/null".into()])
+        .expect_err("`cat` ran below L0 without a grant");
+    assert_eq!(err.kind.as_str(), "denied", "{err}");
+    assert_eq!(err.level_path.split('/').count(), depth() + 1, "{err}");
+    assert!(
+        err.message.contains(&format!(
+            "exec of `cat` is not granted at {}",
+            err.level_path
+        )),
+        "{err}"
+    );
+    Ok(())
+}
+
+/// Prints `PRINT_BYTES` (default 1000) at the bottom of the chain in each of
+/// `PRINT_CALLS` (default 4) calls; the output counts against the budget of the
+/// test at L0, whatever each call spent at its own level.
+fn output_below_counts_at_l0() -> Result<(), Error> {
+    let var = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default)
+    };
+    let (bytes, calls) = (var("PRINT_BYTES", 1000), var("PRINT_CALLS", 4));
+    for _ in 0..calls {
+        print_at_bottom(bytes)?;
+    }
     Ok(())
 }
 
@@ -258,6 +354,9 @@ matryoshka_guest::suite! {
         streams_a_log_line_from_the_deepest_level,
         remote_instance_keeps_state,
         unknown_remote_function_is_not_found,
+        a_call_timeout_restarts_the_remote_instance,
+        the_deepest_level_denies_what_l0_did_not_grant,
+        #[ignore] output_below_counts_at_l0,
         #[ignore] hold_at_the_bottom,
         #[ignore] kill_own_runtime,
         #[ignore] #[tag("bench")] bench_round_trips,
@@ -268,6 +367,9 @@ matryoshka_guest::suite! {
         sum_of_squares_at_bottom,
         log_at_bottom,
         count,
+        print_at_bottom,
+        exec_at_bottom,
+        sleep_ms,
         hold_at_bottom,
         noop_at_bottom,
         connect_times,
