@@ -262,6 +262,14 @@ impl Capture {
         inner.exceeded = None;
     }
 
+    /// Marks the budget spent: a level below spent its own share of it.
+    pub fn mark_exceeded(&self) {
+        let mut inner = self.lock();
+        inner
+            .exceeded
+            .get_or_insert(OutputLimitExceeded { limit: self.limit });
+    }
+
     /// The error, if the budget was spent.
     pub fn exceeded(&self) -> Option<OutputLimitExceeded> {
         self.lock().exceeded.clone()

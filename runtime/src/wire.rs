@@ -307,6 +307,9 @@ pub enum RemoteEvent {
     Stderr(String),
     /// A diagnostic line of the runtime itself.
     Runtime(String),
+    /// The level spent its output budget during a call: the test it serves has
+    /// exceeded its output limit, wherever the output was written.
+    OutputLimit,
 }
 
 /// A frame that could not be read.

@@ -575,8 +575,6 @@ fn output_written_below_counts_against_the_budget_at_l0() {
 }
 
 #[test]
-#[ignore = "fails today: a remote call that spends the whole budget at its level ends in a \
-            panic of its `println!` (kind `error` at L0), not in `output-limit`"]
 fn one_remote_call_over_the_budget_fails_the_test_with_output_limit() {
     let tag = unique_tag("budget1");
     let one_call = ["--env", "PRINT_CALLS=1", "--env", "PRINT_BYTES=5000"];

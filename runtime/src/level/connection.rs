@@ -562,6 +562,10 @@ fn forward(capture: &Capture, level_path: &str, event: RemoteEvent) {
             tracing::debug!(level = level_path, "{t}");
             return;
         }
+        RemoteEvent::OutputLimit => {
+            capture.mark_exceeded();
+            return;
+        }
     };
     // Over budget: the level that spent it already failed its own write.
     let _ = capture.write_from(level_path, stream, text.as_bytes());

@@ -10,7 +10,7 @@ use super::up_sink;
 use crate::host::{HostState, LevelContext, Suite};
 use crate::output::Capture;
 use crate::suite::LoadedSuite;
-use crate::wire::{Message, RemoteError, WireErrorKind};
+use crate::wire::{Message, RemoteError, RemoteEvent, WireErrorKind};
 
 /// The one instance a connection keeps, re-created if a call traps.
 pub(super) struct Instance {
@@ -72,6 +72,14 @@ impl Instance {
                 () = cancelled(cancel, id) => Some(None),
             }
         };
+        // Output spent here is the test's, wherever the test runs: say so before
+        // the result, so the level above fails it as `output-limit`.
+        if self.store.data().capture().exceeded().is_some() {
+            let _ = out.send(Message::Event {
+                level_path: path.clone(),
+                event: RemoteEvent::OutputLimit,
+            });
+        }
         let mut kind = WireErrorKind::Internal;
         let trapped = match outcome {
             Some(Some(Ok(result))) => {
