@@ -9,7 +9,7 @@
 //! the transport (and with it the child process) is torn down.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -130,10 +130,6 @@ impl Connection {
             last: last_seen.clone(),
         });
         let mut writer = FrameWriter::new(writer);
-        let cause = |guard: &Arc<Mutex<Box<dyn TransportGuard>>>, what: String| {
-            let status = lock(guard).describe_exit();
-            format!("{what}{status}")
-        };
 
         // Hello: who answered, and do we speak the same protocol?
         let hello = handshake_frame(
@@ -170,10 +166,10 @@ impl Connection {
             component_sha256: component.sha256.clone(),
             setup: Box::new(setup.clone()),
         };
-        writer
-            .send(&load)
-            .await
-            .map_err(|e| lost_err(cause(&guard, e.to_string())))?;
+        let sent = writer.send(&load).await;
+        if let Err(what) = sent {
+            return Err(lost_err(format!("{what}{}", describe_exit(&guard).await)));
+        }
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             let msg = handshake_frame(
@@ -188,15 +184,20 @@ impl Connection {
             match msg {
                 Message::NeedComponent => {
                     let bytes = component.bytes.clone();
-                    writer
-                        .send(&Message::Component {
-                            bytes,
-                            precompiled: component.precompiled.as_ref().and_then(|(key, path)| {
-                                std::fs::read(path).ok().map(|b| (key.clone(), b))
-                            }),
-                        })
-                        .await
-                        .map_err(|e| lost_err(cause(&guard, e.to_string())))?;
+                    let artifact = component.precompiled.clone();
+                    let precompiled = tokio::task::spawn_blocking(move || {
+                        let (key, path) = artifact?;
+                        std::fs::read(path).ok().map(|b| (key, b))
+                    })
+                    .await
+                    .ok()
+                    .flatten();
+                    let sent = writer
+                        .send(&Message::Component { bytes, precompiled })
+                        .await;
+                    if let Err(what) = sent {
+                        return Err(lost_err(format!("{what}{}", describe_exit(&guard).await)));
+                    }
                 }
                 Message::Ready => break,
                 Message::Fatal { error } => return Err(error),
@@ -225,6 +226,7 @@ impl Connection {
         };
         let pending: Pending = Arc::default();
         let lost: Arc<Mutex<Option<String>>> = Arc::default();
+        let claimed: Arc<AtomicBool> = Arc::default();
         // Bounded: a caller waits while the child is slow to take its frames.
         let (out, mut out_rx) = mpsc::channel::<Message>(OUT_QUEUE);
 
@@ -234,6 +236,7 @@ impl Connection {
             let lost = lost.clone();
             let pending = pending.clone();
             let guard = guard.clone();
+            let claimed = claimed.clone();
             tokio::spawn(async move {
                 while let Some(msg) = out_rx.recv().await {
                     let shutdown = msg == Message::Shutdown;
@@ -246,7 +249,8 @@ impl Connection {
                         *lock(&last_sent) = Instant::now();
                     }
                     if let Err(e) = sent {
-                        declare_lost(&lost, &pending, &guard, format!("cannot write to it: {e}"));
+                        let cause = format!("cannot write to it: {e}");
+                        declare_lost(&lost, &pending, &guard, &claimed, cause).await;
                         return;
                     }
                     if shutdown {
@@ -263,6 +267,7 @@ impl Connection {
             let out = out.clone();
             let budget = budget.clone();
             let subtree = subtree.clone();
+            let claimed = claimed.clone();
             let own = setup.path.clone();
             tokio::spawn(async move {
                 let cause = loop {
@@ -291,15 +296,20 @@ impl Connection {
                             );
                         }
                         Message::Acquire { id, path } => {
-                            let (budget, subtree, out, lost) =
-                                (budget.clone(), subtree.clone(), out.clone(), lost.clone());
+                            let (budget, subtree, out, lost, claimed) = (
+                                budget.clone(),
+                                subtree.clone(),
+                                out.clone(),
+                                lost.clone(),
+                                claimed.clone(),
+                            );
                             tokio::spawn(async move {
                                 let result = budget.acquire(&path).await;
                                 if result.is_ok() {
                                     // Counted under the `lost` lock: a child lost meanwhile
                                     // gives it back at once.
                                     let lost = lock(&lost);
-                                    if lost.is_some() {
+                                    if lost.is_some() || claimed.load(Ordering::SeqCst) {
                                         budget.release(1);
                                     } else {
                                         *lock(&subtree) += 1;
@@ -321,13 +331,17 @@ impl Connection {
                         other => break format!("unexpected {}", other.name()),
                     }
                 };
-                declare_lost(&lost, &pending, &guard, cause);
-                // A lost child's subtree holds nothing any more.
+                declare_lost(&lost, &pending, &guard, &claimed, cause).await;
+                // A lost child's subtree holds nothing any more (taken under the
+                // `lost` lock, like the counting of a granted `Acquire`).
+                let lost = lock(&lost);
                 let held = std::mem::take(&mut *lock(&subtree));
+                drop(lost);
                 budget.release(held);
             })
         };
         let heartbeat_task = {
+            let claimed = claimed.clone();
             let lost = lost.clone();
             let pending = pending.clone();
             let guard = guard.clone();
@@ -342,15 +356,11 @@ impl Connection {
                     }
                     let silent = lock(&last_seen).elapsed().min(lock(&last_sent).elapsed());
                     if silent > heartbeat_lost {
-                        declare_lost(
-                            &lost,
-                            &pending,
-                            &guard,
-                            format!(
-                                "it stopped answering heartbeats for {:.1} s",
-                                silent.as_secs_f64()
-                            ),
+                        let cause = format!(
+                            "it stopped answering heartbeats for {:.1} s",
+                            silent.as_secs_f64()
                         );
+                        declare_lost(&lost, &pending, &guard, &claimed, cause).await;
                         return;
                     }
                     seq += 1;
@@ -524,28 +534,44 @@ async fn handshake_frame<R: AsyncRead + Unpin>(
     let left = deadline.saturating_duration_since(Instant::now());
     match tokio::time::timeout(left, reader.next()).await {
         Err(_) => Err(too_late),
-        Ok(None) => Err(format!("{closed}{}", lock(guard).describe_exit())),
-        Ok(Some(Err(e))) => Err(format!("{e}{}", lock(guard).describe_exit())),
+        Ok(None) => Err(format!("{closed}{}", describe_exit(guard).await)),
+        Ok(Some(Err(e))) => Err(format!("{e}{}", describe_exit(guard).await)),
         Ok(Some(Ok(m))) => Ok(m),
     }
 }
 
+/// How the child ended, asked on a blocking thread: a guard may wait a moment
+/// for a process to be reaped (a QEMU up to a second).
+async fn describe_exit(guard: &Arc<Mutex<Box<dyn TransportGuard>>>) -> String {
+    let guard = guard.clone();
+    tokio::task::spawn_blocking(move || lock(&guard).describe_exit())
+        .await
+        .unwrap_or_default()
+}
+
 /// Marks the connection lost once, fails every waiting call, tears the transport down.
-fn declare_lost(
+async fn declare_lost(
     lost: &Arc<Mutex<Option<String>>>,
     pending: &Pending,
     guard: &Arc<Mutex<Box<dyn TransportGuard>>>,
+    claimed: &AtomicBool,
     cause: String,
 ) {
-    let mut slot = lock(lost);
-    if slot.is_some() {
+    // The first caller tells why; the others (writer, reader, heartbeat) only stop.
+    if claimed.swap(true, Ordering::SeqCst) {
         return;
     }
-    let mut g = lock(guard);
-    let cause = format!("{cause}{}", g.describe_exit());
-    g.shutdown();
-    drop(g);
+    let guard = guard.clone();
+    let cause = tokio::task::spawn_blocking(move || {
+        let mut g = lock(&guard);
+        let cause = format!("{cause}{}", g.describe_exit());
+        g.shutdown();
+        cause
+    })
+    .await
+    .unwrap_or_else(|e| format!("the level could not be described: {e}"));
     tracing::warn!("{cause}");
+    let mut slot = lock(lost);
     *slot = Some(cause.clone());
     // Drained while `lost` is still held, so no call can slip in between.
     for (_, tx) in lock(pending).drain() {
