@@ -15,8 +15,9 @@ OUT=${OUT:-target/images/$ARCH}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 SUITE=bookworm
 PACKAGES=linux-image-cloud-amd64,busybox-static,kmod,iproute2,openssh-server,qemu-system-x86,libvirt-daemon,libvirt-daemon-driver-qemu,libvirt-clients,procps
-# Modules the initramfs loads, in order, before it can mount the root.
-INITRD_MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_console virtio_blk squashfs overlay failover net_failover virtio_net"
+# Modules the initramfs loads, in order, before it can mount the root (and
+# qemu_fw_cfg, through which the parent hands in the level's SSH host key).
+INITRD_MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_console virtio_blk squashfs overlay failover net_failover virtio_net qemu_fw_cfg"
 
 stamp=$(cat images/build.sh images/x86_64/* | sha256sum | cut -c1-16)
 if [ -f "$OUT/stamp" ] && [ "$(cat "$OUT/stamp")" = "$stamp" ]; then

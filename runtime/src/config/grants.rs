@@ -15,7 +15,8 @@ use thiserror::Error;
 pub enum GrantError {
     /// A `--grant` value that is not one of the known forms.
     #[error(
-        "unknown grant `{0}`: expected exec=CMD[,CMD...], fs=PATH[:GUEST_PATH][:ro|:rw] or nest"
+        "unknown grant `{0}`: expected exec=CMD[,CMD...], fs=PATH[:GUEST_PATH][:ro|:rw], \
+         image=PATH or nest"
     )]
     Unknown(String),
     /// A grant of the right kind with an empty or bad value.
@@ -65,6 +66,9 @@ pub struct Grants {
     pub fs: Vec<FsGrant>,
     /// Whether the component may reach other levels (`nest` interface).
     pub nest: bool,
+    /// Folders (absolute) under which a `vm-spec.image` may name an image to boot,
+    /// besides the run's own image folder.
+    pub images: Vec<PathBuf>,
 }
 
 impl Grants {
@@ -95,6 +99,11 @@ impl Grants {
             Some(("fs", spec)) => {
                 let fs = parse_fs(spec, None).map_err(|r| invalid(&r))?;
                 self.fs.push(fs);
+                Ok(())
+            }
+            Some(("image", dir)) => {
+                let dir = image_dir(dir, None).map_err(|r| invalid(&r))?;
+                self.images.push(dir);
                 Ok(())
             }
             _ => Err(GrantError::Unknown(grant.to_string())),
@@ -143,8 +152,28 @@ impl Grants {
             };
             self.fs.push(fs);
         }
+        for dir in grants.images {
+            let dir = image_dir(&dir, Some(base)).map_err(|message| GrantError::Config {
+                path: path.to_path_buf(),
+                message: format!("grants.images: {message}"),
+            })?;
+            self.images.push(dir);
+        }
         Ok(())
     }
+}
+
+/// An image folder grant, made absolute (from `base` when given, else the
+/// current folder).
+fn image_dir(dir: &str, base: Option<&Path>) -> Result<PathBuf, String> {
+    if dir.is_empty() {
+        return Err("empty image folder".into());
+    }
+    let dir = match base {
+        Some(base) => base.join(dir),
+        None => PathBuf::from(dir),
+    };
+    std::path::absolute(&dir).map_err(|e| format!("{}: {e}", dir.display()))
 }
 
 /// Parses `PATH[:GUEST_PATH][:ro|:rw]`.
@@ -202,6 +231,8 @@ struct GrantsSection {
     fs: Vec<FsEntry>,
     #[serde(default)]
     nest: bool,
+    #[serde(default)]
+    images: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -273,6 +304,7 @@ mod tests {
         "bad grant `fs=/a:data`: the guest path must be absolute"
     )]
     #[case("nothing", "unknown grant `nothing`")]
+    #[case("image=", "bad grant `image=`: empty image folder")]
     fn bad_grants(#[case] grant: &str, #[case] message: &str) {
         let err = Grants::default().add(grant).expect_err("invalid grant");
         assert!(err.to_string().starts_with(message), "{err}");
@@ -293,6 +325,27 @@ mod tests {
         assert_eq!(g.fs[0].host, dir.path().join("data"));
         assert_eq!(g.fs[0].guest, "/data");
         assert!(g.fs[1].writable);
+    }
+
+    #[test]
+    fn image_grants_are_made_absolute() {
+        let mut g = Grants::default();
+        g.add("image=/srv/images").expect("valid grant");
+        g.add("image=rel/images").expect("valid grant");
+        let cwd = std::env::current_dir().expect("cwd");
+        assert_eq!(
+            g.images,
+            vec![PathBuf::from("/srv/images"), cwd.join("rel/images")]
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("matryoshka.toml");
+        std::fs::write(&path, "[grants]\nimages = [\"imgs\", \"/abs\"]\n").expect("write config");
+        let mut g = Grants::default();
+        g.merge_config(&path).expect("valid config");
+        assert_eq!(
+            g.images,
+            vec![dir.path().join("imgs"), PathBuf::from("/abs")]
+        );
     }
 
     #[test]

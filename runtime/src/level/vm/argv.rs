@@ -1,9 +1,16 @@
 //! QEMU command lines for VM levels, built by pure functions from a [`MachineSpec`].
 //!
 //! Nothing here starts a process: the argv is data, unit-tested as data. The
-//! boot, readiness wait and process registry that use it are in [`super::vm`].
+//! boot, readiness wait and process registry that use it are in [`super::boot`]
+//! and [`super::qemu`].
+//!
+//! Paths reach QEMU two ways (QEMU 7.2, `softmmu/vl.c`, `chardev/char.c`):
+//! `-kernel` and `-initrd` (like `-serial file:`) are taken verbatim, and every
+//! `key=value,…` option (`-drive`, `-chardev`, `-fw_cfg`) ends a value at a
+//! comma unless it is doubled. [`opt_path`] doubles it; a path QEMU cannot be
+//! given (not absolute, not UTF-8) is refused with its role and the reason.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Guest architectures matryoshka knows how to boot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +48,8 @@ impl Arch {
         }
     }
 
-    fn binary(self) -> &'static str {
+    /// The QEMU binary for this architecture.
+    pub fn binary(self) -> &'static str {
         match self {
             Self::X86_64 => "qemu-system-x86_64",
             Self::S390x => "qemu-system-s390x",
@@ -81,7 +89,22 @@ impl Arch {
             Self::S390x => "ccw",
         }
     }
+
+    /// Whether the machine has a `fw_cfg` device to hand files to the guest
+    /// (s390-ccw-virtio has none).
+    pub fn has_fw_cfg(self) -> bool {
+        self == Self::X86_64
+    }
 }
+
+/// The `fw_cfg` entry that carries a level's SSH host key; the level's
+/// initramfs reads it from `/sys/firmware/qemu_fw_cfg/by_name/<this>/raw`.
+pub const HOST_KEY_FW_CFG: &str = "opt/org.matryoshka/hostkey";
+
+/// The seccomp filter QEMU runs under when its binary supports `-sandbox`:
+/// obsolete system calls, set*uid/gid, fork/exec and CPU affinity or scheduler
+/// changes make QEMU exit at once.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// Name of the virtio-serial port the level's runtime serves the relay on.
 pub const RELAY_PORT: &str = "org.matryoshka.relay";
@@ -122,7 +145,7 @@ pub struct MachineSpec {
     pub cpus: u32,
     /// Kernel image.
     pub kernel: PathBuf,
-    /// Initramfs (with the runtime appended, see [`super::vm::RuntimeInitrd`]).
+    /// Initramfs (with the runtime appended, see [`super::initrd::RuntimeInitrd`]).
     pub initrd: PathBuf,
     /// The read-only root, handed to the guest as its first virtio disk.
     pub root: PathBuf,
@@ -142,10 +165,40 @@ pub struct MachineSpec {
     pub level_log: PathBuf,
     /// QMP control socket, when the level wants one.
     pub qmp_socket: Option<PathBuf>,
+    /// A file (mode 0600) holding the level's SSH host key, handed to the guest
+    /// as the `fw_cfg` entry [`HOST_KEY_FW_CFG`]: never on a command line.
+    pub host_key: Option<PathBuf>,
+    /// Whether QEMU runs under the [`SANDBOX`] seccomp filter.
+    pub sandbox: bool,
 }
 
-/// The argv (program first) that boots `spec`.
-pub fn argv(spec: &MachineSpec) -> Vec<String> {
+/// A path as QEMU takes it verbatim (`-kernel`, `-initrd`): absolute and UTF-8.
+fn plain_path<'a>(role: &str, path: &'a Path) -> Result<&'a str, String> {
+    let text = path.to_str().ok_or_else(|| {
+        format!(
+            "the {role} path {} is not UTF-8 and cannot be passed to QEMU; rename it",
+            path.display()
+        )
+    })?;
+    // A relative `file=` with a colon before its first slash reads as a block
+    // protocol (`nbd:…`): only absolute paths are handed over.
+    if !path.is_absolute() {
+        return Err(format!(
+            "the {role} path {text} is not absolute; QEMU is given absolute paths only"
+        ));
+    }
+    Ok(text)
+}
+
+/// A path as the value of a `key=value,…` option: absolute, UTF-8, each comma
+/// doubled.
+pub fn opt_path(role: &str, path: &Path) -> Result<String, String> {
+    Ok(plain_path(role, path)?.replace(',', ",,"))
+}
+
+/// The argv (program first) that boots `spec`, or why a path in it cannot be
+/// handed to QEMU.
+pub fn argv(spec: &MachineSpec) -> Result<Vec<String>, String> {
     let a = spec.arch;
     let cpu = match spec.accel {
         Accel::Kvm => "host",
@@ -161,9 +214,21 @@ pub fn argv(spec: &MachineSpec) -> Vec<String> {
     ];
     append.extend(a.fast_boot_args().iter().map(|w| w.to_string()));
     append.extend(spec.append.iter().cloned());
+    if spec.host_key.is_some() {
+        if !a.has_fw_cfg() {
+            return Err(format!(
+                "a {} machine has no fw_cfg device to hand the level its host key",
+                a.name()
+            ));
+        }
+        append.push("matryoshka.hostkey=fw_cfg".into());
+    }
     let bus = a.bus();
-    let mut argv: Vec<String> = vec![
-        a.binary().to_string(),
+    let mut argv: Vec<String> = vec![a.binary().to_string()];
+    if spec.sandbox {
+        argv.extend(["-sandbox".into(), SANDBOX.into()]);
+    }
+    argv.extend([
         "-nodefaults".into(),
         "-no-reboot".into(),
         "-no-user-config".into(),
@@ -180,9 +245,9 @@ pub fn argv(spec: &MachineSpec) -> Vec<String> {
         "-m".into(),
         format!("{}M", spec.memory_mib),
         "-kernel".into(),
-        spec.kernel.display().to_string(),
+        plain_path("kernel", &spec.kernel)?.into(),
         "-initrd".into(),
-        spec.initrd.display().to_string(),
+        plain_path("initramfs", &spec.initrd)?.into(),
         "-append".into(),
         append.join(" "),
         // Read-only and uncached, so a root handed down level after level reads
@@ -190,18 +255,29 @@ pub fn argv(spec: &MachineSpec) -> Vec<String> {
         "-drive".into(),
         format!(
             "file={},format=raw,if=none,id=root,readonly=on,cache=none,aio=native",
-            spec.root.display()
+            opt_path("root", &spec.root)?
         ),
         "-device".into(),
         format!("virtio-blk-{bus},drive=root"),
-    ];
-    argv.extend([
+        // `restrict=on`: the guest reaches nothing through QEMU (slirp answers a
+        // connection it does not forward with a reset and drops UDP); the
+        // host-to-guest forward of the SSH port still works.
         "-netdev".into(),
-        format!("user,id=net0,hostfwd=tcp:127.0.0.1:{}-:22", spec.ssh_port),
+        format!(
+            "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{}-:22",
+            spec.ssh_port
+        ),
         "-device".into(),
         format!("virtio-net-{bus},netdev=net0"),
+        // A chardev rather than `-serial file:` so that every path in a
+        // `key=value` option follows one rule (`-serial file:` takes the rest verbatim).
+        "-chardev".into(),
+        format!(
+            "file,id=console,path={}",
+            opt_path("console", &spec.console_log)?
+        ),
         "-serial".into(),
-        format!("file:{}", spec.console_log.display()),
+        "chardev:console".into(),
         "-device".into(),
         format!("virtio-serial-{bus}"),
         "-chardev".into(),
@@ -209,15 +285,33 @@ pub fn argv(spec: &MachineSpec) -> Vec<String> {
         "-device".into(),
         format!("virtserialport,chardev=relay,name={RELAY_PORT}"),
         "-chardev".into(),
-        format!("file,id=log,path={}", spec.level_log.display()),
+        format!(
+            "file,id=log,path={}",
+            opt_path("level log", &spec.level_log)?
+        ),
         "-device".into(),
         format!("virtserialport,chardev=log,name={LOG_PORT}"),
     ]);
-    if let Some(qmp) = &spec.qmp_socket {
-        argv.push("-qmp".into());
-        argv.push(format!("unix:{},server=on,wait=off", qmp.display()));
+    if let Some(key) = &spec.host_key {
+        argv.push("-fw_cfg".into());
+        argv.push(format!(
+            "name={HOST_KEY_FW_CFG},file={}",
+            opt_path("host key", key)?
+        ));
     }
-    argv
+    if let Some(qmp) = &spec.qmp_socket {
+        // Not `-qmp unix:PATH`: there a path holding `=` reads as an option name.
+        argv.extend([
+            "-chardev".into(),
+            format!(
+                "socket,id=qmp,path={},server=on,wait=off",
+                opt_path("QMP socket", qmp)?
+            ),
+            "-mon".into(),
+            "chardev=qmp,mode=control".into(),
+        ]);
+    }
+    Ok(argv)
 }
 
 #[cfg(test)]
@@ -241,6 +335,8 @@ mod tests {
             relay_fd: 3,
             level_log: "/run/L1.log".into(),
             qmp_socket: Some("/run/L1.qmp".into()),
+            host_key: None,
+            sandbox: false,
         }
     }
 
@@ -248,25 +344,141 @@ mod tests {
     #[case::x86_tcg(
         Arch::X86_64,
         Accel::Tcg,
-        "qemu-system-x86_64 -nodefaults -no-reboot -no-user-config -display none -machine q35 -accel tcg -cpu max -smp 2 -m 4096M -kernel /img/kernel -initrd /img/initrd -append console=ttyS0 quiet panic=-1 pci=lastbus=0 cryptomgr.notests mitigations=off level=1 -drive file=/img/root.squashfs,format=raw,if=none,id=root,readonly=on,cache=none,aio=native -device virtio-blk-pci,drive=root -netdev user,id=net0,hostfwd=tcp:127.0.0.1:40022-:22 -device virtio-net-pci,netdev=net0 -serial file:/run/L1.console -device virtio-serial-pci -chardev socket,id=relay,fd=3 -device virtserialport,chardev=relay,name=org.matryoshka.relay -chardev file,id=log,path=/run/L1.log -device virtserialport,chardev=log,name=org.matryoshka.log -qmp unix:/run/L1.qmp,server=on,wait=off"
+        "qemu-system-x86_64 -nodefaults -no-reboot -no-user-config -display none -machine q35 -accel tcg -cpu max -smp 2 -m 4096M -kernel /img/kernel -initrd /img/initrd -append console=ttyS0 quiet panic=-1 pci=lastbus=0 cryptomgr.notests mitigations=off level=1 -drive file=/img/root.squashfs,format=raw,if=none,id=root,readonly=on,cache=none,aio=native -device virtio-blk-pci,drive=root -netdev user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22 -device virtio-net-pci,netdev=net0 -chardev file,id=console,path=/run/L1.console -serial chardev:console -device virtio-serial-pci -chardev socket,id=relay,fd=3 -device virtserialport,chardev=relay,name=org.matryoshka.relay -chardev file,id=log,path=/run/L1.log -device virtserialport,chardev=log,name=org.matryoshka.log -chardev socket,id=qmp,path=/run/L1.qmp,server=on,wait=off -mon chardev=qmp,mode=control"
     )]
     #[case::s390x_kvm(
         Arch::S390x,
         Accel::Kvm,
-        "qemu-system-s390x -nodefaults -no-reboot -no-user-config -display none -machine s390-ccw-virtio -accel kvm -cpu host -smp 2 -m 4096M -kernel /img/kernel -initrd /img/initrd -append console=ttysclp0 quiet panic=-1 cryptomgr.notests mitigations=off level=1 -drive file=/img/root.squashfs,format=raw,if=none,id=root,readonly=on,cache=none,aio=native -device virtio-blk-ccw,drive=root -netdev user,id=net0,hostfwd=tcp:127.0.0.1:40022-:22 -device virtio-net-ccw,netdev=net0 -serial file:/run/L1.console -device virtio-serial-ccw -chardev socket,id=relay,fd=3 -device virtserialport,chardev=relay,name=org.matryoshka.relay -chardev file,id=log,path=/run/L1.log -device virtserialport,chardev=log,name=org.matryoshka.log -qmp unix:/run/L1.qmp,server=on,wait=off"
+        "qemu-system-s390x -nodefaults -no-reboot -no-user-config -display none -machine s390-ccw-virtio -accel kvm -cpu host -smp 2 -m 4096M -kernel /img/kernel -initrd /img/initrd -append console=ttysclp0 quiet panic=-1 cryptomgr.notests mitigations=off level=1 -drive file=/img/root.squashfs,format=raw,if=none,id=root,readonly=on,cache=none,aio=native -device virtio-blk-ccw,drive=root -netdev user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22 -device virtio-net-ccw,netdev=net0 -chardev file,id=console,path=/run/L1.console -serial chardev:console -device virtio-serial-ccw -chardev socket,id=relay,fd=3 -device virtserialport,chardev=relay,name=org.matryoshka.relay -chardev file,id=log,path=/run/L1.log -device virtserialport,chardev=log,name=org.matryoshka.log -chardev socket,id=qmp,path=/run/L1.qmp,server=on,wait=off -mon chardev=qmp,mode=control"
     )]
     fn command_lines(#[case] arch: Arch, #[case] accel: Accel, #[case] expected: &str) {
-        assert_eq!(argv(&spec(arch, accel)).join(" "), expected);
+        assert_eq!(argv(&spec(arch, accel)).expect("argv").join(" "), expected);
+    }
+
+    fn option_after<'a>(argv: &'a [String], flag: &str, prefix: &str) -> &'a str {
+        argv.windows(2)
+            .find(|w| w[0] == flag && w[1].starts_with(prefix))
+            .map(|w| w[1].as_str())
+            .unwrap_or_else(|| panic!("no {flag} {prefix}… in {argv:?}"))
     }
 
     #[test]
-    fn ssh_is_forwarded_on_loopback_only() {
-        let argv = argv(&spec(Arch::X86_64, Accel::Tcg));
-        let net = argv
-            .iter()
-            .find(|a| a.starts_with("user,"))
-            .expect("netdev");
-        assert!(net.contains("hostfwd=tcp:127.0.0.1:40022-:22"), "{net}");
+    fn the_guest_network_is_restricted_and_ssh_forwarded_on_loopback_only() {
+        let argv = argv(&spec(Arch::X86_64, Accel::Tcg)).expect("argv");
+        let net = option_after(&argv, "-netdev", "user,");
+        let words: Vec<&str> = net.split(',').collect();
+        assert!(words.contains(&"restrict=on"), "{net}");
+        assert!(words.contains(&"hostfwd=tcp:127.0.0.1:40022-:22"), "{net}");
+    }
+
+    #[test]
+    fn paths_with_commas_and_equals_signs_are_escaped_for_qemu_options() {
+        let d = "/tmp/a,b=c";
+        let mut s = spec(Arch::X86_64, Accel::Tcg);
+        s.kernel = format!("{d}/kernel").into();
+        s.initrd = format!("{d}/initrd").into();
+        s.root = format!("{d}/root.img").into();
+        s.console_log = format!("{d}/L1.console").into();
+        s.level_log = format!("{d}/L1.log").into();
+        s.qmp_socket = Some(format!("{d}/L1.qmp").into());
+        s.host_key = Some(format!("{d}/L1.hostkey").into());
+        let argv = argv(&s).expect("argv");
+        // -kernel and -initrd are taken verbatim.
+        assert_eq!(option_after(&argv, "-kernel", ""), "/tmp/a,b=c/kernel");
+        assert_eq!(option_after(&argv, "-initrd", ""), "/tmp/a,b=c/initrd");
+        // In key=value options a comma is doubled; `=` inside a value needs nothing.
+        let e = "/tmp/a,,b=c";
+        for (flag, expected) in [
+            (
+                "-drive",
+                format!(
+                    "file={e}/root.img,format=raw,if=none,id=root,readonly=on,cache=none,aio=native"
+                ),
+            ),
+            ("-chardev", format!("file,id=console,path={e}/L1.console")),
+            ("-chardev", format!("file,id=log,path={e}/L1.log")),
+            (
+                "-chardev",
+                format!("socket,id=qmp,path={e}/L1.qmp,server=on,wait=off"),
+            ),
+            (
+                "-fw_cfg",
+                format!("name=opt/org.matryoshka/hostkey,file={e}/L1.hostkey"),
+            ),
+        ] {
+            assert!(
+                argv.windows(2).any(|w| w[0] == flag && w[1] == expected),
+                "no {flag} {expected} in {argv:?}"
+            );
+        }
+    }
+
+    #[rstest]
+    #[case::relative_root("root", "img/root.img", "the root path img/root.img is not absolute")]
+    #[case::relative_kernel(
+        "kernel",
+        "nbd:x/kernel",
+        "the kernel path nbd:x/kernel is not absolute"
+    )]
+    fn paths_qemu_cannot_take_are_refused(
+        #[case] role: &str,
+        #[case] path: &str,
+        #[case] expected: &str,
+    ) {
+        let mut s = spec(Arch::X86_64, Accel::Tcg);
+        match role {
+            "root" => s.root = path.into(),
+            _ => s.kernel = path.into(),
+        }
+        let err = argv(&s).expect_err("refused");
+        assert!(err.starts_with(expected), "{err}");
+    }
+
+    #[test]
+    fn non_utf8_paths_are_refused() {
+        use std::os::unix::ffi::OsStrExt;
+        let mut s = spec(Arch::X86_64, Accel::Tcg);
+        s.level_log = std::ffi::OsStr::from_bytes(b"/run/\xff.log").into();
+        let err = argv(&s).expect_err("refused");
+        assert!(
+            err.contains("level log path") && err.contains("not UTF-8"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_host_key_travels_in_fw_cfg_not_on_the_command_line() {
+        let mut s = spec(Arch::X86_64, Accel::Tcg);
+        s.host_key = Some("/run/L1.hostkey".into());
+        let argv = argv(&s).expect("argv");
+        assert_eq!(
+            option_after(&argv, "-fw_cfg", ""),
+            "name=opt/org.matryoshka/hostkey,file=/run/L1.hostkey"
+        );
+        let append = option_after(&argv, "-append", "");
+        assert!(append.ends_with(" matryoshka.hostkey=fw_cfg"), "{append}");
+        // s390-ccw-virtio has no fw_cfg: refused rather than silently dropped.
+        s.arch = Arch::S390x;
+        assert!(
+            super::argv(&s)
+                .expect_err("no fw_cfg")
+                .contains("no fw_cfg device")
+        );
+    }
+
+    #[test]
+    fn the_sandbox_comes_first_and_denies_the_optional_sets() {
+        let mut s = spec(Arch::X86_64, Accel::Kvm);
+        s.sandbox = true;
+        let argv = argv(&s).expect("argv");
+        assert_eq!(
+            &argv[..3],
+            [
+                "qemu-system-x86_64",
+                "-sandbox",
+                "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+            ]
+        );
     }
 
     #[test]

@@ -18,6 +18,8 @@ use super::argv::{self, Accel, Arch, MachineSpec};
 use super::image::Image;
 use super::initrd::RuntimeInitrd;
 use super::qemu::{LevelFiles, Qemu, QemuEnd};
+use super::resources::LevelResources;
+use super::sandbox;
 use crate::config::AccelPolicy;
 use crate::process;
 
@@ -77,9 +79,54 @@ pub struct BootPlan {
     pub runtime: (PathBuf, String),
     /// Where initramfs images with a runtime appended are kept.
     pub initrd_cache: PathBuf,
-    /// The level's SSH host key (OpenSSH private key), made by this level so that
-    /// the level need not make one under emulation; without one it makes its own.
-    pub host_key: Option<String>,
+    /// The level's SSH host key, made by this level so that the level need not
+    /// make one under emulation; without one it makes its own.
+    pub host_key: Option<HostKey>,
+}
+
+/// A level's SSH host key. It reaches the level as a `fw_cfg` file (where the
+/// machine has one), never on a command line or in a log.
+#[derive(Clone)]
+pub struct HostKey {
+    /// The private key, OpenSSH format.
+    pub private_openssh: String,
+    /// Its public half, `authorized_keys` format, for logs and known hosts.
+    pub public_line: String,
+}
+
+impl std::fmt::Debug for HostKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostKey")
+            .field("public_line", &self.public_line)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The host key written for QEMU to read into `fw_cfg`: a 0600 file in the run
+/// folder, removed when this is dropped (once the boot is over).
+fn host_key_file(
+    plan: &BootPlan,
+    arch: Arch,
+    name: &str,
+) -> Result<Option<tempfile::NamedTempFile>, String> {
+    let Some(key) = plan.host_key.as_ref().filter(|_| arch.has_fw_cfg()) else {
+        return Ok(None);
+    };
+    // tempfile makes the file with mode 0600.
+    let mut file = tempfile::Builder::new()
+        .prefix(&format!("{name}.hostkey."))
+        .tempfile_in(&plan.run_dir)
+        .map_err(|e| {
+            format!(
+                "cannot create the host key file of {} in {}: {e}",
+                plan.path,
+                plan.run_dir.display()
+            )
+        })?;
+    std::io::Write::write_all(&mut file, key.private_openssh.as_bytes())
+        .and_then(|()| file.as_file().sync_all())
+        .map_err(|e| format!("cannot write {}: {e}", file.path().display()))?;
+    Ok(Some(file))
 }
 
 /// Boots a level and waits until its runtime serves.
@@ -145,33 +192,6 @@ impl Failure {
     }
 }
 
-/// Memory for a level when the request sets none: 60% of what this level has available.
-fn default_memory_mib() -> u32 {
-    let available_kib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemAvailable:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        })
-        .unwrap_or(4 << 20);
-    u32::try_from(available_kib * 6 / 10 / 1024)
-        .unwrap_or(u32::MAX)
-        .clamp(256, 4096)
-}
-
-/// CPUs for a level when the request sets none: 2 for L1 (at most what L0 has), 1 below.
-/// Two vCPUs in a KVM-in-TCG L2 that runs L3 locked up L1's KVM (soft lockups in L1's
-/// kernel) on the 2-core machine this was measured on; one vCPU per deeper level boots.
-fn default_cpus(depth: u32) -> u32 {
-    if depth <= 1 {
-        std::thread::available_parallelism()
-            .map_or(1, |n| u32::try_from(n.get()).unwrap_or(2).min(2))
-    } else {
-        1
-    }
-}
-
 async fn start_and_wait(
     req: &VmRequest,
     plan: &BootPlan,
@@ -188,8 +208,18 @@ async fn start_and_wait(
         level_log: plan.run_dir.join(format!("{name}.log")),
     };
     let key_b64 = base64(plan.authorized_key.trim().as_bytes());
+    let have = LevelResources::of_this_level();
+    let memory_mib = req.memory_mib.unwrap_or_else(|| have.default_memory_mib());
+    let cpus = req.cpus.unwrap_or_else(|| have.default_cpus(plan.depth));
+    // Read by QEMU when it starts; removed when this function returns.
+    let host_key = host_key_file(plan, arch, &name).map_err(Failure::Boot)?;
+    let absolute = |p: &std::path::Path| {
+        std::path::absolute(p).map_err(|e| Failure::Boot(format!("{}: {e}", p.display())))
+    };
     // A port taken between choosing and QEMU binding it fails the start: try another.
     let mut attempt = 0;
+    // Under QEMU's seccomp filter unless this binary refused it (see super::sandbox).
+    let mut sandbox = sandbox::wanted(arch.binary());
     // A guest that resets while it boots (seen now and then with KVM nested in TCG,
     // see docs/benchmarks.md) is booted once more.
     let mut resets = 0;
@@ -202,11 +232,11 @@ async fn start_and_wait(
         let spec = MachineSpec {
             arch,
             accel,
-            memory_mib: req.memory_mib.unwrap_or_else(default_memory_mib),
-            cpus: req.cpus.unwrap_or_else(|| default_cpus(plan.depth)).max(1),
-            kernel: image.kernel.clone(),
-            initrd: image.initrd.clone(),
-            root: image.root.clone(),
+            memory_mib,
+            cpus,
+            kernel: absolute(&image.kernel)?,
+            initrd: absolute(&image.initrd)?,
+            root: absolute(&image.root)?,
             append: [
                 format!("level={}", plan.depth),
                 format!("matryoshka.key={key_b64}"),
@@ -218,19 +248,17 @@ async fn start_and_wait(
                     .split_whitespace()
                     .map(|flag| format!("matryoshka.verbose={flag}")),
             )
-            .chain(
-                plan.host_key
-                    .iter()
-                    .map(|private| format!("matryoshka.hostkey={}", base64(private.as_bytes()))),
-            )
             .collect(),
             ssh_port,
-            console_log: files.console.clone(),
+            console_log: absolute(&files.console)?,
             relay_fd: std::os::fd::AsRawFd::as_raw_fd(&guest_end),
-            level_log: files.level_log.clone(),
+            level_log: absolute(&files.level_log)?,
             qmp_socket: None,
+            host_key: host_key.as_ref().map(|f| absolute(f.path())).transpose()?,
+            sandbox,
         };
-        let argv = argv::argv(&spec);
+        let argv = argv::argv(&spec)
+            .map_err(|m| Failure::Boot(format!("cannot boot {}: {m}", plan.path)))?;
         tracing::info!(level = %plan.path, "booting: {}", argv.join(" "));
         let _ = std::fs::remove_file(&files.console);
         let started = Instant::now();
@@ -245,7 +273,16 @@ async fn start_and_wait(
                 argv[0], plan.path
             ))
         })?;
-        match wait_ready(&mut qemu, &relay, plan, accel, started, timeout, probe).await {
+        let ready = wait_ready(&mut qemu, &relay, plan, accel, started, timeout, probe).await;
+        if ready.is_err()
+            && sandbox
+            && let Some(line) = sandbox::refusal(&qemu.log_tail())
+        {
+            sandbox::refused(arch.binary(), line);
+            sandbox = false;
+            continue;
+        }
+        match ready {
             Err(Failure::Boot(m)) if attempt < 3 && qemu.log_tail().contains("hostfwd") => {
                 tracing::info!(level = %plan.path, "port {ssh_port} was taken ({m}); trying another");
             }

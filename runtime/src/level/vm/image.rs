@@ -19,21 +19,24 @@ pub struct Image {
 }
 
 impl Image {
-    /// The image in `dir`; without one, the first of: `$MATRYOSHKA_IMAGE_DIR`,
-    /// the image this level itself booted from ([`IMAGE_IN_LEVEL`]), and
-    /// `target/images/<arch>` under the current folder (where `images/build.sh` writes).
+    /// The folder a level boots `arch` levels from when the run names none: the
+    /// first of `$MATRYOSHKA_IMAGE_DIR`, the image this level itself booted from
+    /// ([`IMAGE_IN_LEVEL`]), and `target/images/<arch>` under the current folder
+    /// (where `images/build.sh` writes).
+    pub fn default_dir(arch: Arch) -> PathBuf {
+        std::env::var_os("MATRYOSHKA_IMAGE_DIR")
+            .map(PathBuf::from)
+            .or_else(|| {
+                let inside = Path::new(IMAGE_IN_LEVEL);
+                (arch == Arch::host() && inside.join("kernel").exists())
+                    .then(|| inside.to_path_buf())
+            })
+            .unwrap_or_else(|| PathBuf::from("target/images").join(arch.name()))
+    }
+
+    /// The image in `dir`, or in [`Image::default_dir`].
     pub fn resolve(dir: Option<&Path>, arch: Arch) -> Result<Self, String> {
-        let dir = match dir {
-            Some(d) => d.to_path_buf(),
-            None => std::env::var_os("MATRYOSHKA_IMAGE_DIR")
-                .map(PathBuf::from)
-                .or_else(|| {
-                    let inside = Path::new(IMAGE_IN_LEVEL);
-                    (arch == Arch::host() && inside.join("kernel").exists())
-                        .then(|| inside.to_path_buf())
-                })
-                .unwrap_or_else(|| PathBuf::from("target/images").join(arch.name())),
-        };
+        let dir = dir.map_or_else(|| Self::default_dir(arch), Path::to_path_buf);
         let image = Self {
             kernel: dir.join("kernel"),
             initrd: dir.join("initrd"),
@@ -58,6 +61,56 @@ impl Image {
     }
 }
 
+/// Why a level may not boot the image folder a `vm-spec` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageRefusal {
+    /// The folder cannot be resolved (it does not exist, say).
+    NotFound(String),
+    /// The folder is neither the run's image folder nor under a granted one.
+    Denied(String),
+}
+
+/// Checks the folder a `vm-spec.image` names for the level `child`: allowed
+/// when, resolved (symlinks and `..` followed), it is the run's image folder
+/// `run_image` or lies under one of the `granted` image folders. Returns the
+/// resolved folder, which the level boots from.
+pub fn check_requested(
+    asked: &Path,
+    run_image: &Path,
+    granted: &[PathBuf],
+    child: &str,
+) -> Result<PathBuf, ImageRefusal> {
+    let resolved = asked.canonicalize().map_err(|e| {
+        ImageRefusal::NotFound(format!(
+            "vm-spec.image `{}` for {child} cannot be resolved: {e}",
+            asked.display()
+        ))
+    })?;
+    let run_image = run_image
+        .canonicalize()
+        .unwrap_or_else(|_| run_image.to_path_buf());
+    let under_a_grant = granted
+        .iter()
+        .filter_map(|g| g.canonicalize().ok())
+        .any(|g| resolved.starts_with(g));
+    if resolved == run_image || under_a_grant {
+        return Ok(resolved);
+    }
+    let shown = resolved.display();
+    let resolved_note = if resolved == asked {
+        String::new()
+    } else {
+        format!(" (resolved: {shown})")
+    };
+    Err(ImageRefusal::Denied(format!(
+        "vm-spec.image `{}`{resolved_note} for {child} is neither the run's image folder ({}) \
+         nor under a folder granted for images; add --grant image={shown} (or images = \
+         [\"{shown}\"] under [grants] in matryoshka.toml)",
+        asked.display(),
+        run_image.display()
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,5 +124,46 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("images/build.sh"), "{err}");
+    }
+
+    #[test]
+    fn only_the_run_image_or_granted_folders_may_be_booted() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = &tmp.path().canonicalize().expect("canonical");
+        let run = root.join("run-image");
+        let granted = root.join("granted");
+        let other = root.join("other");
+        for dir in [&run, &granted.join("x86_64"), &other] {
+            std::fs::create_dir_all(dir).expect("mkdir");
+        }
+        std::os::unix::fs::symlink(&other, granted.join("escape")).expect("symlink");
+        let grants = [granted.clone(), root.join("missing")];
+        let check = |asked: &Path| check_requested(asked, &run, &grants, "L0/L1");
+        assert_eq!(check(&run), Ok(run.clone()));
+        assert_eq!(check(&granted.join("x86_64")), Ok(granted.join("x86_64")));
+        assert_eq!(check(&granted.join("x86_64/..")), Ok(granted.clone()));
+        // Out of the granted folder by `..` or by a symlink inside it: refused.
+        for asked in [
+            other.clone(),
+            granted.join(".."),
+            granted.join("escape"),
+            run.join("..").join("other"),
+        ] {
+            match check(&asked) {
+                Err(ImageRefusal::Denied(m)) => {
+                    assert!(
+                        m.contains(&format!("add --grant image={}", other.display()))
+                            || m.contains(&format!("add --grant image={}", root.display())),
+                        "{m}"
+                    );
+                    assert!(m.contains("for L0/L1"), "{m}");
+                }
+                other => panic!("{asked:?} was not refused: {other:?}"),
+            }
+        }
+        match check(&root.join("missing")) {
+            Err(ImageRefusal::NotFound(m)) => assert!(m.contains("cannot be resolved"), "{m}"),
+            other => panic!("a missing folder is not reported as such: {other:?}"),
+        }
     }
 }

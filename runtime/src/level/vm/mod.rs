@@ -6,7 +6,9 @@
 //! - [`context`]: what a level knows for booting levels below it (run folder, key).
 //! - [`image`], [`initrd`]: the files a level boots from.
 //! - [`accel`]: KVM or TCG, and why.
+//! - [`resources`]: what a level can give the levels it boots.
 //! - [`argv`]: QEMU's command line, built as data.
+//! - [`sandbox`]: whether QEMU runs under its seccomp filter.
 //! - [`qemu`]: the running QEMU and how it ended.
 //! - [`boot`]: starting QEMU and waiting until the level serves.
 
@@ -17,6 +19,8 @@ pub mod context;
 pub mod image;
 pub mod initrd;
 pub mod qemu;
+pub mod resources;
+pub mod sandbox;
 
 use std::path::PathBuf;
 
@@ -29,9 +33,12 @@ use super::replicate;
 use super::ssh::sh_quote;
 use super::transport::{StderrTail, Transport, TransportGuard, VmFacts};
 use crate::wire::{LevelSetup, RemoteError, WireErrorKind};
-use boot::BootPlan;
+use argv::Arch;
+use boot::{BootPlan, HostKey};
 use context::RunKey;
+use image::{Image, ImageRefusal};
 use qemu::Qemu;
+use resources::LevelResources;
 
 /// Silence after which a VM level is declared lost.
 const VM_HEARTBEAT_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
@@ -52,10 +59,9 @@ pub async fn open(
         .run_key(setup.ssh.as_ref())
         .map_err(|m| err(WireErrorKind::Io, m))?;
     let run_dir = ctx.run_dir.path().map_err(|m| err(WireErrorKind::Io, m))?;
-    let mut req = req.clone();
-    if req.image.is_none() {
-        req.image.clone_from(&ctx.image_dir);
-    }
+    let run_dir =
+        std::path::absolute(&run_dir).map_err(|e| err(WireErrorKind::Io, e.to_string()))?;
+    let req = checked_request(req, setup, ctx).map_err(|(kind, m)| err(kind, m))?;
     // The runtime for the level's architecture: this one, or a build of
     // $MATRYOSHKA_RUNTIME_DIR; it rides in the level's initramfs.
     let runtime = {
@@ -68,9 +74,15 @@ pub async fn open(
             .map_err(|e| err(WireErrorKind::Internal, e.to_string()))?
             .map_err(|m| err(WireErrorKind::Unsupported, m))?
     };
-    // The level's host key is made here and handed in on its kernel command line:
-    // nothing to generate (slowly, under TCG) there.
-    let host_key = RunKey::generate().ok().map(|k| k.private_key);
+    // The level's host key is made here and handed in through fw_cfg: nothing
+    // to generate (slowly, under TCG) there.
+    let host_key = RunKey::generate().ok().map(|k| HostKey {
+        private_openssh: k.private_key,
+        public_line: k.public_line,
+    });
+    if let Some(key) = &host_key {
+        tracing::info!(level = %setup.path, "host key: {}", key.public_line);
+    }
     let plan = BootPlan {
         depth: setup.depth,
         path: setup.path.clone(),
@@ -151,6 +163,48 @@ pub async fn open(
         // that exits closes the relay socket, which is seen at once.
         heartbeat_grace: Some(VM_HEARTBEAT_GRACE),
     })
+}
+
+/// The request with its image folder, memory and CPUs settled and checked
+/// before QEMU starts: the image must be the run's or under a granted folder,
+/// and memory and CPUs within what this level has.
+fn checked_request(
+    req: &VmRequest,
+    setup: &LevelSetup,
+    ctx: &VmContext,
+) -> Result<VmRequest, (WireErrorKind, String)> {
+    let mut req = req.clone();
+    let arch = match &req.arch {
+        Some(a) => Arch::from_uname(a).ok_or_else(|| {
+            (
+                WireErrorKind::InvalidArgument,
+                format!("cannot boot a `{a}` level: known are x86_64 and s390x"),
+            )
+        })?,
+        None => Arch::host(),
+    };
+    // The run's image folder: --image-dir at L0, else the default resolution
+    // (at a VM level, the image it booted from).
+    let run_image = ctx
+        .image_dir
+        .clone()
+        .unwrap_or_else(|| Image::default_dir(arch));
+    req.image = Some(match &req.image {
+        None => run_image,
+        Some(asked) => image::check_requested(asked, &run_image, &setup.grants.images, &setup.path)
+            .map_err(|refusal| match refusal {
+                ImageRefusal::NotFound(m) => (WireErrorKind::NotFound, m),
+                ImageRefusal::Denied(m) => (WireErrorKind::Denied, m),
+            })?,
+    });
+    let have = LevelResources::of_this_level();
+    let memory_mib = req.memory_mib.unwrap_or_else(|| have.default_memory_mib());
+    let cpus = req.cpus.unwrap_or_else(|| have.default_cpus(setup.depth));
+    resources::check(memory_mib, cpus, &have, &setup.path)
+        .map_err(|m| (WireErrorKind::InvalidArgument, m))?;
+    req.memory_mib = Some(memory_mib);
+    req.cpus = Some(cpus);
+    Ok(req)
 }
 
 /// Relays the lines of a level log past `from` into this runtime's log: the

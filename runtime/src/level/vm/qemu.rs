@@ -1,5 +1,5 @@
 //! A level's running QEMU: started in its own process group that dies with this
-//! runtime, its console and logs, and how it ended ([`QemuEnd`]).
+//! runtime, its console and logs, and how it ended (`QemuEnd`).
 
 use std::io::Read;
 use std::os::unix::process::{CommandExt, ExitStatusExt};

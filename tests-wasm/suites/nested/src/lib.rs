@@ -9,8 +9,10 @@
 //! Environment (set with `--env`):
 //! - `NESTED_LEVELS`: depth of the chain (default 2);
 //! - `NESTED_ROOT`: the image's root at L0 (default `target/images/x86_64/root.img`);
-//! - `NESTED_MEMORY_MIB`, `NESTED_BOOT_TIMEOUT_MS`: passed to every boot, for
-//!   tests of boot failures.
+//! - `NESTED_MEMORY_MIB`, `NESTED_BOOT_TIMEOUT_MS`, `NESTED_IMAGE`: passed to
+//!   every boot, for tests of boot failures and refusals;
+//! - `NESTED_PARENT_PORT`: the port on L0's 127.0.0.1 that `sealed_level` tries
+//!   to reach from L1 (needs `--grant exec=timeout,ssh-keyscan`).
 
 use std::time::Duration;
 
@@ -48,6 +50,9 @@ fn vm() -> Vm {
     }
     if let Some(ms) = env_u64("NESTED_BOOT_TIMEOUT_MS") {
         vm = vm.boot_timeout(Duration::from_millis(ms));
+    }
+    if let Ok(dir) = std::env::var("NESTED_IMAGE") {
+        vm = vm.image(&dir);
     }
     vm
 }
@@ -139,6 +144,28 @@ fn descend(_: ()) -> Result<Vec<Level>, Error> {
     Ok(all)
 }
 
+/// At a VM level: tries to open a TCP connection to its parent's
+/// `127.0.0.1:<port>` through the user network's gateway, 10.0.2.2, and says
+/// what happened (`connected …` or `connection … failed: …`).
+fn reach_parent(port: u16) -> Result<String, Error> {
+    let target = format!("10.0.2.2:{port}");
+    let out = host::exec(&[
+        "timeout",
+        "20",
+        "bash",
+        "-c",
+        &format!("exec 3<>/dev/tcp/10.0.2.2/{port}"),
+    ])?;
+    Ok(if out.success() {
+        format!("connected to {target}")
+    } else {
+        format!(
+            "connection to {target} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    })
+}
+
 // ---- tests ----
 
 fn nested_levels() -> Result<(), Error> {
@@ -205,11 +232,68 @@ fn where_am_i() -> Result<(), Error> {
     Ok(())
 }
 
+/// The host key the sshd of the level behind `ssh_command` (`… -p PORT …`)
+/// presents, asked through the forwarded port: `ssh-ed25519 AAAA…`.
+fn host_key_behind(ssh_command: &str) -> Result<String, Error> {
+    let port = ssh_command
+        .split_whitespace()
+        .skip_while(|w| *w != "-p")
+        .nth(1)
+        .unwrap_or_default();
+    // The level starts sshd beside its runtime, at a low priority: give it time.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while std::time::Instant::now() < deadline {
+        let out = host::exec(&[
+            "ssh-keyscan",
+            "-T",
+            "5",
+            "-t",
+            "ed25519",
+            "-p",
+            port,
+            "127.0.0.1",
+        ])?;
+        let text = out.stdout_lossy();
+        if let Some(key) = text.lines().find_map(|l| {
+            let at = l.find("ssh-ed25519 ")?;
+            Some(l[at..].trim().to_string())
+        }) {
+            return Ok(key);
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    Err(Error {
+        kind: matryoshka_guest::ErrorKind::Timeout,
+        message: format!("no ssh-ed25519 host key on 127.0.0.1:{port} within two minutes"),
+        level_path: host::level_path(),
+    })
+}
+
+/// Boots L1 and checks what it may reach: from L1, its parent's 127.0.0.1
+/// (through 10.0.2.2) must be out of reach, while the parent still reaches
+/// L1's sshd through the forwarded port. Logs the attempt and the host key
+/// that sshd presents, for the runner's test to compare.
+fn sealed_level() -> Result<(), Error> {
+    let port = env_u64("NESTED_PARENT_PORT").expect("NESTED_PARENT_PORT is set") as u16;
+    let guest = Guest::boot(&vm())?;
+    let path = guest.level_path();
+    let attempt: String = guest.call("reach_parent", &port)?;
+    log::info!("{path}: {attempt}");
+    assert!(
+        attempt.starts_with("connection to"),
+        "{path} reached its parent's 127.0.0.1:{port}: {attempt}"
+    );
+    let ssh = guest.ssh_command().expect("a VM level has an ssh command");
+    log::info!("{path}: sshd host key {}", host_key_behind(&ssh)?);
+    Ok(())
+}
+
 matryoshka_guest::suite! {
     tests: [
         #[timeout_ms(900_000)]
         nested_levels,
         where_am_i,
+        #[ignore] #[timeout_ms(300_000)] sealed_level,
     ],
-    remote: [descend],
+    remote: [descend, reach_parent],
 }
