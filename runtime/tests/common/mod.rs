@@ -1,6 +1,7 @@
 //! Helpers shared by the runtime's integration tests: run the real binary.
 
 pub mod sshd;
+pub mod vm;
 
 use sshd::{ClientKey, Sshd};
 

@@ -13,27 +13,28 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
-use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::budget::LevelBudget;
-use super::transport::{self, Target, Transport, TransportGuard};
-use super::vm::VmContext;
+mod watch;
+
 use crate::config::SshSettings;
 use crate::engine::ComponentSource;
 use crate::event::Outcome;
-use crate::output::{Capture, Stream};
+use crate::level::budget::LevelBudget;
+use crate::level::transport::{self, Target, Transport, TransportGuard};
+use crate::level::vm::VmContext;
+use crate::output::Capture;
 use crate::wire::{
     FrameReader, FrameWriter, HEARTBEAT_INTERVAL, HEARTBEAT_LOST, HELLO_TIMEOUT, LevelSetup,
-    Message, PROTOCOL_VERSION, READY_TIMEOUT, RemoteError, RemoteEvent, WireErrorKind, WireOutcome,
+    Message, PROTOCOL_VERSION, READY_TIMEOUT, RemoteError, WireErrorKind, WireOutcome,
+};
+use watch::{
+    Activity, declare_lost, describe_exit, forward, handshake_frame, lock, lost_error, within,
 };
 
 /// What a waiting call gets: the child's answer, or the cause of the loss.
-enum Answer {
+pub(super) enum Answer {
     Reply(Result<Vec<u8>, RemoteError>),
     Lost(String),
 }
@@ -47,7 +48,7 @@ const OUT_QUEUE: usize = 64;
 /// Calls with more argument bytes than this count as activity when their send ends.
 const BIG_FRAME: usize = 64 << 10;
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Answer>>>>;
+pub(super) type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Answer>>>>;
 
 /// Facts the child told about itself.
 #[derive(Debug, Clone)]
@@ -506,119 +507,4 @@ impl Drop for Connection {
         let held = std::mem::take(&mut *lock(&self.subtree));
         self.budget.release(held);
     }
-}
-
-/// Whether `path` is `own` or a level below it.
-fn within(own: &str, path: &str) -> bool {
-    path.strip_prefix(own)
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
-}
-
-fn lost_error(path: &str, cause: &str) -> RemoteError {
-    RemoteError {
-        kind: WireErrorKind::LevelLost,
-        message: format!("level {path} lost: {cause}"),
-        level_path: path.to_string(),
-    }
-}
-
-/// The next handshake frame by `deadline`, or why there is none (with how the
-/// child ended, when it did).
-async fn handshake_frame<R: AsyncRead + Unpin>(
-    reader: &mut FrameReader<R>,
-    guard: &Arc<Mutex<Box<dyn TransportGuard>>>,
-    deadline: Instant,
-    too_late: String,
-    closed: &str,
-) -> Result<Message, String> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    match tokio::time::timeout(left, reader.next()).await {
-        Err(_) => Err(too_late),
-        Ok(None) => Err(format!("{closed}{}", describe_exit(guard).await)),
-        Ok(Some(Err(e))) => Err(format!("{e}{}", describe_exit(guard).await)),
-        Ok(Some(Ok(m))) => Ok(m),
-    }
-}
-
-/// How the child ended, asked on a blocking thread: a guard may wait a moment
-/// for a process to be reaped (a QEMU up to a second).
-async fn describe_exit(guard: &Arc<Mutex<Box<dyn TransportGuard>>>) -> String {
-    let guard = guard.clone();
-    tokio::task::spawn_blocking(move || lock(&guard).describe_exit())
-        .await
-        .unwrap_or_default()
-}
-
-/// Marks the connection lost once, fails every waiting call, tears the transport down.
-async fn declare_lost(
-    lost: &Arc<Mutex<Option<String>>>,
-    pending: &Pending,
-    guard: &Arc<Mutex<Box<dyn TransportGuard>>>,
-    claimed: &AtomicBool,
-    cause: String,
-) {
-    // The first caller tells why; the others (writer, reader, heartbeat) only stop.
-    if claimed.swap(true, Ordering::SeqCst) {
-        return;
-    }
-    let guard = guard.clone();
-    let cause = tokio::task::spawn_blocking(move || {
-        let mut g = lock(&guard);
-        let cause = format!("{cause}{}", g.describe_exit());
-        g.shutdown();
-        cause
-    })
-    .await
-    .unwrap_or_else(|e| format!("the level could not be described: {e}"));
-    tracing::warn!("{cause}");
-    let mut slot = lock(lost);
-    *slot = Some(cause.clone());
-    // Drained while `lost` is still held, so no call can slip in between.
-    for (_, tx) in lock(pending).drain() {
-        let _ = tx.send(Answer::Lost(cause.clone()));
-    }
-}
-
-fn forward(capture: &Capture, level_path: &str, event: RemoteEvent) {
-    let (stream, text) = match event {
-        RemoteEvent::Log { level, message } => (Stream::Log(level), message),
-        RemoteEvent::Stdout(t) => (Stream::Stdout, t),
-        RemoteEvent::Stderr(t) => (Stream::Stderr, t),
-        RemoteEvent::Runtime(t) => {
-            tracing::debug!(level = level_path, "{t}");
-            return;
-        }
-        RemoteEvent::OutputLimit => {
-            capture.mark_exceeded();
-            return;
-        }
-    };
-    // Over budget: the level that spent it already failed its own write.
-    let _ = capture.write_from(level_path, stream, text.as_bytes());
-}
-
-/// A reader that records when bytes last arrived, so a large frame in flight
-/// counts as a sign of life.
-struct Activity<R> {
-    inner: R,
-    last: Arc<Mutex<Instant>>,
-}
-
-impl<R: AsyncRead + Unpin> AsyncRead for Activity<R> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            *lock(&self.last) = Instant::now();
-        }
-        poll
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -1,0 +1,87 @@
+//! Helpers of the VM tier: the guest image, run folders, the nested demo suite,
+//! and the QEMU processes a run left.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use matryoshka_test_programs::NESTED;
+
+use super::Run;
+
+pub fn image_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/images/x86_64");
+    assert!(
+        dir.join("root.img").exists(),
+        "no image at {}: build it with `./x image` (images/build.sh) before the VM tests",
+        dir.display()
+    );
+    dir
+}
+
+/// A run folder of its own, so its QEMU processes can be found by their console path.
+pub fn run_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("vm-{name}."))
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .expect("run dir")
+}
+
+pub fn nested(run_dir: &Path, image: &Path, extra: &[&str]) -> (Run, Duration) {
+    let started = Instant::now();
+    let out = super::bin()
+        .args(["test", NESTED, "--nocapture", "--image-dir"])
+        .arg(image)
+        .arg("--run-dir")
+        .arg(run_dir)
+        .args(["--env"])
+        .arg(format!("NESTED_ROOT={}", image.join("root.img").display()))
+        .args(extra)
+        .output()
+        .expect("start matryoshka");
+    (Run::from(out), started.elapsed())
+}
+
+/// QEMU processes whose command line names `run_dir`, after giving them a moment to go.
+pub fn qemus_left(run_dir: &Path) -> Vec<String> {
+    let needle = run_dir.display().to_string();
+    let mut left = Vec::new();
+    for _ in 0..50 {
+        let out = Command::new("pgrep")
+            .args(["-a", "-f", &needle])
+            .output()
+            .expect("pgrep");
+        left = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("qemu-system"))
+            .map(str::to_string)
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    left
+}
+
+#[track_caller]
+pub fn expect_infrastructure_error(run: &Run, needles: &[&str]) {
+    run.expect_code(101);
+    let line = run.line_for("FAIL", "nested_levels");
+    assert!(line.contains("L0 nested::nested_levels"), "{line}");
+    for needle in needles {
+        run.expect_stdout(needle);
+    }
+}
+
+/// An image folder whose initramfs and root are the real ones and whose kernel is `kernel`.
+pub fn image_with_kernel(dir: &Path, kernel: &[u8]) -> PathBuf {
+    let real = image_dir();
+    let image = dir.join("image");
+    std::fs::create_dir_all(&image).expect("image dir");
+    for f in ["initrd", "root.img"] {
+        std::os::unix::fs::symlink(real.join(f), image.join(f)).expect("symlink");
+    }
+    std::fs::write(image.join("kernel"), kernel).expect("kernel");
+    image
+}
