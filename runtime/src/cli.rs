@@ -115,7 +115,7 @@ struct TestArgs {
     /// Also write a JUnit XML report to this file.
     #[arg(long, value_name = "PATH")]
     junit: Option<PathBuf>,
-    /// Grant a capability: exec=CMD[,CMD...] or fs=PATH[:GUEST_PATH][:ro|:rw] (repeatable).
+    /// Grant a capability: exec=CMD[,CMD...], fs=PATH[:GUEST_PATH][:ro|:rw], nest or image=PATH (repeatable).
     #[arg(long, value_name = "GRANT")]
     grant: Vec<String>,
     /// Read grants from this file instead of the matryoshka.toml beside the component.
