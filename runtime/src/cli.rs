@@ -142,6 +142,10 @@ struct TestArgs {
     /// Private key (OpenSSH format) used to reach SSH levels; handed down the chain.
     #[arg(long, value_name = "FILE", requires = "ssh_known_hosts")]
     ssh_key: Option<PathBuf>,
+    /// Hand the --ssh-key down to the levels below, so they can reach SSH levels
+    /// further down (only for a key made for this chain, never a personal one).
+    #[arg(long, requires = "ssh_key")]
+    hand_down_ssh_key: bool,
     /// Pinned host keys of SSH levels (known_hosts format); nothing else is trusted.
     #[arg(long, value_name = "FILE", requires = "ssh_key")]
     ssh_known_hosts: Option<PathBuf>,
@@ -253,7 +257,9 @@ fn ssh_settings(args: &TestArgs) -> Result<Option<SshSettings>, String> {
         std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
     };
     Ok(Some(SshSettings {
-        private_key: read(key)?,
+        private_key: Some(read(key)?),
+        public_key: None,
+        hand_down: args.hand_down_ssh_key,
         known_hosts: read(known)?,
         remote_cache_dir: args.remote_cache_dir.clone(),
         key_path: std::path::absolute(key)

@@ -591,3 +591,26 @@ fn one_remote_call_over_the_budget_fails_the_test_with_output_limit() {
     );
     assert_nothing_left(&tag, None);
 }
+
+#[test]
+fn the_ssh_key_stays_at_l0_unless_it_may_be_handed_down() {
+    let chain = SshChain::new(2);
+    let tag = unique_tag("keystays");
+    let args: Vec<String> = chain
+        .args()
+        .into_iter()
+        .filter(|a| a != "--hand-down-ssh-key")
+        .collect();
+    let mut extra: Vec<&str> = args.iter().map(String::as_str).collect();
+    extra.extend(["--exact", "reaches_every_level"]);
+    let r = relay(&tag, &chain.chain(), &extra);
+    r.expect_code(101);
+    r.line_for("FAIL", "reaches_every_level");
+    let port = chain.servers[1].port;
+    r.expect_stdout(&format!(
+        "the run's SSH key stays at L0: reaching [127.0.0.1]:{port} from a level below needs \
+         --hand-down-ssh-key"
+    ));
+    let needle = chain.caches.path().display().to_string();
+    assert_nothing_left(&tag, Some(&needle));
+}

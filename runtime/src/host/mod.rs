@@ -96,7 +96,7 @@ impl LevelContext {
             limits: self.limits.into(),
             nest: self.nest,
             env: self.env.clone(),
-            ssh: self.ssh.clone(),
+            ssh: self.ssh.as_ref().map(SshSettings::for_child),
             vm: self.vms.settings.clone(),
             descend,
         }

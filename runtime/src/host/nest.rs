@@ -167,8 +167,17 @@ impl HostState {
         let component = self.ctx.component.clone();
         let capture = self.capture.clone();
         let budget = self.budget.clone();
-        let opened =
-            Connection::open(&target, setup, component, capture, &self.ctx.vms, budget).await;
+        let own_ssh = self.ctx.ssh.as_ref();
+        let opened = Connection::open(
+            &target,
+            setup,
+            component,
+            capture,
+            &self.ctx.vms,
+            own_ssh,
+            budget,
+        )
+        .await;
         match opened {
             Ok(conn) => {
                 if let Some((accel, why)) = &conn.info().accel {

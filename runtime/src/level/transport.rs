@@ -10,6 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::vm::{VmContext, VmRequest};
 use super::{local, ssh, vm};
+use crate::config::SshSettings;
 use crate::wire::{LevelSetup, RemoteError, WireErrorKind};
 
 /// Where the next level is.
@@ -64,8 +65,8 @@ pub struct VmFacts {
     pub accel_reason: String,
     /// `root@127.0.0.1:port`: the SSH hop to it from its parent.
     pub hop: String,
-    /// The run's private key, which it accepts.
-    pub key: String,
+    /// The public line of the run's key, which it accepts.
+    pub public_key: String,
     /// Where that key is at L0, when it is in a file.
     pub key_path: Option<String>,
 }
@@ -79,15 +80,18 @@ pub trait TransportGuard: Send {
 }
 
 /// Opens a transport to `target` for the level described by `setup`.
+/// `own_ssh` is this level's SSH settings (with the private key where it may be
+/// used); `setup.ssh` is what the child gets.
 pub async fn open(
     target: &Target,
     setup: &LevelSetup,
+    own_ssh: Option<&SshSettings>,
     vms: &VmContext,
 ) -> Result<Transport, RemoteError> {
     match target {
         Target::Local => local::spawn(setup),
         Target::Ssh(spec) => {
-            let Some(ssh) = &setup.ssh else {
+            let Some(ssh) = own_ssh else {
                 return Err(RemoteError {
                     kind: WireErrorKind::InvalidArgument,
                     message: format!(
@@ -100,7 +104,7 @@ pub async fn open(
             };
             ssh::open(spec, setup, ssh).await
         }
-        Target::Vm(req) => vm::open(req, setup, vms).await,
+        Target::Vm(req) => vm::open(req, setup, own_ssh, vms).await,
     }
 }
 

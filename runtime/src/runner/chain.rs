@@ -52,6 +52,7 @@ impl Chain {
             ctx.component.clone(),
             capture,
             &ctx.vms,
+            ctx.ssh.as_ref(),
             ctx.new_budget(),
         )
         .await?;

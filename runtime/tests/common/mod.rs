@@ -188,6 +188,8 @@ impl SshChain {
             self.known_hosts.path().display().to_string(),
             "--remote-cache-dir".into(),
             format!("{}/L{{depth}}", self.caches.path().display()),
+            // A key made for this chain: the levels below reach the next ones with it.
+            "--hand-down-ssh-key".into(),
         ]
     }
 

@@ -82,14 +82,16 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Reaches `target`, starts a runtime there and loads the component into it.
-    /// Levels the child's subtree opens later are taken from `budget`.
+    /// Reaches `target` (with this level's `own_ssh` settings), starts a runtime
+    /// there and loads the component into it, with `setup`. Levels the child's
+    /// subtree opens later are taken from `budget`.
     pub async fn open(
         target: &Target,
         mut setup: LevelSetup,
         component: Arc<ComponentSource>,
         capture: Arc<Capture>,
         vms: &VmContext,
+        own_ssh: Option<&SshSettings>,
         budget: Arc<LevelBudget>,
     ) -> Result<Self, RemoteError> {
         let path = setup.path.clone();
@@ -105,22 +107,16 @@ impl Connection {
             ssh_command,
             vm,
             heartbeat_grace,
-        } = transport::open(target, &setup, vms).await?;
+        } = transport::open(target, &setup, own_ssh, vms).await?;
         let heartbeat_lost = heartbeat_grace.unwrap_or(HEARTBEAT_LOST);
-        // A VM level boots the next ones with the run's key, and is one more SSH jump
-        // for the printed commands that reach them.
+        // A VM level makes the next ones accept the run's key (it gets the public
+        // half only), and is one more SSH jump for the printed commands that reach them.
         if let Some(vm) = &vm {
-            let known_hosts = setup
-                .ssh
-                .as_ref()
-                .map(|s| s.known_hosts.clone())
-                .unwrap_or_default();
-            let remote_cache_dir = setup.ssh.as_ref().and_then(|s| s.remote_cache_dir.clone());
+            let ssh = setup.ssh.take().unwrap_or_default();
             setup.ssh = Some(SshSettings {
-                private_key: vm.key.clone(),
-                known_hosts,
-                remote_cache_dir,
+                public_key: Some(vm.public_key.clone()),
                 key_path: vm.key_path.clone(),
+                ..ssh
             });
             setup.vm.jump.push(vm.hop.clone());
         }

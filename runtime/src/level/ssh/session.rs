@@ -149,7 +149,14 @@ pub(super) async fn connect(
     ssh: &SshSettings,
     patience: Duration,
 ) -> Result<(Handle<Pinned>, Arc<std::sync::atomic::AtomicBool>), String> {
-    let key = PrivateKey::from_openssh(&ssh.private_key)
+    let Some(private) = &ssh.private_key else {
+        return Err(format!(
+            "the run's SSH key stays at L0: reaching {} from a level below needs \
+             --hand-down-ssh-key (with a key made for this chain, never a personal one)",
+            target.known_hosts_name()
+        ));
+    };
+    let key = PrivateKey::from_openssh(private)
         .map_err(|e| format!("the run's SSH key is unusable: {e}"))?;
     let config = Arc::new(client::Config {
         nodelay: true,

@@ -39,16 +39,30 @@ impl VmContext {
         }
     }
 
-    /// The run's key: the one given with `--ssh-key` (handed down the chain), or
-    /// one made for this run and written beside the consoles for printed `ssh` commands.
+    /// The key VM levels accept: below L0 the public half handed down; at L0 the
+    /// one given with `--ssh-key`, or one made for this run and written beside the
+    /// consoles for printed `ssh` commands (its private half never leaves L0).
     pub(super) fn run_key(&self, ssh: Option<&SshSettings>) -> Result<RunKey, String> {
         self.key
             .get_or_init(|| match ssh {
-                Some(s) => RunKey::from_private(&s.private_key, s.key_path.clone()),
-                None => {
+                Some(SshSettings {
+                    public_key: Some(public_line),
+                    key_path,
+                    ..
+                }) => Ok(RunKey {
+                    private_key: None,
+                    public_line: public_line.clone(),
+                    path: key_path.clone(),
+                }),
+                Some(SshSettings {
+                    private_key: Some(private),
+                    key_path,
+                    ..
+                }) => RunKey::from_private(private, key_path.clone()),
+                _ => {
                     let key = RunKey::generate()?;
                     let path = self.run_dir.path()?.join("id_ed25519");
-                    write_private(&path, &key.private_key)?;
+                    write_private(&path, key.private_key.as_deref().unwrap_or_default())?;
                     Ok(RunKey {
                         path: std::path::absolute(&path)
                             .ok()
@@ -96,7 +110,7 @@ impl RunDir {
 /// The SSH key VM levels accept.
 #[derive(Clone)]
 pub(super) struct RunKey {
-    pub private_key: String,
+    pub private_key: Option<String>,
     pub public_line: String,
     pub path: Option<String>,
 }
@@ -119,7 +133,7 @@ impl RunKey {
             .to_openssh()
             .map_err(|e| format!("cannot encode the run's public key: {e}"))?;
         Ok(Self {
-            private_key: openssh.to_string(),
+            private_key: Some(openssh.to_string()),
             public_line,
             path,
         })
@@ -161,7 +175,11 @@ mod tests {
     fn generated_keys_round_trip() {
         let key = RunKey::generate().expect("a key");
         assert!(key.public_line.starts_with("ssh-ed25519 "), "{key:?}");
-        let again = RunKey::from_private(&key.private_key, None).expect("parses");
+        let private = key
+            .private_key
+            .as_deref()
+            .expect("a made key has its private half");
+        let again = RunKey::from_private(private, None).expect("parses");
         assert_eq!(again.public_line, key.public_line);
     }
 }

@@ -32,6 +32,7 @@ pub use context::{RunDir, VmContext};
 use super::replicate;
 use super::ssh::sh_quote;
 use super::transport::{StderrTail, Transport, TransportGuard, VmFacts};
+use crate::config::SshSettings;
 use crate::wire::{LevelSetup, RemoteError, WireErrorKind};
 use argv::Arch;
 use boot::{BootPlan, HostKey};
@@ -48,6 +49,7 @@ const VM_HEARTBEAT_GRACE: std::time::Duration = std::time::Duration::from_secs(6
 pub async fn open(
     req: &VmRequest,
     setup: &LevelSetup,
+    own_ssh: Option<&SshSettings>,
     ctx: &VmContext,
 ) -> Result<Transport, RemoteError> {
     let err = |kind: WireErrorKind, message: String| RemoteError {
@@ -56,7 +58,7 @@ pub async fn open(
         level_path: setup.path.clone(),
     };
     let key = ctx
-        .run_key(setup.ssh.as_ref())
+        .run_key(own_ssh)
         .map_err(|m| err(WireErrorKind::Io, m))?;
     let run_dir = ctx.run_dir.path().map_err(|m| err(WireErrorKind::Io, m))?;
     let run_dir =
@@ -76,9 +78,11 @@ pub async fn open(
     };
     // The level's host key is made here and handed in through fw_cfg: nothing
     // to generate (slowly, under TCG) there.
-    let host_key = RunKey::generate().ok().map(|k| HostKey {
-        private_openssh: k.private_key,
-        public_line: k.public_line,
+    let host_key = RunKey::generate().ok().and_then(|k| {
+        Some(HostKey {
+            private_openssh: k.private_key?,
+            public_line: k.public_line,
+        })
     });
     if let Some(key) = &host_key {
         tracing::info!(level = %setup.path, "host key: {}", key.public_line);
@@ -155,7 +159,7 @@ pub async fn open(
             accel: booted.accel.name().to_string(),
             accel_reason: booted.accel_reason,
             hop: format!("root@127.0.0.1:{}", booted.ssh_port),
-            key: key.private_key,
+            public_key: key.public_line,
             key_path: key.path,
         }),
         // A level running a nested guest can be starved of CPU for seconds (KVM in
