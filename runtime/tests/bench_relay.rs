@@ -48,6 +48,7 @@ fn relay_benchmarks() {
             .args(["test", RELAY, "--ignored", "--exact", test, "--nocapture"])
             .args(["--env", &chain, "--env", &calls, "--timeout", "600"])
             .args(["--ssh-key", &key_path, "--ssh-known-hosts", &known_path])
+            .arg("--hand-down-ssh-key")
             .args(["--remote-cache-dir", &cache_arg])
             .output()
             .expect("run matryoshka");
