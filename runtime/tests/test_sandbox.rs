@@ -10,14 +10,24 @@ use std::time::{Duration, Instant};
 use common::{Run, assert_nothing_left, bin, unique_tag};
 use matryoshka_test_programs::{RELAY, SANDBOX};
 
+/// Runs the sandbox suite with `extra`, in a temporary folder of its own that
+/// must be empty again when the run ends.
 fn sandbox(tag: &str, extra: &[&str]) -> Run {
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("TMPDIR");
     let out = bin()
+        .env("TMPDIR", tmp.path())
         .env("MATRYOSHKA_TEST_TAG", tag)
         .env("MATRYOSHKA_SECRET", "must not reach commands")
         .args(["test", SANDBOX, "--grant", "nest", "--grant", "exec=env,sh"])
         .args(extra)
         .output()
         .expect("start matryoshka");
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .expect("TMPDIR")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "temporary files left behind: {left:?}");
     Run::from(out)
 }
 
