@@ -313,3 +313,71 @@ fn levels_runs_each_test_at_the_deepest_level() {
     assert!(run.stderr.contains("L0/L1 is up"), "{}", run.stderr);
     assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
 }
+
+#[test]
+fn levels_two_runs_each_test_two_levels_down_through_the_serve_side_chain() {
+    let dir = run_dir("levels2");
+    let (run, took) = nested(dir.path(), &image_dir(), &["--levels", "2", "where_am_i"]);
+    eprintln!("--levels 2: {:.1} s", took.as_secs_f64());
+    run.expect_code(0);
+    let line = run.line_for("PASS", "where_am_i");
+    assert!(line.contains("L0/L1/L2 nested::where_am_i"), "{line}");
+    // L1 booted L2 before it said Ready, and relays the test's log up from L2.
+    run.expect_stdout("running at L0/L1/L2 on level-2 (level=2 accel=");
+    assert!(run.stderr.contains("L0/L1/L2 is up"), "{}", run.stderr);
+    assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
+}
+
+#[test]
+fn the_accelerator_chosen_once_is_remembered() {
+    let cache = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("cache");
+    let kvm_opens = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    let mut reasons = Vec::new();
+    for round in ["first", "second"] {
+        let dir = run_dir(&format!("accel-{round}"));
+        let cache_arg = cache.path().display().to_string();
+        let (run, _) = nested(
+            dir.path(),
+            &image_dir(),
+            &["--cache-dir", &cache_arg, "--env", "NESTED_LEVELS=1"],
+        );
+        run.expect_code(0);
+        let line = run
+            .stdout
+            .lines()
+            .find(|l| l.contains("L0/L1 booted with "))
+            .unwrap_or_else(|| panic!("no boot line for L1:\n{}", run.stdout))
+            .to_string();
+        reasons.push(line);
+        assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
+    }
+    let remembered: Vec<_> = std::fs::read_dir(cache.path().join("accel"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    if kvm_opens {
+        // The first boot probed KVM; the second took the answer from the cache.
+        assert!(
+            reasons[0].contains("auto: KVM boots here")
+                || reasons[0].contains("auto: KVM does not work at the parent level"),
+            "{}",
+            reasons[0]
+        );
+        assert!(
+            reasons[1].contains("auto: KVM worked before")
+                || reasons[1].contains("auto: KVM failed here earlier"),
+            "{}",
+            reasons[1]
+        );
+        assert_eq!(remembered.len(), 1, "{remembered:?}");
+    } else {
+        // Nothing to probe, nothing remembered.
+        for reason in &reasons {
+            assert!(reason.contains("auto: no usable /dev/kvm"), "{reason}");
+        }
+        assert!(remembered.is_empty(), "{remembered:?}");
+    }
+}
