@@ -112,34 +112,52 @@ pub async fn open(
 /// line is dropped (a child cannot grow its parent's memory with one endless line).
 pub const MAX_LINE: usize = 8 << 10;
 
+/// Splits bytes into lines as they come, each cut to [`MAX_LINE`] bytes.
+#[derive(Default)]
+pub struct LineCutter {
+    line: Vec<u8>,
+}
+
+impl LineCutter {
+    /// Takes `bytes` and hands each line they complete (without its newline,
+    /// invalid UTF-8 replaced) to `each`.
+    pub fn push(&mut self, bytes: &[u8], mut each: impl FnMut(&str)) {
+        for piece in bytes.split_inclusive(|&b| b == b'\n') {
+            let (text, ends) = match piece.strip_suffix(b"\n") {
+                Some(text) => (text, true),
+                None => (piece, false),
+            };
+            let room = MAX_LINE.saturating_sub(self.line.len());
+            self.line.extend_from_slice(&text[..text.len().min(room)]);
+            if ends {
+                each(&String::from_utf8_lossy(&self.line));
+                self.line.clear();
+            }
+        }
+    }
+
+    /// Hands a last line without a newline to `each`.
+    pub fn finish(self, mut each: impl FnMut(&str)) {
+        if !self.line.is_empty() {
+            each(&String::from_utf8_lossy(&self.line));
+        }
+    }
+}
+
 /// Reads `reader` to its end and hands each line (without its newline, cut to
 /// [`MAX_LINE`] bytes, invalid UTF-8 replaced) to `each`.
 pub async fn for_each_line(reader: impl AsyncRead + Unpin, mut each: impl FnMut(&str)) {
     use tokio::io::AsyncReadExt;
     let mut reader = reader;
-    let mut line: Vec<u8> = Vec::new();
+    let mut lines = LineCutter::default();
     let mut chunk = vec![0u8; 8 << 10];
     loop {
-        let n = match reader.read(&mut chunk).await {
+        match reader.read(&mut chunk).await {
             Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        for piece in chunk[..n].split_inclusive(|&b| b == b'\n') {
-            let (text, ends) = match piece.strip_suffix(b"\n") {
-                Some(text) => (text, true),
-                None => (piece, false),
-            };
-            let room = MAX_LINE.saturating_sub(line.len());
-            line.extend_from_slice(&text[..text.len().min(room)]);
-            if ends {
-                each(&String::from_utf8_lossy(&line));
-                line.clear();
-            }
+            Ok(n) => lines.push(&chunk[..n], &mut each),
         }
     }
-    if !line.is_empty() {
-        each(&String::from_utf8_lossy(&line));
-    }
+    lines.finish(each);
 }
 
 /// The last lines a child runtime wrote to its stderr, for error messages.

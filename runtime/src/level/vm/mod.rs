@@ -31,7 +31,7 @@ pub use context::{RunDir, VmContext};
 
 use super::replicate;
 use super::ssh::sh_quote;
-use super::transport::{StderrTail, Transport, TransportGuard, VmFacts};
+use super::transport::{LineCutter, StderrTail, Transport, TransportGuard, VmFacts};
 use crate::config::SshSettings;
 use crate::wire::{LevelSetup, RemoteError, WireErrorKind};
 use argv::Arch;
@@ -222,24 +222,19 @@ async fn follow_level_log(path: PathBuf, from: u64, level: String, tail: StderrT
     if file.seek(std::io::SeekFrom::Start(from)).await.is_err() {
         return;
     }
-    let mut pending = Vec::new();
+    let mut lines = LineCutter::default();
+    let mut chunk = vec![0u8; 8 << 10];
     loop {
-        let mut chunk = Vec::new();
-        match file.read_to_end(&mut chunk).await {
+        match file.read(&mut chunk).await {
             Ok(0) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
-            Ok(_) => {
-                pending.extend_from_slice(&chunk);
-                while let Some(end) = pending.iter().position(|&b| b == b'\n') {
-                    let line: Vec<u8> = pending.drain(..=end).collect();
-                    let line = String::from_utf8_lossy(&line);
-                    let line = line.trim_end();
-                    if line.starts_with("MATRYOSHKA-") {
-                        tracing::info!(level = %level, "{line}");
-                    } else if !line.is_empty() {
-                        tail.push(&level, line);
-                    }
+            Ok(n) => lines.push(&chunk[..n], |line| {
+                let line = line.trim_end();
+                if line.starts_with("MATRYOSHKA-") {
+                    tracing::info!(level = %level, "{line}");
+                } else if !line.is_empty() {
+                    tail.push(&level, line);
                 }
-            }
+            }),
             Err(_) => return,
         }
     }
