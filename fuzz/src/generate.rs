@@ -166,6 +166,7 @@ fn setup(u: &mut Unstructured) -> Result<LevelSetup> {
                 })
             })?,
             nest: u.arbitrary()?,
+            images: small_vec(u, 2, |u| Ok(PathBuf::from(text(u)?)))?,
         },
         limits,
         nest: NestLimits {
@@ -175,7 +176,9 @@ fn setup(u: &mut Unstructured) -> Result<LevelSetup> {
         env: small_vec(u, 3, |u| Ok((text(u)?, text(u)?)))?,
         ssh: some(u, |u| {
             Ok(SshSettings {
-                private_key: text(u)?,
+                private_key: some(u, text)?,
+                public_key: some(u, text)?,
+                hand_down: u.arbitrary()?,
                 known_hosts: text(u)?,
                 remote_cache_dir: some(u, text)?,
                 key_path: some(u, text)?,

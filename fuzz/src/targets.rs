@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use matryoshka::config::{InstanceLimits, VmSettings};
+use matryoshka::config::{InstanceLimits, NestLimits, VmSettings};
 use matryoshka::engine::{CacheDir, ComponentSource, sha256_hex};
 use matryoshka::level::Target;
+use matryoshka::level::budget::LevelBudget;
 use matryoshka::level::connection::Connection;
 use matryoshka::level::vm::{RunDir, VmContext};
 use matryoshka::output::Capture;
@@ -123,6 +124,7 @@ pub fn child(data: &[u8]) -> Reach {
     let opts = ServeOptions {
         cache: CacheDir::At(cache.path().to_path_buf()),
         protocol_version: PROTOCOL_VERSION,
+        inject: None,
     };
     block_on(async {
         let (ours, theirs) = tokio::io::duplex(1 << 20);
@@ -263,7 +265,15 @@ pub fn parent(data: &[u8]) -> Reach {
     block_on(async {
         let opened = tokio::time::timeout(
             DEADLINE,
-            Connection::open(&Target::Local, setup, component, capture, &vms),
+            Connection::open(
+                &Target::Local,
+                setup,
+                component,
+                capture,
+                &vms,
+                None,
+                LevelBudget::root(NestLimits::DEFAULT_MAX_LEVELS),
+            ),
         )
         .await
         .unwrap_or_else(|_| panic!("Connection::open did not end within {DEADLINE:?}"));
