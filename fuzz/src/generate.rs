@@ -50,6 +50,16 @@ fn text(u: &mut Unstructured) -> Result<String> {
     }
 }
 
+/// A level path for an event the child at `L0/L1` sends: mostly its own or one
+/// below it (a parent declares a child lost that speaks for another level).
+fn child_path(u: &mut Unstructured) -> Result<String> {
+    if u.ratio(7, 8)? {
+        Ok((*u.choose(&["L0/L1", "L0/L1/L2"])?).to_string())
+    } else {
+        text(u)
+    }
+}
+
 /// A short byte string.
 fn blob(u: &mut Unstructured, max: usize) -> Result<Vec<u8>> {
     let len = u.int_in_range(0..=max)?;
@@ -422,7 +432,7 @@ pub fn child_script(u: &mut Unstructured) -> Result<Vec<u8>> {
     }
     for _ in 0..u.int_in_range(0..=2)? {
         script.push(Message::Event {
-            level_path: text(u)?,
+            level_path: child_path(u)?,
             event: remote_event(u)?,
         });
     }
@@ -446,7 +456,7 @@ pub fn child_script(u: &mut Unstructured) -> Result<Vec<u8>> {
             },
             1 => Message::Pong { seq: number(u)? },
             2 => Message::Event {
-                level_path: text(u)?,
+                level_path: child_path(u)?,
                 event: remote_event(u)?,
             },
             _ => message(u)?,
