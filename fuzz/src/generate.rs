@@ -114,7 +114,7 @@ fn remote_error(u: &mut Unstructured) -> Result<RemoteError> {
 }
 
 fn remote_event(u: &mut Unstructured) -> Result<RemoteEvent> {
-    Ok(match u.int_in_range(0..=3)? {
+    Ok(match u.int_in_range(0..=4)? {
         0 => RemoteEvent::Log {
             level: *u.choose(&[
                 LogLevel::Trace,
@@ -127,6 +127,7 @@ fn remote_event(u: &mut Unstructured) -> Result<RemoteEvent> {
         },
         1 => RemoteEvent::Stdout(text(u)?),
         2 => RemoteEvent::Stderr(text(u)?),
+        3 => RemoteEvent::OutputLimit,
         _ => RemoteEvent::Runtime(text(u)?),
     })
 }
@@ -214,19 +215,24 @@ pub fn component_bytes(u: &mut Unstructured) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// A child's `Hello`, speaking this protocol's version `num` times in `den`.
+fn hello(u: &mut Unstructured, num: u8, den: u8) -> Result<Message> {
+    Ok(Message::Hello {
+        version: if u.ratio(num, den)? {
+            PROTOCOL_VERSION
+        } else {
+            u.arbitrary()?
+        },
+        arch: text(u)?,
+        hostname: text(u)?,
+        runtime_sha256: some(u, text)?,
+    })
+}
+
 /// Any message of the protocol.
 pub fn message(u: &mut Unstructured) -> Result<Message> {
-    Ok(match u.int_in_range(0..=13)? {
-        0 => Message::Hello {
-            version: if u.ratio(3, 4)? {
-                PROTOCOL_VERSION
-            } else {
-                u.arbitrary()?
-            },
-            arch: text(u)?,
-            hostname: text(u)?,
-            runtime_sha256: some(u, text)?,
-        },
+    Ok(match u.int_in_range(0..=16)? {
+        0 => hello(u, 3, 4)?,
         1 => Message::Load {
             component_sha256: text(u)?,
             setup: Box::new(setup(u)?),
@@ -268,6 +274,21 @@ pub fn message(u: &mut Unstructured) -> Result<Message> {
         10 => Message::Pong { seq: number(u)? },
         11 => Message::Cancel { id: number(u)? },
         12 => Message::Shutdown,
+        13 => Message::Acquire {
+            id: number(u)?,
+            path: text(u)?,
+        },
+        14 => Message::Acquired {
+            id: number(u)?,
+            result: if u.arbitrary()? {
+                Ok(())
+            } else {
+                Err(remote_error(u)?)
+            },
+        },
+        15 => Message::Release {
+            count: u.arbitrary()?,
+        },
         _ => Message::Fatal {
             error: remote_error(u)?,
         },
@@ -417,16 +438,7 @@ pub fn parent_script(u: &mut Unstructured) -> Result<Vec<u8>> {
 /// What a child says to its parent: `Hello`, maybe `NeedComponent` and
 /// events, `Ready` (or `Fatal`), then returns, events and pongs.
 pub fn child_script(u: &mut Unstructured) -> Result<Vec<u8>> {
-    let mut script = vec![Message::Hello {
-        version: if u.ratio(7, 8)? {
-            PROTOCOL_VERSION
-        } else {
-            u.arbitrary()?
-        },
-        arch: text(u)?,
-        hostname: text(u)?,
-        runtime_sha256: some(u, text)?,
-    }];
+    let mut script = vec![hello(u, 7, 8)?];
     if u.arbitrary()? {
         script.push(Message::NeedComponent);
     }
@@ -485,13 +497,8 @@ mod tests {
             let msg = message(&mut Unstructured::new(&data)).expect("a message");
             let back: Message = postcard::from_bytes(&encode(&msg)).expect("decodes");
             assert_eq!(back, msg);
-            let debug = format!("{msg:?}");
-            let name: String = debug
-                .chars()
-                .take_while(char::is_ascii_alphabetic)
-                .collect();
-            variants.insert(name);
+            variants.insert(msg.name());
         }
-        assert_eq!(variants.len(), 14, "{variants:?}");
+        assert_eq!(variants.len(), 17, "{variants:?}");
     }
 }

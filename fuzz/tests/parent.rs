@@ -8,7 +8,7 @@ fn main() {
         panic!("cannot prepare the parent target: {e}");
     }
     let mut rng = fastrand::Rng::with_seed(3);
-    let reach: Vec<Reach> = (0..40)
+    let reach: Vec<Reach> = (0..120)
         .map(|_| {
             let mut data = vec![0; rng.usize(1..=1024)];
             rng.fill(&mut data);
