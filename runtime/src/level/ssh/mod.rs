@@ -114,8 +114,8 @@ pub async fn open(
         return Ok(chan.into_transport(handle, ssh_command(ssh, &target)));
     }
     let mut report = String::new();
-    let probe = (&mut chan.reader).take(64 << 10);
-    let _ = tokio::time::timeout(EXEC_TIMEOUT, read_probe(probe, &mut report)).await;
+    let mut probe = (&mut chan.reader).take(64 << 10);
+    let _ = tokio::time::timeout(EXEC_TIMEOUT, probe.read_to_string(&mut report)).await;
     let probe_failed = chan.describe();
     drop(chan);
     let (arch, dir, present) = match script::parse_probe(&report) {
@@ -199,11 +199,6 @@ pub async fn open(
         .map_err(|m| err(WireErrorKind::Io, format!("cannot start the runtime: {m}")))?;
     quick_ack.store(false, std::sync::atomic::Ordering::Relaxed);
     Ok(chan.into_transport(handle, ssh_command(ssh, &target)))
-}
-
-/// Reads at most what `probe` allows of a probe report into `report`.
-async fn read_probe(mut probe: impl tokio::io::AsyncRead + Unpin, report: &mut String) {
-    let _ = probe.read_to_string(report).await;
 }
 
 /// Quotes a remote path for a POSIX shell, keeping a leading `~/` meaning `$HOME/`.
