@@ -36,8 +36,10 @@
 //! captured per test by the runtime.
 
 pub mod host;
+pub mod libvirt;
 mod logger;
 pub mod nest;
+pub mod passthrough;
 #[doc(hidden)]
 pub mod rt;
 
@@ -49,6 +51,7 @@ pub mod bindings {
         pub_export_macro: true,
         export_macro_name: "__export_suite",
         default_bindings_module: "::matryoshka_guest::bindings",
+        additional_derives: [serde::Serialize, serde::Deserialize],
     });
 }
 

@@ -28,7 +28,11 @@ use serde::de::DeserializeOwned;
 
 use crate::ErrorKind;
 use crate::bindings::matryoshka::test::nest as wit;
+use crate::bindings::matryoshka::test::qmp as wit_qmp;
+use crate::passthrough::ScsiAddress;
+
 use crate::host::{Error, level_path};
+pub use wit::Backend;
 
 /// A virtual machine to boot as the next level; unset fields take the runtime's defaults.
 ///
@@ -50,6 +54,8 @@ impl Default for Vm {
                 image: None,
                 accel: None,
                 boot_timeout_ms: None,
+                backend: None,
+                scsi: Vec::new(),
             },
         }
     }
@@ -95,6 +101,20 @@ impl Vm {
     /// Deadline for the level to boot and its runtime to serve.
     pub fn boot_timeout(mut self, timeout: Duration) -> Self {
         self.spec.boot_timeout_ms = Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+        self
+    }
+
+    /// What runs the level: QEMU started by the runtime (the default) or a
+    /// transient libvirt domain (needs `--grant libvirt`).
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.spec.backend = Some(backend);
+        self
+    }
+
+    /// Passes this level's SCSI device at `address` through to the level
+    /// (see [`crate::passthrough`]; needs `--grant passthrough`).
+    pub fn scsi(mut self, address: ScsiAddress) -> Self {
+        self.spec.scsi.push(address);
         self
     }
 }
@@ -162,6 +182,33 @@ impl Guest {
             .map_err(|e| bad(format!("result of `{function}` does not decode: {e}")))
     }
 
+    /// Runs the QMP command `command` with `arguments` (a JSON object, or
+    /// `Value::Null` for none) against the QEMU running that level, and returns
+    /// QEMU's `return` value. Needs `--grant qmp` (or `qmp=COMMAND`); only for
+    /// levels this level booted with the qemu backend.
+    pub fn qmp(
+        &self,
+        command: &str,
+        arguments: serde_json::Value,
+    ) -> Result<serde_json::Value, Error> {
+        let arguments = (!arguments.is_null()).then(|| arguments.to_string());
+        let reply = wit_qmp::execute(&self.inner, command, arguments.as_deref(), None)
+            .map_err(Error::from)?;
+        json(&reply)
+    }
+
+    /// Waits up to `timeout` for the QMP event `name` (e.g. `DEVICE_DELETED`)
+    /// from the QEMU running that level; events since its first QMP use are kept.
+    pub fn wait_qmp_event(
+        &self,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, Error> {
+        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let event = wit_qmp::wait_event(&self.inner, name, ms).map_err(Error::from)?;
+        json(&event)
+    }
+
     /// Depth of that level.
     pub fn level(&self) -> u32 {
         self.inner.level()
@@ -186,4 +233,12 @@ impl Guest {
     pub fn ssh_command(&self) -> Option<String> {
         self.inner.ssh_command()
     }
+}
+
+fn json(text: &str) -> Result<serde_json::Value, Error> {
+    serde_json::from_str(text).map_err(|e| Error {
+        kind: ErrorKind::Internal,
+        message: format!("the runtime returned QMP text that is not JSON: {e}"),
+        level_path: level_path(),
+    })
 }

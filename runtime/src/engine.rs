@@ -28,7 +28,7 @@ pub use cache::{
 };
 
 /// The WIT world every suite must target, as named in error messages.
-pub const WORLD: &str = "matryoshka:test/suite@0.1.0";
+pub const WORLD: &str = "matryoshka:test/suite@0.2.0";
 
 /// The component a level runs, kept to hand it to the next level.
 #[derive(Debug)]

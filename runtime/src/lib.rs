@@ -9,6 +9,8 @@
 //! - [`output`], [`config`], [`process`]: leaves. Captured output under a
 //!   budget; grants, limits and settings that travel down the chain; child
 //!   processes in groups of their own.
+//! - [`scsi`], [`libvirt`]: leaves over [`process`]: SCSI devices in sysfs and
+//!   `scsi_debug` disks; libvirt's C library, loaded on first use.
 //! - [`event`]: the one stream of events a run produces.
 //! - [`wire`]: the relay protocol's frames and messages.
 //! - [`engine`]: compiling components, with an on-disk cache.
@@ -26,10 +28,12 @@ pub mod engine;
 pub mod event;
 pub mod host;
 pub mod level;
+pub mod libvirt;
 pub mod output;
 pub mod process;
 pub mod reporter;
 pub mod runner;
+pub mod scsi;
 pub mod serve;
 pub mod suite;
 pub mod wire;

@@ -357,7 +357,7 @@ fn bad_components_give_one_clear_line() {
     assert_eq!(
         r.stderr.trim(),
         format!(
-            "error: {WRONG_WORLD} does not target the world matryoshka:test/suite@0.1.0: \
+            "error: {WRONG_WORLD} does not target the world matryoshka:test/suite@0.2.0: \
              missing exports `tests`, `run`, `call` (it exports `greet`)"
         )
     );

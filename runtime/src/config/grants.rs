@@ -16,7 +16,7 @@ pub enum GrantError {
     /// A `--grant` value that is not one of the known forms.
     #[error(
         "unknown grant `{0}`: expected exec=CMD[,CMD...], fs=PATH[:GUEST_PATH][:ro|:rw], \
-         image=PATH or nest"
+         image=PATH, nest, passthrough, qmp[=CMD,...] or libvirt[=URI,...]"
     )]
     Unknown(String),
     /// A grant of the right kind with an empty or bad value.
@@ -57,6 +57,48 @@ pub struct FsGrant {
     pub writable: bool,
 }
 
+/// A grant given whole (`qmp`) or for some names only (`qmp=query-status,stop`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Scope {
+    /// Not granted.
+    #[default]
+    Denied,
+    /// Granted for every name.
+    All,
+    /// Granted for these names only.
+    Only(BTreeSet<String>),
+}
+
+impl Scope {
+    /// Whether `name` is granted.
+    pub fn allows(&self, name: &str) -> bool {
+        match self {
+            Self::Denied => false,
+            Self::All => true,
+            Self::Only(names) => names.contains(name),
+        }
+    }
+
+    /// Whether anything is granted.
+    pub fn any(&self) -> bool {
+        !matches!(self, Self::Denied)
+    }
+
+    /// Grants every name.
+    fn grant_all(&mut self) {
+        *self = Self::All;
+    }
+
+    /// Grants `names` besides what is granted already.
+    fn grant<I: IntoIterator<Item = String>>(&mut self, names: I) {
+        match self {
+            Self::All => {}
+            Self::Denied => *self = Self::Only(names.into_iter().collect()),
+            Self::Only(have) => have.extend(names),
+        }
+    }
+}
+
 /// Everything granted to a run.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Grants {
@@ -69,6 +111,13 @@ pub struct Grants {
     /// Folders (absolute) under which a `vm-spec.image` may name an image to boot,
     /// besides the run's own image folder.
     pub images: Vec<PathBuf>,
+    /// Whether the component may make SCSI disks (`scsi_debug`), list this level's
+    /// SCSI devices and pass them to the levels it boots (`passthrough` interface).
+    pub passthrough: bool,
+    /// QMP commands the component may send to the QEMU of levels it booted.
+    pub qmp: Scope,
+    /// libvirt URIs the component may open.
+    pub libvirt: Scope,
 }
 
 impl Grants {
@@ -79,15 +128,37 @@ impl Grants {
 
     /// Adds one `--grant` value.
     pub fn add(&mut self, grant: &str) -> Result<(), GrantError> {
+        match grant {
+            "nest" => self.nest = true,
+            "passthrough" => self.passthrough = true,
+            "qmp" => self.qmp.grant_all(),
+            "libvirt" => self.libvirt.grant_all(),
+            _ => return self.add_with_value(grant),
+        }
+        Ok(())
+    }
+
+    fn add_with_value(&mut self, grant: &str) -> Result<(), GrantError> {
         let invalid = |reason: &str| GrantError::Invalid {
             grant: grant.to_string(),
             reason: reason.to_string(),
         };
-        if grant == "nest" {
-            self.nest = true;
-            return Ok(());
-        }
+        let names = |list: &str, what: &str| -> Result<Vec<String>, GrantError> {
+            let names: Vec<&str> = list.split(',').map(str::trim).collect();
+            if names.iter().any(|c| c.is_empty()) {
+                return Err(invalid(&format!("empty {what}")));
+            }
+            Ok(names.into_iter().map(String::from).collect())
+        };
         match grant.split_once('=') {
+            Some(("qmp", list)) => {
+                self.qmp.grant(names(list, "QMP command name")?);
+                Ok(())
+            }
+            Some(("libvirt", list)) => {
+                self.libvirt.grant(names(list, "libvirt URI")?);
+                Ok(())
+            }
             Some(("exec", list)) => {
                 let cmds: Vec<&str> = list.split(',').map(str::trim).collect();
                 if cmds.iter().any(|c| c.is_empty()) {
@@ -123,6 +194,25 @@ impl Grants {
         let base = path.parent().unwrap_or(Path::new("."));
         let grants = config.grants;
         self.nest |= grants.nest;
+        self.passthrough |= grants.passthrough;
+        for (scope, entry, key) in [
+            (&mut self.qmp, grants.qmp, "qmp"),
+            (&mut self.libvirt, grants.libvirt, "libvirt"),
+        ] {
+            match entry {
+                None | Some(ScopeEntry::All(false)) => {}
+                Some(ScopeEntry::All(true)) => scope.grant_all(),
+                Some(ScopeEntry::Only(names)) => {
+                    if names.iter().any(|n| n.trim().is_empty()) {
+                        return Err(GrantError::Config {
+                            path: path.to_path_buf(),
+                            message: format!("grants.{key} has an empty name"),
+                        });
+                    }
+                    scope.grant(names);
+                }
+            }
+        }
         for cmd in grants.exec {
             if cmd.trim().is_empty() {
                 return Err(GrantError::Config {
@@ -233,6 +323,18 @@ struct GrantsSection {
     nest: bool,
     #[serde(default)]
     images: Vec<String>,
+    #[serde(default)]
+    passthrough: bool,
+    qmp: Option<ScopeEntry>,
+    libvirt: Option<ScopeEntry>,
+}
+
+/// `qmp = true` or `qmp = ["query-status", ...]`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum ScopeEntry {
+    All(bool),
+    Only(Vec<String>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -297,7 +399,9 @@ mod tests {
     }
 
     #[rstest]
-    #[case("libvirt=yes", "unknown grant `libvirt=yes`")]
+    #[case("libvirt=", "bad grant `libvirt=`: empty libvirt URI")]
+    #[case("qmp=stop,", "bad grant `qmp=stop,`: empty QMP command name")]
+    #[case("passthrough=yes", "unknown grant `passthrough=yes`")]
     #[case("exec=", "bad grant `exec=`: empty command name")]
     #[case(
         "fs=/a:data",
@@ -346,6 +450,34 @@ mod tests {
             g.images,
             vec![dir.path().join("imgs"), PathBuf::from("/abs")]
         );
+    }
+
+    #[test]
+    fn scoped_grants_are_denied_by_default_and_add_up() {
+        let mut g = Grants::default();
+        assert!(!g.qmp.any() && !g.libvirt.any() && !g.passthrough);
+        g.add("qmp=query-status").expect("valid grant");
+        g.add("qmp=device_add, device_del").expect("valid grant");
+        assert!(g.qmp.allows("device_del") && !g.qmp.allows("migrate"));
+        g.add("qmp").expect("valid grant");
+        g.add("qmp=stop").expect("valid grant");
+        assert!(g.qmp.allows("migrate"));
+        g.add("libvirt=test:///default").expect("valid grant");
+        assert!(g.libvirt.allows("test:///default") && !g.libvirt.allows("qemu:///system"));
+        g.add("passthrough").expect("valid grant");
+        assert!(g.passthrough);
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("matryoshka.toml");
+        std::fs::write(
+            &path,
+            "[grants]\npassthrough = true\nqmp = [\"query-status\"]\nlibvirt = true\n",
+        )
+        .expect("write config");
+        let mut g = Grants::default();
+        g.merge_config(&path).expect("valid config");
+        assert!(g.passthrough && g.libvirt.allows("qemu:///system"));
+        assert_eq!(g.qmp, Scope::Only(["query-status".to_string()].into()));
     }
 
     #[test]

@@ -6,9 +6,12 @@
 //! WASI context, grants, limits, captured output — lives in [`HostState`].
 
 mod exec;
+mod libvirt;
 mod limits;
 mod log;
 mod nest;
+mod passthrough;
+mod qmp;
 mod report;
 
 use std::sync::Arc;
@@ -41,11 +44,40 @@ pub(crate) mod bindings {
             "matryoshka:test/nest.[static]guest.connect": async | trappable,
             "matryoshka:test/nest.[static]guest.boot": async | trappable,
             "matryoshka:test/nest.[method]guest.call": async | trappable,
+            "matryoshka:test/qmp.execute": async | trappable,
+            "matryoshka:test/qmp.wait-event": async | trappable,
+            "matryoshka:test/passthrough.list-scsi": async | trappable,
+            "matryoshka:test/passthrough.[static]scsi-debug-disk.create": async | trappable,
+            "matryoshka:test/passthrough.[method]scsi-debug-disk.device": async | trappable,
+            "matryoshka:test/passthrough.[drop]scsi-debug-disk": async | trappable,
+            "matryoshka:test/libvirt.[static]connection.open": async | trappable,
+            "matryoshka:test/libvirt.[method]connection.define-domain": async | trappable,
+            "matryoshka:test/libvirt.[method]connection.create-domain": async | trappable,
+            "matryoshka:test/libvirt.[method]connection.lookup-domain": async | trappable,
+            "matryoshka:test/libvirt.[method]connection.list-domains": async | trappable,
+            "matryoshka:test/libvirt.[method]connection.hypervisor": async | trappable,
+            "matryoshka:test/libvirt.[method]connection.capabilities": async | trappable,
+            "matryoshka:test/libvirt.[drop]connection": async | trappable,
+            "matryoshka:test/libvirt.[method]domain.name": async | trappable,
+            "matryoshka:test/libvirt.[method]domain.uuid": async | trappable,
+            "matryoshka:test/libvirt.[method]domain.xml-desc": async | trappable,
+            "matryoshka:test/libvirt.[method]domain.start": async | trappable,
+            "matryoshka:test/libvirt.[method]domain.shutdown": async | trappable,
+            "matryoshka:test/libvirt.[method]domain.destroy": async | trappable,
+            "matryoshka:test/libvirt.[method]domain.undefine": async | trappable,
+            "matryoshka:test/libvirt.[method]domain.state": async | trappable,
+            "matryoshka:test/libvirt.[method]domain.attach-device": async | trappable,
+            "matryoshka:test/libvirt.[method]domain.detach-device": async | trappable,
+            "matryoshka:test/libvirt.[method]domain.qemu-monitor-command": async | trappable,
+            "matryoshka:test/libvirt.[drop]domain": async | trappable,
             default: trappable,
         },
         exports: { default: async },
         with: {
             "matryoshka:test/nest.guest": super::GuestHandle,
+            "matryoshka:test/passthrough.scsi-debug-disk": super::passthrough::ScsiDebugHandle,
+            "matryoshka:test/libvirt.connection": super::libvirt::ConnectionHandle,
+            "matryoshka:test/libvirt.domain": super::libvirt::DomainHandle,
         },
     });
 }
@@ -113,6 +145,8 @@ pub struct HostState {
     budget: Arc<LevelBudget>,
     /// Process groups of the commands this instance ran, killed with it.
     groups: crate::process::Groups,
+    /// libvirt handles this instance holds.
+    virt_usage: Arc<libvirt::Usage>,
     panic: Option<Failure>,
     /// The first level this instance could not boot or reach: a failing test
     /// that met one is reported as an infrastructure error with this cause.
@@ -154,6 +188,7 @@ impl HostState {
             limiter: MemoryLimiter::new(ctx.limits.memory_bytes),
             budget: ctx.new_budget(),
             groups: crate::process::Groups::default(),
+            virt_usage: Arc::default(),
             ctx,
             capture,
             panic: None,

@@ -9,13 +9,13 @@ use std::time::Duration;
 use wasmtime::component::Resource;
 
 use super::HostState;
-use super::bindings::matryoshka::test::nest::{Host, HostGuest, VmSpec};
+use super::bindings::matryoshka::test::nest::{Backend as WitBackend, Host, HostGuest, VmSpec};
 use super::bindings::matryoshka::test::types::{Error as WitError, ErrorKind};
 use crate::config::AccelPolicy;
 use crate::level::Target;
 use crate::level::budget::LevelBudget;
 use crate::level::connection::Connection;
-use crate::level::vm::VmRequest;
+use crate::level::vm::{Backend, VmRequest};
 use crate::output::{LogLevel, Stream};
 use crate::wire::{RemoteError, WireErrorKind};
 
@@ -24,6 +24,13 @@ use crate::wire::{RemoteError, WireErrorKind};
 pub struct GuestHandle {
     conn: Arc<Connection>,
     _held: Held,
+}
+
+impl GuestHandle {
+    /// The relay connection to that level.
+    pub(super) fn connection(&self) -> &Arc<Connection> {
+        &self.conn
+    }
 }
 
 /// One level taken from a budget, given back when dropped.
@@ -69,6 +76,15 @@ impl HostGuest for HostState {
             image: spec.image.map(Into::into),
             accel,
             boot_timeout: spec.boot_timeout_ms.map(Duration::from_millis),
+            backend: match spec.backend {
+                None | Some(WitBackend::Qemu) => Backend::Qemu,
+                Some(WitBackend::Libvirt) => Backend::Libvirt,
+            },
+            scsi: spec
+                .scsi
+                .into_iter()
+                .map(super::passthrough::address_from_wit)
+                .collect(),
         };
         self.open_level(Target::Vm(req)).await
     }

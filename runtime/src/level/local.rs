@@ -72,6 +72,7 @@ pub fn spawn(setup: &LevelSetup) -> Result<Transport, RemoteError> {
         }),
         ssh_command: None,
         vm: None,
+        qmp: None,
         heartbeat_grace: None,
     })
 }

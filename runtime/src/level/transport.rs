@@ -51,6 +51,8 @@ pub struct Transport {
     pub ssh_command: Option<String>,
     /// What booting it decided, for VM levels.
     pub vm: Option<VmFacts>,
+    /// The QMP monitor of its QEMU, for VM levels booted with the qemu backend.
+    pub qmp: Option<super::vm::monitor::QmpPort>,
     /// Silence after which the child is declared lost, when not the default
     /// [`HEARTBEAT_LOST`](crate::wire::HEARTBEAT_LOST).
     pub heartbeat_grace: Option<std::time::Duration>,

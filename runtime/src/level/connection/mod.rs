@@ -24,6 +24,7 @@ use crate::event::Outcome;
 use crate::level::budget::LevelBudget;
 use crate::level::transport::{self, Target, Transport, TransportGuard};
 use crate::level::vm::VmContext;
+use crate::level::vm::monitor::QmpPort;
 use crate::output::Capture;
 use crate::wire::{
     FrameReader, FrameWriter, HEARTBEAT_INTERVAL, HEARTBEAT_LOST, HELLO_TIMEOUT, LevelSetup,
@@ -76,6 +77,8 @@ pub struct Connection {
     next_id: AtomicU64,
     tasks: Vec<JoinHandle<()>>,
     guard: Arc<Mutex<Box<dyn TransportGuard>>>,
+    /// The QMP monitor of its QEMU, for VM levels booted with the qemu backend.
+    qmp: Option<QmpPort>,
     /// The budget the child's subtree takes its levels from, and how many it holds.
     budget: Arc<LevelBudget>,
     subtree: Arc<Mutex<u32>>,
@@ -106,6 +109,7 @@ impl Connection {
             guard,
             ssh_command,
             vm,
+            qmp,
             heartbeat_grace,
         } = transport::open(target, &setup, own_ssh, vms).await?;
         let heartbeat_lost = heartbeat_grace.unwrap_or(HEARTBEAT_LOST);
@@ -378,6 +382,7 @@ impl Connection {
             next_id: AtomicU64::new(1),
             tasks: vec![writer_task, reader_task, heartbeat_task],
             guard,
+            qmp,
             budget,
             subtree,
         })
@@ -386,6 +391,11 @@ impl Connection {
     /// What the child told about itself.
     pub fn info(&self) -> &ChildInfo {
         &self.info
+    }
+
+    /// The QMP monitor of the child's QEMU, for VM levels booted with the qemu backend.
+    pub fn qmp(&self) -> Option<&QmpPort> {
+        self.qmp.as_ref()
     }
 
     /// Calls `function` of the component's `call` export at the child.

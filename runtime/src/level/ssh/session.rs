@@ -69,6 +69,7 @@ impl StartedChannel {
             }),
             ssh_command,
             vm: None,
+            qmp: None,
             heartbeat_grace: None,
         }
     }

@@ -163,8 +163,12 @@ pub struct MachineSpec {
     /// File behind the guest's virtio-serial port [`LOG_PORT`]: the level's
     /// boot steps and its runtime's stderr.
     pub level_log: PathBuf,
-    /// QMP control socket, when the level wants one.
-    pub qmp_socket: Option<PathBuf>,
+    /// File descriptor, inherited by QEMU, of a connected Unix socket behind
+    /// QEMU's QMP monitor: only the level that booted it holds the other end.
+    pub qmp_fd: Option<i32>,
+    /// SCSI generic nodes (`/dev/sgN`) of this level passed through to the guest
+    /// on its virtio-scsi controller `scsi0`, each as target N of channel 0.
+    pub scsi: Vec<PathBuf>,
     /// A file (mode 0600) holding the level's SSH host key, handed to the guest
     /// as the `fw_cfg` entry [`HOST_KEY_FW_CFG`]: never on a command line.
     pub host_key: Option<PathBuf>,
@@ -299,16 +303,34 @@ pub fn argv(spec: &MachineSpec) -> Result<Vec<String>, String> {
             opt_path("host key", key)?
         ));
     }
-    if let Some(qmp) = &spec.qmp_socket {
-        // Not `-qmp unix:PATH`: there a path holding `=` reads as an option name.
+    if let Some(fd) = spec.qmp_fd {
         argv.extend([
             "-chardev".into(),
-            format!(
-                "socket,id=qmp,path={},server=on,wait=off",
-                opt_path("QMP socket", qmp)?
-            ),
+            format!("socket,id=qmp,fd={fd}"),
             "-mon".into(),
             "chardev=qmp,mode=control".into(),
+        ]);
+    }
+    // Every level has a SCSI controller: for the disks passed through to it and
+    // for the ones a test hot-plugs (q35's root bus takes no PCI hot-plug).
+    argv.extend(["-device".into(), format!("virtio-scsi-{bus},id=scsi0")]);
+    for (i, node) in spec.scsi.iter().enumerate() {
+        // As libvirt passes a SCSI hostdev: the sg node as a host_device block
+        // node, and scsi-generic relaying the guest's commands to it (SG_IO runs
+        // in QEMU, so this works under TCG too).
+        let blockdev = serde_json::json!({
+            "driver": "host_device",
+            "filename": plain_path("SCSI generic node", node)?,
+            "node-name": format!("pt{i}"),
+            "read-only": false,
+        });
+        argv.extend([
+            "-blockdev".into(),
+            blockdev.to_string(),
+            "-device".into(),
+            format!(
+                "scsi-generic,bus=scsi0.0,channel=0,scsi-id={i},lun=0,drive=pt{i},id=hostdev{i}"
+            ),
         ]);
     }
     Ok(argv)
@@ -334,7 +356,8 @@ mod tests {
             console_log: "/run/L1.console".into(),
             relay_fd: 3,
             level_log: "/run/L1.log".into(),
-            qmp_socket: Some("/run/L1.qmp".into()),
+            qmp_fd: Some(4),
+            scsi: Vec::new(),
             host_key: None,
             sandbox: false,
         }
@@ -344,12 +367,12 @@ mod tests {
     #[case::x86_tcg(
         Arch::X86_64,
         Accel::Tcg,
-        "qemu-system-x86_64 -nodefaults -no-reboot -no-user-config -display none -machine q35 -accel tcg -cpu max -smp 2 -m 4096M -kernel /img/kernel -initrd /img/initrd -append console=ttyS0 quiet panic=-1 pci=lastbus=0 cryptomgr.notests mitigations=off level=1 -drive file=/img/root.squashfs,format=raw,if=none,id=root,readonly=on,cache=none,aio=native -device virtio-blk-pci,drive=root -netdev user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22 -device virtio-net-pci,netdev=net0 -chardev file,id=console,path=/run/L1.console -serial chardev:console -device virtio-serial-pci -chardev socket,id=relay,fd=3 -device virtserialport,chardev=relay,name=org.matryoshka.relay -chardev file,id=log,path=/run/L1.log -device virtserialport,chardev=log,name=org.matryoshka.log -chardev socket,id=qmp,path=/run/L1.qmp,server=on,wait=off -mon chardev=qmp,mode=control"
+        "qemu-system-x86_64 -nodefaults -no-reboot -no-user-config -display none -machine q35 -accel tcg -cpu max -smp 2 -m 4096M -kernel /img/kernel -initrd /img/initrd -append console=ttyS0 quiet panic=-1 pci=lastbus=0 cryptomgr.notests mitigations=off level=1 -drive file=/img/root.squashfs,format=raw,if=none,id=root,readonly=on,cache=none,aio=native -device virtio-blk-pci,drive=root -netdev user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22 -device virtio-net-pci,netdev=net0 -chardev file,id=console,path=/run/L1.console -serial chardev:console -device virtio-serial-pci -chardev socket,id=relay,fd=3 -device virtserialport,chardev=relay,name=org.matryoshka.relay -chardev file,id=log,path=/run/L1.log -device virtserialport,chardev=log,name=org.matryoshka.log -chardev socket,id=qmp,fd=4 -mon chardev=qmp,mode=control -device virtio-scsi-pci,id=scsi0"
     )]
     #[case::s390x_kvm(
         Arch::S390x,
         Accel::Kvm,
-        "qemu-system-s390x -nodefaults -no-reboot -no-user-config -display none -machine s390-ccw-virtio -accel kvm -cpu host -smp 2 -m 4096M -kernel /img/kernel -initrd /img/initrd -append console=ttysclp0 quiet panic=-1 cryptomgr.notests mitigations=off level=1 -drive file=/img/root.squashfs,format=raw,if=none,id=root,readonly=on,cache=none,aio=native -device virtio-blk-ccw,drive=root -netdev user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22 -device virtio-net-ccw,netdev=net0 -chardev file,id=console,path=/run/L1.console -serial chardev:console -device virtio-serial-ccw -chardev socket,id=relay,fd=3 -device virtserialport,chardev=relay,name=org.matryoshka.relay -chardev file,id=log,path=/run/L1.log -device virtserialport,chardev=log,name=org.matryoshka.log -chardev socket,id=qmp,path=/run/L1.qmp,server=on,wait=off -mon chardev=qmp,mode=control"
+        "qemu-system-s390x -nodefaults -no-reboot -no-user-config -display none -machine s390-ccw-virtio -accel kvm -cpu host -smp 2 -m 4096M -kernel /img/kernel -initrd /img/initrd -append console=ttysclp0 quiet panic=-1 cryptomgr.notests mitigations=off level=1 -drive file=/img/root.squashfs,format=raw,if=none,id=root,readonly=on,cache=none,aio=native -device virtio-blk-ccw,drive=root -netdev user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22 -device virtio-net-ccw,netdev=net0 -chardev file,id=console,path=/run/L1.console -serial chardev:console -device virtio-serial-ccw -chardev socket,id=relay,fd=3 -device virtserialport,chardev=relay,name=org.matryoshka.relay -chardev file,id=log,path=/run/L1.log -device virtserialport,chardev=log,name=org.matryoshka.log -chardev socket,id=qmp,fd=4 -mon chardev=qmp,mode=control -device virtio-scsi-ccw,id=scsi0"
     )]
     fn command_lines(#[case] arch: Arch, #[case] accel: Accel, #[case] expected: &str) {
         assert_eq!(argv(&spec(arch, accel)).expect("argv").join(" "), expected);
@@ -380,7 +403,6 @@ mod tests {
         s.root = format!("{d}/root.img").into();
         s.console_log = format!("{d}/L1.console").into();
         s.level_log = format!("{d}/L1.log").into();
-        s.qmp_socket = Some(format!("{d}/L1.qmp").into());
         s.host_key = Some(format!("{d}/L1.hostkey").into());
         let argv = argv(&s).expect("argv");
         // -kernel and -initrd are taken verbatim.
@@ -398,10 +420,6 @@ mod tests {
             ("-chardev", format!("file,id=console,path={e}/L1.console")),
             ("-chardev", format!("file,id=log,path={e}/L1.log")),
             (
-                "-chardev",
-                format!("socket,id=qmp,path={e}/L1.qmp,server=on,wait=off"),
-            ),
-            (
                 "-fw_cfg",
                 format!("name=opt/org.matryoshka/hostkey,file={e}/L1.hostkey"),
             ),
@@ -411,6 +429,30 @@ mod tests {
                 "no {flag} {expected} in {argv:?}"
             );
         }
+    }
+
+    #[test]
+    fn scsi_generic_nodes_go_to_a_virtio_scsi_controller() {
+        let mut s = spec(Arch::X86_64, Accel::Tcg);
+        s.scsi = vec!["/dev/sg0".into(), "/dev/sg3".into()];
+        let argv = argv(&s).expect("argv");
+        let tail = argv[argv.len() - 10..].join(" ");
+        assert_eq!(
+            tail,
+            "-device virtio-scsi-pci,id=scsi0 \
+             -blockdev {\"driver\":\"host_device\",\"filename\":\"/dev/sg0\",\"node-name\":\"pt0\",\"read-only\":false} \
+             -device scsi-generic,bus=scsi0.0,channel=0,scsi-id=0,lun=0,drive=pt0,id=hostdev0 \
+             -blockdev {\"driver\":\"host_device\",\"filename\":\"/dev/sg3\",\"node-name\":\"pt1\",\"read-only\":false} \
+             -device scsi-generic,bus=scsi0.0,channel=0,scsi-id=1,lun=0,drive=pt1,id=hostdev1"
+        );
+        s.arch = Arch::S390x;
+        let argv = super::argv(&s).expect("argv");
+        assert!(
+            argv.iter().any(|a| a == "virtio-scsi-ccw,id=scsi0"),
+            "{argv:?}"
+        );
+        s.scsi = vec!["dev/sg0".into()];
+        assert!(super::argv(&s).is_err());
     }
 
     #[rstest]

@@ -41,6 +41,20 @@ pub struct VmRequest {
     pub accel: Option<AccelPolicy>,
     /// Deadline for the level's runtime to serve.
     pub boot_timeout: Option<Duration>,
+    /// What runs the level.
+    pub backend: Backend,
+    /// SCSI devices of this level to pass through.
+    pub scsi: Vec<crate::scsi::Address>,
+}
+
+/// What runs a booted level.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Backend {
+    /// QEMU started by this runtime.
+    #[default]
+    Qemu,
+    /// A transient libvirt domain at this level.
+    Libvirt,
 }
 
 /// A level that booted and whose runtime serves.
@@ -50,6 +64,8 @@ pub struct Booted {
     pub qemu: Qemu,
     /// The relay's byte stream to its runtime, whose `Hello` is waiting to be read.
     pub relay: std::os::unix::net::UnixStream,
+    /// The stream to its QEMU's QMP monitor, whose greeting is waiting to be read.
+    pub qmp: Option<std::os::unix::net::UnixStream>,
     /// Host port forwarded to its SSH port, on 127.0.0.1 (for people, not the relay).
     pub ssh_port: u16,
     /// The accelerator it runs under.
@@ -82,6 +98,8 @@ pub struct BootPlan {
     /// The level's SSH host key, made by this level so that the level need not
     /// make one under emulation; without one it makes its own.
     pub host_key: Option<HostKey>,
+    /// SCSI generic nodes of this level to pass through to the new level.
+    pub scsi: Vec<PathBuf>,
 }
 
 /// A level's SSH host key. It reaches the level as a `fw_cfg` file (where the
@@ -226,9 +244,13 @@ async fn start_and_wait(
     loop {
         attempt += 1;
         let ssh_port = free_port().map_err(Failure::Boot)?;
-        let (relay, guest_end) = std::os::unix::net::UnixStream::pair().map_err(|e| {
-            Failure::Boot(format!("cannot make a socket pair for {}: {e}", plan.path))
-        })?;
+        let pair = || {
+            std::os::unix::net::UnixStream::pair().map_err(|e| {
+                Failure::Boot(format!("cannot make a socket pair for {}: {e}", plan.path))
+            })
+        };
+        let (relay, guest_end) = pair()?;
+        let (qmp, qmp_end) = pair()?;
         let spec = MachineSpec {
             arch,
             accel,
@@ -253,7 +275,8 @@ async fn start_and_wait(
             console_log: absolute(&files.console)?,
             relay_fd: std::os::fd::AsRawFd::as_raw_fd(&guest_end),
             level_log: absolute(&files.level_log)?,
-            qmp_socket: None,
+            qmp_fd: Some(std::os::fd::AsRawFd::as_raw_fd(&qmp_end)),
+            scsi: plan.scsi.clone(),
             host_key: host_key.as_ref().map(|f| absolute(f.path())).transpose()?,
             sandbox,
         };
@@ -262,17 +285,18 @@ async fn start_and_wait(
         tracing::info!(level = %plan.path, "booting: {}", argv.join(" "));
         let _ = std::fs::remove_file(&files.console);
         let started = Instant::now();
-        let mut qemu = Qemu::spawn(&argv, files.clone(), guest_end).map_err(|e| {
-            let hint = if e.kind() == std::io::ErrorKind::NotFound {
-                "; install QEMU (Debian: qemu-system-x86 or qemu-system-misc)"
-            } else {
-                ""
-            };
-            Failure::Boot(format!(
-                "cannot start {} for {}: {e}{hint}",
-                argv[0], plan.path
-            ))
-        })?;
+        let mut qemu =
+            Qemu::spawn(&argv, files.clone(), guest_end, Some(qmp_end)).map_err(|e| {
+                let hint = if e.kind() == std::io::ErrorKind::NotFound {
+                    "; install QEMU (Debian: qemu-system-x86 or qemu-system-misc)"
+                } else {
+                    ""
+                };
+                Failure::Boot(format!(
+                    "cannot start {} for {}: {e}{hint}",
+                    argv[0], plan.path
+                ))
+            })?;
         let ready = wait_ready(&mut qemu, &relay, plan, accel, started, timeout, probe).await;
         if ready.is_err()
             && sandbox
@@ -295,6 +319,7 @@ async fn start_and_wait(
                 return Ok(Booted {
                     qemu,
                     relay,
+                    qmp: Some(qmp),
                     ssh_port,
                     accel,
                     accel_reason: String::new(),

@@ -18,7 +18,9 @@ pub mod boot;
 pub mod context;
 pub mod image;
 pub mod initrd;
+pub mod monitor;
 pub mod qemu;
+pub mod qmp;
 pub mod resources;
 pub mod sandbox;
 
@@ -26,7 +28,7 @@ use std::path::PathBuf;
 
 use tokio::io::AsyncReadExt;
 
-pub use boot::VmRequest;
+pub use boot::{Backend, VmRequest};
 pub use context::{RunDir, VmContext};
 
 use super::replicate;
@@ -38,6 +40,7 @@ use argv::Arch;
 use boot::{BootPlan, HostKey};
 use context::RunKey;
 use image::{Image, ImageRefusal};
+use monitor::QmpPort;
 use qemu::Qemu;
 use resources::LevelResources;
 
@@ -64,6 +67,15 @@ pub async fn open(
     let run_dir =
         std::path::absolute(&run_dir).map_err(|e| err(WireErrorKind::Io, e.to_string()))?;
     let req = checked_request(req, setup, ctx).map_err(|(kind, m)| err(kind, m))?;
+    let scsi = passed_scsi(&req, setup)
+        .await
+        .map_err(|(kind, m)| err(kind, m))?;
+    if req.backend == Backend::Libvirt {
+        return Err(err(
+            WireErrorKind::Unsupported,
+            "the libvirt backend is not available in this build; boot with the qemu backend".into(),
+        ));
+    }
     // The runtime for the level's architecture: this one, or a build of
     // $MATRYOSHKA_RUNTIME_DIR; it rides in the level's initramfs.
     let runtime = {
@@ -101,6 +113,7 @@ pub async fn open(
             .unwrap_or_else(|| run_dir.clone())
             .join("vm-runtime"),
         host_key,
+        scsi,
     };
     let booted = boot::boot(&req, &plan).await.map_err(|m| {
         let kind = if m.starts_with("no ") && m.contains("images/build.sh") {
@@ -155,6 +168,7 @@ pub async fn open(
             tail,
         }),
         ssh_command,
+        qmp: booted.qmp.map(QmpPort::new),
         vm: Some(VmFacts {
             accel: booted.accel.name().to_string(),
             accel_reason: booted.accel_reason,
@@ -209,6 +223,78 @@ fn checked_request(
     req.memory_mib = Some(memory_mib);
     req.cpus = Some(cpus);
     Ok(req)
+}
+
+/// The sg nodes of the SCSI devices `req` passes through, checked: the grant,
+/// and each device present at this level with an sg node (`sg` is loaded for a
+/// device that has none yet, e.g. a disk a parent passed through).
+async fn passed_scsi(
+    req: &VmRequest,
+    setup: &LevelSetup,
+) -> Result<Vec<PathBuf>, (WireErrorKind, String)> {
+    if req.scsi.is_empty() {
+        return Ok(Vec::new());
+    }
+    if !setup.grants.passthrough {
+        return Err((
+            WireErrorKind::Denied,
+            "passing SCSI devices to a level is not granted; add --grant passthrough \
+             (or passthrough = true under [grants] in matryoshka.toml)"
+                .into(),
+        ));
+    }
+    let wanted = req.scsi.clone();
+    let parent = setup
+        .path
+        .rsplit_once('/')
+        .map_or("this level", |(p, _)| p)
+        .to_string();
+    tokio::task::spawn_blocking(move || {
+        let sysfs = crate::scsi::Sysfs::system();
+        let mut nodes = Vec::new();
+        for address in wanted {
+            let Some(mut device) = sysfs.device(address) else {
+                let have: Vec<String> = sysfs
+                    .devices()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(crate::scsi::Device::describe)
+                    .collect();
+                return Err((
+                    WireErrorKind::NotFound,
+                    format!(
+                        "{parent} has no SCSI device {address} to pass through; it has {}",
+                        if have.is_empty() {
+                            "none (make one with passthrough.scsi-debug-disk)".to_string()
+                        } else {
+                            have.join("; ")
+                        }
+                    ),
+                ));
+            };
+            if device.generic_node.is_none() {
+                crate::scsi::debug::load_sg();
+                device =
+                    crate::scsi::debug::wait_for_generic_node(&sysfs, address).unwrap_or(device);
+            }
+            match device.generic_node {
+                Some(node) if node.exists() => nodes.push(node),
+                _ => {
+                    return Err((
+                        WireErrorKind::Unsupported,
+                        format!(
+                            "the SCSI device {} at {parent} has no SCSI generic node to pass \
+                             through: load the sg module there",
+                            device.describe()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(nodes)
+    })
+    .await
+    .map_err(|e| (WireErrorKind::Internal, e.to_string()))?
 }
 
 /// Relays the lines of a level log past `from` into this runtime's log: the

@@ -122,6 +122,7 @@ impl Qemu {
         argv: &[String],
         files: LevelFiles,
         guest_end: std::os::unix::net::UnixStream,
+        qmp_end: Option<std::os::unix::net::UnixStream>,
     ) -> std::io::Result<Self> {
         use std::os::fd::AsRawFd;
         use std::os::unix::fs::MetadataExt;
@@ -133,13 +134,16 @@ impl Qemu {
             .stderr(stderr);
         process::isolate(&mut cmd, process::Environment::Inherit);
         let fd = guest_end.as_raw_fd();
+        let qmp_fd = qmp_end.as_ref().map(AsRawFd::as_raw_fd);
         // SAFETY: the closure only calls fcntl(2), which is async-signal-safe;
-        // `guest_end` stays open until the spawn returned.
+        // `guest_end` and `qmp_end` stay open until the spawn returned.
         unsafe {
             cmd.pre_exec(move || {
-                // Only this child's copy loses close-on-exec: QEMU keeps the socket.
-                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
+                // Only this child's copies lose close-on-exec: QEMU keeps the sockets.
+                for fd in std::iter::once(fd).chain(qmp_fd) {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -150,6 +154,7 @@ impl Qemu {
         let child = process::spawn_from_lasting_thread(cmd)?;
         // Only QEMU holds the guest end now: when it exits, the relay sees the end.
         drop(guest_end);
+        drop(qmp_end);
         Ok(Self {
             child,
             files,

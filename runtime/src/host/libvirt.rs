@@ -1,0 +1,479 @@
+//! The `libvirt` interface: connections and domains at this level, through
+//! libvirt's C library loaded on first use ([`crate::libvirt`]).
+//!
+//! Behind `--grant libvirt` (any URI) or `--grant libvirt=URI,...`. Every call
+//! runs on a blocking thread (libvirt blocks, some calls for seconds). What an
+//! instance may hold is bounded (connections, domains, XML size), and a domain
+//! it defined or started and left behind is destroyed and undefined when the
+//! connection it came from goes: nothing a test made outlives it.
+
+use std::sync::{Arc, Mutex};
+
+use wasmtime::component::Resource;
+
+use super::HostState;
+use super::bindings::matryoshka::test::libvirt::{
+    DeviceFlags as WitFlags, DomainState as WitState, Host, HostConnection, HostDomain,
+    Hypervisor as WitHypervisor, LibvirtError,
+};
+use super::bindings::matryoshka::test::types::ErrorKind;
+use crate::libvirt::{self as virt, Connection, DeviceFlags, Domain, DomainState};
+
+/// Most connections one instance holds at once.
+const MAX_CONNECTIONS: usize = 16;
+/// Most domain handles one instance holds at once.
+const MAX_DOMAINS: usize = 256;
+/// Largest XML (or monitor command) accepted, bytes.
+const MAX_XML: usize = 1 << 20;
+/// Most domain names listed.
+const MAX_LISTED: usize = 4096;
+
+/// The host side of a `connection` resource.
+pub struct ConnectionHandle {
+    conn: Arc<Connection>,
+    uri: String,
+    /// Domains made through this connection, cleaned up when it goes.
+    made: Arc<Mutex<Vec<Made>>>,
+    usage: Arc<Usage>,
+}
+
+/// A domain this instance defined or started.
+struct Made {
+    domain: Arc<Domain>,
+    name: String,
+}
+
+/// The host side of a `domain` resource.
+pub struct DomainHandle {
+    domain: Arc<Domain>,
+    usage: Arc<Usage>,
+}
+
+/// How many handles an instance holds.
+#[derive(Default)]
+pub struct Usage {
+    connections: std::sync::atomic::AtomicUsize,
+    domains: std::sync::atomic::AtomicUsize,
+}
+
+impl Usage {
+    fn take(counter: &std::sync::atomic::AtomicUsize, max: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        counter
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn give(counter: &std::sync::atomic::AtomicUsize) {
+        counter.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for DomainHandle {
+    fn drop(&mut self) {
+        Usage::give(&self.usage.domains);
+    }
+}
+
+impl Drop for ConnectionHandle {
+    fn drop(&mut self) {
+        Usage::give(&self.usage.connections);
+        let made = std::mem::take(&mut *self.made.lock().unwrap_or_else(|e| e.into_inner()));
+        for Made { domain, name } in made {
+            leave_nothing(&domain, &name, &self.uri);
+        }
+    }
+}
+
+/// Destroys a domain a test made and left running, and undefines it if it is
+/// still defined.
+fn leave_nothing(domain: &Domain, name: &str, uri: &str) {
+    let Ok((state, _)) = domain.state() else {
+        return; // gone already
+    };
+    if !matches!(state, DomainState::Shutoff | DomainState::NoState) {
+        match domain.destroy() {
+            Ok(()) => tracing::info!("destroyed the domain {name} a test left running on {uri}"),
+            Err(e) => tracing::warn!("cannot destroy the domain {name} on {uri}: {e}"),
+        }
+    }
+    if domain.is_persistent().unwrap_or(false) {
+        match domain.undefine() {
+            Ok(()) => tracing::info!("undefined the domain {name} a test left defined on {uri}"),
+            Err(e) => tracing::warn!("cannot undefine the domain {name} on {uri}: {e}"),
+        }
+    }
+}
+
+type Answer<T> = wasmtime::Result<Result<T, LibvirtError>>;
+
+impl Host for HostState {}
+
+impl HostConnection for HostState {
+    async fn open(&mut self, uri: String) -> Answer<Resource<ConnectionHandle>> {
+        if !self.ctx.grants.libvirt.allows(&uri) {
+            let how = if self.ctx.grants.libvirt.any() {
+                format!("add it with --grant libvirt={uri}")
+            } else {
+                "add --grant libvirt (any URI) or --grant libvirt=URI[,URI...]".to_string()
+            };
+            return Ok(Err(self.virt_error(
+                ErrorKind::Denied,
+                format!(
+                    "libvirt at `{uri}` is not granted at {}; {how}",
+                    self.ctx.level.path
+                ),
+            )));
+        }
+        let usage = self.virt_usage.clone();
+        if !Usage::take(&usage.connections, MAX_CONNECTIONS) {
+            return Ok(Err(self.virt_error(
+                ErrorKind::InvalidArgument,
+                format!("a test holds at most {MAX_CONNECTIONS} libvirt connections at once"),
+            )));
+        }
+        let level = self.ctx.level.path.clone();
+        let opened = {
+            let uri = uri.clone();
+            tokio::task::spawn_blocking(move || {
+                crate::libvirt::daemon::ensure_for(&uri, &level)?;
+                Connection::open(&uri)
+            })
+            .await?
+        };
+        match opened {
+            Ok(conn) => Ok(Ok(self.table.push(ConnectionHandle {
+                conn: Arc::new(conn),
+                uri,
+                made: Arc::default(),
+                usage,
+            })?)),
+            Err(e) => {
+                Usage::give(&usage.connections);
+                Ok(Err(self.from_virt(&format!("opening {uri}"), e)))
+            }
+        }
+    }
+
+    async fn define_domain(
+        &mut self,
+        conn: Resource<ConnectionHandle>,
+        xml: String,
+    ) -> Answer<Resource<DomainHandle>> {
+        self.make_domain(conn, xml, false).await
+    }
+
+    async fn create_domain(
+        &mut self,
+        conn: Resource<ConnectionHandle>,
+        xml: String,
+    ) -> Answer<Resource<DomainHandle>> {
+        self.make_domain(conn, xml, true).await
+    }
+
+    async fn lookup_domain(
+        &mut self,
+        conn: Resource<ConnectionHandle>,
+        name: String,
+    ) -> Answer<Resource<DomainHandle>> {
+        let c = self.table.get(&conn)?.conn.clone();
+        let what = format!("looking up the domain {name:?}");
+        let found = tokio::task::spawn_blocking(move || c.lookup_domain(&name)).await?;
+        match found {
+            Ok(domain) => self.push_domain(Arc::new(domain)),
+            Err(e) => Ok(Err(self.from_virt(&what, e))),
+        }
+    }
+
+    async fn list_domains(&mut self, conn: Resource<ConnectionHandle>) -> Answer<Vec<String>> {
+        let c = self.table.get(&conn)?.conn.clone();
+        let listed = tokio::task::spawn_blocking(move || {
+            let domains = c.list_domains()?;
+            domains
+                .iter()
+                .take(MAX_LISTED)
+                .map(Domain::name)
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await?;
+        Ok(listed.map_err(|e| self.from_virt("listing domains", e)))
+    }
+
+    async fn hypervisor(&mut self, conn: Resource<ConnectionHandle>) -> Answer<WitHypervisor> {
+        let c = self.table.get(&conn)?.conn.clone();
+        let hv = tokio::task::spawn_blocking(move || c.hypervisor()).await?;
+        Ok(hv
+            .map(|h| WitHypervisor {
+                driver: h.driver,
+                version: version_text(h.version),
+                library_version: version_text(h.lib_version),
+            })
+            .map_err(|e| self.from_virt("asking the hypervisor's version", e)))
+    }
+
+    async fn capabilities(&mut self, conn: Resource<ConnectionHandle>) -> Answer<String> {
+        let c = self.table.get(&conn)?.conn.clone();
+        let caps = tokio::task::spawn_blocking(move || c.capabilities()).await?;
+        Ok(caps.map_err(|e| self.from_virt("reading the capabilities", e)))
+    }
+
+    async fn drop(&mut self, conn: Resource<ConnectionHandle>) -> wasmtime::Result<()> {
+        let handle = self.table.delete(conn)?;
+        // Cleaning up what the test left behind blocks (destroying a domain).
+        tokio::task::spawn_blocking(move || drop(handle)).await?;
+        Ok(())
+    }
+}
+
+impl HostDomain for HostState {
+    async fn name(&mut self, d: Resource<DomainHandle>) -> Answer<String> {
+        self.on_domain(d, "reading its name", |d| d.name()).await
+    }
+
+    async fn uuid(&mut self, d: Resource<DomainHandle>) -> Answer<String> {
+        self.on_domain(d, "reading its UUID", |d| d.uuid()).await
+    }
+
+    async fn xml_desc(&mut self, d: Resource<DomainHandle>, inactive: bool) -> Answer<String> {
+        self.on_domain(d, "reading its XML", move |d| d.xml_desc(inactive))
+            .await
+    }
+
+    async fn start(&mut self, d: Resource<DomainHandle>) -> Answer<()> {
+        self.on_domain(d, "starting it", |d| d.start()).await
+    }
+
+    async fn shutdown(&mut self, d: Resource<DomainHandle>) -> Answer<()> {
+        self.on_domain(d, "shutting it down", |d| d.shutdown())
+            .await
+    }
+
+    async fn destroy(&mut self, d: Resource<DomainHandle>) -> Answer<()> {
+        self.on_domain(d, "destroying it", |d| d.destroy()).await
+    }
+
+    async fn undefine(&mut self, d: Resource<DomainHandle>) -> Answer<()> {
+        self.on_domain(d, "undefining it", |d| d.undefine()).await
+    }
+
+    async fn state(&mut self, d: Resource<DomainHandle>) -> Answer<WitState> {
+        self.on_domain(d, "reading its state", |d| {
+            d.state().map(|(state, _reason)| match state {
+                DomainState::Running => WitState::Running,
+                DomainState::Blocked => WitState::Blocked,
+                DomainState::Paused => WitState::Paused,
+                DomainState::Shutdown => WitState::Shutdown,
+                DomainState::Shutoff => WitState::ShutOff,
+                DomainState::Crashed => WitState::Crashed,
+                DomainState::PmSuspended => WitState::PmSuspended,
+                DomainState::NoState | DomainState::Other(_) => WitState::NoState,
+            })
+        })
+        .await
+    }
+
+    async fn attach_device(
+        &mut self,
+        d: Resource<DomainHandle>,
+        xml: String,
+        flags: WitFlags,
+    ) -> Answer<()> {
+        if let Err(e) = self.check_size("device XML", &xml) {
+            return Ok(Err(e));
+        }
+        self.on_domain(d, "attaching a device", move |d| {
+            d.attach_device(&xml, device_flags(flags))
+        })
+        .await
+    }
+
+    async fn detach_device(
+        &mut self,
+        d: Resource<DomainHandle>,
+        xml: String,
+        flags: WitFlags,
+    ) -> Answer<()> {
+        if let Err(e) = self.check_size("device XML", &xml) {
+            return Ok(Err(e));
+        }
+        self.on_domain(d, "detaching a device", move |d| {
+            d.detach_device(&xml, device_flags(flags))
+        })
+        .await
+    }
+
+    async fn qemu_monitor_command(
+        &mut self,
+        d: Resource<DomainHandle>,
+        command: String,
+        hmp: bool,
+    ) -> Answer<String> {
+        if let Err(e) = self.check_size("monitor command", &command) {
+            return Ok(Err(e));
+        }
+        self.on_domain(d, "sending a monitor command", move |d| {
+            d.qemu_monitor_command(&command, hmp)
+        })
+        .await
+    }
+
+    async fn drop(&mut self, d: Resource<DomainHandle>) -> wasmtime::Result<()> {
+        let handle = self.table.delete(d)?;
+        tokio::task::spawn_blocking(move || drop(handle)).await?;
+        Ok(())
+    }
+}
+
+impl HostState {
+    /// Defines (or, `start`, creates and starts) a domain from XML, remembering
+    /// it for the cleanup when the connection goes.
+    async fn make_domain(
+        &mut self,
+        conn: Resource<ConnectionHandle>,
+        xml: String,
+        start: bool,
+    ) -> Answer<Resource<DomainHandle>> {
+        if let Err(e) = self.check_size("domain XML", &xml) {
+            return Ok(Err(e));
+        }
+        let handle = self.table.get(&conn)?;
+        let (c, made) = (handle.conn.clone(), handle.made.clone());
+        let what = if start {
+            "creating a transient domain"
+        } else {
+            "defining a domain"
+        };
+        let result = tokio::task::spawn_blocking(move || {
+            let domain = if start {
+                c.create_transient(&xml)
+            } else {
+                c.define_domain(&xml)
+            }?;
+            let name = domain.name().unwrap_or_default();
+            Ok::<_, virt::Error>((Arc::new(domain), name))
+        })
+        .await?;
+        match result {
+            Ok((domain, name)) => {
+                made.lock().unwrap_or_else(|e| e.into_inner()).push(Made {
+                    domain: domain.clone(),
+                    name,
+                });
+                self.push_domain(domain)
+            }
+            Err(e) => Ok(Err(self.from_virt(what, e))),
+        }
+    }
+
+    fn push_domain(&mut self, domain: Arc<Domain>) -> Answer<Resource<DomainHandle>> {
+        let usage = self.virt_usage.clone();
+        if !Usage::take(&usage.domains, MAX_DOMAINS) {
+            return Ok(Err(self.virt_error(
+                ErrorKind::InvalidArgument,
+                format!("a test holds at most {MAX_DOMAINS} libvirt domain handles at once"),
+            )));
+        }
+        Ok(Ok(self.table.push(DomainHandle { domain, usage })?))
+    }
+
+    async fn on_domain<T, F>(&mut self, d: Resource<DomainHandle>, what: &str, f: F) -> Answer<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Domain) -> Result<T, virt::Error> + Send + 'static,
+    {
+        let domain = self.table.get(&d)?.domain.clone();
+        let result = tokio::task::spawn_blocking(move || f(&domain)).await?;
+        Ok(result.map_err(|e| self.from_virt(what, e)))
+    }
+
+    fn check_size(&self, what: &str, text: &str) -> Result<(), LibvirtError> {
+        if text.len() <= MAX_XML {
+            return Ok(());
+        }
+        Err(self.virt_error(
+            ErrorKind::InvalidArgument,
+            format!(
+                "{what} of {} bytes; at most {MAX_XML} are taken",
+                text.len()
+            ),
+        ))
+    }
+
+    fn virt_error(&self, kind: ErrorKind, message: String) -> LibvirtError {
+        LibvirtError {
+            error: self.error(kind, message),
+            code: 0,
+            code_name: String::new(),
+        }
+    }
+
+    /// libvirt's error in the interface's terms.
+    fn from_virt(&self, what: &str, e: virt::Error) -> LibvirtError {
+        let at = &self.ctx.level.path;
+        match e {
+            virt::Error::Unavailable(m) => {
+                self.virt_error(ErrorKind::Unsupported, format!("libvirt at {at}: {m}"))
+            }
+            virt::Error::InvalidArgument(m) => self.virt_error(
+                ErrorKind::InvalidArgument,
+                format!("libvirt at {at}, {what}: {m}"),
+            ),
+            virt::Error::Libvirt { code, .. } => {
+                let name = e.code_name().unwrap_or_default();
+                let kind = match name {
+                    "no-domain" | "no-network" | "no-storage-pool" | "no-storage-vol"
+                    | "no-nwfilter" | "no-secret" | "no-nodedev" => ErrorKind::NotFound,
+                    "xml-error" | "xml-detail" | "no-name" | "invalid-arg"
+                    | "config-unsupported" | "operation-invalid" => ErrorKind::InvalidArgument,
+                    "no-support" | "argument-unsupported" | "no-connect" => ErrorKind::Unsupported,
+                    "auth-failed" | "auth-cancelled" | "auth-unavailable" | "access-denied" => {
+                        ErrorKind::Denied
+                    }
+                    "operation-timeout" => ErrorKind::Timeout,
+                    _ => ErrorKind::Io,
+                };
+                LibvirtError {
+                    error: self.error(kind, format!("libvirt at {at}, {what}: {e}")),
+                    code,
+                    code_name: name.to_string(),
+                }
+            }
+        }
+    }
+}
+
+fn device_flags(f: WitFlags) -> DeviceFlags {
+    DeviceFlags {
+        live: f.live,
+        config: f.config,
+    }
+}
+
+/// libvirt's `major * 1,000,000 + minor * 1,000 + micro` as `major.minor.micro`.
+fn version_text(v: u64) -> String {
+    format!("{}.{}.{}", v / 1_000_000, (v / 1_000) % 1_000, v % 1_000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_read_as_libvirt_writes_them() {
+        assert_eq!(version_text(9_000_000), "9.0.0");
+        assert_eq!(version_text(7_002_019), "7.2.19");
+    }
+
+    #[test]
+    fn handle_counts_are_bounded() {
+        let usage = Usage::default();
+        for _ in 0..3 {
+            assert!(Usage::take(&usage.connections, 3));
+        }
+        assert!(!Usage::take(&usage.connections, 3));
+        Usage::give(&usage.connections);
+        assert!(Usage::take(&usage.connections, 3));
+    }
+}
