@@ -50,6 +50,13 @@ echo "PermitRootLogin prohibit-password" >"$root/etc/ssh/sshd_config.d/matryoshk
 rm -f "$root"/etc/ssh/ssh_host_*        # every level makes its own at boot
 sed -i 's/^root:[^:]*:/root:*:/' "$root/etc/shadow"   # no password; key login only
 chroot "$root" depmod "$kver"
+# libvirt, whose daemon the runtime starts on first use: QEMU runs as root (as
+# the qemu backend's does), its output goes to files; the package scripts that
+# would make its user and folders do not run under debootstrap.
+chroot "$root" sh -c 'getent group libvirt-qemu >/dev/null || groupadd -r libvirt-qemu
+    getent passwd libvirt-qemu >/dev/null || useradd -r -g libvirt-qemu -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu'
+printf 'user = "root"\ngroup = "root"\nstdio_handler = "file"\n' >"$root/etc/libvirt/qemu.conf"
+mkdir -p "$root"/var/lib/libvirt/qemu "$root"/var/log/libvirt/qemu "$root"/var/cache/libvirt/qemu "$root"/run/libvirt
 rm -rf "$root"/usr/share/{doc,man,info,locale} "$root"/var/cache/apt/* "$root"/var/lib/apt/lists/*
 
 step "initramfs (kernel $kver)"

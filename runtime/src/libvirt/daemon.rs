@@ -2,7 +2,7 @@
 //!
 //! Levels boot without a libvirt daemon (it costs seconds under TCG and most
 //! tests never use it). The first `qemu:///system` connection at a level where
-//! no daemon answers starts one (`virtqemud`, else `libvirtd`) in a process
+//! no daemon answers starts one (`libvirtd`, else `virtqemud`) in a process
 //! group the runtime kills when it exits; a daemon that was already running is
 //! left alone.
 
@@ -15,10 +15,11 @@ use std::time::{Duration, Instant};
 use super::Error;
 use crate::process;
 
-/// Sockets a system QEMU driver answers on, modular daemon first.
-const SOCKETS: &[&str] = &["/run/libvirt/virtqemud-sock", "/run/libvirt/libvirt-sock"];
-/// Daemons that serve `qemu:///system`, modular first.
-const DAEMONS: &[&str] = &["/usr/sbin/virtqemud", "/usr/sbin/libvirtd"];
+/// Sockets a system QEMU driver answers on.
+const SOCKETS: &[&str] = &["/run/libvirt/libvirt-sock", "/run/libvirt/virtqemud-sock"];
+/// Daemons that serve `qemu:///system`: the monolithic one first, which clients
+/// of libvirt 9 reach on `libvirt-sock` without further set-up.
+const DAEMONS: &[&str] = &["/usr/sbin/libvirtd", "/usr/sbin/virtqemud"];
 /// How long a started daemon has to answer.
 const START_DEADLINE: Duration = Duration::from_secs(60);
 

@@ -72,6 +72,8 @@ pub(super) type VirErrorFunc =
 pub(super) const VIR_UUID_STRING_BUFLEN: usize = 37;
 /// `VIR_DOMAIN_XML_INACTIVE` (`virDomainXMLFlags`).
 pub(super) const VIR_DOMAIN_XML_INACTIVE: c_uint = 2;
+/// `VIR_DOMAIN_START_AUTODESTROY`: destroy the domain when its connection closes.
+pub(super) const VIR_DOMAIN_START_AUTODESTROY: c_uint = 2;
 /// `VIR_DOMAIN_AFFECT_CURRENT` (`virDomainModificationImpact`).
 pub(super) const VIR_DOMAIN_AFFECT_CURRENT: c_uint = 0;
 /// `VIR_DOMAIN_AFFECT_LIVE`.

@@ -280,11 +280,22 @@ impl Connection {
     /// Creates and starts a transient domain from its XML
     /// (`virDomainCreateXML`, no flags): it disappears when it stops.
     pub fn create_transient(&self, xml: &str) -> Result<Domain, Error> {
+        self.create(xml, 0)
+    }
+
+    /// Like [`Connection::create_transient`], with `VIR_DOMAIN_START_AUTODESTROY`:
+    /// libvirt destroys the domain when this connection closes, also when the
+    /// process holding it is killed.
+    pub fn create_autodestroy(&self, xml: &str) -> Result<Domain, Error> {
+        self.create(xml, ffi::VIR_DOMAIN_START_AUTODESTROY)
+    }
+
+    fn create(&self, xml: &str, flags: c_uint) -> Result<Domain, Error> {
         let xml = c_string("domain XML", xml)?;
-        // SAFETY: as in `define_domain`; 0 is a valid flag set.
+        // SAFETY: as in `define_domain`; `flags` is a valid virDomainCreateFlags set.
         let dom = unsafe {
             (self.api.virResetLastError)();
-            (self.api.virDomainCreateXML)(self.ptr.as_ptr(), xml.as_ptr(), 0)
+            (self.api.virDomainCreateXML)(self.ptr.as_ptr(), xml.as_ptr(), flags)
         };
         self.domain(dom, "virDomainCreateXML")
     }

@@ -56,7 +56,8 @@ impl Arch {
         }
     }
 
-    fn machine(self) -> &'static str {
+    /// QEMU's machine type (`-machine`).
+    pub fn machine(self) -> &'static str {
         match self {
             Self::X86_64 => "q35",
             Self::S390x => "s390-ccw-virtio",
@@ -83,7 +84,8 @@ impl Arch {
         }
     }
 
-    fn bus(self) -> &'static str {
+    /// The suffix of virtio device names on this machine's bus (`virtio-blk-pci`).
+    pub fn bus(self) -> &'static str {
         match self {
             Self::X86_64 => "pci",
             Self::S390x => "ccw",
@@ -200,15 +202,9 @@ pub fn opt_path(role: &str, path: &Path) -> Result<String, String> {
     Ok(plain_path(role, path)?.replace(',', ",,"))
 }
 
-/// The argv (program first) that boots `spec`, or why a path in it cannot be
-/// handed to QEMU.
-pub fn argv(spec: &MachineSpec) -> Result<Vec<String>, String> {
+/// The kernel command line of `spec`'s level.
+pub fn kernel_cmdline(spec: &MachineSpec) -> Result<String, String> {
     let a = spec.arch;
-    let cpu = match spec.accel {
-        Accel::Kvm => "host",
-        Accel::Tcg => "max",
-    };
-    let accel = spec.accel.name();
     // A kernel panic reboots at once, and -no-reboot turns that into QEMU exiting:
     // a panicking level is seen within a poll, not at the boot deadline.
     let mut append = vec![
@@ -227,6 +223,19 @@ pub fn argv(spec: &MachineSpec) -> Result<Vec<String>, String> {
         }
         append.push("matryoshka.hostkey=fw_cfg".into());
     }
+    Ok(append.join(" "))
+}
+
+/// The argv (program first) that boots `spec`, or why a path in it cannot be
+/// handed to QEMU.
+pub fn argv(spec: &MachineSpec) -> Result<Vec<String>, String> {
+    let a = spec.arch;
+    let cpu = match spec.accel {
+        Accel::Kvm => "host",
+        Accel::Tcg => "max",
+    };
+    let accel = spec.accel.name();
+    let append = kernel_cmdline(spec)?;
     let bus = a.bus();
     let mut argv: Vec<String> = vec![a.binary().to_string()];
     if spec.sandbox {
@@ -253,7 +262,7 @@ pub fn argv(spec: &MachineSpec) -> Result<Vec<String>, String> {
         "-initrd".into(),
         plain_path("initramfs", &spec.initrd)?.into(),
         "-append".into(),
-        append.join(" "),
+        append,
         // Read-only and uncached, so a root handed down level after level reads
         // the same blocks at every depth.
         "-drive".into(),

@@ -58,10 +58,9 @@ pub enum Backend {
 }
 
 /// A level that booted and whose runtime serves.
-#[derive(Debug)]
 pub struct Booted {
-    /// Its QEMU process.
-    pub qemu: Qemu,
+    /// What runs it.
+    pub machine: Box<dyn super::machine::Machine>,
     /// The relay's byte stream to its runtime, whose `Hello` is waiting to be read.
     pub relay: std::os::unix::net::UnixStream,
     /// The stream to its QEMU's QMP monitor, whose greeting is waiting to be read.
@@ -98,8 +97,8 @@ pub struct BootPlan {
     /// The level's SSH host key, made by this level so that the level need not
     /// make one under emulation; without one it makes its own.
     pub host_key: Option<HostKey>,
-    /// SCSI generic nodes of this level to pass through to the new level.
-    pub scsi: Vec<PathBuf>,
+    /// SCSI devices of this level to pass through to the new level, each with its sg node.
+    pub scsi: Vec<crate::scsi::Device>,
 }
 
 /// A level's SSH host key. It reaches the level as a `fw_cfg` file (where the
@@ -122,7 +121,7 @@ impl std::fmt::Debug for HostKey {
 
 /// The host key written for QEMU to read into `fw_cfg`: a 0600 file in the run
 /// folder, removed when this is dropped (once the boot is over).
-fn host_key_file(
+pub(super) fn host_key_file(
     plan: &BootPlan,
     arch: Arch,
     name: &str,
@@ -170,6 +169,9 @@ pub async fn boot(req: &VmRequest, plan: &BootPlan) -> Result<Booted, String> {
     image.initrd = initrd.path;
     let timeout = req.boot_timeout.unwrap_or(DEFAULT_BOOT_TIMEOUT);
     wait_for_kvm_module(&plan.path).await;
+    if req.backend == Backend::Libvirt {
+        return super::domain::boot(req, plan, &image, arch, timeout).await;
+    }
     let (accel, mut reason, probe) = choose_accel(req.accel.unwrap_or(plan.policy), arch, plan)?;
     let first = start_and_wait(req, plan, &image, arch, accel, timeout, probe).await;
     match first {
@@ -225,7 +227,6 @@ async fn start_and_wait(
         qemu_log: plan.run_dir.join(format!("{name}.qemu.log")),
         level_log: plan.run_dir.join(format!("{name}.log")),
     };
-    let key_b64 = base64(plan.authorized_key.trim().as_bytes());
     let have = LevelResources::of_this_level();
     let memory_mib = req.memory_mib.unwrap_or_else(|| have.default_memory_mib());
     let cpus = req.cpus.unwrap_or_else(|| have.default_cpus(plan.depth));
@@ -251,35 +252,20 @@ async fn start_and_wait(
         };
         let (relay, guest_end) = pair()?;
         let (qmp, qmp_end) = pair()?;
-        let spec = MachineSpec {
+        let mut spec = machine_spec(
+            plan,
+            image,
             arch,
             accel,
-            memory_mib,
-            cpus,
-            kernel: absolute(&image.kernel)?,
-            initrd: absolute(&image.initrd)?,
-            root: absolute(&image.root)?,
-            append: [
-                format!("level={}", plan.depth),
-                format!("matryoshka.key={key_b64}"),
-                format!("matryoshka.runtime={}", plan.runtime.1),
-            ]
-            .into_iter()
-            .chain(
-                crate::level::replicate::verbosity_flag()
-                    .split_whitespace()
-                    .map(|flag| format!("matryoshka.verbose={flag}")),
-            )
-            .collect(),
+            (memory_mib, cpus),
             ssh_port,
-            console_log: absolute(&files.console)?,
-            relay_fd: std::os::fd::AsRawFd::as_raw_fd(&guest_end),
-            level_log: absolute(&files.level_log)?,
-            qmp_fd: Some(std::os::fd::AsRawFd::as_raw_fd(&qmp_end)),
-            scsi: plan.scsi.clone(),
-            host_key: host_key.as_ref().map(|f| absolute(f.path())).transpose()?,
-            sandbox,
-        };
+            &files,
+        )
+        .map_err(Failure::Boot)?;
+        spec.relay_fd = std::os::fd::AsRawFd::as_raw_fd(&guest_end);
+        spec.qmp_fd = Some(std::os::fd::AsRawFd::as_raw_fd(&qmp_end));
+        spec.host_key = host_key.as_ref().map(|f| absolute(f.path())).transpose()?;
+        spec.sandbox = sandbox;
         let argv = argv::argv(&spec)
             .map_err(|m| Failure::Boot(format!("cannot boot {}: {m}", plan.path)))?;
         tracing::info!(level = %plan.path, "booting: {}", argv.join(" "));
@@ -317,7 +303,7 @@ async fn start_and_wait(
             Err(e) => return Err(e),
             Ok(()) => {
                 return Ok(Booted {
-                    qemu,
+                    machine: Box::new(qemu),
                     relay,
                     qmp: Some(qmp),
                     ssh_port,
@@ -328,6 +314,55 @@ async fn start_and_wait(
             }
         }
     }
+}
+
+/// The machine of a level, before the descriptors and files that differ
+/// between the qemu and libvirt backends (relay, QMP, host key, sandbox).
+pub(super) fn machine_spec(
+    plan: &BootPlan,
+    image: &Image,
+    arch: Arch,
+    accel: Accel,
+    (memory_mib, cpus): (u32, u32),
+    ssh_port: u16,
+    files: &LevelFiles,
+) -> Result<MachineSpec, String> {
+    let absolute =
+        |p: &std::path::Path| std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()));
+    let key_b64 = base64(plan.authorized_key.trim().as_bytes());
+    Ok(MachineSpec {
+        arch,
+        accel,
+        memory_mib,
+        cpus,
+        kernel: absolute(&image.kernel)?,
+        initrd: absolute(&image.initrd)?,
+        root: absolute(&image.root)?,
+        append: [
+            format!("level={}", plan.depth),
+            format!("matryoshka.key={key_b64}"),
+            format!("matryoshka.runtime={}", plan.runtime.1),
+        ]
+        .into_iter()
+        .chain(
+            crate::level::replicate::verbosity_flag()
+                .split_whitespace()
+                .map(|flag| format!("matryoshka.verbose={flag}")),
+        )
+        .collect(),
+        ssh_port,
+        console_log: absolute(&files.console)?,
+        relay_fd: -1,
+        level_log: absolute(&files.level_log)?,
+        qmp_fd: None,
+        scsi: plan
+            .scsi
+            .iter()
+            .filter_map(|d| d.generic_node.clone())
+            .collect(),
+        host_key: None,
+        sandbox: false,
+    })
 }
 
 /// Polls until the runtime's first bytes on the relay, an early exit, or a deadline.
@@ -413,7 +448,7 @@ async fn wait_ready(
 
 /// Whether the runtime's first bytes are waiting on the relay socket (a closed or
 /// broken socket is not: QEMU's exit is reported by the caller).
-fn has_bytes(relay: &std::os::unix::net::UnixStream) -> bool {
+pub(super) fn has_bytes(relay: &std::os::unix::net::UnixStream) -> bool {
     use std::os::fd::AsRawFd;
     let mut byte = 0u8;
     // SAFETY: recv(2) peeks at most one byte into `byte`, which outlives the call.
@@ -429,7 +464,7 @@ fn has_bytes(relay: &std::os::unix::net::UnixStream) -> bool {
 }
 
 /// The `MATRYOSHKA-STEP <uptime> <step>` lines of a console as `step 1.23 s, …`.
-fn boot_steps(console: &str) -> String {
+pub(super) fn boot_steps(console: &str) -> String {
     const STEP: &str = "MATRYOSHKA-STEP ";
     let steps: Vec<String> = console
         .lines()
@@ -446,21 +481,21 @@ fn boot_steps(console: &str) -> String {
     }
 }
 
-fn line_after(console: &str, marker: &str) -> Option<String> {
+pub(super) fn line_after(console: &str, marker: &str) -> Option<String> {
     console.lines().find_map(|l| {
         let at = l.find(marker)?;
         Some(l[at + marker.len()..].trim().to_string())
     })
 }
 
-fn free_port() -> Result<u16, String> {
+pub(super) fn free_port() -> Result<u16, String> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .map_err(|e| format!("cannot find a free port on 127.0.0.1: {e}"))
 }
 
-fn base64(bytes: &[u8]) -> String {
+pub(super) fn base64(bytes: &[u8]) -> String {
     use base64ct::Encoding;
     base64ct::Base64::encode_string(bytes)
 }

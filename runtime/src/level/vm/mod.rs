@@ -16,8 +16,10 @@ pub mod accel;
 pub mod argv;
 pub mod boot;
 pub mod context;
+pub mod domain;
 pub mod image;
 pub mod initrd;
+pub mod machine;
 pub mod monitor;
 pub mod qemu;
 pub mod qmp;
@@ -40,8 +42,8 @@ use argv::Arch;
 use boot::{BootPlan, HostKey};
 use context::RunKey;
 use image::{Image, ImageRefusal};
+use machine::Machine;
 use monitor::QmpPort;
-use qemu::Qemu;
 use resources::LevelResources;
 
 /// Silence after which a VM level is declared lost.
@@ -70,10 +72,16 @@ pub async fn open(
     let scsi = passed_scsi(&req, setup)
         .await
         .map_err(|(kind, m)| err(kind, m))?;
-    if req.backend == Backend::Libvirt {
+    if req.backend == Backend::Libvirt && !setup.grants.libvirt.allows(domain::URI) {
         return Err(err(
-            WireErrorKind::Unsupported,
-            "the libvirt backend is not available in this build; boot with the qemu backend".into(),
+            WireErrorKind::Denied,
+            format!(
+                "booting a level with the libvirt backend uses {} at {}, which is not granted; \
+                 add --grant libvirt (or --grant libvirt={})",
+                domain::URI,
+                setup.path.rsplit_once('/').map_or("this level", |(p, _)| p),
+                domain::URI
+            ),
         ));
     }
     // The runtime for the level's architecture: this one, or a build of
@@ -131,7 +139,7 @@ pub async fn open(
         booted.accel.name(),
         booted.boot_time.as_secs_f64(),
         booted.accel_reason,
-        booted.qemu.console_path().display()
+        booted.machine.console_path().display()
     );
     let relay = booted.relay;
     let relay = relay
@@ -146,7 +154,7 @@ pub async fn open(
     let (reader, writer) = relay.into_split();
     let tail = StderrTail::default();
     // The boot steps were logged with the ready line: follow what comes after.
-    let log_path = booted.qemu.level_log_path().to_path_buf();
+    let log_path = booted.machine.level_log_path().to_path_buf();
     let seen = std::fs::metadata(&log_path).map_or(0, |m| m.len());
     let log_pump = tokio::spawn(follow_level_log(
         log_path,
@@ -163,7 +171,7 @@ pub async fn open(
         reader: Box::new(reader),
         writer: Box::new(writer),
         guard: Box::new(VmGuard {
-            qemu: booted.qemu,
+            machine: booted.machine,
             log_pump,
             tail,
         }),
@@ -231,7 +239,7 @@ fn checked_request(
 async fn passed_scsi(
     req: &VmRequest,
     setup: &LevelSetup,
-) -> Result<Vec<PathBuf>, (WireErrorKind, String)> {
+) -> Result<Vec<crate::scsi::Device>, (WireErrorKind, String)> {
     if req.scsi.is_empty() {
         return Ok(Vec::new());
     }
@@ -277,8 +285,8 @@ async fn passed_scsi(
                 device =
                     crate::scsi::debug::wait_for_generic_node(&sysfs, address).unwrap_or(device);
             }
-            match device.generic_node {
-                Some(node) if node.exists() => nodes.push(node),
+            match &device.generic_node {
+                Some(node) if node.exists() => nodes.push(device),
                 _ => {
                     return Err((
                         WireErrorKind::Unsupported,
@@ -343,7 +351,7 @@ fn debug_ssh_command(key_path: Option<&str>, jump: &[String], port: u16) -> Stri
 }
 
 struct VmGuard {
-    qemu: Qemu,
+    machine: Box<dyn Machine>,
     log_pump: tokio::task::JoinHandle<()>,
     tail: StderrTail,
 }
@@ -357,11 +365,15 @@ impl Drop for VmGuard {
 impl TransportGuard for VmGuard {
     fn shutdown(&mut self) {
         self.log_pump.abort();
-        self.qemu.kill();
+        self.machine.kill();
     }
 
     fn describe_exit(&mut self) -> String {
-        format!("{} ({})", self.tail.explain(None), self.qemu.describe_end())
+        format!(
+            "{} ({})",
+            self.tail.explain(None),
+            self.machine.describe_end()
+        )
     }
 }
 

@@ -1,0 +1,37 @@
+//! What runs a booted level: the QEMU this runtime started ([`Qemu`]) or a
+//! libvirt domain ([`super::domain::DomainMachine`]). The level's guard knows
+//! it only through this trait.
+
+use std::path::Path;
+
+use super::qemu::Qemu;
+
+/// A running level's machine.
+pub trait Machine: Send {
+    /// The serial console file.
+    fn console_path(&self) -> &Path;
+    /// The level log file (boot steps, then the runtime's stderr).
+    fn level_log_path(&self) -> &Path;
+    /// Stops the machine now (idempotent).
+    fn kill(&mut self);
+    /// How the machine ended, with the tails of its console and level log.
+    fn describe_end(&mut self) -> String;
+}
+
+impl Machine for Qemu {
+    fn console_path(&self) -> &Path {
+        Qemu::console_path(self)
+    }
+
+    fn level_log_path(&self) -> &Path {
+        Qemu::level_log_path(self)
+    }
+
+    fn kill(&mut self) {
+        Qemu::kill(self);
+    }
+
+    fn describe_end(&mut self) -> String {
+        Qemu::describe_end(self)
+    }
+}
