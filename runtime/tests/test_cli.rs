@@ -310,7 +310,7 @@ fn bad_grants_and_configs_are_usage_errors() {
     r.expect_code(2);
     assert_eq!(
         r.stderr.trim(),
-        "error: unknown grant `network=all`: expected exec=CMD[,CMD...], fs=PATH[:GUEST_PATH][:ro|:rw], image=PATH or nest"
+        "error: unknown grant `network=all`: expected exec=CMD[,CMD...], fs=PATH[:GUEST_PATH][:ro|:rw], image=PATH, nest, passthrough, qmp[=CMD,...] or libvirt[=URI,...]"
     );
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("matryoshka.toml");

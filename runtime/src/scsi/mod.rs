@@ -18,6 +18,20 @@ const MAX_DEVICES: usize = 4096;
 /// Most bytes read from one sysfs attribute.
 const MAX_ATTRIBUTE: u64 = 4096;
 
+/// Marker a VM level's init keeps while it loads the SCSI drivers.
+const DRIVERS_PENDING: &str = "/run/matryoshka/scsi.pending";
+/// How long the drivers may take to load.
+const DRIVERS_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Waits (blocking, bounded) until a VM level's init has loaded the SCSI drivers
+/// and the disks passed to the level are scanned; at once elsewhere.
+pub fn wait_for_drivers() {
+    let started = std::time::Instant::now();
+    while Path::new(DRIVERS_PENDING).exists() && started.elapsed() < DRIVERS_DEADLINE {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Where a SCSI device sits, as the kernel numbers it (`H:C:T:L`).
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,

@@ -258,6 +258,7 @@ async fn passed_scsi(
         .map_or("this level", |(p, _)| p)
         .to_string();
     tokio::task::spawn_blocking(move || {
+        crate::scsi::wait_for_drivers();
         let sysfs = crate::scsi::Sysfs::system();
         let mut nodes = Vec::new();
         for address in wanted {

@@ -12,10 +12,10 @@
 
 use std::time::{Duration, Instant};
 
+use matryoshka_guest::ErrorKind;
 use matryoshka_guest::host::{self, Error};
 use matryoshka_guest::libvirt::{Connection, DeviceFlags, DomainState};
 use matryoshka_guest::nest::{Guest, Vm};
-use matryoshka_guest::ErrorKind;
 
 const TEST_URI: &str = "test:///default";
 
@@ -40,7 +40,11 @@ fn test_driver_lifecycle() -> Result<(), Error> {
     assert_eq!(domain.state()?, DomainState::ShutOff);
     domain.start()?;
     assert_eq!(domain.state()?, DomainState::Running);
-    assert!(domain.xml_desc(false)?.contains(&format!("<name>{name}</name>")));
+    assert!(
+        domain
+            .xml_desc(false)?
+            .contains(&format!("<name>{name}</name>"))
+    );
     let again = conn.lookup_domain(&name)?;
     assert_eq!(again.uuid()?, domain.uuid()?);
     domain.destroy()?;
@@ -56,8 +60,14 @@ fn errors_carry_libvirt_codes() -> Result<(), Error> {
     let unknown = conn.lookup_domain("no-such-domain").err().expect("unknown");
     log::info!("{unknown}");
     assert_eq!(unknown.error.kind, ErrorKind::NotFound, "{unknown}");
-    assert_eq!((unknown.code, unknown.code_name.as_str()), (42, "no-domain"));
-    let bad = conn.define_domain("<domain type='test'><name>x").err().expect("bad XML");
+    assert_eq!(
+        (unknown.code, unknown.code_name.as_str()),
+        (42, "no-domain")
+    );
+    let bad = conn
+        .define_domain("<domain type='test'><name>x")
+        .err()
+        .expect("bad XML");
     log::info!("{bad}");
     assert_eq!(bad.error.kind, ErrorKind::InvalidArgument, "{bad}");
     assert!(bad.code_name.starts_with("xml-"), "{bad}");
@@ -130,7 +140,10 @@ fn lifecycle_here(_: ()) -> Result<Vec<String>, Error> {
     let mut notes = Vec::new();
     let conn = Connection::open("qemu:///system")?;
     let hv = conn.hypervisor()?;
-    notes.push(format!("hypervisor {} {} (libvirt {})", hv.driver, hv.version, hv.library_version));
+    notes.push(format!(
+        "hypervisor {} {} (libvirt {})",
+        hv.driver, hv.version, hv.library_version
+    ));
     let name = "mtr-plain";
     let console = format!("/tmp/{name}.console");
     let domain = conn.define_domain(&plain_domain_xml(name, &console))?;
@@ -138,7 +151,10 @@ fn lifecycle_here(_: ()) -> Result<Vec<String>, Error> {
     domain.start()?;
     assert_eq!(domain.state()?, DomainState::Running);
     let first = console_line(&console, "MATRYOSHKA-DISKS", Duration::from_secs(120))?;
-    notes.push(format!("guest up after {:.1} s: {first}", started.elapsed().as_secs_f64()));
+    notes.push(format!(
+        "guest up after {:.1} s: {first}",
+        started.elapsed().as_secs_f64()
+    ));
     assert!(domain.xml_desc(false)?.contains(name));
     let status = domain.qemu_monitor_command(r#"{"execute":"query-status"}"#, false)?;
     assert!(status.contains("\"running\""), "{status}");
@@ -148,7 +164,10 @@ fn lifecycle_here(_: ()) -> Result<Vec<String>, Error> {
     let attached = Instant::now();
     domain.attach_device(disk, DeviceFlags::LIVE)?;
     let seen = console_line(&console, "MATRYOSHKA-DISKS sda", Duration::from_secs(60))?;
-    notes.push(format!("hot-plugged disk seen by the guest after {} ms: {seen}", attached.elapsed().as_millis()));
+    notes.push(format!(
+        "hot-plugged disk seen by the guest after {} ms: {seen}",
+        attached.elapsed().as_millis()
+    ));
     domain.detach_device(disk, DeviceFlags::LIVE)?;
     let gone = console_line(&console, "MATRYOSHKA-DISKS vda", Duration::from_secs(60))?;
     notes.push(format!("detached: {gone}"));

@@ -262,7 +262,18 @@ fn hop(received: Vec<Disk>) -> Result<Vec<Seen>, Error> {
             s.round_trips += 2;
         }
     }
+    // The level below goes first, then the disk: nothing of scsi_debug stays here.
     drop(below);
+    drop(own);
+    let left: Vec<String> = passthrough::list_scsi()?
+        .into_iter()
+        .filter(|d| d.host_driver == "scsi_debug")
+        .map(|d| format!("{} {} {}", d.address, d.vendor, d.model))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "{path}: scsi_debug disks left after the test: {left:?}"
+    );
     let mut all = vec![me];
     all.append(&mut seen);
     Ok(all)
