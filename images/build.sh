@@ -56,6 +56,10 @@ chroot "$root" depmod "$kver"
 chroot "$root" sh -c 'getent group libvirt-qemu >/dev/null || groupadd -r libvirt-qemu
     getent passwd libvirt-qemu >/dev/null || useradd -r -g libvirt-qemu -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu'
 printf 'user = "root"\ngroup = "root"\nstdio_handler = "file"\n' >"$root/etc/libvirt/qemu.conf"
+# No DNS server is reachable from a level (its network is restricted): without
+# one configured a lookup fails at once instead of after a 10 s timeout (libvirt
+# resolves the host name at every domain start). /etc/hosts is written at boot.
+: >"$root/etc/resolv.conf"
 mkdir -p "$root"/var/lib/libvirt/qemu "$root"/var/log/libvirt/qemu "$root"/var/cache/libvirt/qemu "$root"/run/libvirt
 rm -rf "$root"/usr/share/{doc,man,info,locale} "$root"/var/cache/apt/* "$root"/var/lib/apt/lists/*
 

@@ -317,11 +317,14 @@ fn levels_runs_each_test_at_the_deepest_level() {
 #[test]
 fn levels_two_runs_each_test_two_levels_down_through_the_serve_side_chain() {
     let dir = run_dir("levels2");
-    let (run, took) = nested(dir.path(), &image_dir(), &["--levels", "2", "where_am_i"]);
+    // Every test of the suite, the demo's included: it counts levels from where it starts.
+    let (run, took) = nested(dir.path(), &image_dir(), &["--levels", "2"]);
     eprintln!("--levels 2: {:.1} s", took.as_secs_f64());
     run.expect_code(0);
     let line = run.line_for("PASS", "where_am_i");
     assert!(line.contains("L0/L1/L2 nested::where_am_i"), "{line}");
+    let line = run.line_for("PASS", "nested_levels");
+    assert!(line.contains("L0/L1/L2 nested::nested_levels"), "{line}");
     // L1 booted L2 before it said Ready, and relays the test's log up from L2.
     run.expect_stdout("running at L0/L1/L2 on level-2 (level=2 accel=");
     assert!(run.stderr.contains("L0/L1/L2 is up"), "{}", run.stderr);
