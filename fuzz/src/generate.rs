@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use arbitrary::{Result, Unstructured};
 use matryoshka::config::{
-    AccelPolicy, FsGrant, Grants, InstanceLimits, NestLimits, SshSettings, VmSettings,
+    AccelPolicy, FsGrant, Grants, InstanceLimits, NestLimits, Scope, SshSettings, VmSettings,
 };
 use matryoshka::engine::sha256_hex;
 use matryoshka::event::{FailureKind, TestFailure};
@@ -178,6 +178,9 @@ fn setup(u: &mut Unstructured) -> Result<LevelSetup> {
             })?,
             nest: u.arbitrary()?,
             images: small_vec(u, 2, |u| Ok(PathBuf::from(text(u)?)))?,
+            passthrough: u.arbitrary()?,
+            qmp: scope(u)?,
+            libvirt: scope(u)?,
         },
         limits,
         nest: NestLimits {
@@ -480,6 +483,15 @@ pub fn child_script(u: &mut Unstructured) -> Result<Vec<u8>> {
         push_mutated(u, &mut out, encode(msg), damage)?;
     }
     Ok(out)
+}
+
+/// A grant scope: denied, all, or a few names.
+fn scope(u: &mut Unstructured<'_>) -> Result<Scope> {
+    Ok(match u.int_in_range(0..=2)? {
+        0 => Scope::Denied,
+        1 => Scope::All,
+        _ => Scope::Only(small_vec(u, 3, text)?.into_iter().collect()),
+    })
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ pub mod limits;
 use serde::{Deserialize, Serialize};
 
 pub use accel::AccelPolicy;
-pub use grants::{FsGrant, GrantError, Grants};
+pub use grants::{FsGrant, GrantError, Grants, Scope};
 pub use limits::{InstanceLimits, NestLimits};
 
 /// Run-wide settings of VM levels, handed down the chain.

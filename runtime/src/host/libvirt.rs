@@ -152,7 +152,7 @@ impl HostConnection for HostState {
             })?)),
             Err(e) => {
                 Usage::give(&usage.connections);
-                Ok(Err(self.from_virt(&format!("opening {uri}"), e)))
+                Ok(Err(self.virt_failure(&format!("opening {uri}"), e)))
             }
         }
     }
@@ -183,7 +183,7 @@ impl HostConnection for HostState {
         let found = tokio::task::spawn_blocking(move || c.lookup_domain(&name)).await?;
         match found {
             Ok(domain) => self.push_domain(Arc::new(domain)),
-            Err(e) => Ok(Err(self.from_virt(&what, e))),
+            Err(e) => Ok(Err(self.virt_failure(&what, e))),
         }
     }
 
@@ -198,7 +198,7 @@ impl HostConnection for HostState {
                 .collect::<Result<Vec<_>, _>>()
         })
         .await?;
-        Ok(listed.map_err(|e| self.from_virt("listing domains", e)))
+        Ok(listed.map_err(|e| self.virt_failure("listing domains", e)))
     }
 
     async fn hypervisor(&mut self, conn: Resource<ConnectionHandle>) -> Answer<WitHypervisor> {
@@ -210,13 +210,13 @@ impl HostConnection for HostState {
                 version: version_text(h.version),
                 library_version: version_text(h.lib_version),
             })
-            .map_err(|e| self.from_virt("asking the hypervisor's version", e)))
+            .map_err(|e| self.virt_failure("asking the hypervisor's version", e)))
     }
 
     async fn capabilities(&mut self, conn: Resource<ConnectionHandle>) -> Answer<String> {
         let c = self.table.get(&conn)?.conn.clone();
         let caps = tokio::task::spawn_blocking(move || c.capabilities()).await?;
-        Ok(caps.map_err(|e| self.from_virt("reading the capabilities", e)))
+        Ok(caps.map_err(|e| self.virt_failure("reading the capabilities", e)))
     }
 
     async fn drop(&mut self, conn: Resource<ConnectionHandle>) -> wasmtime::Result<()> {
@@ -363,7 +363,7 @@ impl HostState {
                 });
                 self.push_domain(domain)
             }
-            Err(e) => Ok(Err(self.from_virt(what, e))),
+            Err(e) => Ok(Err(self.virt_failure(what, e))),
         }
     }
 
@@ -385,7 +385,7 @@ impl HostState {
     {
         let domain = self.table.get(&d)?.domain.clone();
         let result = tokio::task::spawn_blocking(move || f(&domain)).await?;
-        Ok(result.map_err(|e| self.from_virt(what, e)))
+        Ok(result.map_err(|e| self.virt_failure(what, e)))
     }
 
     fn check_size(&self, what: &str, text: &str) -> Result<(), LibvirtError> {
@@ -410,7 +410,7 @@ impl HostState {
     }
 
     /// libvirt's error in the interface's terms.
-    fn from_virt(&self, what: &str, e: virt::Error) -> LibvirtError {
+    fn virt_failure(&self, what: &str, e: virt::Error) -> LibvirtError {
         let at = &self.ctx.level.path;
         match e {
             virt::Error::Unavailable(m) => {

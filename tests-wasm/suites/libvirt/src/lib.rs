@@ -119,10 +119,10 @@ fn console_line(console: &str, prefix: &str, deadline: Duration) -> Result<Strin
     let started = Instant::now();
     loop {
         let text = host::check_output(&["cat", console]).unwrap_or_default();
-        if let Some(line) = text.lines().rev().find(|l| l.starts_with("MATRYOSHKA-")) {
-            if line.starts_with(prefix) {
-                return Ok(line.trim().to_string());
-            }
+        if let Some(line) = text.lines().rev().find(|l| l.starts_with("MATRYOSHKA-"))
+            && line.starts_with(prefix)
+        {
+            return Ok(line.trim().to_string());
         }
         if started.elapsed() > deadline {
             return Err(Error {
