@@ -280,13 +280,7 @@ impl HostDomain for HostState {
         xml: String,
         flags: WitFlags,
     ) -> Answer<()> {
-        if let Err(e) = self.check_size("device XML", &xml) {
-            return Ok(Err(e));
-        }
-        self.on_domain(d, "attaching a device", move |d| {
-            d.attach_device(&xml, device_flags(flags))
-        })
-        .await
+        self.change_device(d, xml, flags, true).await
     }
 
     async fn detach_device(
@@ -295,13 +289,7 @@ impl HostDomain for HostState {
         xml: String,
         flags: WitFlags,
     ) -> Answer<()> {
-        if let Err(e) = self.check_size("device XML", &xml) {
-            return Ok(Err(e));
-        }
-        self.on_domain(d, "detaching a device", move |d| {
-            d.detach_device(&xml, device_flags(flags))
-        })
-        .await
+        self.change_device(d, xml, flags, false).await
     }
 
     async fn qemu_monitor_command(
@@ -365,6 +353,33 @@ impl HostState {
             }
             Err(e) => Ok(Err(self.virt_failure(what, e))),
         }
+    }
+
+    /// Attaches (`attach`) or detaches a device given by XML.
+    async fn change_device(
+        &mut self,
+        d: Resource<DomainHandle>,
+        xml: String,
+        flags: WitFlags,
+        attach: bool,
+    ) -> Answer<()> {
+        if let Err(e) = self.check_size("device XML", &xml) {
+            return Ok(Err(e));
+        }
+        let flags = device_flags(flags);
+        let what = if attach {
+            "attaching a device"
+        } else {
+            "detaching a device"
+        };
+        self.on_domain(d, what, move |d| {
+            if attach {
+                d.attach_device(&xml, flags)
+            } else {
+                d.detach_device(&xml, flags)
+            }
+        })
+        .await
     }
 
     fn push_domain(&mut self, domain: Arc<Domain>) -> Answer<Resource<DomainHandle>> {

@@ -379,19 +379,11 @@ async fn wait_ready(
     loop {
         tokio::time::sleep(Duration::from_millis(50)).await;
         if has_bytes(relay) {
-            tracing::info!(
-                level = %plan.path,
-                "serving after {:.1} s; guest uptime at each step: {}",
-                started.elapsed().as_secs_f64(),
-                boot_steps(&qemu.level_log())
-            );
+            note_serving(&plan.path, started, &qemu.level_log());
             return Ok(());
         }
         let console = qemu.console();
-        let level_log = qemu.level_log();
-        if let Some(fail) = line_after(&level_log, "MATRYOSHKA-FAIL")
-            .or_else(|| line_after(&console, "MATRYOSHKA-FAIL"))
-        {
+        if let Some(fail) = init_failure(&console, &qemu.level_log()) {
             qemu.kill();
             return Err(Failure::Boot(format!(
                 "{} failed to boot: {}; {}",
@@ -444,6 +436,21 @@ async fn wait_ready(
             )));
         }
     }
+}
+
+/// Logs that a level serves, with the guest's uptime at each boot step.
+pub(super) fn note_serving(path: &str, started: Instant, level_log: &str) {
+    tracing::info!(
+        level = %path,
+        "serving after {:.1} s; guest uptime at each step: {}",
+        started.elapsed().as_secs_f64(),
+        boot_steps(level_log)
+    );
+}
+
+/// The `MATRYOSHKA-FAIL` line of a level's init, from its level log or console.
+pub(super) fn init_failure(console: &str, level_log: &str) -> Option<String> {
+    line_after(level_log, "MATRYOSHKA-FAIL").or_else(|| line_after(console, "MATRYOSHKA-FAIL"))
 }
 
 /// Whether the runtime's first bytes are waiting on the relay socket (a closed or

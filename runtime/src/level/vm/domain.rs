@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use super::argv::{self, Accel, Arch, HOST_KEY_FW_CFG, LOG_PORT, MachineSpec, RELAY_PORT};
 use super::boot::{
-    BootPlan, Booted, VmRequest, boot_steps, free_port, has_bytes, host_key_file, line_after,
-    machine_spec,
+    BootPlan, Booted, VmRequest, free_port, has_bytes, host_key_file, init_failure, machine_spec,
+    note_serving,
 };
 use super::image::Image;
 use super::machine::Machine;
@@ -188,19 +188,11 @@ async fn wait_ready(
     loop {
         tokio::time::sleep(Duration::from_millis(50)).await;
         if has_bytes(relay) {
-            tracing::info!(
-                level = %plan.path,
-                "serving after {:.1} s; guest uptime at each step: {}",
-                started.elapsed().as_secs_f64(),
-                boot_steps(&read(&machine.files.level_log))
-            );
+            note_serving(&plan.path, started, &read(&machine.files.level_log));
             return Ok(());
         }
         let console = read(&machine.files.console);
-        let level_log = read(&machine.files.level_log);
-        if let Some(fail) = line_after(&level_log, "MATRYOSHKA-FAIL")
-            .or_else(|| line_after(&console, "MATRYOSHKA-FAIL"))
-        {
+        if let Some(fail) = init_failure(&console, &read(&machine.files.level_log)) {
             let end = machine.describe_end();
             machine.kill();
             return Err(format!(
