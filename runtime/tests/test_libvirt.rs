@@ -25,6 +25,7 @@ fn domains_live_and_die_through_the_test_driver() {
         "test_driver_lifecycle",
         "errors_carry_libvirt_codes",
         "leftovers_are_cleaned_up",
+        "existing_domains_are_left_alone",
     ] {
         assert!(
             run.line_for("PASS", test).contains("L0 libvirt::"),

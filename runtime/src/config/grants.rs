@@ -91,6 +91,11 @@ impl Scope {
 
     /// Grants `names` besides what is granted already.
     fn grant<I: IntoIterator<Item = String>>(&mut self, names: I) {
+        let mut names = names.into_iter().peekable();
+        if names.peek().is_none() {
+            // `qmp = []` grants nothing.
+            return;
+        }
         match self {
             Self::All => {}
             Self::Denied => *self = Self::Only(names.into_iter().collect()),

@@ -23,6 +23,8 @@ use crate::libvirt::{self as virt, Connection, DeviceFlags, Domain, DomainState}
 const MAX_CONNECTIONS: usize = 16;
 /// Most domain handles one instance holds at once.
 const MAX_DOMAINS: usize = 256;
+/// Most domains one connection defines, creates or starts (each may be a running QEMU).
+const MAX_MADE: usize = 16;
 /// Largest XML (or monitor command) accepted, bytes.
 const MAX_XML: usize = 1 << 20;
 /// Most domain names listed.
@@ -33,19 +35,26 @@ pub struct ConnectionHandle {
     conn: Arc<Connection>,
     uri: String,
     /// Domains made through this connection, cleaned up when it goes.
-    made: Arc<Mutex<Vec<Made>>>,
+    made: MadeList,
     usage: Arc<Usage>,
 }
 
-/// A domain this instance defined or started.
+/// A domain this instance defined, created or started.
 struct Made {
     domain: Arc<Domain>,
     name: String,
+    /// Whether the test defined it (then it is undefined too), or only started it.
+    defined: bool,
 }
+
+/// The domains a connection's cleanup stops.
+type MadeList = Arc<Mutex<Vec<Made>>>;
 
 /// The host side of a `domain` resource.
 pub struct DomainHandle {
     domain: Arc<Domain>,
+    /// The cleanup list of the connection it came from.
+    made: MadeList,
     usage: Arc<Usage>,
 }
 
@@ -81,15 +90,20 @@ impl Drop for ConnectionHandle {
     fn drop(&mut self) {
         Usage::give(&self.usage.connections);
         let made = std::mem::take(&mut *self.made.lock().unwrap_or_else(|e| e.into_inner()));
-        for Made { domain, name } in made {
-            leave_nothing(&domain, &name, &self.uri);
+        for Made {
+            domain,
+            name,
+            defined,
+        } in made
+        {
+            leave_nothing(&domain, &name, &self.uri, defined);
         }
     }
 }
 
-/// Destroys a domain a test made and left running, and undefines it if it is
-/// still defined.
-fn leave_nothing(domain: &Domain, name: &str, uri: &str) {
+/// Destroys a domain a test made or started and left running, and undefines it
+/// if the test defined it and it is still defined.
+fn leave_nothing(domain: &Domain, name: &str, uri: &str, defined: bool) {
     let Ok((state, _)) = domain.state() else {
         return; // gone already
     };
@@ -99,7 +113,7 @@ fn leave_nothing(domain: &Domain, name: &str, uri: &str) {
             Err(e) => tracing::warn!("cannot destroy the domain {name} on {uri}: {e}"),
         }
     }
-    if domain.is_persistent().unwrap_or(false) {
+    if defined && domain.is_persistent().unwrap_or(false) {
         match domain.undefine() {
             Ok(()) => tracing::info!("undefined the domain {name} a test left defined on {uri}"),
             Err(e) => tracing::warn!("cannot undefine the domain {name} on {uri}: {e}"),
@@ -113,6 +127,18 @@ impl Host for HostState {}
 
 impl HostConnection for HostState {
     async fn open(&mut self, uri: String) -> Answer<Resource<ConnectionHandle>> {
+        let scope = &self.ctx.grants.libvirt;
+        let named = matches!(scope, crate::config::Scope::Only(uris) if uris.contains(&uri));
+        if scope.allows(&uri) && !named && !is_local_uri(&uri) {
+            return Ok(Err(self.virt_error(
+                ErrorKind::Denied,
+                format!(
+                    "`{uri}` reaches beyond this level (a transport, a host or parameters); \
+                     --grant libvirt covers local URIs such as qemu:///system only: name this \
+                     one with --grant libvirt={uri}"
+                ),
+            )));
+        }
         if !self.ctx.grants.libvirt.allows(&uri) {
             let how = if self.ctx.grants.libvirt.any() {
                 format!("add it with --grant libvirt={uri}")
@@ -178,11 +204,12 @@ impl HostConnection for HostState {
         conn: Resource<ConnectionHandle>,
         name: String,
     ) -> Answer<Resource<DomainHandle>> {
-        let c = self.table.get(&conn)?.conn.clone();
+        let handle = self.table.get(&conn)?;
+        let (c, made) = (handle.conn.clone(), handle.made.clone());
         let what = format!("looking up the domain {name:?}");
         let found = tokio::task::spawn_blocking(move || c.lookup_domain(&name)).await?;
         match found {
-            Ok(domain) => self.push_domain(Arc::new(domain)),
+            Ok(domain) => self.push_domain(Arc::new(domain), made),
             Err(e) => Ok(Err(self.virt_failure(&what, e))),
         }
     }
@@ -242,7 +269,27 @@ impl HostDomain for HostState {
     }
 
     async fn start(&mut self, d: Resource<DomainHandle>) -> Answer<()> {
-        self.on_domain(d, "starting it", |d| d.start()).await
+        // A domain the test starts is the test's to stop, however it got the handle.
+        let handle = self.table.get(&d)?;
+        let (domain, made) = (handle.domain.clone(), handle.made.clone());
+        let started = tokio::task::spawn_blocking(move || {
+            domain.start()?;
+            let uuid = domain.uuid()?;
+            let mut made = made.lock().unwrap_or_else(|e| e.into_inner());
+            if !made
+                .iter()
+                .any(|m| m.domain.uuid().ok().as_deref() == Some(uuid.as_str()))
+            {
+                made.push(Made {
+                    name: domain.name().unwrap_or_default(),
+                    domain,
+                    defined: false,
+                });
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(started.map_err(|e| self.virt_failure("starting it", e)))
     }
 
     async fn shutdown(&mut self, d: Resource<DomainHandle>) -> Answer<()> {
@@ -316,7 +363,9 @@ impl HostDomain for HostState {
 
 impl HostState {
     /// Defines (or, `start`, creates and starts) a domain from XML, remembering
-    /// it for the cleanup when the connection goes.
+    /// it for the cleanup when the connection goes. A domain whose name exists
+    /// already is refused: redefining it would hand someone else's domain to
+    /// that cleanup.
     async fn make_domain(
         &mut self,
         conn: Resource<ConnectionHandle>,
@@ -328,30 +377,51 @@ impl HostState {
         }
         let handle = self.table.get(&conn)?;
         let (c, made) = (handle.conn.clone(), handle.made.clone());
+        if made.lock().unwrap_or_else(|e| e.into_inner()).len() >= MAX_MADE {
+            return Ok(Err(self.virt_error(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "a connection makes at most {MAX_MADE} domains; drop it (its domains are \
+                     destroyed) and open another"
+                ),
+            )));
+        }
         let what = if start {
             "creating a transient domain"
         } else {
             "defining a domain"
         };
+        let list = made.clone();
         let result = tokio::task::spawn_blocking(move || {
+            if let Some(name) = domain_name(&xml)
+                && c.lookup_domain(&name).is_ok()
+            {
+                return Err(Err(format!(
+                    "a domain named {name:?} exists already; a test makes domains of its own \
+                     (another name) and leaves the others alone"
+                )));
+            }
             let domain = if start {
                 c.create_transient(&xml)
             } else {
                 c.define_domain(&xml)
-            }?;
-            let name = domain.name().unwrap_or_default();
-            Ok::<_, virt::Error>((Arc::new(domain), name))
+            }
+            .map_err(Ok)?;
+            let domain = Arc::new(domain);
+            // Remembered here, on the blocking thread: a test cancelled while this
+            // runs still leaves the domain to the cleanup.
+            list.lock().unwrap_or_else(|e| e.into_inner()).push(Made {
+                name: domain.name().unwrap_or_default(),
+                domain: domain.clone(),
+                defined: !start,
+            });
+            Ok::<_, Result<virt::Error, String>>(domain)
         })
         .await?;
         match result {
-            Ok((domain, name)) => {
-                made.lock().unwrap_or_else(|e| e.into_inner()).push(Made {
-                    domain: domain.clone(),
-                    name,
-                });
-                self.push_domain(domain)
-            }
-            Err(e) => Ok(Err(self.virt_failure(what, e))),
+            Ok(domain) => self.push_domain(domain, made),
+            Err(Ok(e)) => Ok(Err(self.virt_failure(what, e))),
+            Err(Err(m)) => Ok(Err(self.virt_error(ErrorKind::InvalidArgument, m))),
         }
     }
 
@@ -382,7 +452,11 @@ impl HostState {
         .await
     }
 
-    fn push_domain(&mut self, domain: Arc<Domain>) -> Answer<Resource<DomainHandle>> {
+    fn push_domain(
+        &mut self,
+        domain: Arc<Domain>,
+        made: MadeList,
+    ) -> Answer<Resource<DomainHandle>> {
         let usage = self.virt_usage.clone();
         if !Usage::take(&usage.domains, MAX_DOMAINS) {
             return Ok(Err(self.virt_error(
@@ -390,7 +464,11 @@ impl HostState {
                 format!("a test holds at most {MAX_DOMAINS} libvirt domain handles at once"),
             )));
         }
-        Ok(Ok(self.table.push(DomainHandle { domain, usage })?))
+        Ok(Ok(self.table.push(DomainHandle {
+            domain,
+            made,
+            usage,
+        })?))
     }
 
     async fn on_domain<T, F>(&mut self, d: Resource<DomainHandle>, what: &str, f: F) -> Answer<T>
@@ -439,13 +517,18 @@ impl HostState {
                 let name = e.code_name().unwrap_or_default();
                 let kind = match name {
                     "no-domain" | "no-network" | "no-storage-pool" | "no-storage-vol"
-                    | "no-nwfilter" | "no-secret" | "no-nodedev" => ErrorKind::NotFound,
+                    | "no-nwfilter" | "no-secret" | "no-node-device" | "no-interface"
+                    | "no-domain-snapshot" => ErrorKind::NotFound,
                     "xml-error" | "xml-detail" | "no-name" | "invalid-arg"
-                    | "config-unsupported" | "operation-invalid" => ErrorKind::InvalidArgument,
-                    "no-support" | "argument-unsupported" | "no-connect" => ErrorKind::Unsupported,
-                    "auth-failed" | "auth-cancelled" | "auth-unavailable" | "access-denied" => {
-                        ErrorKind::Denied
+                    | "config-unsupported" | "operation-invalid" | "dom-exist" => {
+                        ErrorKind::InvalidArgument
                     }
+                    "no-support"
+                    | "argument-unsupported"
+                    | "operation-unsupported"
+                    | "no-connect" => ErrorKind::Unsupported,
+                    "auth-failed" | "auth-cancelled" | "auth-unavailable" | "access-denied"
+                    | "operation-denied" => ErrorKind::Denied,
                     "operation-timeout" => ErrorKind::Timeout,
                     _ => ErrorKind::Io,
                 };
@@ -457,6 +540,22 @@ impl HostState {
             }
         }
     }
+}
+
+/// Whether `uri` names a driver on this machine: `driver:///path`, no
+/// transport (`qemu+ssh`), no host, no parameters (`?command=`, `?socket=`).
+fn is_local_uri(uri: &str) -> bool {
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return false;
+    };
+    !scheme.contains('+') && rest.starts_with('/') && !uri.contains('?')
+}
+
+/// The domain's `<name>` in its XML, if it has one.
+fn domain_name(xml: &str) -> Option<String> {
+    let start = xml.find("<name>")? + "<name>".len();
+    let end = start + xml[start..].find("</name>")?;
+    Some(xml[start..end].trim().to_string()).filter(|n| !n.is_empty())
 }
 
 fn device_flags(f: WitFlags) -> DeviceFlags {
@@ -474,6 +573,36 @@ fn version_text(v: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_local_uris_are_covered_by_the_whole_grant() {
+        for uri in [
+            "qemu:///system",
+            "qemu:///session",
+            "test:///default",
+            "test:///tmp/x.xml",
+        ] {
+            assert!(is_local_uri(uri), "{uri}");
+        }
+        for uri in [
+            "qemu+ssh://root@host/system",
+            "qemu+ext:///system?command=/bin/sh",
+            "qemu://host/system",
+            "qemu:///system?socket=/tmp/s",
+            "qemu",
+        ] {
+            assert!(!is_local_uri(uri), "{uri}");
+        }
+    }
+
+    #[test]
+    fn the_domain_name_is_read_from_its_xml() {
+        assert_eq!(
+            domain_name("<domain type='kvm'><name> mtr-1 </name></domain>").as_deref(),
+            Some("mtr-1")
+        );
+        assert_eq!(domain_name("<domain type='kvm'/>"), None);
+    }
 
     #[test]
     fn versions_read_as_libvirt_writes_them() {

@@ -151,6 +151,35 @@ pub struct HostState {
     /// The first level this instance could not boot or reach: a failing test
     /// that met one is reported as an infrastructure error with this cause.
     infrastructure: Option<String>,
+    /// The `scsi_debug` disk this instance made, also held here so that it is
+    /// unloaded only after the levels it was passed to are gone (see `Drop`).
+    scsi_disks: Vec<Arc<crate::scsi::debug::ScsiDebugDisk>>,
+}
+
+impl Drop for HostState {
+    /// Tears down what the instance still holds in dependency order, whatever
+    /// order its handles are in: first the table (levels below: their QEMU is
+    /// killed, their libvirt domains destroyed; libvirt connections: what the test
+    /// made is cleaned up), then the `scsi_debug` disks, which a level's QEMU held.
+    /// Both block (libvirt calls, `modprobe -r`): on a multi-thread runtime the
+    /// worker is handed over to others while they run.
+    fn drop(&mut self) {
+        let table = std::mem::replace(&mut self.table, ResourceTable::new());
+        let disks = std::mem::take(&mut self.scsi_disks);
+        blocking(move || {
+            drop(table);
+            drop(disks);
+        });
+    }
+}
+
+/// Runs `f`, which blocks, without stalling the async tasks of this thread's
+/// runtime where it can (`block_in_place` on a multi-thread runtime).
+pub(crate) fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
 }
 
 impl HostState {
@@ -193,6 +222,7 @@ impl HostState {
             capture,
             panic: None,
             infrastructure: None,
+            scsi_disks: Vec::new(),
         })
     }
 

@@ -140,7 +140,9 @@ impl HostGuest for HostState {
     }
 
     fn drop(&mut self, guest: Resource<GuestHandle>) -> wasmtime::Result<()> {
-        self.table.delete(guest)?;
+        let handle = self.table.delete(guest)?;
+        // Stopping a level blocks (killing and reaping QEMU, destroying a domain).
+        super::blocking(move || drop(handle));
         Ok(())
     }
 }

@@ -4,6 +4,8 @@
 //! Behind `--grant passthrough`. A disk is one kernel module per level, so an
 //! instance holds at most one; the module is unloaded when the handle drops.
 
+use std::sync::Arc;
+
 use wasmtime::component::Resource;
 
 use super::HostState;
@@ -14,8 +16,9 @@ use super::bindings::matryoshka::test::types::{Error as WitError, ErrorKind};
 use crate::scsi::debug::{LoadError, Options, ScsiDebugDisk};
 use crate::scsi::{Address, Device, Sysfs};
 
-/// The host side of a `scsi-debug-disk` resource.
-pub struct ScsiDebugHandle(ScsiDebugDisk);
+/// The host side of a `scsi-debug-disk` resource; the instance holds the disk too
+/// (see `HostState`'s teardown).
+pub struct ScsiDebugHandle(Arc<ScsiDebugDisk>);
 
 impl Host for HostState {
     async fn list_scsi(&mut self) -> wasmtime::Result<Result<Vec<ScsiDevice>, WitError>> {
@@ -60,7 +63,11 @@ impl HostScsiDebugDisk for HostState {
         })
         .await?;
         match made {
-            Ok(disk) => Ok(Ok(self.table.push(ScsiDebugHandle(disk))?)),
+            Ok(disk) => {
+                let disk = Arc::new(disk);
+                self.scsi_disks.push(disk.clone());
+                Ok(Ok(self.table.push(ScsiDebugHandle(disk))?))
+            }
             Err(e) => {
                 let kind = match &e {
                     LoadError::Unsupported(_) => ErrorKind::Unsupported,
@@ -85,7 +92,8 @@ impl HostScsiDebugDisk for HostState {
     }
 
     async fn drop(&mut self, disk: Resource<ScsiDebugHandle>) -> wasmtime::Result<()> {
-        let disk = self.table.delete(disk)?;
+        let ScsiDebugHandle(disk) = self.table.delete(disk)?;
+        self.scsi_disks.retain(|held| !Arc::ptr_eq(held, &disk));
         // Unloading waits for a level that still holds the disk to let go.
         tokio::task::spawn_blocking(move || drop(disk)).await?;
         Ok(())

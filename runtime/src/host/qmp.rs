@@ -17,6 +17,8 @@ use crate::level::vm::qmp::{Qmp, QmpError};
 
 /// Wait for a reply when the component gives none.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait a component may ask for.
+const MAX_WAIT: Duration = Duration::from_secs(3600);
 /// Largest arguments accepted, bytes of JSON.
 const MAX_ARGUMENTS: usize = 1 << 20;
 
@@ -50,7 +52,9 @@ impl Host for HostState {
             Ok(q) => q,
             Err(e) => return Ok(Err(e)),
         };
-        let deadline = timeout_ms.map_or(DEFAULT_TIMEOUT, Duration::from_millis);
+        let deadline = timeout_ms
+            .map_or(DEFAULT_TIMEOUT, Duration::from_millis)
+            .min(MAX_WAIT);
         let reply = qmp.execute(&command, arguments, deadline).await;
         Ok(reply
             .map(|v| v.to_string())
@@ -78,7 +82,7 @@ impl Host for HostState {
             Err(e) => return Ok(Err(e)),
         };
         let event = qmp
-            .wait_event(&name, Duration::from_millis(timeout_ms))
+            .wait_event(&name, Duration::from_millis(timeout_ms).min(MAX_WAIT))
             .await;
         Ok(event
             .map(|v| v.to_string())
@@ -104,10 +108,14 @@ impl HostState {
                 ),
             )));
         };
-        Ok(port
-            .client()
-            .await
-            .map_err(|m| self.error(ErrorKind::LevelLost, format!("{path}: {m}"))))
+        Ok(port.client().await.map_err(|m| {
+            let kind = if m.contains("imeout") {
+                ErrorKind::Timeout
+            } else {
+                ErrorKind::LevelLost
+            };
+            self.error(kind, format!("{path}: {m}"))
+        }))
     }
 
     fn qmp_error(&self, level: &Resource<GuestHandle>, what: &str, e: QmpError) -> WitError {

@@ -20,6 +20,10 @@ const SOCKETS: &[&str] = &["/run/libvirt/libvirt-sock", "/run/libvirt/virtqemud-
 /// Daemons that serve `qemu:///system`: the monolithic one first, which clients
 /// of libvirt 9 reach on `libvirt-sock` without further set-up.
 const DAEMONS: &[&str] = &["/usr/sbin/libvirtd", "/usr/sbin/virtqemud"];
+/// Written by the image's initramfs at every VM level the runtime boots.
+const LEVEL_MARKER: &str = "/run/matryoshka/depth";
+/// Where a started daemon's output goes.
+const DAEMON_LOG: &str = "/var/log/libvirt/matryoshka-daemon.log";
 /// How long a started daemon has to answer.
 const START_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -38,6 +42,15 @@ pub fn ensure_for(uri: &str, level: &str) -> Result<(), Error> {
         // libvirt's own error says that no daemon runs; nothing to start here.
         return Ok(());
     };
+    // Only at a level booted from the matryoshka image: on any other machine the
+    // daemon is the machine's own (its domains, networks, autostart), not ours to start.
+    if !Path::new(LEVEL_MARKER).exists() {
+        return Err(Error::Unavailable(format!(
+            "no libvirt daemon answers for {uri} at {level}; start it there (e.g. \
+             `systemctl start libvirtd` or `virtqemud`): the runtime starts one only at VM \
+             levels it booted"
+        )));
+    }
     if *started {
         return Err(Error::Unavailable(format!(
             "the libvirt daemon {} this runtime started at {level} stopped answering",
@@ -52,9 +65,9 @@ pub fn ensure_for(uri: &str, level: &str) -> Result<(), Error> {
     ] {
         let _ = std::fs::create_dir_all(dir);
     }
-    let log = std::fs::File::create("/var/log/libvirt/matryoshka-daemon.log")
+    let log = std::fs::File::create(DAEMON_LOG)
         .map(Stdio::from)
-        .unwrap_or_else(|_| Stdio::null());
+        .map_err(|e| Error::Unavailable(format!("cannot create {DAEMON_LOG} at {level}: {e}")))?;
     let mut cmd = Command::new(daemon);
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
     process::isolate(&mut cmd, process::Environment::Exec);
@@ -78,16 +91,19 @@ pub fn ensure_for(uri: &str, level: &str) -> Result<(), Error> {
             process::untrack(child.id());
             *started = false;
             return Err(Error::Unavailable(format!(
-                "the libvirt daemon {} {} at {level}; see /var/log/libvirt/matryoshka-daemon.log \
-                 there",
+                "the libvirt daemon {} {} at {level}; see {DAEMON_LOG} there",
                 daemon.display(),
                 process::ended(status)
             )));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    process::kill_group(child.id());
+    let _ = child.wait();
+    process::untrack(child.id());
+    *started = false;
     Err(Error::Unavailable(format!(
-        "the libvirt daemon {} did not answer at {level} within {} s",
+        "the libvirt daemon {} did not answer at {level} within {} s; see {DAEMON_LOG} there",
         daemon.display(),
         START_DEADLINE.as_secs()
     )))

@@ -117,6 +117,21 @@ pub struct ScsiDebugDisk {
     device: Device,
 }
 
+/// Whether this runtime holds a `scsi_debug` disk: one per level, whichever
+/// instance asks (`modprobe` of a loaded module would succeed without a new disk).
+static HELD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Takes [`HELD`] for one `create`; gives it back unless the disk was made.
+struct Claim(bool);
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if !self.0 {
+            HELD.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
 impl ScsiDebugDisk {
     /// Loads `sg` and `scsi_debug` with `options` and waits until the kernel shows
     /// the disk with its block node (and sg node, where `sg` loaded). Blocking.
@@ -130,12 +145,19 @@ impl ScsiDebugDisk {
                     .into(),
             ));
         }
-        if Path::new("/sys/module/scsi_debug").exists() {
-            return Err(LoadError::Busy(
+        let busy = || {
+            LoadError::Busy(
                 "scsi_debug is loaded already at this level (one disk per level: drop the \
                  other disk first, or `modprobe -r scsi_debug` if something else loaded it)"
                     .into(),
-            ));
+            )
+        };
+        if HELD.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Err(busy());
+        }
+        let mut claim = Claim(false);
+        if Path::new("/sys/module/scsi_debug").exists() {
+            return Err(busy());
         }
         let available = available_mib();
         if let Some(have) = available
@@ -148,7 +170,8 @@ impl ScsiDebugDisk {
             )));
         }
         load_sg();
-        let mut args = vec!["scsi_debug".to_string()];
+        // --first-time: a module loaded meanwhile is an error, not a silent success.
+        let mut args = vec!["--first-time".to_string(), "scsi_debug".to_string()];
         args.extend(options.params());
         modprobe(&args).map_err(|m| {
             if m.contains("not found") {
@@ -177,6 +200,7 @@ impl ScsiDebugDisk {
             });
             if let Some(device) = found {
                 disk.device = device;
+                claim.0 = true;
                 return Ok(disk);
             }
             if started.elapsed() > SCAN_DEADLINE {
@@ -200,6 +224,7 @@ impl ScsiDebugDisk {
 
 impl Drop for ScsiDebugDisk {
     fn drop(&mut self) {
+        let _release = Claim(false);
         let started = Instant::now();
         loop {
             match modprobe(&["-r".to_string(), "scsi_debug".to_string()]) {

@@ -126,6 +126,9 @@ pub async fn open(
     let booted = boot::boot(&req, &plan).await.map_err(|m| {
         let kind = if m.starts_with("no ") && m.contains("images/build.sh") {
             WireErrorKind::NotFound
+        } else if m.contains("with the libvirt backend:") || m.contains("with libvirt:") {
+            // No libvirt library or daemon, or an architecture it does not boot.
+            WireErrorKind::Unsupported
         } else if m.contains("was not serving within") {
             WireErrorKind::Timeout
         } else {
@@ -252,6 +255,7 @@ async fn passed_scsi(
         ));
     }
     let wanted = req.scsi.clone();
+    let depth_here = setup.depth.saturating_sub(1);
     let parent = setup
         .path
         .rsplit_once('/')
@@ -281,6 +285,25 @@ async fn passed_scsi(
                     ),
                 ));
             };
+            // Test disks only: a scsi_debug disk, or at a VM level a disk its parent
+            // passed to it; never the machine's own disks.
+            let passable = device.host_driver == "scsi_debug"
+                || (depth_here > 0 && device.host_driver == "virtio_scsi");
+            if !passable {
+                return Err((
+                    WireErrorKind::Denied,
+                    format!(
+                        "{parent} passes scsi_debug disks{} only; {} is on a {} adapter",
+                        if depth_here > 0 {
+                            " and disks passed to it (virtio_scsi)"
+                        } else {
+                            ""
+                        },
+                        device.describe(),
+                        device.host_driver
+                    ),
+                ));
+            }
             if device.generic_node.is_none() {
                 crate::scsi::debug::load_sg();
                 device =

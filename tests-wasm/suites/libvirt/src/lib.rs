@@ -75,16 +75,32 @@ fn errors_carry_libvirt_codes() -> Result<(), Error> {
 }
 
 /// A domain defined and left behind is gone once its connection is dropped.
+/// A second connection stays open throughout: the test driver forgets its
+/// state when its last connection closes, which would hide a missing cleanup.
 fn leftovers_are_cleaned_up() -> Result<(), Error> {
     let name = "mtr-left-behind";
+    let keeper = Connection::open(TEST_URI)?;
     {
         let conn = Connection::open(TEST_URI)?;
         let d = conn.define_domain(&test_domain_xml(name))?;
         d.start()?;
     }
-    let conn = Connection::open(TEST_URI)?;
-    let gone = conn.lookup_domain(name).err().expect("cleaned up");
+    let gone = keeper.lookup_domain(name).err().expect("cleaned up");
     assert_eq!(gone.code_name, "no-domain", "{gone}");
+    Ok(())
+}
+
+/// Defining a domain under a name that exists (the test driver's own `test`)
+/// is refused: the cleanup would otherwise destroy someone else's domain.
+fn existing_domains_are_left_alone() -> Result<(), Error> {
+    let conn = Connection::open(TEST_URI)?;
+    let err = conn
+        .define_domain(&test_domain_xml("test"))
+        .err()
+        .expect("refused");
+    assert_eq!(err.error.kind, ErrorKind::InvalidArgument, "{err}");
+    assert!(err.error.message.contains("exists already"), "{err}");
+    assert!(conn.list_domains()?.contains(&"test".to_string()));
     Ok(())
 }
 
@@ -194,6 +210,7 @@ matryoshka_guest::suite! {
         test_driver_lifecycle,
         errors_carry_libvirt_codes,
         leftovers_are_cleaned_up,
+        existing_domains_are_left_alone,
         #[ignore] open_test_driver,
         #[ignore] #[timeout_ms(900_000)] domain_lifecycle_at_l1,
     ],

@@ -161,7 +161,7 @@ impl Qmp {
     /// time: while another is connected the greeting does not come and this ends in
     /// [`QmpError::Timeout`].
     pub async fn connect(path: &Path, deadline: Duration) -> Result<Qmp, QmpError> {
-        let until = Instant::now() + deadline;
+        let until = deadline_from_now(deadline);
         let shown = path.display().to_string();
         let stream = connect_socket(path, &shown, until, deadline).await?;
         Self::negotiate(stream, shown, until, deadline).await
@@ -171,7 +171,7 @@ impl Qmp {
     /// of a socket pair whose other end QEMU got as its monitor (`-chardev
     /// socket,fd=N`).
     pub async fn from_stream(stream: UnixStream, deadline: Duration) -> Result<Qmp, QmpError> {
-        let until = Instant::now() + deadline;
+        let until = deadline_from_now(deadline);
         Self::negotiate(stream, "the QMP socket pair".to_string(), until, deadline).await
     }
 
@@ -286,7 +286,7 @@ impl Qmp {
     /// closed the socket (a `SHUTDOWN` just before it exits, for one); past them, a
     /// closed connection gives its error at once.
     pub async fn wait_event(&self, name: &str, deadline: Duration) -> Result<Value, QmpError> {
-        let until = Instant::now() + deadline;
+        let until = deadline_from_now(deadline);
         loop {
             let changed = self.shared.events_changed.notified();
             tokio::pin!(changed);
@@ -547,6 +547,13 @@ async fn write_loop(
             return;
         }
     }
+}
+
+/// `now + deadline`, or a day from now for a deadline too far to add.
+fn deadline_from_now(deadline: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(deadline)
+        .unwrap_or_else(|| now + Duration::from_secs(86_400))
 }
 
 #[cfg(test)]
