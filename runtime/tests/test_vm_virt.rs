@@ -69,6 +69,18 @@ fn a_scsi_debug_disk_made_at_l1_is_seen_written_and_read_at_l2() {
 }
 
 #[test]
+fn a_call_that_fails_holding_a_disk_and_a_level_leaves_neither() {
+    let dir = run_dir("passthrough-teardown");
+    let mut args = PASSTHROUGH_GRANTS.to_vec();
+    args.push("a_failed_call_leaves_no_disk_behind");
+    let run = run_suite(PASSTHROUGH, dir.path(), &args);
+    run.expect_code(0);
+    run.expect_stdout("L0/L1/L2: booted with 1:0:0:0 passed through");
+    run.expect_stdout("deliberately, while holding 1:0:0:0 and L0/L1/L2");
+    assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
+}
+
+#[test]
 fn the_disk_reaches_a_level_booted_as_a_libvirt_domain() {
     let dir = run_dir("passthrough-libvirt");
     let mut args = PASSTHROUGH_GRANTS.to_vec();

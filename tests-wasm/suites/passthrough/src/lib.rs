@@ -280,6 +280,37 @@ fn hop(received: Vec<Disk>) -> Result<Vec<Seen>, Error> {
     Ok(all)
 }
 
+/// Makes a disk, boots the next level with it, and panics while holding both:
+/// the instance's teardown must stop the level before it unloads the disk.
+fn hold_and_fail(_: ()) -> Result<(), Error> {
+    let disk = passthrough::scsi_debug()
+        .vendor("HOLDING")
+        .size_mib(8)
+        .create()?;
+    let address = disk.device()?.address;
+    let below = Guest::boot(&Vm::new().scsi(address))?;
+    log::info!(
+        "{}: booted with {address} passed through",
+        below.level_path()
+    );
+    panic!(
+        "deliberately, while holding {address} and {}",
+        below.level_path()
+    );
+}
+
+/// The `scsi_debug` disks left at this level, after making (and dropping) a new
+/// one to show the level can: `[]` when the last instance cleaned up.
+fn scsi_debug_left(_: ()) -> Result<Vec<String>, Error> {
+    let left: Vec<String> = passthrough::list_scsi()?
+        .into_iter()
+        .filter(|d| d.host_driver == "scsi_debug")
+        .map(|d| format!("{} {} {}", d.address, d.vendor, d.model))
+        .collect();
+    drop(passthrough::scsi_debug().size_mib(8).create()?);
+    Ok(left)
+}
+
 // ---- tests ----
 
 /// The loop from where the test starts: at L0 it boots L1 first (L0 may have
@@ -328,6 +359,23 @@ fn disk_passed_to_level_n() -> Result<(), Error> {
     Ok(())
 }
 
+/// A call that fails while holding a disk and the level it was passed to: the
+/// level goes, then the disk, and the next instance makes a disk again.
+fn a_failed_call_leaves_no_disk_behind() -> Result<(), Error> {
+    let l1 = Guest::boot(&Vm::new())?;
+    let err = l1
+        .call::<_, ()>("hold_and_fail", &())
+        .expect_err("the call panics");
+    log::info!("{err}");
+    let left: Vec<String> = l1.call("scsi_debug_left", &())?;
+    assert!(
+        left.is_empty(),
+        "{}: left behind: {left:?}",
+        l1.level_path()
+    );
+    Ok(())
+}
+
 /// Making a disk where the kernel cannot load modules is `unsupported` with a
 /// message that says where it can be done. Ignored unless asked for: run it
 /// only on a machine whose kernel has no module support.
@@ -369,7 +417,8 @@ matryoshka_guest::suite! {
     tests: [
         #[timeout_ms(1_800_000)] disk_passed_to_level_n,
         #[ignore] scsi_debug_needs_module_support,
+        #[timeout_ms(600_000)] a_failed_call_leaves_no_disk_behind,
         passing_a_missing_device_is_refused,
     ],
-    remote: [hop, write_here, read_here],
+    remote: [hop, write_here, read_here, hold_and_fail, scsi_debug_left],
 }
