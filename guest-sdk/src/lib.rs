@@ -30,6 +30,11 @@
 //! Functions listed under `remote:` can be called from another level of the
 //! chain with [`nest::Guest::call`]; see [`nest`].
 //!
+//! The virtualization stack of a level: [`passthrough`] (scsi_debug disks and
+//! SCSI devices passed to the levels a test boots), QMP on a booted level's QEMU
+//! ([`nest::Guest::qmp`], [`nest::Guest::wait_qmp_event`]) and [`libvirt`]
+//! (connections and domains kept alive at their level).
+//!
 //! Failures are reported with file, line and message: a panic (`assert!`,
 //! `assert_eq!`, `unwrap`) or a returned `Err` fails the test. Output of
 //! `println!`/`eprintln!` and of the [`log`](https://docs.rs/log) macros is

@@ -98,7 +98,7 @@ impl Scope {
         }
         match self {
             Self::All => {}
-            Self::Denied => *self = Self::Only(names.into_iter().collect()),
+            Self::Denied => *self = Self::Only(names.collect()),
             Self::Only(have) => have.extend(names),
         }
     }

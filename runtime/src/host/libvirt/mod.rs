@@ -7,7 +7,7 @@
 //! it defined or started and left behind is destroyed and undefined when the
 //! connection it came from goes: nothing a test made outlives it.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use wasmtime::component::Resource;
 
@@ -19,6 +19,11 @@ use super::bindings::matryoshka::test::libvirt::{
 use super::bindings::matryoshka::test::types::ErrorKind;
 use crate::libvirt::{self as virt, Connection, DeviceFlags, Domain, DomainState};
 
+mod handles;
+
+pub use handles::{ConnectionHandle, DomainHandle, Usage};
+use handles::{Made, MadeList};
+
 /// Most connections one instance holds at once.
 const MAX_CONNECTIONS: usize = 16;
 /// Most domain handles one instance holds at once.
@@ -29,97 +34,6 @@ const MAX_MADE: usize = 16;
 const MAX_XML: usize = 1 << 20;
 /// Most domain names listed.
 const MAX_LISTED: usize = 4096;
-
-/// The host side of a `connection` resource.
-pub struct ConnectionHandle {
-    conn: Arc<Connection>,
-    uri: String,
-    /// Domains made through this connection, cleaned up when it goes.
-    made: MadeList,
-    usage: Arc<Usage>,
-}
-
-/// A domain this instance defined, created or started.
-struct Made {
-    domain: Arc<Domain>,
-    name: String,
-    /// Whether the test defined it (then it is undefined too), or only started it.
-    defined: bool,
-}
-
-/// The domains a connection's cleanup stops.
-type MadeList = Arc<Mutex<Vec<Made>>>;
-
-/// The host side of a `domain` resource.
-pub struct DomainHandle {
-    domain: Arc<Domain>,
-    /// The cleanup list of the connection it came from.
-    made: MadeList,
-    usage: Arc<Usage>,
-}
-
-/// How many handles an instance holds.
-#[derive(Default)]
-pub struct Usage {
-    connections: std::sync::atomic::AtomicUsize,
-    domains: std::sync::atomic::AtomicUsize,
-}
-
-impl Usage {
-    fn take(counter: &std::sync::atomic::AtomicUsize, max: usize) -> bool {
-        use std::sync::atomic::Ordering;
-        counter
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .is_ok()
-    }
-
-    fn give(counter: &std::sync::atomic::AtomicUsize) {
-        counter.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-impl Drop for DomainHandle {
-    fn drop(&mut self) {
-        Usage::give(&self.usage.domains);
-    }
-}
-
-impl Drop for ConnectionHandle {
-    fn drop(&mut self) {
-        Usage::give(&self.usage.connections);
-        let made = std::mem::take(&mut *self.made.lock().unwrap_or_else(|e| e.into_inner()));
-        for Made {
-            domain,
-            name,
-            defined,
-        } in made
-        {
-            leave_nothing(&domain, &name, &self.uri, defined);
-        }
-    }
-}
-
-/// Destroys a domain a test made or started and left running, and undefines it
-/// if the test defined it and it is still defined.
-fn leave_nothing(domain: &Domain, name: &str, uri: &str, defined: bool) {
-    let Ok((state, _)) = domain.state() else {
-        return; // gone already
-    };
-    if !matches!(state, DomainState::Shutoff | DomainState::NoState) {
-        match domain.destroy() {
-            Ok(()) => tracing::info!("destroyed the domain {name} a test left running on {uri}"),
-            Err(e) => tracing::warn!("cannot destroy the domain {name} on {uri}: {e}"),
-        }
-    }
-    if defined && domain.is_persistent().unwrap_or(false) {
-        match domain.undefine() {
-            Ok(()) => tracing::info!("undefined the domain {name} a test left defined on {uri}"),
-            Err(e) => tracing::warn!("cannot undefine the domain {name} on {uri}: {e}"),
-        }
-    }
-}
 
 type Answer<T> = wasmtime::Result<Result<T, LibvirtError>>;
 
