@@ -220,6 +220,10 @@ fn a_libvirt_domain_lives_its_life_at_l1() {
     );
     run.expect_code(0);
     run.expect_stdout("L0/L1: hypervisor QEMU");
+    run.expect_stdout("L0/L1: unknown domain: not-found at L0/L1: libvirt at L0/L1");
+    run.expect_stdout(
+        "L0/L1: malformed XML: invalid-argument at L0/L1: libvirt at L0/L1, defining a domain",
+    );
     run.expect_stdout("L0/L1: hot-plugged disk seen by the guest after");
     run.expect_stdout("L0/L1: detached: MATRYOSHKA-DISKS vda");
     assert_eq!(qemus_left(dir.path()), Vec::<String>::new());

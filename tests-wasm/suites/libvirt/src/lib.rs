@@ -160,6 +160,20 @@ fn lifecycle_here(_: ()) -> Result<Vec<String>, Error> {
         "hypervisor {} {} (libvirt {})",
         hv.driver, hv.version, hv.library_version
     ));
+    // The daemon's own errors, with libvirt's codes.
+    let unknown = conn
+        .lookup_domain("mtr-no-such-domain")
+        .err()
+        .expect("unknown");
+    assert_eq!(unknown.error.kind, ErrorKind::NotFound, "{unknown}");
+    assert_eq!(unknown.code_name, "no-domain", "{unknown}");
+    let bad = conn
+        .define_domain("<domain type='kvm'><name>mtr-bad")
+        .err()
+        .expect("bad XML");
+    assert_eq!(bad.error.kind, ErrorKind::InvalidArgument, "{bad}");
+    notes.push(format!("unknown domain: {unknown}"));
+    notes.push(format!("malformed XML: {bad}"));
     let name = "mtr-plain";
     let console = format!("/tmp/{name}.console");
     let domain = conn.define_domain(&plain_domain_xml(name, &console))?;
