@@ -203,6 +203,23 @@ async fn add_null_drive(qmp: &Qmp, node: &str) {
     );
 }
 
+/// Adds a null drive `disk1` and `device` (id `id`) on it, then deletes the
+/// device; returns the `DEVICE_DELETED` events up to the one for `id`.
+async fn plug_and_unplug(qmp: &Qmp, device: Value, id: &str) -> Vec<Value> {
+    add_null_drive(qmp, "disk1").await;
+    assert_eq!(
+        qmp.execute("device_add", Some(device), LONG).await,
+        Ok(json!({}))
+    );
+    assert!(peripherals(qmp).await.contains(&id.to_string()));
+    assert_eq!(
+        qmp.execute("device_del", Some(json!({"id": id})), LONG)
+            .await,
+        Ok(json!({}))
+    );
+    deleted(qmp, id, LONG).await.expect("DEVICE_DELETED")
+}
+
 #[tokio::test]
 async fn qemu_scsi_disk_hot_plug_cycle_gives_device_deleted() {
     let (_qemu, qmp) = qemu(&[
@@ -215,19 +232,8 @@ async fn qemu_scsi_disk_hot_plug_cycle_gives_device_deleted() {
         "virtio-scsi-pci,id=scsi0",
     ])
     .await;
-    add_null_drive(&qmp, "disk1").await;
     let device = json!({"driver": "scsi-hd", "drive": "disk1", "id": "sd1", "bus": "scsi0.0"});
-    assert_eq!(
-        qmp.execute("device_add", Some(device), LONG).await,
-        Ok(json!({}))
-    );
-    assert!(peripherals(&qmp).await.contains(&"sd1".to_string()));
-    assert_eq!(
-        qmp.execute("device_del", Some(json!({"id": "sd1"})), LONG)
-            .await,
-        Ok(json!({}))
-    );
-    let events = deleted(&qmp, "sd1", LONG).await.expect("DEVICE_DELETED");
+    let events = plug_and_unplug(&qmp, device, "sd1").await;
     let last = events.last().expect("one");
     assert_eq!(last["data"]["path"], "/machine/peripheral/sd1");
     assert!(!peripherals(&qmp).await.contains(&"sd1".to_string()));
@@ -254,19 +260,8 @@ async fn qemu_virtio_blk_pci_hot_plug_cycle_on_native_pcie() {
         "pcie-root-port,id=rp1,bus=pcie.0,chassis=1",
     ])
     .await;
-    add_null_drive(&qmp, "disk1").await;
     let device = json!({"driver": "virtio-blk-pci", "drive": "disk1", "id": "vb1", "bus": "rp1"});
-    assert_eq!(
-        qmp.execute("device_add", Some(device), LONG).await,
-        Ok(json!({}))
-    );
-    assert!(peripherals(&qmp).await.contains(&"vb1".to_string()));
-    assert_eq!(
-        qmp.execute("device_del", Some(json!({"id": "vb1"})), LONG)
-            .await,
-        Ok(json!({}))
-    );
-    let events = deleted(&qmp, "vb1", LONG).await.expect("DEVICE_DELETED");
+    let events = plug_and_unplug(&qmp, device, "vb1").await;
     // QEMU 7.2 first reports the virtio backend child, without a "device" member.
     assert!(
         events
