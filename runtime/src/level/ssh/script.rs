@@ -17,11 +17,13 @@ const NO_HASHER_MARK: &str = "MATRYOSHKA-NO-SHA256SUM";
 const MISMATCH_MARK: &str = "MATRYOSHKA-HASH-MISMATCH";
 
 /// `safe PATH...` succeeds when each path (symlinks followed) is owned by the
-/// login user and writable by neither group nor others. `ls -ln` is POSIX, so
-/// this holds on coreutils, busybox and BSD alike; one `ls` for all the paths
-/// keeps the warm path at two more processes (`id`, `ls`).
-const SAFE_FN: &str = "U=$(id -u); safe() { L=$(ls -ldnL \"$@\" 2>/dev/null) || return 1; n=0; \
-     while read -r m _ u _; do [ \"$u\" = \"$U\" ] || return 1; \
+/// login user (`test -O`, a builtin of dash, bash and busybox ash) and writable by
+/// neither group nor others (`ls -ln` is POSIX, so this holds on coreutils,
+/// busybox and BSD alike). One `ls` for all the paths and no `id` keep the warm
+/// path at one more process; the login uid (`U`) is asked only to explain a refusal.
+const SAFE_FN: &str = "safe() { for q; do [ -O \"$q\" ] || return 1; done; \
+     L=$(ls -ldnL \"$@\" 2>/dev/null) || return 1; n=0; \
+     while read -r m _; do \
      case \"$m\" in ?????-??-*) n=$((n+1)) ;; *) return 1 ;; esac; done <<EOF\n$L\nEOF\n\
      [ \"$n\" = \"$#\" ]; }";
 
@@ -36,7 +38,7 @@ pub(super) fn warm_or_probe(cache: &str, sha: &str, arch: &str, verbose: &str) -
          echo {PROBE_MARK}; umask 077; mkdir -p \"$D/bin\" && uname -m && echo \"$D\" && \
          if safe \"$D\" \"$D/bin\"; then \
          for f in \"$D\"/bin/matryoshka-*; do safe \"$f\" && echo \"${{f##*/}}\"; done; true; \
-         else echo {UNSAFE_MARK}; for p in \"$D\" \"$D/bin\"; do safe \"$p\" || \
+         else U=$(id -u); echo {UNSAFE_MARK}; for p in \"$D\" \"$D/bin\"; do safe \"$p\" || \
          {{ set -- $(ls -ldnL \"$p\"); echo \"$1 $3 $U $p\"; }}; done; fi",
         arch = super::sh_quote(arch),
     )
