@@ -202,6 +202,29 @@ fn a_qmp_grant_for_some_commands_refuses_the_others() {
 }
 
 #[test]
+fn qmp_reaches_a_level_booted_as_a_libvirt_domain_through_libvirt() {
+    let dir = run_dir("qmp-libvirt");
+    let run = run_suite(
+        QMP,
+        dir.path(),
+        &[
+            "--grant",
+            "nest",
+            "--grant",
+            "qmp",
+            "--grant",
+            "libvirt",
+            "--ignored",
+            "qmp_through_libvirt",
+        ],
+    );
+    run.expect_code(0);
+    run.expect_stdout(r#"L0/L1/L2: query-status {"running":true"#);
+    run.expect_stdout("L0/L1/L2 runs as a libvirt domain: libvirt owns its QMP monitor");
+    assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
+}
+
+#[test]
 fn a_libvirt_domain_lives_its_life_at_l1() {
     let dir = run_dir("libvirt-l1");
     let run = run_suite(

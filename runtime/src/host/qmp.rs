@@ -13,7 +13,8 @@ use super::HostState;
 use super::bindings::matryoshka::test::qmp::Host;
 use super::bindings::matryoshka::test::types::{Error as WitError, ErrorKind};
 use super::nest::GuestHandle;
-use crate::level::vm::qmp::{Qmp, QmpError};
+use crate::level::connection::Connection;
+use crate::level::vm::qmp::QmpError;
 
 /// Wait for a reply when the component gives none.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -48,9 +49,14 @@ impl Host for HostState {
             Ok(a) => a,
             Err(m) => return Ok(Err(self.error(ErrorKind::InvalidArgument, m))),
         };
-        let qmp = match self.qmp_of(&level).await? {
-            Ok(q) => q,
+        let conn = match self.monitor_of(&level)? {
+            Ok(c) => c,
             Err(e) => return Ok(Err(e)),
+        };
+        let Some(qmp) = conn.qmp() else {
+            return Ok(Err(
+                self.error(ErrorKind::Internal, "the monitor went".into())
+            ));
         };
         let deadline = timeout_ms
             .map_or(DEFAULT_TIMEOUT, Duration::from_millis)
@@ -77,13 +83,26 @@ impl Host for HostState {
                 ),
             )));
         }
-        let qmp = match self.qmp_of(&level).await? {
-            Ok(q) => q,
+        let conn = match self.monitor_of(&level)? {
+            Ok(c) => c,
             Err(e) => return Ok(Err(e)),
         };
-        let event = qmp
-            .wait_event(&name, Duration::from_millis(timeout_ms).min(MAX_WAIT))
-            .await;
+        let Some(qmp) = conn.qmp() else {
+            return Ok(Err(
+                self.error(ErrorKind::Internal, "the monitor went".into())
+            ));
+        };
+        let wait = Duration::from_millis(timeout_ms).min(MAX_WAIT);
+        let Some(event) = qmp.wait_event(&name, wait).await else {
+            return Ok(Err(self.error(
+                ErrorKind::Unsupported,
+                format!(
+                    "{} runs as a libvirt domain: libvirt owns its QMP monitor, and its events \
+                     do not reach the runtime (qmp.execute works there; wait with a query)",
+                    conn.info().path
+                ),
+            )));
+        };
         Ok(event
             .map(|v| v.to_string())
             .map_err(|e| self.qmp_error(&level, &format!("the event {name}"), e)))
@@ -91,31 +110,22 @@ impl Host for HostState {
 }
 
 impl HostState {
-    /// The QMP client of the level behind `level`.
-    async fn qmp_of(
+    /// The connection to the level behind `level`, if its QEMU has a monitor here.
+    fn monitor_of(
         &mut self,
         level: &Resource<GuestHandle>,
-    ) -> wasmtime::Result<Result<std::sync::Arc<Qmp>, WitError>> {
+    ) -> wasmtime::Result<Result<std::sync::Arc<Connection>, WitError>> {
         let conn = self.table.get(level)?.connection().clone();
-        let path = conn.info().path.clone();
-        let Some(port) = conn.qmp() else {
-            return Ok(Err(self.error(
-                ErrorKind::Unsupported,
-                format!(
-                    "{path} has no QMP monitor here: only levels this level booted with the \
-                     qemu backend have one (for a libvirt level use \
-                     libvirt.domain.qemu-monitor-command)"
-                ),
-            )));
-        };
-        Ok(port.client().await.map_err(|m| {
-            let kind = if m.contains("imeout") {
-                ErrorKind::Timeout
-            } else {
-                ErrorKind::LevelLost
-            };
-            self.error(kind, format!("{path}: {m}"))
-        }))
+        if conn.qmp().is_some() {
+            return Ok(Ok(conn));
+        }
+        Ok(Err(self.error(
+            ErrorKind::Unsupported,
+            format!(
+                "{} has no QMP monitor here: only VM levels this level booted have one",
+                conn.info().path
+            ),
+        )))
     }
 
     fn qmp_error(&self, level: &Resource<GuestHandle>, what: &str, e: QmpError) -> WitError {

@@ -63,8 +63,8 @@ pub struct Booted {
     pub machine: Box<dyn super::machine::Machine>,
     /// The relay's byte stream to its runtime, whose `Hello` is waiting to be read.
     pub relay: std::os::unix::net::UnixStream,
-    /// The stream to its QEMU's QMP monitor, whose greeting is waiting to be read.
-    pub qmp: Option<std::os::unix::net::UnixStream>,
+    /// Its QEMU's QMP monitor.
+    pub qmp: Option<super::monitor::QmpPort>,
     /// Host port forwarded to its SSH port, on 127.0.0.1 (for people, not the relay).
     pub ssh_port: u16,
     /// The accelerator it runs under.
@@ -305,7 +305,7 @@ async fn start_and_wait(
                 return Ok(Booted {
                     machine: Box::new(qemu),
                     relay,
-                    qmp: Some(qmp),
+                    qmp: Some(super::monitor::QmpPort::new(qmp)),
                     ssh_port,
                     accel,
                     accel_reason: String::new(),

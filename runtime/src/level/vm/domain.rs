@@ -107,9 +107,11 @@ pub(super) async fn boot(
             xml_path.display()
         )
     })?;
+    let domain = Arc::new(domain);
+    let monitor = super::monitor::QmpPort::libvirt(domain.clone());
     let mut machine = DomainMachine {
         _conn: conn,
-        domain: Some(Arc::new(domain)),
+        domain: Some(domain),
         name,
         files,
         _socket_dir: socket_dir,
@@ -132,7 +134,7 @@ pub(super) async fn boot(
     Ok(Booted {
         machine: Box::new(machine),
         relay,
-        qmp: None,
+        qmp: Some(monitor),
         ssh_port: spec.ssh_port,
         accel,
         accel_reason,

@@ -43,7 +43,6 @@ use boot::{BootPlan, HostKey};
 use context::RunKey;
 use image::{Image, ImageRefusal};
 use machine::Machine;
-use monitor::QmpPort;
 use resources::LevelResources;
 
 /// Silence after which a VM level is declared lost.
@@ -179,7 +178,7 @@ pub async fn open(
             tail,
         }),
         ssh_command,
-        qmp: booted.qmp.map(QmpPort::new),
+        qmp: booted.qmp,
         vm: Some(VmFacts {
             accel: booted.accel.name().to_string(),
             accel_reason: booted.accel_reason,

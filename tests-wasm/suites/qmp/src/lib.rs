@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use matryoshka_guest::ErrorKind;
 use matryoshka_guest::host::{self, Error};
-use matryoshka_guest::nest::{Guest, Vm};
+use matryoshka_guest::nest::{Backend, Guest, Vm};
 use matryoshka_guest::passthrough;
 use serde_json::json;
 
@@ -104,6 +104,28 @@ fn disk_hotplug_through_qmp() -> Result<(), Error> {
     Ok(())
 }
 
+/// At L1: boots L2 as a libvirt domain and asks its QEMU's status through QMP
+/// (libvirt passes the command on); events are not available there.
+fn status_of_a_libvirt_level(_: ()) -> Result<String, Error> {
+    let l2 = Guest::boot(&Vm::new().backend(Backend::Libvirt))?;
+    let status = l2.qmp("query-status", serde_json::Value::Null)?;
+    assert_eq!(status["status"], "running", "{status}");
+    let err = l2
+        .wait_qmp_event("RESUME", Duration::from_secs(1))
+        .expect_err("no events from a libvirt level");
+    assert_eq!(err.kind, ErrorKind::Unsupported, "{err}");
+    Ok(format!("{}: query-status {status}; {err}", l2.level_path()))
+}
+
+/// QMP on a level booted by libvirt, from the level that booted it (L1).
+/// Needs `--grant libvirt` besides; ignored unless asked for.
+fn qmp_through_libvirt() -> Result<(), Error> {
+    let l1 = Guest::boot(&Vm::new())?;
+    let said: String = l1.call("status_of_a_libvirt_level", &())?;
+    log::info!("{said}");
+    Ok(())
+}
+
 /// With `--grant qmp=query-status` only, other commands are refused here,
 /// before QEMU sees them.
 fn qmp_command_not_granted() -> Result<(), Error> {
@@ -123,6 +145,7 @@ matryoshka_guest::suite! {
         #[timeout_ms(600_000)] query_status_on_l1,
         #[timeout_ms(600_000)] disk_hotplug_through_qmp,
         #[ignore] #[timeout_ms(600_000)] qmp_command_not_granted,
+        #[ignore] #[timeout_ms(600_000)] qmp_through_libvirt,
     ],
-    remote: [wait_for_disk],
+    remote: [wait_for_disk, status_of_a_libvirt_level],
 }
