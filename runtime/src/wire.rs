@@ -90,7 +90,7 @@ pub enum Message {
     },
     /// Parent → child: run the test `name` in a fresh instance at the deepest
     /// level of the chain (`--levels N`); answered by a `Return` whose bytes are
-    /// the postcard-encoded [`Outcome`](crate::event::Outcome).
+    /// the postcard-encoded [`crate::event::Outcome`].
     Run {
         /// Request id, echoed by the `Return`.
         id: u64,

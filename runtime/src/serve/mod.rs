@@ -46,7 +46,7 @@ const PARENT_SILENCE: Duration = Duration::from_secs(60);
 pub struct ServeOptions {
     /// Where components and compiled artifacts are cached.
     pub cache: CacheDir,
-    /// The version announced in `Hello` (differs from [`PROTOCOL_VERSION`] only in tests).
+    /// The version announced in `Hello` (differs from [`crate::wire::PROTOCOL_VERSION`] only in tests).
     pub protocol_version: u32,
     /// A misbehaviour to show the parent, for tests of how a parent copes with
     /// a broken or hostile level (hidden `--inject`).
