@@ -25,11 +25,7 @@ impl Host for HostState {
         if let Err(e) = self.check_passthrough() {
             return Ok(Err(e));
         }
-        let listed = tokio::task::spawn_blocking(|| {
-            crate::scsi::wait_for_drivers();
-            Sysfs::system().devices()
-        })
-        .await?;
+        let listed = tokio::task::spawn_blocking(|| Sysfs::system().devices()).await?;
         Ok(match listed {
             Ok(devices) => Ok(devices.into_iter().map(to_wit).collect()),
             Err(e) => Err(self.error(
@@ -57,11 +53,7 @@ impl HostScsiDebugDisk for HostState {
             Ok(o) => o,
             Err(m) => return Ok(Err(self.error(ErrorKind::InvalidArgument, m))),
         };
-        let made = tokio::task::spawn_blocking(move || {
-            crate::scsi::wait_for_drivers();
-            ScsiDebugDisk::create(&options)
-        })
-        .await?;
+        let made = tokio::task::spawn_blocking(move || ScsiDebugDisk::create(&options)).await?;
         match made {
             Ok(disk) => {
                 let disk = Arc::new(disk);

@@ -13,7 +13,9 @@ use super::HostState;
 use super::bindings::matryoshka::test::qmp::Host;
 use super::bindings::matryoshka::test::types::{Error as WitError, ErrorKind};
 use super::nest::GuestHandle;
-use crate::level::connection::Connection;
+use std::sync::Arc;
+
+use crate::level::vm::monitor::QmpPort;
 use crate::level::vm::qmp::QmpError;
 
 /// Wait for a reply when the component gives none.
@@ -49,14 +51,9 @@ impl Host for HostState {
             Ok(a) => a,
             Err(m) => return Ok(Err(self.error(ErrorKind::InvalidArgument, m))),
         };
-        let conn = match self.monitor_of(&level)? {
-            Ok(c) => c,
+        let (qmp, path) = match self.monitor_of(&level)? {
+            Ok(m) => m,
             Err(e) => return Ok(Err(e)),
-        };
-        let Some(qmp) = conn.qmp() else {
-            return Ok(Err(
-                self.error(ErrorKind::Internal, "the monitor went".into())
-            ));
         };
         let deadline = timeout_ms
             .map_or(DEFAULT_TIMEOUT, Duration::from_millis)
@@ -64,7 +61,7 @@ impl Host for HostState {
         let reply = qmp.execute(&command, arguments, deadline).await;
         Ok(reply
             .map(|v| v.to_string())
-            .map_err(|e| self.qmp_error(&level, &format!("`{command}`"), e)))
+            .map_err(|e| self.qmp_error(&path, &format!("`{command}`"), e)))
     }
 
     async fn wait_event(
@@ -83,57 +80,46 @@ impl Host for HostState {
                 ),
             )));
         }
-        let conn = match self.monitor_of(&level)? {
-            Ok(c) => c,
+        let (qmp, path) = match self.monitor_of(&level)? {
+            Ok(m) => m,
             Err(e) => return Ok(Err(e)),
-        };
-        let Some(qmp) = conn.qmp() else {
-            return Ok(Err(
-                self.error(ErrorKind::Internal, "the monitor went".into())
-            ));
         };
         let wait = Duration::from_millis(timeout_ms).min(MAX_WAIT);
         let Some(event) = qmp.wait_event(&name, wait).await else {
             return Ok(Err(self.error(
                 ErrorKind::Unsupported,
                 format!(
-                    "{} runs as a libvirt domain: libvirt owns its QMP monitor, and its events \
+                    "{path} runs as a libvirt domain: libvirt owns its QMP monitor, and its events \
                      do not reach the runtime (qmp.execute works there; wait with a query)",
-                    conn.info().path
                 ),
             )));
         };
         Ok(event
             .map(|v| v.to_string())
-            .map_err(|e| self.qmp_error(&level, &format!("the event {name}"), e)))
+            .map_err(|e| self.qmp_error(&path, &format!("the event {name}"), e)))
     }
 }
 
 impl HostState {
-    /// The connection to the level behind `level`, if its QEMU has a monitor here.
+    /// The QMP monitor of the level behind `level`, and that level's path.
     fn monitor_of(
-        &mut self,
+        &self,
         level: &Resource<GuestHandle>,
-    ) -> wasmtime::Result<Result<std::sync::Arc<Connection>, WitError>> {
-        let conn = self.table.get(level)?.connection().clone();
-        if conn.qmp().is_some() {
-            return Ok(Ok(conn));
-        }
-        Ok(Err(self.error(
-            ErrorKind::Unsupported,
-            format!(
-                "{} has no QMP monitor here: only VM levels this level booted have one",
-                conn.info().path
-            ),
-        )))
+    ) -> wasmtime::Result<Result<(Arc<QmpPort>, String), WitError>> {
+        let conn = self.table.get(level)?.connection();
+        let path = conn.info().path.clone();
+        Ok(match conn.qmp() {
+            Some(qmp) => Ok((qmp, path)),
+            None => Err(self.error(
+                ErrorKind::Unsupported,
+                format!(
+                    "{path} has no QMP monitor here: only VM levels this level booted have one"
+                ),
+            )),
+        })
     }
 
-    fn qmp_error(&self, level: &Resource<GuestHandle>, what: &str, e: QmpError) -> WitError {
-        let path = self
-            .table
-            .get(level)
-            .map(|h| h.connection().info().path.clone())
-            .unwrap_or_default();
+    fn qmp_error(&self, path: &str, what: &str, e: QmpError) -> WitError {
         let (kind, message) = match e {
             QmpError::Qemu { class, desc } => (
                 ErrorKind::InvalidArgument,

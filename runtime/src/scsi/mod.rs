@@ -25,7 +25,7 @@ const DRIVERS_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60)
 
 /// Waits (blocking, bounded) until a VM level's init has loaded the SCSI drivers
 /// and the disks passed to the level are scanned; at once elsewhere.
-pub fn wait_for_drivers() {
+fn wait_for_drivers() {
     let started = std::time::Instant::now();
     while Path::new(DRIVERS_PENDING).exists() && started.elapsed() < DRIVERS_DEADLINE {
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -121,15 +121,12 @@ pub struct Sysfs {
     dev: PathBuf,
 }
 
-impl Default for Sysfs {
-    fn default() -> Self {
-        Self::system()
-    }
-}
-
 impl Sysfs {
-    /// This machine's `/sys` and `/dev`.
+    /// This machine's `/sys` and `/dev`, once a VM level's init has loaded the
+    /// SCSI drivers (while `/run/matryoshka/scsi.pending` exists): blocks up to a
+    /// minute there, returns at once elsewhere.
     pub fn system() -> Self {
+        wait_for_drivers();
         Self::at("/sys", "/dev")
     }
 

@@ -78,7 +78,7 @@ pub struct Connection {
     tasks: Vec<JoinHandle<()>>,
     guard: Arc<Mutex<Box<dyn TransportGuard>>>,
     /// The QMP monitor of its QEMU, for VM levels booted with the qemu backend.
-    qmp: Option<QmpPort>,
+    qmp: Option<Arc<QmpPort>>,
     /// The budget the child's subtree takes its levels from, and how many it holds.
     budget: Arc<LevelBudget>,
     subtree: Arc<Mutex<u32>>,
@@ -382,7 +382,7 @@ impl Connection {
             next_id: AtomicU64::new(1),
             tasks: vec![writer_task, reader_task, heartbeat_task],
             guard,
-            qmp,
+            qmp: qmp.map(Arc::new),
             budget,
             subtree,
         })
@@ -394,8 +394,8 @@ impl Connection {
     }
 
     /// The QMP monitor of the child's QEMU, for VM levels booted with the qemu backend.
-    pub fn qmp(&self) -> Option<&QmpPort> {
-        self.qmp.as_ref()
+    pub fn qmp(&self) -> Option<Arc<QmpPort>> {
+        self.qmp.clone()
     }
 
     /// Calls `function` of the component's `call` export at the child.

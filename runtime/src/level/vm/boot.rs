@@ -227,9 +227,6 @@ async fn start_and_wait(
         qemu_log: plan.run_dir.join(format!("{name}.qemu.log")),
         level_log: plan.run_dir.join(format!("{name}.log")),
     };
-    let have = LevelResources::of_this_level();
-    let memory_mib = req.memory_mib.unwrap_or_else(|| have.default_memory_mib());
-    let cpus = req.cpus.unwrap_or_else(|| have.default_cpus(plan.depth));
     // Read by QEMU when it starts; removed when this function returns.
     let host_key = host_key_file(plan, arch, &name).map_err(Failure::Boot)?;
     let absolute = |p: &std::path::Path| {
@@ -252,16 +249,8 @@ async fn start_and_wait(
         };
         let (relay, guest_end) = pair()?;
         let (qmp, qmp_end) = pair()?;
-        let mut spec = machine_spec(
-            plan,
-            image,
-            arch,
-            accel,
-            (memory_mib, cpus),
-            ssh_port,
-            &files,
-        )
-        .map_err(Failure::Boot)?;
+        let mut spec =
+            machine_spec(plan, image, arch, accel, req, ssh_port, &files).map_err(Failure::Boot)?;
         spec.relay_fd = std::os::fd::AsRawFd::as_raw_fd(&guest_end);
         spec.qmp_fd = Some(std::os::fd::AsRawFd::as_raw_fd(&qmp_end));
         spec.host_key = host_key.as_ref().map(|f| absolute(f.path())).transpose()?;
@@ -323,10 +312,15 @@ pub(super) fn machine_spec(
     image: &Image,
     arch: Arch,
     accel: Accel,
-    (memory_mib, cpus): (u32, u32),
+    req: &VmRequest,
     ssh_port: u16,
     files: &LevelFiles,
 ) -> Result<MachineSpec, String> {
+    // Settled by the request's check already; the defaults again for a request
+    // that did not go through it.
+    let have = LevelResources::of_this_level();
+    let memory_mib = req.memory_mib.unwrap_or_else(|| have.default_memory_mib());
+    let cpus = req.cpus.unwrap_or_else(|| have.default_cpus(plan.depth));
     let absolute =
         |p: &std::path::Path| std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()));
     let key_b64 = base64(plan.authorized_key.trim().as_bytes());

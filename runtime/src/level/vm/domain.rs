@@ -23,7 +23,6 @@ use super::boot::{
 use super::image::Image;
 use super::machine::Machine;
 use super::qemu::{LevelFiles, tail};
-use super::resources::LevelResources;
 use crate::config::AccelPolicy;
 use crate::libvirt::{Connection, Domain, DomainState};
 use crate::scsi::Device;
@@ -75,18 +74,7 @@ pub(super) async fn boot(
         .and_then(tokio::net::UnixListener::from_std)
         .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
     let host_key = host_key_file(plan, arch, &name)?;
-    let have = LevelResources::of_this_level();
-    let memory_mib = req.memory_mib.unwrap_or_else(|| have.default_memory_mib());
-    let cpus = req.cpus.unwrap_or_else(|| have.default_cpus(plan.depth));
-    let mut spec = machine_spec(
-        plan,
-        image,
-        arch,
-        accel,
-        (memory_mib, cpus),
-        free_port()?,
-        &files,
-    )?;
+    let mut spec = machine_spec(plan, image, arch, accel, req, free_port()?, &files)?;
     spec.host_key = host_key.as_ref().map(|f| f.path().to_path_buf());
     let xml = domain_xml(&spec, &name, &socket, &plan.scsi)?;
     let xml_path = plan.run_dir.join(format!("{name}.xml"));

@@ -78,7 +78,7 @@ pub async fn open(
                 "booting a level with the libvirt backend uses {} at {}, which is not granted; \
                  add --grant libvirt (or --grant libvirt={})",
                 domain::URI,
-                setup.path.rsplit_once('/').map_or("this level", |(p, _)| p),
+                resources::parent_of(&setup.path),
                 domain::URI
             ),
         ));
@@ -255,13 +255,8 @@ async fn passed_scsi(
     }
     let wanted = req.scsi.clone();
     let depth_here = setup.depth.saturating_sub(1);
-    let parent = setup
-        .path
-        .rsplit_once('/')
-        .map_or("this level", |(p, _)| p)
-        .to_string();
+    let parent = resources::parent_of(&setup.path).to_string();
     tokio::task::spawn_blocking(move || {
-        crate::scsi::wait_for_drivers();
         let sysfs = crate::scsi::Sysfs::system();
         let mut nodes = Vec::new();
         for address in wanted {

@@ -51,7 +51,7 @@ impl LevelResources {
 }
 
 /// The level path of the level that boots `child` (`L0/L1` → `L0`).
-fn parent_of(child: &str) -> &str {
+pub(super) fn parent_of(child: &str) -> &str {
     child.rsplit_once('/').map_or(child, |(parent, _)| parent)
 }
 
