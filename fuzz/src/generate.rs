@@ -201,6 +201,7 @@ fn setup(u: &mut Unstructured) -> Result<LevelSetup> {
         vm: VmSettings {
             accel: *u.choose(&[AccelPolicy::Auto, AccelPolicy::Kvm, AccelPolicy::Tcg])?,
             jump: small_vec(u, 2, text)?,
+            chain_arch: small_vec(u, 2, text)?,
         },
         descend: u.int_in_range(0..=2)?,
     })

@@ -60,6 +60,12 @@ pub fn level_path() -> String {
     wit::level_path()
 }
 
+/// Hex sha256 of this component, computed by this level's runtime from the
+/// bytes it loaded: the same at every level of a chain.
+pub fn component_sha256() -> String {
+    wit::component_sha256()
+}
+
 /// Runs `argv` at this level and returns what it produced, whatever its status.
 ///
 /// Needs `--grant exec=<argv[0]>`; without it the error kind is

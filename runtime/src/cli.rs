@@ -162,6 +162,10 @@ struct TestArgs {
     /// (L0 -> L1 -> ... -> LN, each booted by the level above from the same image).
     #[arg(long, value_name = "N", default_value_t = 0)]
     levels: u32,
+    /// Architectures of the levels `--levels` boots, from L1 down (`s390x`, or
+    /// `x86_64,s390x`); a level past the list is of its parent's [default: L0's].
+    #[arg(long, value_name = "ARCH", value_delimiter = ',', requires = "levels")]
+    level_arch: Vec<String>,
     /// Deepest level a test may reach (L0 is 0); deeper is a `denied` error.
     #[arg(long, value_name = "N", default_value_t = NestLimits::DEFAULT_MAX_DEPTH)]
     max_depth: u32,
@@ -369,6 +373,7 @@ async fn test(args: TestArgs) -> u8 {
             VmSettings {
                 accel: args.accel,
                 jump: Vec::new(),
+                chain_arch: args.level_arch.clone(),
             },
             args.image_dir.clone(),
             RunDir::Kept(args.run_dir.clone().unwrap_or_else(default_run_dir)),

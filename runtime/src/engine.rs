@@ -9,8 +9,6 @@
 //! Linking with the host functions is the `suite` module's: this module knows
 //! nothing of them.
 
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -21,11 +19,13 @@ use wasmtime::component::Component;
 use wasmtime::component::types::ComponentItem;
 
 mod cache;
+mod target;
 
 pub use cache::{
     CacheDir, CacheError, cached_component, secure_dir, secure_file, store_component,
     write_atomically,
 };
+pub use target::{ARCHES, KeyHasher, cross_engine, engine_key};
 
 /// The WIT world every suite must target, as named in error messages.
 pub const WORLD: &str = "matryoshka:test/suite@0.2.0";
@@ -40,6 +40,9 @@ pub struct ComponentSource {
     /// This level's precompiled artifact of them: (engine key, file), handed
     /// down with the bytes so levels with the same engine skip compiling.
     pub precompiled: Option<(String, PathBuf)>,
+    /// The cache it came from, where artifacts for levels of other
+    /// architectures are kept too ([`artifact_for`]).
+    pub cache: CacheDir,
 }
 
 /// How often the epoch advances; the granularity of deadlines.
@@ -115,12 +118,8 @@ pub fn engine() -> anyhow::Result<wasmtime::Engine> {
     if let Some(engine) = ENGINE.get() {
         return Ok(engine.clone());
     }
-    let mut config = wasmtime::Config::new();
-    config
-        .epoch_interruption(true)
-        .wasm_component_model(true)
-        .cranelift_opt_level(wasmtime::OptLevel::Speed);
-    portable_cpu_features(&mut config)?;
+    let mut config = base_config();
+    target::configure(&mut config, std::env::consts::ARCH, true)?;
     let engine = wasmtime::Engine::new(&config)?;
     let engine = ENGINE.get_or_init(|| {
         let weak = engine.weak();
@@ -137,6 +136,16 @@ pub fn engine() -> anyhow::Result<wasmtime::Engine> {
         engine
     });
     Ok(engine.clone())
+}
+
+/// The configuration of every engine, whatever it compiles for.
+fn base_config() -> wasmtime::Config {
+    let mut config = wasmtime::Config::new();
+    config
+        .epoch_interruption(true)
+        .wasm_component_model(true)
+        .cranelift_opt_level(wasmtime::OptLevel::Speed);
+    config
 }
 
 /// A component compiled (or taken from the cache) and checked against the world.
@@ -173,6 +182,7 @@ pub fn compile(
             bytes,
             sha256: sha256.clone(),
             precompiled,
+            cache: cache.clone(),
         },
         sha256,
     })
@@ -232,55 +242,6 @@ fn compile_cached(
     Ok((component, CompileSource::Compiled))
 }
 
-/// What makes precompiled artifacts interchangeable: engines with equal keys
-/// (same wasmtime, same configuration) can load each other's artifacts.
-pub fn engine_key(engine: &wasmtime::Engine) -> String {
-    let mut h = DefaultHasher::new();
-    engine.precompile_compatibility_hash().hash(&mut h);
-    format!("{:016x}", h.finish())
-}
-
-/// Compiles for a fixed x86_64 baseline (x86-64-v2: SSE3 to SSE4.2, POPCNT)
-/// instead of the CPU detected here, when this CPU has it. Every level then has
-/// the same [`engine_key`], so a level adopts the artifact its parent sent and
-/// skips Cranelift: each level's CPU differs (the host's, TCG's `-cpu max`, a
-/// nested KVM guest's), and with detected features an L2 here recompiled the
-/// nested suite for 13.5 s. Elsewhere the detected CPU is used.
-fn portable_cpu_features(config: &mut wasmtime::Config) -> anyhow::Result<()> {
-    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-    {
-        let baseline = std::is_x86_feature_detected!("sse3")
-            && std::is_x86_feature_detected!("ssse3")
-            && std::is_x86_feature_detected!("sse4.1")
-            && std::is_x86_feature_detected!("sse4.2")
-            && std::is_x86_feature_detected!("popcnt");
-        if baseline {
-            let env = if cfg!(target_env = "musl") {
-                "musl"
-            } else {
-                "gnu"
-            };
-            // A target, even the host's, turns off the detection of CPU features.
-            config.target(&format!("x86_64-unknown-linux-{env}"))?;
-            for flag in [
-                "has_sse3",
-                "has_ssse3",
-                "has_sse41",
-                "has_sse42",
-                "has_popcnt",
-            ] {
-                // SAFETY: every flag enabled here was detected on this CPU above.
-                unsafe {
-                    config.cranelift_flag_enable(flag);
-                }
-            }
-        }
-    }
-    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-    let _ = config;
-    Ok(())
-}
-
 /// Where the precompiled artifact of the component `sha256` lives in `cache`.
 pub fn artifact_path(engine: &wasmtime::Engine, cache: &CacheDir, sha256: &str) -> Option<PathBuf> {
     Some(
@@ -291,13 +252,68 @@ pub fn artifact_path(engine: &wasmtime::Engine, cache: &CacheDir, sha256: &str) 
     )
 }
 
+/// The precompiled artifact of `source` to hand a level of architecture `arch`
+/// (`uname -m`): this level's own when the architecture is this one's, else one
+/// compiled here for that architecture with [`cross_engine`] (kept in the cache
+/// under its engine's key), so that the level, emulated perhaps, skips
+/// Cranelift. `None` when there is none: the level then compiles itself, as it
+/// does when `$MATRYOSHKA_CROSS_COMPILE` is `0`.
+pub fn artifact_for(source: &ComponentSource, arch: &str) -> Option<(String, Vec<u8>)> {
+    if arch == std::env::consts::ARCH {
+        let (key, path) = source.precompiled.clone()?;
+        return std::fs::read(path).ok().map(|bytes| (key, bytes));
+    }
+    if std::env::var_os("MATRYOSHKA_CROSS_COMPILE").is_some_and(|v| v == "0") {
+        return None;
+    }
+    let engine = cross_engine(arch)
+        .inspect_err(|e| tracing::warn!("the {arch} level compiles the component itself: {e:#}"))
+        .ok()?;
+    let key = engine_key(&engine);
+    let path = match source.cache.open(&key) {
+        Ok(dir) => dir.map(|d| d.join(format!("{}.cwasm", source.sha256))),
+        Err(e) => {
+            tracing::warn!("not keeping the {arch} artifact: {e}");
+            None
+        }
+    };
+    if let Some(path) = &path
+        && path.exists()
+        && secure_file(path).is_ok()
+        && let Ok(bytes) = std::fs::read(path)
+    {
+        return Some((key, bytes));
+    }
+    let started = std::time::Instant::now();
+    let bytes = engine
+        .precompile_component(&source.bytes)
+        .inspect_err(|e| tracing::warn!("cannot compile the component for {arch}: {e:#}"))
+        .ok()?;
+    tracing::info!(
+        "compiled component {} for {arch} in {} ms ({} bytes)",
+        source.sha256.get(..12).unwrap_or(&source.sha256),
+        started.elapsed().as_millis(),
+        bytes.len()
+    );
+    if let Some(path) = &path
+        && let Err(e) = write_atomically(path, &bytes)
+    {
+        tracing::warn!("cannot keep the {arch} artifact at {}: {e:#}", path.display());
+    }
+    Some((key, bytes))
+}
+
 /// Puts an artifact precompiled by a parent level into `cache`, so loading the
 /// component skips Cranelift. Loading checks it like any cached artifact (and
 /// compiles after all if this machine's CPU lacks a feature it uses). Nothing is
 /// written to a cache folder that fails [`secure_dir`]: loading then says why.
 pub fn adopt_artifact(cache: &CacheDir, key: &str, sha256: &str, bytes: &[u8]) {
     let Ok(engine) = engine() else { return };
-    if key != engine_key(&engine) {
+    let own = engine_key(&engine);
+    if key != own {
+        tracing::info!(
+            "the parent's artifact is for engine {key}, this level's is {own}: compiling here"
+        );
         return;
     }
     let dir = match cache.open(key) {

@@ -33,7 +33,7 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 pub const READY_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The protocol version this runtime speaks; both ends must agree at `Hello`.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest frame accepted: the `Component` frame (a component and its
 /// precompiled artifact), which only a child reads, and only before it is ready.

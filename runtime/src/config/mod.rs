@@ -21,6 +21,9 @@ pub struct VmSettings {
     pub accel: AccelPolicy,
     /// `user@host:port` SSH hops from L0 to this level, for printed `ssh -J` commands.
     pub jump: Vec<String>,
+    /// Architectures of the VM levels `--levels` boots (`--level-arch`): entry N - 1
+    /// for LN; a level past the list's end is of its parent's architecture.
+    pub chain_arch: Vec<String>,
 }
 
 /// SSH credentials of a run. What travels down the chain: the pinned host keys,

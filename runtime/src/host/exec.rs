@@ -27,6 +27,10 @@ impl Host for HostState {
         Ok(self.ctx.level.path.clone())
     }
 
+    fn component_sha256(&mut self) -> wasmtime::Result<String> {
+        Ok(self.ctx.component.sha256.clone())
+    }
+
     async fn exec(
         &mut self,
         argv: Vec<String>,

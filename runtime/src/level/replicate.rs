@@ -163,9 +163,10 @@ pub fn image_for(arch: &str) -> Result<Arc<RuntimeImage>, String> {
         _ if arch == std::env::consts::ARCH => own_image()?,
         _ => {
             return Err(format!(
-                "the level is {arch} but this runtime is {}, and no {arch} runtime was found{}: build one \
-             with `cargo build --release --target {arch}-unknown-linux-gnu -p matryoshka` and put it at \
-             $MATRYOSHKA_RUNTIME_DIR/{arch}/matryoshka",
+                "the level is {arch} but this runtime is {}, and no {arch} runtime was found{}: build \
+             one with `./x runtime {arch}` in matryoshka's source tree (it sets \
+             $MATRYOSHKA_RUNTIME_DIR=target/runtimes for its commands), or `cargo build --release \
+             --target {arch}-unknown-linux-gnu -p matryoshka` put at $MATRYOSHKA_RUNTIME_DIR/{arch}/matryoshka",
                 std::env::consts::ARCH,
                 candidate
                     .map(|p| format!(" at {}", p.display()))

@@ -46,8 +46,15 @@ impl Chain {
         let capture = Capture::forwarding(&ctx.level.path, usize::MAX, relay);
         let setup = ctx.child_setup(levels.saturating_sub(1));
         let depth = setup.depth;
+        let request = VmRequest {
+            arch: (depth as usize)
+                .checked_sub(1)
+                .and_then(|i| ctx.vms.settings.chain_arch.get(i))
+                .cloned(),
+            ..VmRequest::default()
+        };
         let conn = Connection::open(
-            &Target::Vm(VmRequest::default()),
+            &Target::Vm(request),
             setup,
             ctx.component.clone(),
             capture,

@@ -185,14 +185,16 @@ impl Connection {
             match msg {
                 Message::NeedComponent => {
                     let bytes = component.bytes.clone();
-                    let artifact = component.precompiled.clone();
-                    let precompiled = tokio::task::spawn_blocking(move || {
-                        let (key, path) = artifact?;
-                        std::fs::read(path).ok().map(|b| (key, b))
-                    })
-                    .await
-                    .ok()
-                    .flatten();
+                    // Compiled here for a level of another architecture.
+                    let precompiled = {
+                        let (component, arch) = (component.clone(), arch.clone());
+                        tokio::task::spawn_blocking(move || {
+                            crate::engine::artifact_for(&component, &arch)
+                        })
+                        .await
+                        .ok()
+                        .flatten()
+                    };
                     let sent = writer
                         .send(&Message::Component { bytes, precompiled })
                         .await;

@@ -33,6 +33,15 @@ pub(super) fn choose_accel(
             plan.path
         )),
         AccelPolicy::Kvm => Ok((Accel::Kvm, "--accel kvm".into(), false)),
+        AccelPolicy::Auto if arch != Arch::host() => Ok((
+            Accel::Tcg,
+            format!(
+                "auto: an {} guest on {} is emulated",
+                arch.name(),
+                Arch::host().name()
+            ),
+            false,
+        )),
         AccelPolicy::Auto if !kvm_device => Ok((
             Accel::Tcg,
             "auto: no usable /dev/kvm for this guest".into(),
@@ -78,7 +87,7 @@ pub(super) fn remember(plan: &BootPlan, what: &str) {
 }
 
 /// Where a level's init says that it is still loading the KVM modules, which it
-/// does while its runtime starts (see `images/x86_64/level-init`).
+/// does while its runtime starts (see `images/guest/level-init`).
 const KVM_PENDING: &str = "/run/matryoshka/kvm.pending";
 
 /// Waits (at most two minutes) while this level's init still loads KVM, so that

@@ -25,13 +25,33 @@ impl Image {
     /// (where `images/build.sh` writes).
     pub fn default_dir(arch: Arch) -> PathBuf {
         std::env::var_os("MATRYOSHKA_IMAGE_DIR")
-            .map(PathBuf::from)
+            .map(|d| Self::folder_for(Path::new(&d), arch))
             .or_else(|| {
                 let inside = Path::new(IMAGE_IN_LEVEL);
                 (arch == Arch::host() && inside.join("kernel").exists())
                     .then(|| inside.to_path_buf())
             })
             .unwrap_or_else(|| PathBuf::from("target/images").join(arch.name()))
+    }
+
+    /// The image folder for `arch` that a folder the run names (`--image-dir`,
+    /// `$MATRYOSHKA_IMAGE_DIR`) stands for: its subfolder named after the
+    /// architecture when it has one (`target/images` holds `x86_64/` and
+    /// `s390x/`); the folder itself for this level's architecture; for another,
+    /// the sibling named after it when the folder is named after this level's
+    /// (`target/images/x86_64` stands for `target/images/s390x` too).
+    pub fn folder_for(dir: &Path, arch: Arch) -> PathBuf {
+        let sub = dir.join(arch.name());
+        if sub.join("kernel").exists() || arch != Arch::host() && sub.is_dir() {
+            return sub;
+        }
+        if arch == Arch::host() {
+            return dir.to_path_buf();
+        }
+        match (dir.file_name(), dir.parent()) {
+            (Some(name), Some(parent)) if name == Arch::host().name() => parent.join(arch.name()),
+            _ => sub,
+        }
     }
 
     /// The image in `dir`, or in [`Image::default_dir`].
@@ -49,11 +69,12 @@ impl Image {
         ] {
             if !path.exists() {
                 return Err(format!(
-                    "no {what} at {}: build the {} image with `images/build.sh` (or `./x image`), \
-                     or name a folder holding kernel, initrd and root.img with --image-dir or \
+                    "no {what} at {}: build the {arch} image with `./x image {arch}` \
+                     (images/build.sh {arch}), or name a folder holding kernel, initrd and \
+                     root.img (or one such folder per architecture) with --image-dir or \
                      $MATRYOSHKA_IMAGE_DIR",
                     path.display(),
-                    arch.name()
+                    arch = arch.name()
                 ));
             }
         }

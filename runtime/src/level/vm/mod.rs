@@ -61,6 +61,9 @@ pub async fn open(
         message,
         level_path: setup.path.clone(),
     };
+    if let Some(why) = no_level_below(&setup.path) {
+        return Err(err(WireErrorKind::Unsupported, why));
+    }
     let key = ctx
         .run_key(own_ssh)
         .map_err(|m| err(WireErrorKind::Io, m))?;
@@ -193,6 +196,22 @@ pub async fn open(
     })
 }
 
+/// Why no VM level can be booted below this one, when none can: an s390x level
+/// without KVM is emulated (QEMU's TCG), and an emulated s390x CPU has no SIE,
+/// the instruction KVM runs guests with (its kernel says "kvm-s390: SIE is not
+/// available"); its image carries no QEMU either.
+fn no_level_below(child: &str) -> Option<String> {
+    if Arch::host() != Arch::S390x || std::path::Path::new("/dev/kvm").exists() {
+        return None;
+    }
+    Some(format!(
+        "{} cannot boot {child}: it is an s390x level emulated by TCG, whose CPU has no SIE \
+         (the instruction KVM runs guests with), so it has no KVM and boots no level below it; \
+         make the s390x level the last of the chain",
+        resources::parent_of(child)
+    ))
+}
+
 /// The request with its image folder, memory and CPUs settled and checked
 /// before QEMU starts: the image must be the run's or under a granted folder,
 /// and memory and CPUs within what this level has.
@@ -213,10 +232,10 @@ fn checked_request(
     };
     // The run's image folder: --image-dir at L0, else the default resolution
     // (at a VM level, the image it booted from).
-    let run_image = ctx
-        .image_dir
-        .clone()
-        .unwrap_or_else(|| Image::default_dir(arch));
+    let run_image = ctx.image_dir.as_deref().map_or_else(
+        || Image::default_dir(arch),
+        |dir| Image::folder_for(dir, arch),
+    );
     req.image = Some(match &req.image {
         None => run_image,
         Some(asked) => image::check_requested(asked, &run_image, &setup.grants.images, &setup.path)

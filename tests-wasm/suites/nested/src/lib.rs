@@ -8,7 +8,11 @@
 //!
 //! Environment (set with `--env`):
 //! - `NESTED_LEVELS`: depth of the chain (default 2);
-//! - `NESTED_ROOT`: the image's root at L0 (default `target/images/x86_64/root.img`);
+//! - `NESTED_ARCHS`: the architecture of each level from L1 down (`s390x`, or
+//!   `x86_64,s390x`); a level past the list is of its parent's. Every level
+//!   answers with its architecture and the sha256 of the component it runs;
+//! - `NESTED_ROOT`: the deepest level's image root at L0 (default
+//!   `target/images/<its arch>/root.img`);
 //! - `NESTED_MEMORY_MIB`, `NESTED_BOOT_TIMEOUT_MS`, `NESTED_IMAGE`: passed to
 //!   every boot, for tests of boot failures and refusals;
 //! - `NESTED_PARENT_PORT`: the port on L0's 127.0.0.1 that `sealed_level` tries
@@ -26,6 +30,12 @@ struct Level {
     level: u32,
     path: String,
     hostname: String,
+    /// `uname -m` of the level, from its runtime.
+    arch: String,
+    /// The architecture its parent's runtime reported for it.
+    reported_arch: Option<String>,
+    /// sha256 of the component, computed by the level's runtime.
+    component_sha256: String,
     /// `level=N accel=… kvm=…`, written by the level's init from what its kernel saw
     /// (`kvm=loading` until its KVM modules are in).
     seen: String,
@@ -43,8 +53,22 @@ fn levels() -> u32 {
     env_u64("NESTED_LEVELS").map_or(2, |n| n as u32)
 }
 
-fn vm() -> Vm {
+/// The architecture `NESTED_ARCHS` names for level `depth`, if it names one.
+fn arch_of(depth: u32) -> Option<String> {
+    let archs = std::env::var("NESTED_ARCHS").unwrap_or_default();
+    archs
+        .split(',')
+        .filter(|a| !a.is_empty())
+        .nth(depth.checked_sub(1)? as usize)
+        .map(str::to_string)
+}
+
+/// The boot of level `depth`.
+fn vm(depth: u32) -> Vm {
     let mut vm = Vm::new();
+    if let Some(arch) = arch_of(depth) {
+        vm = vm.arch(&arch);
+    }
     if let Some(mib) = env_u64("NESTED_MEMORY_MIB") {
         vm = vm.memory_mib(mib as u32);
     }
@@ -76,6 +100,9 @@ fn here() -> Result<Level, Error> {
         level,
         path: host::level_path(),
         hostname: host::hostname(),
+        arch: host::arch(),
+        reported_arch: None,
+        component_sha256: host::component_sha256(),
         seen: if level == 0 {
             String::new()
         } else {
@@ -118,7 +145,7 @@ fn descend(_: ()) -> Result<Vec<Level>, Error> {
         return Ok(vec![me]);
     }
     log::info!("{}: booting level {}", me.path, me.level + 1);
-    let guest = Guest::boot(&vm())?;
+    let guest = Guest::boot(&vm(me.level + 1))?;
     let mut below: Vec<Level> = guest.call("descend", &())?;
     if let Some(child) = below.first_mut() {
         assert_eq!(
@@ -127,6 +154,7 @@ fn descend(_: ()) -> Result<Vec<Level>, Error> {
             "the level below says it is another depth"
         );
         child.reported_accel = guest.accel();
+        child.reported_arch = Some(guest.arch());
     }
     // The level's init has loaded KVM by now (booting the child waited for it).
     if me.level > 0 {
@@ -179,9 +207,34 @@ fn nested_levels() -> Result<(), Error> {
         n.max(start) - start + 1,
         "one answer per level from L{start} to L{n}: {chain:?}"
     );
+    let top = &chain[0];
     for (i, l) in chain.iter().enumerate() {
         let depth = start + i as u32;
         assert_eq!(l.level, depth);
+        // The same component everywhere, hashed by each level's own runtime.
+        assert_eq!(
+            l.component_sha256, top.component_sha256,
+            "{}: another component than at {}",
+            l.path, top.path
+        );
+        // Each level of the architecture asked for (else of its parent's).
+        let parent_arch = chain[..i].last().map_or(&top.arch, |p| &p.arch);
+        let expected_arch = arch_of(depth).unwrap_or_else(|| parent_arch.clone());
+        if i > 0 {
+            assert_eq!(l.arch, expected_arch, "{}: architecture", l.path);
+            assert_eq!(
+                l.reported_arch.as_deref(),
+                Some(l.arch.as_str()),
+                "{}: its parent saw another architecture",
+                l.path
+            );
+        }
+        log::info!(
+            "{}: {}, component {}",
+            l.path,
+            l.arch,
+            &l.component_sha256[..12.min(l.component_sha256.len())]
+        );
         if depth == 0 {
             continue;
         }
@@ -220,7 +273,8 @@ fn nested_levels() -> Result<(), Error> {
     let deepest = chain.last().expect("at least the first level");
     // The image's root: the file at L0, the root disk at a VM level.
     let root = if start == 0 {
-        std::env::var("NESTED_ROOT").unwrap_or_else(|_| "target/images/x86_64/root.img".to_string())
+        std::env::var("NESTED_ROOT")
+            .unwrap_or_else(|_| format!("target/images/{}/root.img", deepest.arch))
     } else {
         "/dev/vda".to_string()
     };
@@ -293,7 +347,7 @@ fn host_key_behind(ssh_command: &str) -> Result<String, Error> {
 /// that sshd presents, for the runner's test to compare.
 fn sealed_level() -> Result<(), Error> {
     let port = env_u64("NESTED_PARENT_PORT").expect("NESTED_PARENT_PORT is set") as u16;
-    let guest = Guest::boot(&vm())?;
+    let guest = Guest::boot(&vm(host::level() + 1))?;
     let path = guest.level_path();
     let attempt: String = guest.call("reach_parent", &port)?;
     log::info!("{path}: {attempt}");
