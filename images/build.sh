@@ -2,8 +2,8 @@
 # Builds a guest image from Debian packages: images/build.sh [x86_64|s390x]
 #   kernel     the kernel (x86_64: linux-image-cloud-amd64, a bzImage; s390x: linux-image-s390x)
 #   initrd     a busybox initramfs that mounts the read-only root with a tmpfs overlay
-#   root.img   a squashfs root. x86_64: qemu-system-x86, libvirt daemon + QEMU driver +
-#              clients, openssh-server, kmod, iproute2, busybox, and the kernel and initrd
+#   root.img   a squashfs root. x86_64: qemu-system-x86 (and qemu-system-s390x, for s390x
+#              levels below), libvirt daemon + QEMU driver + clients, openssh-server, kmod, iproute2, busybox, and the kernel and initrd
 #              in /usr/lib/matryoshka/image (a level boots the next from them). s390x:
 #              openssh-server, kmod, iproute2, busybox and nothing to boot levels with (an
 #              s390x level under TCG has no KVM: it is always the last level).
@@ -21,7 +21,7 @@ MIRROR=${MIRROR:-http://deb.debian.org/debian}
 SUITE=bookworm
 case $ARCH in
 x86_64)
-    PACKAGES=linux-image-cloud-amd64,busybox-static,kmod,iproute2,openssh-server,qemu-system-x86,libvirt-daemon,libvirt-daemon-driver-qemu,libvirt-clients,procps
+    PACKAGES=linux-image-cloud-amd64,busybox-static,kmod,iproute2,openssh-server,qemu-system-x86,qemu-system-misc,libvirt-daemon,libvirt-daemon-driver-qemu,libvirt-clients,procps
     # Modules the initramfs loads, in order, before it can mount the root (and
     # qemu_fw_cfg, through which the parent hands in the level's SSH host key).
     INITRD_MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_console virtio_blk squashfs overlay failover net_failover virtio_net qemu_fw_cfg"
@@ -76,7 +76,12 @@ root_x86_64() {
     # with KVM (nested in TCG here) once locked up a level's CPU for 45 s. Levels boot
     # x86_64 guests only.
     rm -f "$root/usr/bin/qemu-system-i386"
-    mkdir -p "$root"/var/lib/libvirt/qemu "$root"/var/log/libvirt/qemu "$root"/var/cache/libvirt/qemu "$root"/run/libvirt
+    # qemu-system-misc brings a dozen emulators: a level keeps the s390x one, for
+    # s390x levels below it, off $PATH so that libvirtd does not probe it either
+    # (the runtime looks for it in /usr/lib/matryoshka/bin).
+    mkdir -p "$root/usr/lib/matryoshka/bin"
+    mv "$root/usr/bin/qemu-system-s390x" "$root/usr/lib/matryoshka/bin/"
+    find "$root/usr/bin" -name 'qemu-system-*' ! -name qemu-system-x86_64 -delete    mkdir -p "$root"/var/lib/libvirt/qemu "$root"/var/log/libvirt/qemu "$root"/var/cache/libvirt/qemu "$root"/run/libvirt
     busybox=/bin/busybox
 }
 

@@ -282,6 +282,10 @@ pub fn artifact_for(source: &ComponentSource, arch: &str) -> Option<(String, Vec
         && secure_file(path).is_ok()
         && let Ok(bytes) = std::fs::read(path)
     {
+        tracing::info!(
+            "component {} for {arch}: artifact taken from the cache",
+            source.sha256.get(..12).unwrap_or(&source.sha256)
+        );
         return Some((key, bytes));
     }
     let started = std::time::Instant::now();
@@ -298,7 +302,10 @@ pub fn artifact_for(source: &ComponentSource, arch: &str) -> Option<(String, Vec
     if let Some(path) = &path
         && let Err(e) = write_atomically(path, &bytes)
     {
-        tracing::warn!("cannot keep the {arch} artifact at {}: {e:#}", path.display());
+        tracing::warn!(
+            "cannot keep the {arch} artifact at {}: {e:#}",
+            path.display()
+        );
     }
     Some((key, bytes))
 }

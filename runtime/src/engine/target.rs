@@ -181,7 +181,14 @@ mod tests {
     #[test]
     fn the_key_hasher_reads_integers_little_endian() {
         let mut typed = KeyHasher::default();
-        (0x0102_0304_0506_0708u64, 0x0a0bu16, -2i32, 7usize, "cranelift").hash(&mut typed);
+        (
+            0x0102_0304_0506_0708u64,
+            0x0a0bu16,
+            -2i32,
+            7usize,
+            "cranelift",
+        )
+            .hash(&mut typed);
         let mut bytes = KeyHasher::default();
         bytes.write(&0x0102_0304_0506_0708u64.to_le_bytes());
         bytes.write(&0x0a0bu16.to_le_bytes());

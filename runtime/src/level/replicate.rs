@@ -145,6 +145,10 @@ fn remembered_sha(path: &std::path::Path) -> Result<String, String> {
     Ok(sha)
 }
 
+/// The runtimes of other architectures in a VM level's bundle disk (see
+/// `level/vm/bundle.rs`), where `$MATRYOSHKA_RUNTIME_DIR` is not set.
+pub const BUNDLE_RUNTIMES: &str = "/run/matryoshka/bundle/runtimes";
+
 /// The image to send to a level of architecture `arch`: the build in
 /// `$MATRYOSHKA_RUNTIME_DIR/<arch>/matryoshka` when there is one (e.g. a release
 /// build, small to copy, driven by a debug build at L0), else this runtime itself
@@ -156,7 +160,12 @@ pub fn image_for(arch: &str) -> Result<Arc<RuntimeImage>, String> {
     if let Some(image) = chosen.lock().unwrap_or_else(|e| e.into_inner()).get(arch) {
         return Ok(image.clone());
     }
-    let dir = std::env::var_os("MATRYOSHKA_RUNTIME_DIR").map(PathBuf::from);
+    let dir = std::env::var_os("MATRYOSHKA_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .or_else(|| {
+            let bundle = std::path::Path::new(BUNDLE_RUNTIMES);
+            bundle.is_dir().then(|| bundle.to_path_buf())
+        });
     let candidate = dir.as_ref().map(|d| d.join(arch).join("matryoshka"));
     let image = match candidate {
         Some(path) if path.exists() => Arc::new(image_of(&path)?),

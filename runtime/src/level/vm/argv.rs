@@ -56,6 +56,17 @@ impl Arch {
         }
     }
 
+    /// The QEMU program to start: the image's own copy in [`PRIVATE_BIN`] when
+    /// there is one, else [`Arch::binary`] on `$PATH`.
+    pub fn program(self) -> String {
+        let private = Path::new(PRIVATE_BIN).join(self.binary());
+        if private.exists() {
+            private.display().to_string()
+        } else {
+            self.binary().to_string()
+        }
+    }
+
     /// QEMU's machine type (`-machine`).
     pub fn machine(self) -> &'static str {
         match self {
@@ -105,6 +116,11 @@ impl Arch {
         self == Self::X86_64
     }
 }
+
+/// Where the x86_64 image keeps `qemu-system-s390x`: off `$PATH`, so that
+/// `libvirtd`, which probes every QEMU binary it finds there when it starts,
+/// spends no time on one it never uses (see `images/build.sh`).
+pub const PRIVATE_BIN: &str = "/usr/lib/matryoshka/bin";
 
 /// The `fw_cfg` entry that carries a level's SSH host key; the level's
 /// initramfs reads it from `/sys/firmware/qemu_fw_cfg/by_name/<this>/raw`.
@@ -158,6 +174,12 @@ pub struct MachineSpec {
     pub initrd: PathBuf,
     /// The read-only root, handed to the guest as its first virtio disk.
     pub root: PathBuf,
+    /// Whether the root is read with `O_DIRECT` (`cache=none`): not where its
+    /// file system has none (a root inside a squashfs bundle).
+    pub root_direct: bool,
+    /// The bundle (runtimes and images of other architectures, see
+    /// [`super::bundle`]), handed to the guest as its second virtio disk.
+    pub bundle: Option<PathBuf>,
     /// Extra kernel command-line words (e.g. `level=2`).
     pub append: Vec<String>,
     /// Host port forwarded to the guest's SSH port, on 127.0.0.1 only.
@@ -244,7 +266,7 @@ pub fn argv(spec: &MachineSpec) -> Result<Vec<String>, String> {
     let accel = spec.accel.name();
     let append = kernel_cmdline(spec)?;
     let bus = a.bus();
-    let mut argv: Vec<String> = vec![a.binary().to_string()];
+    let mut argv: Vec<String> = vec![a.program()];
     if spec.sandbox {
         argv.extend(["-sandbox".into(), SANDBOX.into()]);
     }
@@ -274,11 +296,30 @@ pub fn argv(spec: &MachineSpec) -> Result<Vec<String>, String> {
         // the same blocks at every depth.
         "-drive".into(),
         format!(
-            "file={},format=raw,if=none,id=root,readonly=on,cache=none,aio=native",
-            opt_path("root", &spec.root)?
+            "file={},format=raw,if=none,id=root,readonly=on,{}",
+            opt_path("root", &spec.root)?,
+            if spec.root_direct {
+                "cache=none,aio=native"
+            } else {
+                "cache=writeback"
+            }
         ),
         "-device".into(),
         format!("virtio-blk-{bus},drive=root"),
+    ]);
+    // Second, so that the guest sees it as /dev/vdb.
+    if let Some(bundle) = &spec.bundle {
+        argv.extend([
+            "-drive".into(),
+            format!(
+                "file={},format=raw,if=none,id=bundle,readonly=on",
+                opt_path("bundle", bundle)?
+            ),
+            "-device".into(),
+            format!("virtio-blk-{bus},drive=bundle"),
+        ]);
+    }
+    argv.extend([
         // `restrict=on`: the guest reaches nothing through QEMU (slirp answers a
         // connection it does not forward with a reset and drops UDP); the
         // host-to-guest forward of the SSH port still works.
@@ -367,6 +408,8 @@ mod tests {
             kernel: "/img/kernel".into(),
             initrd: "/img/initrd".into(),
             root: "/img/root.squashfs".into(),
+            root_direct: true,
+            bundle: None,
             append: vec!["level=1".into()],
             ssh_port: 40022,
             console_log: "/run/L1.console".into(),

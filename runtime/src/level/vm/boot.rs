@@ -99,6 +99,9 @@ pub struct BootPlan {
     pub host_key: Option<HostKey>,
     /// SCSI devices of this level to pass through to the new level, each with its sg node.
     pub scsi: Vec<crate::scsi::Device>,
+    /// The bundle disk for the new level: what it needs to boot levels of other
+    /// architectures ([`super::bundle`]).
+    pub bundle: Option<PathBuf>,
 }
 
 /// A level's SSH host key. It reaches the level as a `fw_cfg` file (where the
@@ -332,6 +335,8 @@ pub(super) fn machine_spec(
         kernel: absolute(&image.kernel)?,
         initrd: absolute(&image.initrd)?,
         root: absolute(&image.root)?,
+        root_direct: direct_io(&image.root),
+        bundle: plan.bundle.clone(),
         append: [
             format!("level={}", plan.depth),
             format!("matryoshka.key={key_b64}"),
@@ -357,6 +362,17 @@ pub(super) fn machine_spec(
         host_key: None,
         sandbox: false,
     })
+}
+
+/// Whether `path` opens with `O_DIRECT`: a block device or a file on most file
+/// systems does, a file inside a squashfs (an image in a bundle) does not.
+fn direct_io(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .is_ok()
 }
 
 /// Polls until the runtime's first bytes on the relay, an early exit, or a deadline.

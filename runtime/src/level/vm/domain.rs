@@ -415,6 +415,8 @@ mod tests {
             kernel: "/img/kernel".into(),
             initrd: "/run/a&b/initrd".into(),
             root: "/img/root.img".into(),
+            root_direct: true,
+            bundle: None,
             append: vec!["level=2".into()],
             ssh_port: 40100,
             console_log: "/run/L2.console".into(),

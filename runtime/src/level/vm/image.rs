@@ -7,6 +7,10 @@ use super::argv::Arch;
 /// Where a level finds the image it was booted from (see `images/build.sh`).
 pub const IMAGE_IN_LEVEL: &str = "/usr/lib/matryoshka/image";
 
+/// Where a level finds the images of other architectures its parent handed it
+/// (`<this>/<arch>`; see `bundle.rs`).
+pub const BUNDLE_IMAGES: &str = "/run/matryoshka/bundle/images";
+
 /// The three files a level boots from.
 #[derive(Debug, Clone)]
 pub struct Image {
@@ -21,7 +25,7 @@ pub struct Image {
 impl Image {
     /// The folder a level boots `arch` levels from when the run names none: the
     /// first of `$MATRYOSHKA_IMAGE_DIR`, the image this level itself booted from
-    /// ([`IMAGE_IN_LEVEL`]), and `target/images/<arch>` under the current folder
+    /// ([`IMAGE_IN_LEVEL`]), the one its bundle carries ([`BUNDLE_IMAGES`]), and `target/images/<arch>` under the current folder
     /// (where `images/build.sh` writes).
     pub fn default_dir(arch: Arch) -> PathBuf {
         std::env::var_os("MATRYOSHKA_IMAGE_DIR")
@@ -30,6 +34,10 @@ impl Image {
                 let inside = Path::new(IMAGE_IN_LEVEL);
                 (arch == Arch::host() && inside.join("kernel").exists())
                     .then(|| inside.to_path_buf())
+            })
+            .or_else(|| {
+                let bundled = Path::new(BUNDLE_IMAGES).join(arch.name());
+                bundled.join("kernel").exists().then_some(bundled)
             })
             .unwrap_or_else(|| PathBuf::from("target/images").join(arch.name()))
     }

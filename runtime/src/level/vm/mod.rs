@@ -15,6 +15,7 @@
 pub mod accel;
 pub mod argv;
 pub mod boot;
+pub mod bundle;
 pub mod context;
 pub mod domain;
 pub mod image;
@@ -109,6 +110,19 @@ pub async fn open(
     if let Some(key) = &host_key {
         tracing::info!(level = %setup.path, "host key: {}", key.public_line);
     }
+    // What the level needs to boot levels of other architectures.
+    let bundle = {
+        let arch = req
+            .arch
+            .as_deref()
+            .and_then(Arch::from_uname)
+            .unwrap_or_else(Arch::host);
+        let image_dir = ctx.image_dir.clone();
+        let cache = ctx.memo_dir.clone().unwrap_or_else(|| run_dir.clone());
+        tokio::task::spawn_blocking(move || bundle::for_child(arch, image_dir.as_deref(), &cache))
+            .await
+            .map_err(|e| err(WireErrorKind::Internal, e.to_string()))?
+    };
     let plan = BootPlan {
         depth: setup.depth,
         path: setup.path.clone(),
@@ -124,6 +138,7 @@ pub async fn open(
             .join("vm-runtime"),
         host_key,
         scsi,
+        bundle,
     };
     let booted = boot::boot(&req, &plan).await.map_err(|m| {
         let kind = if m.starts_with("no ") && m.contains("images/build.sh") {
@@ -244,6 +259,8 @@ fn checked_request(
                 ImageRefusal::Denied(m) => (WireErrorKind::Denied, m),
             })?,
     });
+    // Its files are there (before the runtime for its architecture is looked for).
+    Image::resolve(req.image.as_deref(), arch).map_err(|m| (WireErrorKind::NotFound, m))?;
     let have = LevelResources::of_this_level();
     let memory_mib = req.memory_mib.unwrap_or_else(|| have.default_memory_mib());
     let cpus = req.cpus.unwrap_or_else(|| have.default_cpus(setup.depth));

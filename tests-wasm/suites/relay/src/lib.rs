@@ -2,7 +2,8 @@
 //!
 //! The chain is named by `MATRYOSHKA_CHAIN` (set with `--env`): a comma-separated
 //! list of targets, `local` or `ssh://user@host:port`; the level at depth N
-//! reaches the next one through entry N. Without it the tests that reach other
+//! reaches the next one through entry N (under `--levels N` the suite starts at
+//! LN, and the first N entries go unused). Without it the tests that reach other
 //! levels fail: a chain of none would prove nothing.
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -181,18 +182,20 @@ fn connect_times(_: ()) -> Result<Vec<(String, f64)>, Error> {
     Ok(times)
 }
 
-// ---- tests: run at level 0 ----
+// ---- tests: run at level 0, or at LN under `--levels N` ----
 
+/// The depth of the deepest level.
 fn depth() -> usize {
     chain().len()
 }
 
 fn reaches_every_level() -> Result<(), Error> {
+    let start = host::level() as usize;
     let hops = descend(())?;
-    assert_eq!(hops.len(), depth() + 1, "{hops:?}");
+    assert_eq!(hops.len(), depth() + 1 - start, "{hops:?}");
     for (i, hop) in hops.iter().enumerate() {
-        assert_eq!(hop.level as usize, i);
-        let expected: Vec<String> = (0..=i).map(|l| format!("L{l}")).collect();
+        assert_eq!(hop.level as usize, start + i);
+        let expected: Vec<String> = (0..=start + i).map(|l| format!("L{l}")).collect();
         assert_eq!(hop.path, expected.join("/"));
         assert!(!hop.hostname.is_empty());
         assert_eq!(hop.arch, host::arch());

@@ -1,0 +1,243 @@
+//! s390x levels with a real QEMU: an x86_64 L0 boots an s390x level under TCG
+//! (`qemu-system-s390x`, z15), copies the cross-built runtime and the same
+//! component there, and the suites run big-endian.
+//!
+//! Needs both images (`./x image`, `./x image s390x`) and the s390x runtime
+//! (`./x runtime s390x`, found through `$MATRYOSHKA_RUNTIME_DIR`, which `./x vm`
+//! sets).
+
+#[allow(dead_code, reason = "shared by several test crates, each using a part")]
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::Run;
+use common::vm::{image_dir, qemus_left, run_dir};
+use matryoshka_test_programs::{BASICS, NESTED, RELAY};
+
+/// `target/images`, holding one folder per architecture.
+fn images() -> PathBuf {
+    let all = image_dir()
+        .parent()
+        .expect("target/images/x86_64 has a parent")
+        .to_path_buf();
+    let s390x = all.join("s390x");
+    assert!(
+        s390x.join("root.img").exists(),
+        "no image at {}: build it with `./x image s390x` before the s390x tests",
+        s390x.display()
+    );
+    all
+}
+
+/// Runs `args` (after `-v test`) with the run folder `dir` and the images.
+fn run_in(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut cmd = common::bin();
+    cmd.args(["-v", "test"])
+        .args(args)
+        .arg("--image-dir")
+        .arg(images())
+        .arg("--run-dir")
+        .arg(dir);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Run::from(cmd.output().expect("start matryoshka"))
+}
+
+fn nested_env(levels: u32, archs: &str) -> [String; 6] {
+    let root = images().join("s390x/root.img");
+    [
+        "--env".into(),
+        format!("NESTED_LEVELS={levels}"),
+        "--env".into(),
+        format!("NESTED_ARCHS={archs}"),
+        "--env".into(),
+        format!("NESTED_ROOT={}", root.display()),
+    ]
+}
+
+/// The component's sha256 as a level reported it in the suite's log
+/// (`<path>: <arch>, component <first 12 hex digits>`).
+fn reported(run: &Run, path: &str, arch: &str) -> String {
+    let marker = format!(" {path}: {arch}, component ");
+    let line = run
+        .stdout
+        .lines()
+        .find(|l| l.contains(&marker))
+        .unwrap_or_else(|| panic!("no {marker:?} in:\n{}", run.stdout));
+    line[line.find(&marker).expect("marker") + marker.len()..]
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn an_x86_64_level_boots_an_s390x_level_that_runs_the_same_component() {
+    let dir = run_dir("s390x-l1");
+    let env = nested_env(1, "s390x");
+    let mut args = vec![NESTED, "--nocapture"];
+    args.extend(env.iter().map(String::as_str));
+    let run = run_in(dir.path(), &args, &[]);
+    run.expect_code(0);
+    let pass = run.line_for("PASS", "nested_levels");
+    assert!(pass.contains("L0 nested::nested_levels"), "{pass}");
+    // host.arch() at each level, and the sha256 each level's runtime computed.
+    let top = reported(&run, "L0", "x86_64");
+    assert_eq!(reported(&run, "L0/L1", "s390x"), top);
+    assert_eq!(top.len(), 12, "{top}");
+    // Emulated, since it is another architecture.
+    run.expect_stdout("L0/L1 booted with tcg");
+    assert!(
+        run.stderr
+            .contains("auto: an s390x guest on x86_64 is emulated"),
+        "{}",
+        run.stderr
+    );
+    // L0 compiled the component for s390x, and L1 took that artifact instead of
+    // running Cranelift under TCG: the engine keys agree across byte orders.
+    assert!(
+        run.stderr.contains("for s390x"),
+        "no cross-compilation at L0:\n{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("component loaded (Cached)"),
+        "L1 compiled the component itself:\n{}",
+        run.stderr
+    );
+    let console = std::fs::read_to_string(dir.path().join("L0-L1.console")).expect("L1 console");
+    assert!(console.contains("MATRYOSHKA-BOOT"), "{console}");
+    let log = std::fs::read_to_string(dir.path().join("L0-L1.log")).expect("L1 level log");
+    assert!(
+        log.contains("MATRYOSHKA-READY level=1 accel=tcg kvm=no"),
+        "{log}"
+    );
+    assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
+}
+
+#[test]
+fn an_s390x_level_under_tcg_refuses_to_boot_a_level_below_and_says_why() {
+    let dir = run_dir("s390x-l2");
+    let env = nested_env(2, "s390x");
+    let mut args = vec![NESTED, "--nocapture"];
+    args.extend(env.iter().map(String::as_str));
+    let run = run_in(dir.path(), &args, &[]);
+    // A level that cannot be booted is the infrastructure's failure (exit 101),
+    // reported with the reason.
+    run.expect_code(101);
+    let line = run.line_for("FAIL", "nested_levels");
+    assert!(
+        line.contains("L0 nested::nested_levels: infrastructure: "),
+        "{line}"
+    );
+    run.expect_stdout(
+        "L0/L1 cannot boot L0/L1/L2: it is an s390x level emulated by TCG, whose CPU has no SIE",
+    );
+    run.expect_stdout("make the s390x level the last of the chain");
+    assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
+}
+
+/// Every host function of the basics suite, and the relay between two local
+/// runtimes, at a big-endian level.
+#[test]
+fn the_basics_and_relay_suites_pass_at_an_s390x_level() {
+    let dir = run_dir("s390x-suites");
+    let run = run_in(
+        dir.path(),
+        &[
+            BASICS,
+            "--levels",
+            "1",
+            "--level-arch",
+            "s390x",
+            "--skip",
+            "deliberately",
+            // Its WASI folder is L0's, absent at a VM level.
+            "--skip",
+            "fs_",
+        ],
+        &[],
+    );
+    run.expect_code(0);
+    for name in [
+        "arch_is_known",
+        "exec_uname_matches_arch",
+        "exec_feeds_stdin",
+        "prints_and_logs",
+        "clocks_and_random_work",
+    ] {
+        let line = run.line_for("PASS", name);
+        assert!(line.contains("L0/L1 basics::"), "{line}");
+    }
+    run.expect_stdout("8 passed, 0 failed, 1 ignored");
+    assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
+
+    // At L1 (s390x) the relay suite reaches L2 and L3, local runtimes there (entry
+    // N of the chain is how LN reaches the next level: entry 0 goes unused).
+    let dir = run_dir("s390x-relay");
+    let run = run_in(
+        dir.path(),
+        &[
+            RELAY,
+            "--nocapture",
+            "--levels",
+            "1",
+            "--level-arch",
+            "s390x",
+            "--env",
+            "MATRYOSHKA_CHAIN=local,local,local",
+        ],
+        &[],
+    );
+    run.expect_code(0);
+    run.expect_stdout("7 passed, 0 failed, 5 ignored");
+    run.expect_stdout("reached L0/L1/L2/L3 on");
+    run.expect_stdout("hello from the bottom (logged at L0/L1/L2/L3)");
+    assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
+}
+
+#[test]
+fn a_missing_s390x_runtime_names_the_command_that_builds_it() {
+    let dir = run_dir("s390x-no-runtime");
+    let empty = tempfile::tempdir().expect("empty runtime dir");
+    let env = nested_env(1, "s390x");
+    let mut args = vec![NESTED];
+    args.extend(env.iter().map(String::as_str));
+    let run = run_in(
+        dir.path(),
+        &args,
+        &[(
+            "MATRYOSHKA_RUNTIME_DIR",
+            empty.path().to_str().expect("utf-8"),
+        )],
+    );
+    run.expect_code(101);
+    run.expect_stdout(
+        "the level is s390x but this runtime is x86_64, and no s390x runtime was found",
+    );
+    run.expect_stdout("`./x runtime s390x`");
+    assert!(!dir.path().join("L0-L1.qemu.log").exists());
+}
+
+#[test]
+fn a_missing_s390x_image_names_the_command_that_builds_it() {
+    let dir = run_dir("s390x-no-image");
+    // An image folder with the x86_64 image only.
+    let only = tempfile::tempdir().expect("image dir");
+    std::os::unix::fs::symlink(image_dir(), only.path().join("x86_64")).expect("symlink");
+    let run = Run::from(
+        common::bin()
+            .args(["test", NESTED, "--env", "NESTED_LEVELS=1"])
+            .args(["--env", "NESTED_ARCHS=s390x", "--image-dir"])
+            .arg(only.path().join("x86_64"))
+            .arg("--run-dir")
+            .arg(dir.path())
+            .output()
+            .expect("start matryoshka"),
+    );
+    run.expect_stdout(&format!(
+        "no kernel at {}/s390x/kernel: build the s390x image with `./x image s390x`",
+        only.path().display()
+    ));
+    assert!(!dir.path().join("L0-L1.qemu.log").exists());
+}
