@@ -243,6 +243,7 @@ pub fn parent(data: &[u8]) -> Reach {
         sha256: sha256_hex(&bytes),
         bytes,
         precompiled: None,
+        cache: CacheDir::Disabled,
     });
     let setup = LevelSetup {
         depth: 1,
