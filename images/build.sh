@@ -79,9 +79,12 @@ root_x86_64() {
     # qemu-system-misc brings a dozen emulators: a level keeps the s390x one, for
     # s390x levels below it, off $PATH so that libvirtd does not probe it either
     # (the runtime looks for it in /usr/lib/matryoshka/bin).
-    mkdir -p "$root/usr/lib/matryoshka/bin"
+    mkdir -p "$root/usr/lib/matryoshka/bin" "$root/usr/lib/matryoshka/share"
     mv "$root/usr/bin/qemu-system-s390x" "$root/usr/lib/matryoshka/bin/"
-    find "$root/usr/bin" -name 'qemu-system-*' ! -name qemu-system-x86_64 -delete    mkdir -p "$root"/var/lib/libvirt/qemu "$root"/var/log/libvirt/qemu "$root"/var/cache/libvirt/qemu "$root"/run/libvirt
+    # QEMU finds its firmware (s390-ccw.img) relative to its binary: ../share/qemu.
+    ln -s /usr/share/qemu "$root/usr/lib/matryoshka/share/qemu"
+    find "$root/usr/bin" -name 'qemu-system-*' ! -name qemu-system-x86_64 -delete
+    mkdir -p "$root"/var/lib/libvirt/qemu "$root"/var/log/libvirt/qemu "$root"/var/cache/libvirt/qemu "$root"/run/libvirt
     busybox=/bin/busybox
 }
 

@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::argv::{Accel, Arch};
+use super::arch::Arch;
+use super::argv::Accel;
 use super::boot::BootPlan;
 use crate::config::AccelPolicy;
 

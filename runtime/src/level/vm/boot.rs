@@ -14,7 +14,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::accel::{choose_accel, remember, wait_for_kvm_module};
-use super::argv::{self, Accel, Arch, MachineSpec};
+use super::arch::Arch;
+use super::argv::{self, Accel, MachineSpec};
 use super::image::Image;
 use super::initrd::RuntimeInitrd;
 use super::qemu::{LevelFiles, Qemu, QemuEnd};

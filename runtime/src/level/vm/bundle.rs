@@ -17,7 +17,7 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
-use super::argv::Arch;
+use super::arch::Arch;
 use super::image::Image;
 
 /// Where a level's initramfs mounts the bundle disk its parent attached.

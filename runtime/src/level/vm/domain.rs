@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::argv::{self, Accel, Arch, HOST_KEY_FW_CFG, LOG_PORT, MachineSpec, RELAY_PORT};
+use super::arch::Arch;
+use super::argv::{self, Accel, HOST_KEY_FW_CFG, LOG_PORT, MachineSpec, RELAY_PORT};
 use super::boot::{
     BootPlan, Booted, VmRequest, free_port, has_bytes, host_key_file, init_failure, machine_spec,
     note_serving,

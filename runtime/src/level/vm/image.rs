@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::argv::Arch;
+use super::arch::Arch;
 
 /// Where a level finds the image it was booted from (see `images/build.sh`).
 pub const IMAGE_IN_LEVEL: &str = "/usr/lib/matryoshka/image";

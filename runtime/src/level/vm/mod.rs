@@ -13,6 +13,7 @@
 //! - [`boot`]: starting QEMU and waiting until the level serves.
 
 pub mod accel;
+pub mod arch;
 pub mod argv;
 pub mod boot;
 pub mod bundle;
@@ -39,7 +40,7 @@ use super::ssh::sh_quote;
 use super::transport::{LineCutter, StderrTail, Transport, TransportGuard, VmFacts};
 use crate::config::SshSettings;
 use crate::wire::{LevelSetup, RemoteError, WireErrorKind};
-use argv::Arch;
+use arch::Arch;
 use boot::{BootPlan, HostKey};
 use context::RunKey;
 use image::{Image, ImageRefusal};

@@ -15,6 +15,8 @@
 //!   `target/images/<its arch>/root.img`);
 //! - `NESTED_MEMORY_MIB`, `NESTED_BOOT_TIMEOUT_MS`, `NESTED_IMAGE`: passed to
 //!   every boot, for tests of boot failures and refusals;
+//! - `NESTED_ROUND_TRIPS`: that many no-op calls from each level to the one it
+//!   booted, timed, for docs/benchmarks.md (default none);
 //! - `NESTED_PARENT_PORT`: the port on L0's 127.0.0.1 that `sealed_level` tries
 //!   to reach from L1 (needs `--grant exec=timeout,ssh-keyscan`).
 
@@ -147,6 +149,9 @@ fn descend(_: ()) -> Result<Vec<Level>, Error> {
     log::info!("{}: booting level {}", me.path, me.level + 1);
     let guest = Guest::boot(&vm(me.level + 1))?;
     let mut below: Vec<Level> = guest.call("descend", &())?;
+    if let Some(calls) = env_u64("NESTED_ROUND_TRIPS").filter(|&n| n > 0) {
+        time_round_trips(&guest, calls as usize)?;
+    }
     if let Some(child) = below.first_mut() {
         assert_eq!(
             child.level,
@@ -170,6 +175,32 @@ fn descend(_: ()) -> Result<Vec<Level>, Error> {
     let mut all = vec![me];
     all.append(&mut below);
     Ok(all)
+}
+
+/// Does nothing: the call whose round trip `NESTED_ROUND_TRIPS` times.
+fn noop(_: ()) -> Result<(), Error> {
+    Ok(())
+}
+
+/// `calls` no-op calls to `guest`, one after the other; logs their median and
+/// 90th percentile.
+fn time_round_trips(guest: &Guest, calls: usize) -> Result<(), Error> {
+    let mut micros = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        let t = std::time::Instant::now();
+        guest.call::<_, ()>("noop", &())?;
+        micros.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    micros.sort_by(f64::total_cmp);
+    log::info!(
+        "{}: no-op round trip to {} ({}) over {calls} calls: median {:.0} us, p90 {:.0} us",
+        host::level_path(),
+        guest.level_path(),
+        guest.arch(),
+        micros[calls / 2],
+        micros[calls * 9 / 10]
+    );
+    Ok(())
 }
 
 /// At a VM level: tries to open a TCP connection to its parent's
@@ -288,6 +319,13 @@ fn nested_levels() -> Result<(), Error> {
     Ok(())
 }
 
+/// `nested_levels` with an hour instead of fifteen minutes, for chains with an
+/// emulated level under an emulated level (an s390x L2 under an x86_64 L1 that
+/// itself runs under TCG boots in about ten minutes here): run it with `--ignored`.
+fn nested_levels_emulated_twice() -> Result<(), Error> {
+    nested_levels()
+}
+
 /// Says where it runs; at a VM level, checks the host name and what the level's
 /// init saw. With `--levels N` it runs at LN.
 fn where_am_i() -> Result<(), Error> {
@@ -364,8 +402,9 @@ matryoshka_guest::suite! {
     tests: [
         #[timeout_ms(900_000)]
         nested_levels,
+        #[ignore] #[timeout_ms(3_600_000)] nested_levels_emulated_twice,
         where_am_i,
         #[ignore] #[timeout_ms(300_000)] sealed_level,
     ],
-    remote: [descend, reach_parent],
+    remote: [descend, noop, reach_parent],
 }
