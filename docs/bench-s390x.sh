@@ -15,8 +15,8 @@ RUNS=${RUNS:-3}
 CALLS=${CALLS:-500}
 export MATRYOSHKA_RUNTIME_DIR=$PWD/target/runtimes
 suite=target/wasm-suites/components/nested/nested.wasm
-echo "runtime sizes: x86_64 $(stat -c %s target/runtimes/x86_64/matryoshka) B," \
-    "s390x $(stat -c %s target/runtimes/s390x/matryoshka) B; suite $(stat -c %s "$suite") B"
+echo "runtime sizes: x86_64 $(stat -L -c %s target/runtimes/x86_64/matryoshka) B," \
+    "s390x $(stat -L -c %s target/runtimes/s390x/matryoshka) B; suite $(stat -c %s "$suite") B"
 for i in $(seq "$RUNS"); do
     for cross in 1 0; do
         cache=$(mktemp -d) run=$(mktemp -d)

@@ -72,6 +72,17 @@ impl Run {
         self
     }
 
+    /// Asserts that stderr contains `needle`, printing it when it does not.
+    #[track_caller]
+    pub fn expect_stderr(&self, needle: &str) -> &Self {
+        assert!(
+            self.stderr.contains(needle),
+            "expected {needle:?} in stderr:\n{}",
+            self.stderr
+        );
+        self
+    }
+
     /// The stdout line that mentions `test` with `status`, e.g. `PASS`.
     #[track_caller]
     pub fn line_for(&self, status: &str, test: &str) -> &str {

@@ -321,7 +321,8 @@ fn nested_levels() -> Result<(), Error> {
 
 /// `nested_levels` with an hour instead of fifteen minutes, for chains with an
 /// emulated level under an emulated level (an s390x L2 under an x86_64 L1 that
-/// itself runs under TCG boots in about ten minutes here): run it with `--ignored`.
+/// itself runs under TCG: its kernel alone takes four to nine minutes to boot
+/// here): run it with `--ignored`.
 fn nested_levels_emulated_twice() -> Result<(), Error> {
     nested_levels()
 }
