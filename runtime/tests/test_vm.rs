@@ -268,7 +268,6 @@ fn a_killed_runtime_takes_its_vm_with_it() {
 #[test]
 fn a_level_whose_runtime_dies_powers_off_and_is_reported_lost() {
     let dir = run_dir("runtime-dies");
-    let started = Instant::now();
     let out = common::bin()
         .args(["test", RELAY, "--levels", "1", "--nocapture", "--ignored"])
         .args(["--exact", "kill_own_runtime", "--image-dir"])
@@ -293,11 +292,12 @@ fn a_level_whose_runtime_dies_powers_off_and_is_reported_lost() {
             run.stdout
         );
     }
-    // Well within the 60 s a silent level with a live QEMU would be given.
+    // Seen as QEMU's exit, not as the 60 s of silence a level with a live QEMU is
+    // given (a wall-clock bound here failed whenever this machine ran slow).
     assert!(
-        started.elapsed() < Duration::from_secs(45),
-        "{:?}",
-        started.elapsed()
+        !run.stdout.contains("stopped answering heartbeats"),
+        "{}",
+        run.stdout
     );
     assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
 }
