@@ -420,7 +420,13 @@ fn classify(result: CallResult, state: &mut HostState, timeout: Duration) -> Out
         }
         Ok(Ok(Ok(()))) => return Outcome::Passed,
         Ok(Ok(Err(f))) => {
-            return Outcome::Failed(from_guest(FailureKind::Error, f, state.has_fs_grants()));
+            // SDKs of languages with exceptions report a failed assertion through
+            // `report.panicked` and then return the failure: it is a panic all the same.
+            let (kind, f) = match state.take_panic() {
+                Some(panic) => (FailureKind::Panic, panic),
+                None => (FailureKind::Error, f),
+            };
+            return Outcome::Failed(from_guest(kind, f, state.has_fs_grants()));
         }
         Ok(Err(trap)) => trap,
     };
