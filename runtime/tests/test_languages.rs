@@ -114,8 +114,9 @@ fn every_language_reports_the_same_outcomes() {
 fn a_failing_assertion_names_its_file_and_line() {
     for (lang, ext) in LANGUAGES {
         let source_name = format!("basics.{ext}");
-        let source = std::fs::read_to_string(repo().join("tests-wasm/lang").join(lang).join(&source_name))
-            .expect("source");
+        let source =
+            std::fs::read_to_string(repo().join("tests-wasm/lang").join(lang).join(&source_name))
+                .expect("source");
         // The line of the deliberate failure: the one that says what is compared.
         let line = source
             .lines()

@@ -40,7 +40,10 @@ fn relay_at_l1(lang: &str) {
         .output()
         .expect("start matryoshka");
     let run = Run::from(out);
-    eprintln!("{lang} relay at L1: {:.1} s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "{lang} relay at L1: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     run.expect_code(0);
     for name in [
         "calls_itself_one_level_down",
