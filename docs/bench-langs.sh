@@ -4,7 +4,7 @@
 # artifact cached), per-test overhead (median duration of the trivial tests, each in a
 # fresh instance), and time to an L1 VM level serving the suite (`--levels 1`: boot,
 # the runtime and the component with the artifact compiled at L0 sent down, instantiated).
-#   RUNS=5 bash docs/bench-langs.sh
+#   RUNS=5 [ACCEL=tcg|kvm|auto] bash docs/bench-langs.sh
 # Needs ./x langs, the release runtime (./x runtime) and the image (./x image).
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")/.."
@@ -14,6 +14,8 @@ python3 - "$RUNS" <<'PY'
 import json, os, statistics, subprocess, sys, tempfile, time
 
 runs = int(sys.argv[1])
+# KVM does not work at L0 here; `auto` would probe it first with an empty cache.
+ACCEL = os.environ.get("ACCEL", "tcg")
 bin = "target/release/matryoshka"
 suites = {
     "Rust": "target/wasm-suites/components/basics/basics.wasm",
@@ -66,7 +68,7 @@ for lang, wasm in suites.items():
         env = dict(os.environ, MATRYOSHKA_CACHE_DIR=cache)
         timed(["test", wasm, "--list"], env)
         up, total, rc = up_at(["test", wasm, "--levels", "1", "--exact", "hostname_is_set",
-                               "--image-dir", "target/images/x86_64", "--run-dir", run_dir], env)
+                               "--image-dir", "target/images/x86_64", "--accel", ACCEL, "--run-dir", run_dir], env)
     med = statistics.median
     print(f"{lang:<11} {size / 1e6:>8.2f} MB {med(colds) * 1000:>10.0f} ms {med(warms) * 1000:>8.0f} ms "
           f"{med(per_test) * 1000:>6.2f} ms {up if up else float('nan'):>9.1f} s {total:>6.1f} s"
