@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use common::run;
+use common::{lang_component as component, run};
 use matryoshka_test_programs::BASICS;
 
 /// The languages with an SDK under guest-sdk/, and their suites' file extension.
@@ -33,22 +33,6 @@ const EXPECTED: &[(&str, &str)] = &[
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The built component of a language's suite; a missing one names the command.
-fn component(lang: &str, suite: &str) -> String {
-    let path = repo()
-        .join("target/lang-suites")
-        .join(lang)
-        .join(suite)
-        .join(format!("{suite}.wasm"));
-    assert!(
-        path.exists(),
-        "{} is not built: run `./x langs` (it installs the Python, JavaScript and C \
-         toolchains and builds tests-wasm/lang)",
-        path.display()
-    );
-    path.to_string_lossy().into_owned()
 }
 
 /// The JSON events of one run.

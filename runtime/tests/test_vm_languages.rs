@@ -6,25 +6,10 @@
 #[allow(dead_code, reason = "shared by several test crates, each using a part")]
 mod common;
 
-use std::path::PathBuf;
 use std::time::Instant;
 
-use common::Run;
 use common::vm::{image_dir, qemus_left, run_dir};
-
-fn component(lang: &str, suite: &str) -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/lang-suites")
-        .join(lang)
-        .join(suite)
-        .join(format!("{suite}.wasm"));
-    assert!(
-        path.exists(),
-        "{} is not built: run `./x langs`",
-        path.display()
-    );
-    path
-}
+use common::{Run, lang_component};
 
 /// Runs a language's relay suite at L0/L1 and checks every test passed there.
 fn relay_at_l1(lang: &str) {
@@ -32,7 +17,7 @@ fn relay_at_l1(lang: &str) {
     let started = Instant::now();
     let out = common::bin()
         .arg("test")
-        .arg(component(lang, "relay"))
+        .arg(lang_component(lang, "relay"))
         .args(["--levels", "1", "--image-dir"])
         .arg(image_dir())
         .arg("--run-dir")

@@ -209,3 +209,20 @@ impl SshChain {
         self.caches.path().join(format!("L{depth}"))
     }
 }
+
+/// The built component of a suite of tests-wasm/lang (`./x langs` builds them);
+/// a missing one names the command.
+pub fn lang_component(lang: &str, suite: &str) -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/lang-suites")
+        .join(lang)
+        .join(suite)
+        .join(format!("{suite}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is not built: run `./x langs` (it installs the Python, JavaScript and C \
+         toolchains and builds tests-wasm/lang)",
+        path.display()
+    );
+    path.to_string_lossy().into_owned()
+}
