@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::Run;
 use common::vm::{
-    expect_infrastructure_error, image_dir, image_with_kernel, nested, qemus_left, run_dir,
+    expect_infrastructure_error, image_dir, image_with_kernel, nested, qemus_left, run_dir, vm_test,
 };
 use matryoshka_test_programs::{NESTED, RELAY};
 
@@ -208,12 +208,8 @@ fn qemu_exiting_early_fails_within_two_seconds() {
 
 /// Starts the demo to L1 and returns once its QEMU has written to the console.
 fn start_booting(dir: &Path) -> std::process::Child {
-    let child = common::bin()
-        .args(["test", NESTED, "--env", "NESTED_LEVELS=1", "--accel", "tcg"])
-        .arg("--image-dir")
-        .arg(image_dir())
-        .arg("--run-dir")
-        .arg(dir)
+    let child = vm_test(NESTED, &image_dir(), dir)
+        .args(["--env", "NESTED_LEVELS=1", "--accel", "tcg"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -268,12 +264,9 @@ fn a_killed_runtime_takes_its_vm_with_it() {
 #[test]
 fn a_level_whose_runtime_dies_powers_off_and_is_reported_lost() {
     let dir = run_dir("runtime-dies");
-    let out = common::bin()
-        .args(["test", RELAY, "--levels", "1", "--nocapture", "--ignored"])
-        .args(["--exact", "kill_own_runtime", "--image-dir"])
-        .arg(image_dir())
-        .arg("--run-dir")
-        .arg(dir.path())
+    let out = vm_test(RELAY, &image_dir(), dir.path())
+        .args(["--levels", "1", "--nocapture", "--ignored"])
+        .args(["--exact", "kill_own_runtime"])
         .output()
         .expect("start matryoshka");
     let run = Run::from(out);

@@ -8,20 +8,15 @@ mod common;
 
 use std::time::Instant;
 
-use common::vm::{image_dir, qemus_left, run_dir};
+use common::vm::{image_dir, qemus_left, run_dir, vm_test};
 use common::{Run, lang_component};
 
 /// Runs a language's relay suite at L0/L1 and checks every test passed there.
 fn relay_at_l1(lang: &str) {
     let dir = run_dir(&format!("lang-{lang}"));
     let started = Instant::now();
-    let out = common::bin()
-        .arg("test")
-        .arg(lang_component(lang, "relay"))
-        .args(["--levels", "1", "--image-dir"])
-        .arg(image_dir())
-        .arg("--run-dir")
-        .arg(dir.path())
+    let out = vm_test(lang_component(lang, "relay"), &image_dir(), dir.path())
+        .args(["--levels", "1"])
         .output()
         .expect("start matryoshka");
     let run = Run::from(out);

@@ -12,7 +12,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::Run;
-use common::vm::{image_dir, qemus_left, run_dir};
+use common::vm::{image_dir, qemus_left, run_dir, vm_test};
 use matryoshka_test_programs::{BASICS, NESTED, RELAY};
 
 /// `target/images`, holding one folder per architecture.
@@ -245,12 +245,9 @@ fn a_missing_s390x_image_names_the_command_that_builds_it() {
     let only = tempfile::tempdir().expect("image dir");
     std::os::unix::fs::symlink(image_dir(), only.path().join("x86_64")).expect("symlink");
     let run = Run::from(
-        common::bin()
-            .args(["test", NESTED, "--env", "NESTED_LEVELS=1"])
-            .args(["--env", "NESTED_ARCHS=s390x", "--image-dir"])
-            .arg(only.path().join("x86_64"))
-            .arg("--run-dir")
-            .arg(dir.path())
+        vm_test(NESTED, &only.path().join("x86_64"), dir.path())
+            .args(["--env", "NESTED_LEVELS=1"])
+            .args(["--env", "NESTED_ARCHS=s390x"])
             .output()
             .expect("start matryoshka"),
     );

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::Run;
-use common::vm::{expect_infrastructure_error, image_dir, nested, qemus_left, run_dir};
+use common::vm::{expect_infrastructure_error, image_dir, nested, qemus_left, run_dir, vm_test};
 use matryoshka_test_programs::NESTED;
 
 /// A boot the level refused before starting QEMU: the test fails (not the
@@ -135,15 +135,11 @@ fn a_level_cannot_reach_its_parent_and_its_host_key_stays_off_command_lines() {
     listener.set_nonblocking(true).expect("non-blocking");
     let port = listener.local_addr().expect("address").port();
     let (stdout, stderr) = (dir.path().join("stdout"), dir.path().join("stderr"));
-    let mut child = common::bin()
-        .args(["-v", "test", NESTED, "--nocapture", "--ignored", "--exact"])
+    let mut child = vm_test(NESTED, &image_dir(), dir.path())
+        .args(["-v", "--nocapture", "--ignored", "--exact"])
         .args(["sealed_level", "--grant", "exec=timeout,ssh-keyscan"])
         .arg("--env")
         .arg(format!("NESTED_PARENT_PORT={port}"))
-        .arg("--image-dir")
-        .arg(image_dir())
-        .arg("--run-dir")
-        .arg(dir.path())
         .stdout(std::fs::File::create(&stdout).expect("stdout file"))
         .stderr(std::fs::File::create(&stderr).expect("stderr file"))
         .spawn()
@@ -260,13 +256,9 @@ fn a_qemu_that_refuses_the_sandbox_boots_the_level_without_it() {
         bin.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let out = common::bin()
+    let out = vm_test(NESTED, &image_dir(), dir.path())
         .env("PATH", path)
-        .args(["-v", "test", NESTED, "--levels", "1", "where_am_i"])
-        .arg("--image-dir")
-        .arg(image_dir())
-        .arg("--run-dir")
-        .arg(dir.path())
+        .args(["-v", "--levels", "1", "where_am_i"])
         .output()
         .expect("start matryoshka");
     let run = Run::from(out);

@@ -13,17 +13,14 @@ use std::path::Path;
 use std::time::Instant;
 
 use common::Run;
-use common::vm::{image_dir, qemus_left, run_dir};
+use common::vm::{image_dir, qemus_left, run_dir, vm_test};
 use matryoshka_test_programs::{LIBVIRT, PASSTHROUGH, QMP};
 
 /// Runs `suite` with the run's image and folder, and says how long it took.
 fn run_suite(suite: &str, dir: &Path, args: &[&str]) -> Run {
     let started = Instant::now();
-    let out = common::bin()
-        .args(["test", suite, "--nocapture", "--image-dir"])
-        .arg(image_dir())
-        .arg("--run-dir")
-        .arg(dir)
+    let out = vm_test(suite, &image_dir(), dir)
+        .arg("--nocapture")
         .args(args)
         .output()
         .expect("start matryoshka");

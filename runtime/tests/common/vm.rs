@@ -1,6 +1,7 @@
 //! Helpers of the VM tier: the guest image, run folders, the nested demo suite,
 //! and the QEMU processes a run left.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -27,13 +28,24 @@ pub fn run_dir(name: &str) -> tempfile::TempDir {
         .expect("run dir")
 }
 
-pub fn nested(run_dir: &Path, image: &Path, extra: &[&str]) -> (Run, Duration) {
-    let started = Instant::now();
-    let out = super::bin()
-        .args(["test", NESTED, "--nocapture", "--image-dir"])
+/// `matryoshka test COMPONENT` with the guest images of `image` and the run folder
+/// `run_dir` (where its QEMU processes can be found by their console path); the
+/// caller adds the rest of the arguments.
+pub fn vm_test(component: impl AsRef<OsStr>, image: &Path, run_dir: &Path) -> Command {
+    let mut cmd = super::bin();
+    cmd.arg("test")
+        .arg(component)
+        .arg("--image-dir")
         .arg(image)
         .arg("--run-dir")
-        .arg(run_dir)
+        .arg(run_dir);
+    cmd
+}
+
+pub fn nested(run_dir: &Path, image: &Path, extra: &[&str]) -> (Run, Duration) {
+    let started = Instant::now();
+    let out = vm_test(NESTED, image, run_dir)
+        .arg("--nocapture")
         .args(["--env"])
         .arg(format!("NESTED_ROOT={}", image.join("root.img").display()))
         .args(extra)
