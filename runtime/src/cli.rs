@@ -133,6 +133,10 @@ struct TestArgs {
     /// Show output as it is written, for every test and every level.
     #[arg(long, alias = "show-output")]
     nocapture: bool,
+    /// Run a failed test up to N more times; one that passes on a retry is reported
+    /// flaky. With --levels, a retry after a lost level boots the chain again.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    retries: u32,
     /// Exit 0 once the run completed even if tests failed (for TAP harnesses such as meson).
     #[arg(long)]
     exit_zero: bool,
@@ -412,6 +416,7 @@ async fn test(args: TestArgs) -> u8 {
             .jobs
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         live_output: args.nocapture || args.format == Format::Json,
+        retries: args.retries,
     };
     let plan = runner::plan(&cases, &opts);
     if args.list {
@@ -503,31 +508,42 @@ async fn test(args: TestArgs) -> u8 {
 }
 
 fn list(runner: &Runner, plan: &runner::Plan, format: Format) -> u8 {
+    use std::io::Write as _;
     let suite = &runner.suite().name;
-    for t in &plan.tests {
-        let c = &t.case;
-        if format == Format::Json {
-            let line = serde_json::json!({
-                "suite": suite,
-                "name": c.name,
-                "ignored": c.ignored,
-                "timeout_ms": c.timeout_ms,
-                "tags": c.tags,
-            });
-            match crate::reporter::json::to_line(&line) {
-                Ok(line) => println!("{line}"),
-                Err(e) => eprintln!("error: cannot write the list: {e}"),
+    let mut out = BufWriter::new(io::stdout().lock());
+    let mut write = || -> io::Result<()> {
+        for t in &plan.tests {
+            let c = &t.case;
+            if format == Format::Json {
+                let line = serde_json::json!({
+                    "suite": suite,
+                    "name": c.name,
+                    "ignored": c.ignored,
+                    "timeout_ms": c.timeout_ms,
+                    "tags": c.tags,
+                });
+                writeln!(out, "{}", crate::reporter::json::to_line(&line)?)?;
+            } else {
+                let ignored = if c.ignored { " (ignored)" } else { "" };
+                let name = crate::reporter::text::line(&c.name);
+                writeln!(
+                    out,
+                    "{}::{name}: test{ignored}",
+                    crate::reporter::text::line(suite)
+                )?;
             }
-        } else {
-            let ignored = if c.ignored { " (ignored)" } else { "" };
-            let name = crate::reporter::text::line(&c.name);
-            println!(
-                "{}::{name}: test{ignored}",
-                crate::reporter::text::line(suite)
-            );
+        }
+        out.flush()
+    };
+    match write() {
+        Ok(()) => 0,
+        // A reader that stopped early (`| head`) wanted no more.
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => 0,
+        Err(e) => {
+            eprintln!("error: cannot write the list: {e}");
+            EXIT_COULD_NOT_RUN
         }
     }
-    0
 }
 
 fn reporters(args: &TestArgs) -> io::Result<Vec<Box<dyn Reporter>>> {

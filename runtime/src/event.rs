@@ -94,6 +94,8 @@ pub struct Summary {
     pub ignored: usize,
     /// Tests not in the plan because of filters.
     pub filtered_out: usize,
+    /// Of the passed tests, those that failed first and passed on a retry.
+    pub flaky: usize,
 }
 
 /// Something that happened during a run.
@@ -116,6 +118,8 @@ pub enum TestEvent {
         filtered_out: usize,
         /// Tests run at once.
         jobs: usize,
+        /// Times a failed test is run again (`--retries`).
+        retries: u32,
     },
     /// A test began.
     TestStarted {
@@ -133,16 +137,34 @@ pub enum TestEvent {
         /// The text.
         text: String,
     },
+    /// A test failed and runs again (`--retries`); `TestFinished` follows the last try.
+    TestRetried {
+        /// Which test.
+        test: TestId,
+        /// The try that failed, from 1.
+        attempt: u32,
+        /// How it failed.
+        failure: TestFailure,
+        /// Wall time of that try, in seconds.
+        duration_secs: f64,
+        /// Everything that try wrote.
+        output: CapturedOutput,
+    },
     /// A test ended.
     TestFinished {
         /// Which test.
         test: TestId,
+        /// Its place in the plan, from 0: tests end in any order, reports that
+        /// number them (TAP) or list them (JUnit) use this one.
+        index: usize,
         /// How it ended.
         outcome: Outcome,
-        /// Wall time, in seconds.
+        /// Wall time of the last try, in seconds.
         duration_secs: f64,
-        /// Everything it wrote.
+        /// Everything the last try wrote.
         output: CapturedOutput,
+        /// Tries, from 1: a test that passed on a try after the first is flaky.
+        attempts: u32,
     },
     /// Every test ended.
     RunFinished {

@@ -296,6 +296,40 @@ fn a_level_whose_runtime_dies_powers_off_and_is_reported_lost() {
 }
 
 #[test]
+fn a_retry_after_a_lost_level_gets_a_freshly_booted_chain() {
+    let dir = run_dir("runtime-dies-retried");
+    let out = vm_test(RELAY, &image_dir(), dir.path())
+        .args([
+            "--levels",
+            "1",
+            "--retries",
+            "1",
+            "--nocapture",
+            "--ignored",
+        ])
+        .args(["--exact", "kill_own_runtime"])
+        .output()
+        .expect("start matryoshka");
+    let run = Run::from(out);
+    // The test kills its level's runtime on every try: both tries are lost levels.
+    run.expect_code(101);
+    let first = run.line_for("TRY 1 FAIL", "kill_own_runtime");
+    assert!(first.contains("level L0/L1 lost"), "{first}");
+    let last = run.line_for("FAIL", "kill_own_runtime (try 2 of 2)");
+    assert!(last.contains("level L0/L1 lost"), "{last}");
+    // The second try ran at a level booted for it, not at the dead one.
+    assert_eq!(
+        run.stdout
+            .matches("info L0/L1 kill_own_runtime | killing the runtime of L0/L1")
+            .count(),
+        2,
+        "{}",
+        run.stdout
+    );
+    assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
+}
+
+#[test]
 fn levels_runs_each_test_at_the_deepest_level() {
     let dir = run_dir("levels");
     let (run, _) = nested(dir.path(), &image_dir(), &["--levels", "1", "where_am_i"]);

@@ -21,6 +21,11 @@ pub struct HumanReporter<W> {
     progress: ProgressBar,
     show_output: bool,
     failures: Vec<(TestId, TestFailure, CapturedOutput)>,
+    /// Tests that passed on a retry, with the first failure.
+    flaky: Vec<(TestId, TestFailure)>,
+    /// The first failure of each test that is being retried.
+    retried: Vec<(TestId, TestFailure)>,
+    tries: u32,
 }
 
 impl<W: Write> HumanReporter<W> {
@@ -42,6 +47,9 @@ impl<W: Write> HumanReporter<W> {
             progress,
             show_output,
             failures: Vec::new(),
+            flaky: Vec::new(),
+            retried: Vec::new(),
+            tries: 1,
         }
     }
 
@@ -61,8 +69,10 @@ impl<W: Write + Send> Reporter for HumanReporter<W> {
                 planned,
                 filtered_out,
                 jobs,
+                retries,
                 ..
             } => {
+                self.tries = retries.saturating_add(1);
                 self.progress.set_length(*planned as u64);
                 let short = text::line(sha256.get(..12).unwrap_or(sha256));
                 self.line(&format!(
@@ -95,25 +105,58 @@ impl<W: Write + Send> Reporter for HumanReporter<W> {
                 let body = text::block(written.trim_end_matches('\n'));
                 self.line(&indent(&body, &prefix))?;
             }
+            TestEvent::TestRetried {
+                test,
+                attempt,
+                failure,
+                duration_secs,
+                ..
+            } => {
+                let first = text::first_line(&failure.message, LINE_WIDTH);
+                self.line(&format!(
+                    "  TRY {attempt} FAIL [{duration_secs:>8.3}s] {}: {}: {first}",
+                    display_name(test),
+                    failure.kind.as_str()
+                ))?;
+                if !self.retried.iter().any(|(t, _)| t == test) {
+                    self.retried.push((test.clone(), failure.clone()));
+                }
+            }
             TestEvent::TestFinished {
                 test,
                 outcome,
                 duration_secs,
                 output,
+                attempts,
+                ..
             } => {
                 self.progress.inc(1);
                 let name = display_name(test);
+                let first_failure = self
+                    .retried
+                    .iter()
+                    .position(|(t, _)| t == test)
+                    .map(|at| self.retried.swap_remove(at).1);
+                let tries = if *attempts > 1 {
+                    format!(" (try {attempts} of {})", self.tries)
+                } else {
+                    String::new()
+                };
                 match outcome {
-                    Outcome::Passed => {
-                        self.line(&format!("    PASS [{duration_secs:>8.3}s] {name}"))?;
-                    }
+                    Outcome::Passed => match first_failure {
+                        Some(failure) => {
+                            self.line(&format!("   FLAKY [{duration_secs:>8.3}s] {name}{tries}"))?;
+                            self.flaky.push((test.clone(), failure));
+                        }
+                        None => self.line(&format!("    PASS [{duration_secs:>8.3}s] {name}"))?,
+                    },
                     Outcome::Ignored => {
                         self.line(&format!("    SKIP [{:>9}] {name} (ignored)", ""))?;
                     }
                     Outcome::Failed(f) => {
                         let first = text::first_line(&f.message, LINE_WIDTH);
                         self.line(&format!(
-                            "    FAIL [{duration_secs:>8.3}s] {name}: {}: {first}",
+                            "    FAIL [{duration_secs:>8.3}s] {name}{tries}: {}: {first}",
                             f.kind.as_str()
                         ))?;
                         self.failures
@@ -154,9 +197,26 @@ impl<W: Write + Send> Reporter for HumanReporter<W> {
                         )?;
                     }
                 }
+                if !self.flaky.is_empty() {
+                    writeln!(self.out, "\nflaky tests (passed on a retry):")?;
+                    for (test, failure) in &self.flaky {
+                        writeln!(
+                            self.out,
+                            "    {} (try 1: {}: {})",
+                            display_name(test),
+                            failure.kind.as_str(),
+                            text::first_line(&failure.message, LINE_WIDTH)
+                        )?;
+                    }
+                }
+                let flaky = if summary.flaky > 0 {
+                    format!(" ({} flaky)", summary.flaky)
+                } else {
+                    String::new()
+                };
                 writeln!(
                     self.out,
-                    "\n{} passed, {} failed, {} ignored; {} filtered out; finished in {:.2}s",
+                    "\n{} passed{flaky}, {} failed, {} ignored; {} filtered out; finished in {:.2}s",
                     summary.passed,
                     summary.failed,
                     summary.ignored,

@@ -85,6 +85,7 @@ mod tests {
                 name: hostile.into(),
                 level_path: "L0".into(),
             },
+            index: 0,
             outcome: Outcome::Failed(TestFailure {
                 kind: FailureKind::Panic,
                 message: hostile.into(),
@@ -92,6 +93,7 @@ mod tests {
             }),
             duration_secs: 0.0,
             output: CapturedOutput::default(),
+            attempts: 1,
         };
         let mut out = Vec::new();
         JsonReporter::new(&mut out).event(&event).expect("written");

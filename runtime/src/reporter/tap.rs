@@ -10,16 +10,23 @@
 //! each, and YAML values are double-quoted scalars that TAP::Parser's YAMLish
 //! reader and full YAML parsers both read.
 
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::io::{self, Write};
 
 use super::{Reporter, text};
-use crate::event::{Outcome, TestEvent};
+use crate::event::{Outcome, TestEvent, TestFailure, TestId};
 
 /// Writes TAP version 13.
 pub struct TapReporter<W> {
     out: W,
-    next: usize,
+    /// Test points written so far: the next one to write has this index.
+    written: usize,
+    /// Test points that ended before an earlier one, by index.
+    pending: BTreeMap<usize, String>,
     show_output: bool,
+    /// The first failure of each test that is being retried.
+    retried: Vec<(TestId, TestFailure)>,
 }
 
 impl<W: Write> TapReporter<W> {
@@ -27,8 +34,10 @@ impl<W: Write> TapReporter<W> {
     pub fn new(out: W, show_output: bool) -> Self {
         Self {
             out,
-            next: 1,
+            written: 0,
+            pending: BTreeMap::new(),
             show_output,
+            retried: Vec::new(),
         }
     }
 }
@@ -51,36 +60,87 @@ impl<W: Write + Send> Reporter for TapReporter<W> {
                     writeln!(self.out, "# [{origin}] {}", text::line(l))?;
                 }
             }
-            TestEvent::TestFinished { test, outcome, .. } => {
-                let n = self.next;
-                self.next += 1;
-                let full_name = test.full_name();
-                let name = text::tap_description(&full_name);
-                match outcome {
-                    Outcome::Passed => writeln!(self.out, "ok {n} - {name}")?,
-                    Outcome::Ignored => writeln!(self.out, "ok {n} - {name} # SKIP ignored")?,
-                    Outcome::Failed(f) => {
-                        writeln!(self.out, "not ok {n} - {name}")?;
-                        writeln!(self.out, "  ---")?;
-                        writeln!(self.out, "  kind: {}", f.kind.as_str())?;
-                        writeln!(self.out, "  level: {}", text::yaml_quoted(&test.level_path))?;
-                        if let Some(at) = &f.location {
-                            writeln!(self.out, "  at: {}", text::yaml_quoted(at))?;
-                        }
-                        writeln!(self.out, "  message: {}", text::yaml_quoted(&f.message))?;
-                        writeln!(self.out, "  ...")?;
-                    }
+            TestEvent::TestRetried { test, failure, .. }
+                if !self.retried.iter().any(|(t, _)| t == test) =>
+            {
+                self.retried.push((test.clone(), failure.clone()));
+            }
+            TestEvent::TestFinished {
+                test,
+                index,
+                outcome,
+                attempts,
+                ..
+            } => {
+                let first_failure = self
+                    .retried
+                    .iter()
+                    .position(|(t, _)| t == test)
+                    .map(|at| self.retried.swap_remove(at).1);
+                let point = test_point(*index + 1, test, outcome, *attempts, first_failure);
+                self.pending.insert(*index, point);
+                // Numbers follow the plan whatever order tests end in: a harness
+                // (meson's JUnit, a dashboard) names results by their number.
+                while let Some(point) = self.pending.remove(&self.written) {
+                    self.out.write_all(point.as_bytes())?;
+                    self.written += 1;
                 }
             }
             TestEvent::RunFinished { summary, .. } => {
                 writeln!(
                     self.out,
-                    "# {} passed, {} failed, {} ignored",
-                    summary.passed, summary.failed, summary.ignored
+                    "# {} passed ({} flaky), {} failed, {} ignored",
+                    summary.passed, summary.flaky, summary.failed, summary.ignored
                 )?;
             }
             _ => {}
         }
         self.out.flush()
     }
+}
+
+/// The test point of test number `n`, with its YAML block.
+fn test_point(
+    n: usize,
+    test: &TestId,
+    outcome: &Outcome,
+    attempts: u32,
+    first_failure: Option<TestFailure>,
+) -> String {
+    let full_name = test.full_name();
+    let name = text::tap_description(&full_name);
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    match outcome {
+        Outcome::Passed => {
+            let _ = writeln!(out, "ok {n} - {name}");
+            if let Some(f) = first_failure {
+                // Flaky: passed on a retry. The block is diagnostics only.
+                let _ = writeln!(out, "  ---");
+                let _ = writeln!(out, "  flaky: true");
+                let _ = writeln!(out, "  attempts: {attempts}");
+                let _ = writeln!(out, "  first_failure: {}", f.kind.as_str());
+                let _ = writeln!(out, "  message: {}", text::yaml_quoted(&f.message));
+                let _ = writeln!(out, "  ...");
+            }
+        }
+        Outcome::Ignored => {
+            let _ = writeln!(out, "ok {n} - {name} # SKIP ignored");
+        }
+        Outcome::Failed(f) => {
+            let _ = writeln!(out, "not ok {n} - {name}");
+            let _ = writeln!(out, "  ---");
+            let _ = writeln!(out, "  kind: {}", f.kind.as_str());
+            let _ = writeln!(out, "  level: {}", text::yaml_quoted(&test.level_path));
+            if let Some(at) = &f.location {
+                let _ = writeln!(out, "  at: {}", text::yaml_quoted(at));
+            }
+            let _ = writeln!(out, "  message: {}", text::yaml_quoted(&f.message));
+            if attempts > 1 {
+                let _ = writeln!(out, "  attempts: {attempts}");
+            }
+            let _ = writeln!(out, "  ...");
+        }
+    }
+    out
 }

@@ -11,13 +11,15 @@ use crate::level::Target;
 use crate::level::connection::Connection;
 use crate::level::vm::VmRequest;
 use crate::output::{Capture, OutputSink};
-use crate::wire::RemoteError;
+use crate::wire::{RemoteError, WireErrorKind};
 
 /// A chain of VM levels booted for a run (`--levels N`), whose deepest level runs
 /// every test. Output relayed from it goes to the capture of the running test.
 pub struct Chain {
-    conn: Connection,
+    conn: tokio::sync::RwLock<Option<Connection>>,
+    relay: OutputSink,
     current: Arc<std::sync::Mutex<Option<Arc<Capture>>>>,
+    levels: u32,
     deepest: String,
 }
 
@@ -43,31 +45,15 @@ impl Chain {
                 }
             })
         };
-        let capture = Capture::forwarding(&ctx.level.path, usize::MAX, relay);
-        let setup = ctx.child_setup(levels.saturating_sub(1));
-        let depth = setup.depth;
-        let request = VmRequest {
-            arch: (depth as usize)
-                .checked_sub(1)
-                .and_then(|i| ctx.vms.settings.chain_arch.get(i))
-                .cloned(),
-            ..VmRequest::default()
-        };
-        let conn = Connection::open(
-            &Target::Vm(request),
-            setup,
-            ctx.component.clone(),
-            capture,
-            &ctx.vms,
-            ctx.ssh.as_ref(),
-            ctx.new_budget(),
-        )
-        .await?;
+        let depth = ctx.level.depth + 1;
         let deepest = (depth..depth + levels.max(1))
             .fold(ctx.level.path.clone(), |path, d| format!("{path}/L{d}"));
+        let conn = open(ctx, levels, relay.clone()).await?;
         Ok(Self {
-            conn,
+            conn: tokio::sync::RwLock::new(Some(conn)),
+            relay,
             current,
+            levels,
             deepest,
         })
     }
@@ -77,19 +63,68 @@ impl Chain {
         self.deepest.clone()
     }
 
+    /// Tears the chain down and boots it again, for a retry after a level was lost.
+    /// The old levels are gone before the new ones boot; when booting fails, every
+    /// later test fails with that error.
+    pub async fn renew(&self, ctx: &LevelContext) -> Result<(), RemoteError> {
+        let mut conn = self.conn.write().await;
+        // Dropping the connection stops L1's QEMU, and every level below with it.
+        *conn = None;
+        *conn = Some(open(ctx, self.levels, self.relay.clone()).await?);
+        Ok(())
+    }
+
     /// Runs `name` at the deepest level for a level above, whose output goes on up.
     pub async fn forward_run(&self, name: &str, timeout: Duration) -> Result<Outcome, RemoteError> {
-        self.conn.run_test(name, timeout).await
+        match &*self.conn.read().await {
+            Some(conn) => conn.run_test(name, timeout).await,
+            None => Err(RemoteError {
+                kind: WireErrorKind::LevelLost,
+                message: format!(
+                    "{} is down: booting the chain again for a retry failed (the retry's \
+                     failure says why)",
+                    self.deepest
+                ),
+                level_path: self.deepest.clone(),
+            }),
+        }
     }
 
     /// Runs `name` at the deepest level, its output going into `capture`.
     pub async fn run_test(&self, name: &str, timeout: Duration, capture: &Arc<Capture>) -> Outcome {
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(capture.clone());
-        let result = self.conn.run_test(name, timeout).await;
+        let result = self.forward_run(name, timeout).await;
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
         match result {
             Ok(outcome) => outcome,
             Err(e) => Outcome::Failed(failure(FailureKind::Infrastructure, e.message, None)),
         }
     }
+}
+
+/// Boots the chain's first level below `ctx`, which boots the rest.
+async fn open(
+    ctx: &LevelContext,
+    levels: u32,
+    relay: OutputSink,
+) -> Result<Connection, RemoteError> {
+    let capture = Capture::forwarding(&ctx.level.path, usize::MAX, relay);
+    let setup = ctx.child_setup(levels.saturating_sub(1));
+    let request = VmRequest {
+        arch: (setup.depth as usize)
+            .checked_sub(1)
+            .and_then(|i| ctx.vms.settings.chain_arch.get(i))
+            .cloned(),
+        ..VmRequest::default()
+    };
+    Connection::open(
+        &Target::Vm(request),
+        setup,
+        ctx.component.clone(),
+        capture,
+        &ctx.vms,
+        ctx.ssh.as_ref(),
+        ctx.new_budget(),
+    )
+    .await
 }

@@ -53,6 +53,9 @@ pub struct RunOptions {
     pub jobs: usize,
     /// Send output events as output happens.
     pub live_output: bool,
+    /// Times a failed test runs again; one that passes on a retry is flaky. With a
+    /// `--levels` chain, a retry after an infrastructure failure gets a fresh chain.
+    pub retries: u32,
 }
 
 impl Default for RunOptions {
@@ -65,6 +68,7 @@ impl Default for RunOptions {
             default_timeout: Duration::from_secs(60),
             jobs: 1,
             live_output: false,
+            retries: 0,
         }
     }
 }
@@ -219,6 +223,7 @@ impl Runner {
             planned: plan.tests.len(),
             filtered_out: plan.filtered_out,
             jobs,
+            retries: opts.retries,
         });
         let mut summary = Summary {
             filtered_out: plan.filtered_out,
@@ -226,7 +231,7 @@ impl Runner {
         };
         let permits = Arc::new(Semaphore::new(jobs));
         let mut tasks = JoinSet::new();
-        for planned in plan.tests {
+        for (index, planned) in plan.tests.into_iter().enumerate() {
             let id = TestId {
                 suite: self.suite.name.clone(),
                 name: planned.case.name.clone(),
@@ -253,30 +258,64 @@ impl Runner {
             let permit = permits.clone().acquire_owned().await.ok();
             let events = events.clone();
             let run = planned.run;
+            let retries = opts.retries;
             tasks.spawn(async move {
                 let _permit = permit;
-                let (outcome, output, duration) = if run {
-                    let _ = events.send(TestEvent::TestStarted { test: id.clone() });
+                if !run {
+                    let outcome = Outcome::Ignored;
+                    let _ = events.send(TestEvent::TestFinished {
+                        test: id,
+                        index,
+                        outcome: outcome.clone(),
+                        duration_secs: 0.0,
+                        output: CapturedOutput::default(),
+                        attempts: 1,
+                    });
+                    return (outcome, 1);
+                }
+                let _ = events.send(TestEvent::TestStarted { test: id.clone() });
+                let mut attempt = 1;
+                loop {
                     let began = Instant::now();
                     let (outcome, output) = job.run(&id, &events).await;
-                    (outcome, output, began.elapsed())
-                } else {
-                    (Outcome::Ignored, CapturedOutput::default(), Duration::ZERO)
-                };
-                let _ = events.send(TestEvent::TestFinished {
-                    test: id,
-                    outcome: outcome.clone(),
-                    duration_secs: duration.as_secs_f64(),
-                    output,
-                });
-                outcome
+                    let duration_secs = began.elapsed().as_secs_f64();
+                    match outcome {
+                        Outcome::Failed(failure) if attempt <= retries => {
+                            job.before_retry(&failure).await;
+                            let _ = events.send(TestEvent::TestRetried {
+                                test: id.clone(),
+                                attempt,
+                                failure,
+                                duration_secs,
+                                output,
+                            });
+                            attempt += 1;
+                        }
+                        outcome => {
+                            let _ = events.send(TestEvent::TestFinished {
+                                test: id,
+                                index,
+                                outcome: outcome.clone(),
+                                duration_secs,
+                                output,
+                                attempts: attempt,
+                            });
+                            return (outcome, attempt);
+                        }
+                    }
+                }
             });
         }
         while let Some(done) = tasks.join_next().await {
             match done {
-                Ok(Outcome::Passed) => summary.passed += 1,
-                Ok(Outcome::Ignored) => summary.ignored += 1,
-                Ok(Outcome::Failed(f)) => {
+                Ok((Outcome::Passed, attempts)) => {
+                    summary.passed += 1;
+                    if attempts > 1 {
+                        summary.flaky += 1;
+                    }
+                }
+                Ok((Outcome::Ignored, _)) => summary.ignored += 1,
+                Ok((Outcome::Failed(f), _)) => {
                     summary.failed += 1;
                     if f.kind == FailureKind::Infrastructure {
                         summary.infrastructure += 1;
@@ -326,8 +365,24 @@ pub async fn run_here(
 }
 
 impl TestJob {
+    /// Readies a retry after `failure`: a chain that lost a level is booted again.
+    async fn before_retry(&self, failure: &TestFailure) {
+        if failure.kind != FailureKind::Infrastructure {
+            return;
+        }
+        if let Some(chain) = &self.chain
+            && let Err(e) = chain.renew(&self.ctx).await
+        {
+            tracing::warn!(
+                "booting {} again for a retry failed: {}",
+                chain.deepest(),
+                e.message
+            );
+        }
+    }
+
     async fn run(
-        self,
+        &self,
         id: &TestId,
         events: &mpsc::UnboundedSender<TestEvent>,
     ) -> (Outcome, CapturedOutput) {
@@ -353,7 +408,7 @@ impl TestJob {
     }
 
     /// Runs `name` in a fresh instance whose output goes to `capture`.
-    async fn run_in(self, name: &str, capture: Arc<Capture>) -> Outcome {
+    async fn run_in(&self, name: &str, capture: Arc<Capture>) -> Outcome {
         let state = match HostState::new(self.ctx.clone(), capture.clone()) {
             Ok(state) => state,
             Err(e) => {

@@ -1,0 +1,188 @@
+//! Reports as CI reads them: retries and flaky tests in every format, and
+//! results numbered and listed in plan order whatever order tests end in.
+
+#[allow(dead_code, reason = "shared by several test crates, each using a part")]
+mod common;
+
+use std::io::BufReader;
+
+use common::{Run, run};
+use matryoshka_test_programs::{CI, MANY};
+
+/// `ci.wasm`'s `fails_once` with a fresh state folder, `--retries` and `args`.
+fn fails_once(retries: &str, args: &[&str]) -> Run {
+    let state = tempfile::tempdir().expect("state dir");
+    let grant = format!("fs={}:/state:rw", state.path().display());
+    let mut all = vec![
+        "test",
+        CI,
+        "--ignored",
+        "fails_once",
+        "--grant",
+        &grant,
+        "--retries",
+        retries,
+    ];
+    all.extend_from_slice(args);
+    run(&all)
+}
+
+#[test]
+fn without_retries_the_test_that_fails_once_fails() {
+    let r = fails_once("0", &[]);
+    r.expect_code(100);
+    r.expect_stdout("first try fails on purpose");
+    assert!(!r.stdout.contains("FLAKY"), "{}", r.stdout);
+}
+
+#[test]
+fn a_test_that_passes_on_a_retry_is_flaky_in_human_output() {
+    let r = fails_once("2", &[]);
+    r.expect_code(0);
+    let tried = r.line_for("TRY 1 FAIL", "fails_once");
+    assert!(tried.contains("first try fails on purpose"), "{tried}");
+    let flaky = r.line_for("FLAKY", "fails_once");
+    assert!(flaky.contains("(try 2 of 3)"), "{flaky}");
+    r.expect_stdout("flaky tests (passed on a retry):");
+    r.expect_stdout("1 passed (1 flaky), 0 failed");
+}
+
+#[test]
+fn a_test_that_passes_on_a_retry_is_flaky_in_json_lines() {
+    let r = fails_once("2", &["--format", "json"]);
+    r.expect_code(0);
+    let events: Vec<serde_json::Value> = r
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let retried: Vec<_> = events
+        .iter()
+        .filter(|e| e["event"] == "test-retried")
+        .collect();
+    assert_eq!(retried.len(), 1, "{}", r.stdout);
+    assert_eq!(retried[0]["attempt"], 1);
+    assert_eq!(retried[0]["failure"]["kind"], "panic");
+    let finished = events
+        .iter()
+        .find(|e| e["event"] == "test-finished")
+        .expect("test-finished");
+    assert_eq!(finished["attempts"], 2);
+    assert_eq!(finished["outcome"]["status"], "passed");
+    let summary = &events.last().expect("events")["summary"];
+    assert_eq!(summary["passed"], 1);
+    assert_eq!(summary["flaky"], 1);
+    assert_eq!(events[0]["retries"], 2);
+}
+
+#[test]
+fn a_test_that_passes_on_a_retry_is_flaky_in_junit() {
+    let r = fails_once("2", &["--format", "junit"]);
+    r.expect_code(0);
+    let report = junit_parser::from_reader(BufReader::new(r.stdout.as_bytes()))
+        .unwrap_or_else(|e| panic!("JUnit did not parse: {e}\n{}", r.stdout));
+    assert_eq!((report.tests, report.failures, report.errors), (1, 0, 0));
+    // Surefire's form, which Jenkins, GitLab and nextest use for a flaky test.
+    let flaky = r
+        .stdout
+        .lines()
+        .find(|l| l.contains("<flakyFailure"))
+        .unwrap_or_else(|| panic!("no flakyFailure:\n{}", r.stdout));
+    assert!(flaky.contains(r#"type="panic""#), "{flaky}");
+    assert!(flaky.contains("first try fails on purpose"), "{flaky}");
+}
+
+#[test]
+fn a_test_that_passes_on_a_retry_is_flaky_in_tap() {
+    let r = fails_once("2", &["--format", "tap"]);
+    r.expect_code(0);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| *l == "ok 1 - ci::fails_once")
+        .unwrap_or_else(|| panic!("no passing point:\n{}", r.stdout));
+    assert_eq!(
+        &lines[at + 1..at + 4],
+        ["  ---", "  flaky: true", "  attempts: 2"]
+    );
+}
+
+#[test]
+fn a_test_that_keeps_failing_runs_once_per_try_and_fails() {
+    let r = run(&[
+        "test",
+        CI,
+        "fails_on_purpose",
+        "--retries",
+        "2",
+        "--format",
+        "json",
+    ]);
+    r.expect_code(100);
+    let tries = r
+        .stdout
+        .lines()
+        .filter(|l| l.contains(r#""event":"test-retried""#))
+        .count();
+    assert_eq!(tries, 2, "{}", r.stdout);
+    let finished = r
+        .stdout
+        .lines()
+        .find(|l| l.contains(r#""event":"test-finished""#))
+        .expect("test-finished");
+    let finished: serde_json::Value = serde_json::from_str(finished).expect("json");
+    assert_eq!(finished["attempts"], 3);
+    assert_eq!(finished["outcome"]["status"], "failed");
+}
+
+/// Test names in plan order, from `--list`.
+fn planned(component: &str) -> Vec<String> {
+    let r = run(&["test", component, "--list"]);
+    r.expect_code(0);
+    r.stdout
+        .lines()
+        .map(|l| {
+            let l = l.strip_suffix(" (ignored)").unwrap_or(l);
+            let name = l.strip_suffix(": test").expect("a test line");
+            name.to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn tap_numbers_follow_the_plan_whatever_order_tests_end_in() {
+    let names = planned(MANY);
+    assert!(names.len() >= 100, "{}", names.len());
+    let r = run(&["test", MANY, "--format", "tap", "-j", "4"]);
+    r.expect_code(0);
+    let points: Vec<(usize, &str)> = r
+        .stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("ok "))
+        .map(|l| {
+            let (n, name) = l.split_once(" - ").expect("ok N - name");
+            let name = name.strip_suffix(" # SKIP ignored").unwrap_or(name);
+            (n.parse().expect("number"), name)
+        })
+        .collect();
+    assert_eq!(points.len(), names.len());
+    for (i, (n, name)) in points.iter().enumerate() {
+        assert_eq!(*n, i + 1, "points out of order:\n{}", r.stdout);
+        assert_eq!(*name, names[i], "point {n} is not the plan's test {n}");
+    }
+}
+
+#[test]
+fn junit_lists_cases_in_plan_order() {
+    let names = planned(MANY);
+    let r = run(&["test", MANY, "--format", "junit", "-j", "4"]);
+    r.expect_code(0);
+    let report = junit_parser::from_reader(BufReader::new(r.stdout.as_bytes()))
+        .unwrap_or_else(|e| panic!("JUnit did not parse: {e}"));
+    let listed: Vec<String> = report.suites[0]
+        .cases
+        .iter()
+        .map(|c| format!("many::{}", c.original_name))
+        .collect();
+    assert_eq!(listed, names);
+}
