@@ -112,6 +112,8 @@ pub enum TestEvent {
         sha256: String,
         /// Level path of the runtime that leads the run.
         level_path: String,
+        /// Host name of the machine that leads the run.
+        hostname: String,
         /// Tests in the plan, ignored ones included.
         planned: usize,
         /// Tests left out by filters.
@@ -147,7 +149,8 @@ pub enum TestEvent {
         failure: TestFailure,
         /// Wall time of that try, in seconds.
         duration_secs: f64,
-        /// Everything that try wrote.
+        /// Everything that try wrote (left out of JSON lines, which had it live).
+        #[serde(skip_serializing_if = "CapturedOutput::is_empty")]
         output: CapturedOutput,
     },
     /// A test ended.
@@ -161,7 +164,8 @@ pub enum TestEvent {
         outcome: Outcome,
         /// Wall time of the last try, in seconds.
         duration_secs: f64,
-        /// Everything the last try wrote.
+        /// Everything the last try wrote (left out of JSON lines, which had it live).
+        #[serde(skip_serializing_if = "CapturedOutput::is_empty")]
         output: CapturedOutput,
         /// Tries, from 1: a test that passed on a try after the first is flaky.
         attempts: u32,
@@ -171,6 +175,20 @@ pub enum TestEvent {
         /// Counts.
         summary: Summary,
         /// Wall time of the whole run, in seconds.
+        duration_secs: f64,
+    },
+    /// The run ended before its tests did, or before it could start: the suite
+    /// could not be loaded, the chain did not boot, or a signal stopped it.
+    /// Reports end with what they have and say why. Ends the stream instead of
+    /// `RunFinished`.
+    RunAborted {
+        /// The suite, i.e. the component's file stem.
+        suite: String,
+        /// Why, e.g. `interrupted by SIGTERM`.
+        reason: String,
+        /// Tests that had finished.
+        finished: usize,
+        /// Wall time until then, in seconds.
         duration_secs: f64,
     },
 }

@@ -132,6 +132,13 @@ pub struct CapturedOutput {
     pub logs: Vec<LogLine>,
 }
 
+impl CapturedOutput {
+    /// True when the test wrote nothing at all.
+    pub fn is_empty(&self) -> bool {
+        self.stdout.is_empty() && self.stderr.is_empty() && self.logs.is_empty()
+    }
+}
+
 /// Receives every piece of output as it is written, with the level path it came
 /// from: for live reporting at the top, for relaying upward at other levels.
 pub type OutputSink = Arc<dyn Fn(&str, Stream, &str) + Send + Sync>;

@@ -209,7 +209,7 @@ fn junit_is_well_formed_xml_and_keeps_the_escapes() {
         .unwrap_or_else(|e| panic!("JUnit did not parse: {e}\n{}", r.stdout));
     assert_eq!(report.tests, 9);
     assert_eq!(report.failures, 4);
-    assert_eq!(report.skipped, 1);
+    assert_eq!(report.suites[0].skipped, 1);
     let cases = &report.suites[0].cases;
     let names: Vec<&str> = cases.iter().map(|c| c.original_name.as_str()).collect();
     assert_eq!(names, SHOWN_NAMES);
@@ -290,9 +290,13 @@ fn json_lines_escape_and_round_trip_the_exact_text() {
         "bad \x1b[2J\x1b]0;pwned\x07 ]]> <![CDATA[x]]> \0\u{fffe}\n\
          ok 99 - injected\n  ...\nnot ok 98 - injected"
     );
-    let noisy = &finished[7]["output"];
+    // With --nocapture the output went out live, once, exactly as written.
+    let noisy = events
+        .iter()
+        .find(|e| e["event"] == "output" && e["stream"] == "stderr")
+        .expect("the stderr output event");
     assert_eq!(
-        noisy["stderr"], "stderr \x1b[31mred\x1b[0m \u{9b}31m\n",
+        noisy["text"], "stderr \x1b[31mred\x1b[0m \u{9b}31m\n",
         "{noisy}"
     );
 }
@@ -332,7 +336,21 @@ fn duplicate_and_empty_names_are_refused_before_anything_runs() {
         let r = run(&args);
         r.expect_code(101);
         assert_eq!(r.stderr, expected, "{extra:?}");
-        assert_eq!(r.stdout, "", "nothing ran or was listed ({extra:?})");
+        // Nothing ran or was listed; a machine-read stream says why it ends.
+        let reason = expected
+            .strip_prefix("error: ")
+            .and_then(|e| e.strip_suffix('\n'))
+            .expect("one error line");
+        match extra.last() {
+            Some(&"tap") => assert_eq!(r.stdout, format!("Bail out! {reason}\n")),
+            Some(&"json") => {
+                let event: serde_json::Value =
+                    serde_json::from_str(r.stdout.trim_end()).expect("one JSON line");
+                assert_eq!(event["event"], "run-aborted");
+                assert_eq!(event["reason"], reason);
+            }
+            _ => assert_eq!(r.stdout, "", "{extra:?}"),
+        }
     }
 }
 

@@ -7,7 +7,7 @@ mod common;
 use std::io::BufReader;
 
 use common::{Run, run};
-use matryoshka_test_programs::{CI, MANY};
+use matryoshka_test_programs::{CI, HOSTILE, MANY};
 
 /// `ci.wasm`'s `fails_once` with a fresh state folder, `--retries` and `args`.
 fn fails_once(retries: &str, args: &[&str]) -> Run {
@@ -185,4 +185,144 @@ fn junit_lists_cases_in_plan_order() {
         .map(|c| format!("many::{}", c.original_name))
         .collect();
     assert_eq!(listed, names);
+}
+
+#[test]
+fn junit_attributes_are_the_ones_jenkins_schemas_accept() {
+    let r = run(&["test", CI, "--format", "junit"]);
+    r.expect_code(100);
+    let testsuites = r
+        .stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("<testsuites"))
+        .expect("<testsuites>");
+    // junit-10.xsd allows name, time, tests, failures and errors here, nothing else.
+    for attribute in ["skipped=", "disabled=", "timestamp=", "uuid="] {
+        assert!(!testsuites.contains(attribute), "{testsuites}");
+    }
+    let testsuite = r
+        .stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("<testsuite "))
+        .expect("<testsuite>");
+    for attribute in ["timestamp=\"", "hostname=\"", "time=\""] {
+        assert!(testsuite.contains(attribute), "{testsuite}");
+    }
+    r.expect_stdout(r#"<skipped message="ignored"/>"#);
+}
+
+/// Starts `args`, sends SIGTERM after `after`, and returns what it did.
+fn terminated_after(args: &[&str], after: std::time::Duration) -> Run {
+    let child = common::bin()
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start matryoshka");
+    std::thread::sleep(after);
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -TERM: {status}");
+    Run::from(child.wait_with_output().expect("wait"))
+}
+
+#[test]
+fn sigterm_in_the_middle_of_a_run_leaves_a_whole_junit_file_and_bails_out_of_tap() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let junit = dir.path().join("report.xml");
+    let junit_arg = junit.to_str().expect("utf-8");
+    // infinite_loop runs first and spins until its 60 s deadline.
+    let r = terminated_after(
+        &[
+            "test",
+            HOSTILE,
+            "-j",
+            "1",
+            "--timeout",
+            "60",
+            "--format",
+            "tap",
+            "--junit",
+            junit_arg,
+        ],
+        std::time::Duration::from_secs(2),
+    );
+    r.expect_code(143);
+    assert_eq!(
+        r.stdout.lines().last(),
+        Some("Bail out! interrupted by SIGTERM"),
+        "{}",
+        r.stdout
+    );
+    let file = std::fs::File::open(&junit).expect("report written");
+    let report = junit_parser::from_reader(BufReader::new(file)).expect("a whole JUnit file");
+    assert_eq!(report.errors, 1);
+    let case = &report.suites[0].cases[0];
+    match &case.status {
+        junit_parser::TestStatus::Error(e) => {
+            assert_eq!(e.error_type, "aborted");
+            assert!(e.text.contains("interrupted by SIGTERM"), "{}", e.text);
+            assert!(
+                e.text.contains("0 of 9 planned tests had finished"),
+                "{}",
+                e.text
+            );
+        }
+        other => panic!("expected an error case, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_suite_that_does_not_load_still_writes_a_junit_file_saying_why() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let junit = dir.path().join("report.xml");
+    let missing = dir.path().join("missing.wasm");
+    let r = run(&[
+        "test",
+        missing.to_str().expect("utf-8"),
+        "--junit",
+        junit.to_str().expect("utf-8"),
+    ]);
+    r.expect_code(101);
+    r.expect_stderr("cannot read");
+    let file = std::fs::File::open(&junit).expect("report written");
+    let report = junit_parser::from_reader(BufReader::new(file)).expect("a whole JUnit file");
+    assert_eq!((report.tests, report.errors), (1, 1));
+    assert_eq!(report.suites[0].name, "missing");
+}
+
+#[test]
+fn json_lines_carry_a_version_and_a_time_and_output_once() {
+    for live in [false, true] {
+        let mut args = vec!["test", CI, "--format", "json"];
+        if live {
+            args.push("--nocapture");
+        }
+        let r = run(&args);
+        r.expect_code(100);
+        for line in r.stdout.lines() {
+            let event: serde_json::Value = serde_json::from_str(line).expect("json");
+            assert_eq!(event["version"], 1, "{line}");
+            let time = event["time"].as_str().expect("time");
+            assert!(
+                time.len() == 24 && time.ends_with('Z') && time.as_bytes()[10] == b'T',
+                "{time}"
+            );
+            if live && event["event"] == "test-finished" {
+                assert!(event.get("output").is_none(), "output sent twice: {line}");
+            }
+            if !live {
+                assert_ne!(event["event"], "output", "{line}");
+            }
+        }
+        // The log line goes out once: live with --nocapture, else in test-finished.
+        assert_eq!(
+            r.stdout.matches("running at L0").count(),
+            1,
+            "live {live}: {}",
+            r.stdout
+        );
+    }
 }

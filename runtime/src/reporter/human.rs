@@ -25,6 +25,7 @@ pub struct HumanReporter<W> {
     flaky: Vec<(TestId, TestFailure)>,
     /// The first failure of each test that is being retried.
     retried: Vec<(TestId, TestFailure)>,
+    /// Tries a test gets; 0 until the run started.
     tries: u32,
 }
 
@@ -49,7 +50,7 @@ impl<W: Write> HumanReporter<W> {
             failures: Vec::new(),
             flaky: Vec::new(),
             retried: Vec::new(),
-            tries: 1,
+            tries: 0,
         }
     }
 
@@ -163,6 +164,20 @@ impl<W: Write + Send> Reporter for HumanReporter<W> {
                             .push((test.clone(), f.clone(), output.clone()));
                     }
                 }
+            }
+            // Before the run started, the error on stderr says it all.
+            TestEvent::RunAborted {
+                reason,
+                finished,
+                duration_secs,
+                ..
+            } if self.tries > 0 => {
+                self.progress.finish_and_clear();
+                writeln!(
+                    self.out,
+                    "\naborted after {duration_secs:.2}s, {finished} tests finished: {}",
+                    text::block(reason)
+                )?;
             }
             TestEvent::RunFinished {
                 summary,

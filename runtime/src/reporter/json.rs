@@ -14,6 +14,7 @@ use serde_json::ser::{CompactFormatter, Formatter};
 
 use super::{Reporter, text};
 use crate::event::TestEvent;
+use crate::output::CapturedOutput;
 
 /// Compact JSON whose strings hold no character [`text::is_unsafe`] flags.
 pub struct InertFormatter;
@@ -47,21 +48,53 @@ pub fn to_line(value: &impl Serialize) -> io::Result<String> {
     String::from_utf8(out).map_err(io::Error::other)
 }
 
+/// The version of the JSON lines format (docs/json.md): raised when a field
+/// changes meaning or goes away; new events and fields keep it.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// One line: the event's fields beside the format version and the wall-clock
+/// time the reporter saw it.
+#[derive(Serialize)]
+struct Line<'a> {
+    version: u32,
+    /// RFC 3339 in UTC, to the millisecond.
+    time: String,
+    #[serde(flatten)]
+    event: &'a TestEvent,
+}
+
 /// Writes each event as a JSON line.
 pub struct JsonReporter<W> {
     out: W,
+    live: bool,
 }
 
 impl<W: Write> JsonReporter<W> {
-    /// A reporter writing to `out`.
-    pub fn new(out: W) -> Self {
-        Self { out }
+    /// A reporter writing to `out`; `live` says output events are sent as output
+    /// happens, so `test-finished` need not carry that output a second time.
+    pub fn new(out: W, live: bool) -> Self {
+        Self { out, live }
     }
 }
 
 impl<W: Write + Send> Reporter for JsonReporter<W> {
     fn event(&mut self, event: &TestEvent) -> io::Result<()> {
-        event.serialize(&mut serde_json::Serializer::with_formatter(
+        let without_output;
+        let event = match event {
+            TestEvent::TestFinished { .. } | TestEvent::TestRetried { .. } if self.live => {
+                without_output = strip_output(event.clone());
+                &without_output
+            }
+            _ => event,
+        };
+        let time = chrono::DateTime::<chrono::Utc>::from(std::time::SystemTime::now())
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let line = Line {
+            version: FORMAT_VERSION,
+            time,
+            event,
+        };
+        line.serialize(&mut serde_json::Serializer::with_formatter(
             &mut self.out,
             InertFormatter,
         ))?;
@@ -70,11 +103,20 @@ impl<W: Write + Send> Reporter for JsonReporter<W> {
     }
 }
 
+/// `event` without the output it carries (an empty output is not written).
+fn strip_output(mut event: TestEvent) -> TestEvent {
+    if let TestEvent::TestFinished { output, .. } | TestEvent::TestRetried { output, .. } =
+        &mut event
+    {
+        *output = CapturedOutput::default();
+    }
+    event
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::event::{FailureKind, Outcome, TestFailure, TestId};
-    use crate::output::CapturedOutput;
 
     #[test]
     fn hostile_text_stays_on_one_line_and_round_trips() {
@@ -96,7 +138,9 @@ mod tests {
             attempts: 1,
         };
         let mut out = Vec::new();
-        JsonReporter::new(&mut out).event(&event).expect("written");
+        JsonReporter::new(&mut out, false)
+            .event(&event)
+            .expect("written");
         let line = String::from_utf8(out).expect("utf-8");
         assert_eq!(line.matches('\n').count(), 1, "{line}");
         assert!(!line.bytes().any(|b| b < 0x20 && b != b'\n'), "{line}");

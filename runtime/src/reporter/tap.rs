@@ -86,6 +86,10 @@ impl<W: Write + Send> Reporter for TapReporter<W> {
                     self.written += 1;
                 }
             }
+            TestEvent::RunAborted { reason, .. } => {
+                // Harnesses (prove, meson) end the stream here and report the reason.
+                writeln!(self.out, "Bail out! {}", text::line(reason))?;
+            }
             TestEvent::RunFinished { summary, .. } => {
                 writeln!(
                     self.out,

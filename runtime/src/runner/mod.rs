@@ -220,6 +220,7 @@ impl Runner {
             component: self.suite.path.display().to_string(),
             sha256: self.suite.sha256.clone(),
             level_path: self.ctx.level.path.clone(),
+            hostname: self.ctx.level.hostname.clone(),
             planned: plan.tests.len(),
             filtered_out: plan.filtered_out,
             jobs,

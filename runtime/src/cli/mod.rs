@@ -4,32 +4,22 @@
 //! run completed), [`EXIT_TESTS_FAILED`] when a test failed,
 //! [`EXIT_COULD_NOT_RUN`] when the suite could not be run at all (unreadable or
 //! malformed component, wrong world, a failing `tests` export), 2 for an
-//! invalid command line, grant or config file, and 130 when interrupted.
+//! invalid command line, grant or config file, 130 when interrupted (SIGINT) and
+//! 143 when stopped by SIGTERM.
 
-use std::fs::File;
-use std::io::{self, BufWriter, IsTerminal};
+use std::io::{self, IsTerminal};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use tokio::sync::mpsc;
 
-use crate::config::{AccelPolicy, Grants, InstanceLimits, NestLimits, SshSettings, VmSettings};
+use crate::config::{AccelPolicy, NestLimits, SshSettings};
 use crate::engine::CacheDir;
-use crate::host::LevelContext;
-use crate::level::LevelInfo;
-use crate::level::vm::{RunDir, VmContext};
-use crate::output::{OutputSink, Stream};
-use crate::reporter::human::HumanReporter;
-use crate::reporter::json::JsonReporter;
-use crate::reporter::junit::JunitReporter;
-use crate::reporter::tap::TapReporter;
-use crate::reporter::{Format, Reporter};
-use crate::runner::{self, Chain, IgnoredMode, RunOptions, Runner};
+use crate::reporter::Format;
 use crate::serve::{ServeOptions, serve_stdio};
-use crate::suite;
+
+mod test;
 
 /// Some selected test failed.
 pub const EXIT_TESTS_FAILED: u8 = 100;
@@ -39,6 +29,8 @@ pub const EXIT_COULD_NOT_RUN: u8 = 101;
 pub const EXIT_USAGE: u8 = 2;
 /// The run was interrupted (SIGINT).
 pub const EXIT_INTERRUPTED: u8 = 130;
+/// The run was stopped by SIGTERM.
+pub const EXIT_TERMINATED: u8 = 143;
 
 /// Test runner for nested virtualization: WebAssembly component tests, run at
 /// every level of a chain of guests.
@@ -204,7 +196,7 @@ pub fn main() -> ExitCode {
         }
     };
     let code = match cli.command {
-        Command::Test(args) => runtime.block_on(test(*args)),
+        Command::Test(args) => runtime.block_on(test::test(*args)),
         Command::Serve(args) => {
             let opts = ServeOptions {
                 cache: args
@@ -307,260 +299,6 @@ fn parse_size(s: &str) -> Result<usize, String> {
         .ok_or_else(|| {
             format!("`{s}` is not a size: use a number of bytes, optionally with K, M or G")
         })
-}
-
-fn grants_for(args: &TestArgs) -> Result<Grants, String> {
-    let mut grants = Grants::default();
-    let beside = args
-        .component
-        .parent()
-        .unwrap_or(Path::new("."))
-        .join("matryoshka.toml");
-    let config = match &args.config {
-        Some(path) => Some(path.clone()),
-        None if !args.no_config && beside.exists() => Some(beside),
-        None => None,
-    };
-    if let Some(path) = config {
-        grants.merge_config(&path).map_err(|e| e.to_string())?;
-    }
-    for g in &args.grant {
-        grants.add(g).map_err(|e| e.to_string())?;
-    }
-    Ok(grants)
-}
-
-async fn test(args: TestArgs) -> u8 {
-    let (grants, ssh) = match grants_for(&args).and_then(|g| Ok((g, ssh_settings(&args)?))) {
-        Ok(g) => g,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return EXIT_USAGE;
-        }
-    };
-    let cache = match (&args.cache_dir, args.no_cache) {
-        (_, true) => CacheDir::Disabled,
-        (Some(dir), false) => CacheDir::At(dir.clone()),
-        (None, false) => CacheDir::default_location(),
-    };
-    let component = args.component.clone();
-    let memo_dir = cache.dir().map(PathBuf::from);
-    let loaded = match tokio::task::spawn_blocking(move || suite::load(&component, &cache)).await {
-        Ok(Ok(suite)) => suite,
-        Ok(Err(e)) => {
-            eprintln!("error: {e}");
-            return EXIT_COULD_NOT_RUN;
-        }
-        Err(e) => {
-            eprintln!("error: loading the component panicked: {e}");
-            return EXIT_COULD_NOT_RUN;
-        }
-    };
-    tracing::info!(source = ?loaded.source, sha256 = %loaded.sha256, "component loaded");
-    let limits = InstanceLimits {
-        memory_bytes: args.memory_limit.saturating_mul(1 << 20),
-        output_bytes: args.max_output,
-        ..InstanceLimits::default()
-    };
-    let ctx = LevelContext {
-        level: LevelInfo::top(),
-        grants,
-        limits,
-        nest: NestLimits {
-            max_depth: args.max_depth,
-            max_levels: args.max_levels,
-        },
-        env: args.env.clone(),
-        ssh,
-        component: loaded.component.clone(),
-        vms: VmContext::new(
-            VmSettings {
-                accel: args.accel,
-                jump: Vec::new(),
-                chain_arch: args.level_arch.clone(),
-            },
-            args.image_dir.clone(),
-            RunDir::Kept(args.run_dir.clone().unwrap_or_else(default_run_dir)),
-            memo_dir,
-        ),
-        parent_budget: None,
-    };
-    let runner = Runner::new(loaded, ctx);
-    let cases = match runner.list().await {
-        Ok(cases) => cases,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return EXIT_COULD_NOT_RUN;
-        }
-    };
-    let Ok(timeout) = Duration::try_from_secs_f64(args.timeout.max(0.001)) else {
-        eprintln!(
-            "error: --timeout {} is not a number of seconds",
-            args.timeout
-        );
-        return EXIT_USAGE;
-    };
-    let opts = RunOptions {
-        filters: args.filters.clone(),
-        exact: args.exact,
-        skip: args.skip.clone(),
-        ignored: if args.ignored {
-            IgnoredMode::Only
-        } else if args.include_ignored {
-            IgnoredMode::Include
-        } else {
-            IgnoredMode::Skip
-        },
-        default_timeout: timeout,
-        jobs: args
-            .jobs
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
-        live_output: args.nocapture || args.format == Format::Json,
-        retries: args.retries,
-    };
-    let plan = runner::plan(&cases, &opts);
-    if args.list {
-        return list(&runner, &plan, args.format);
-    }
-    if args.levels > args.max_depth {
-        eprintln!(
-            "error: --levels {} is deeper than --max-depth {}; raise it with --max-depth {}",
-            args.levels, args.max_depth, args.levels
-        );
-        return EXIT_USAGE;
-    }
-    let (runner, opts) = if args.levels > 0 {
-        eprintln!(
-            "booting {} VM level{} for the run (L1 .. L{}); every test runs at the deepest",
-            args.levels,
-            if args.levels == 1 { "" } else { "s" },
-            args.levels
-        );
-        let sink: OutputSink = Arc::new(|origin: &str, stream, text: &str| {
-            if let Stream::Log(level) = stream {
-                eprintln!("  {} {origin} | {text}", level.as_str());
-            }
-        });
-        let booted = tokio::select! {
-            booted = Chain::boot(runner.context(), args.levels, Some(sink)) => booted,
-            _ = tokio::signal::ctrl_c() => {
-                eprintln!("interrupted: stopping the levels booted so far");
-                return EXIT_INTERRUPTED;
-            }
-        };
-        match booted {
-            Ok(chain) => {
-                eprintln!("{} is up", chain.deepest());
-                // One chain, one test at a time: its output is the running test's.
-                (runner.with_chain(chain), RunOptions { jobs: 1, ..opts })
-            }
-            Err(e) => {
-                eprintln!("error: {}", e.message);
-                return EXIT_COULD_NOT_RUN;
-            }
-        }
-    } else {
-        (runner, opts)
-    };
-    let mut reporters = match reporters(&args) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return EXIT_USAGE;
-        }
-    };
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let run = runner.run(plan, &opts, tx);
-    let report = async {
-        let mut failed = None;
-        while let Some(event) = rx.recv().await {
-            for r in &mut reporters {
-                if let Err(e) = r.event(&event) {
-                    failed.get_or_insert(e);
-                }
-            }
-        }
-        failed
-    };
-    let both = async { tokio::join!(run, report) };
-    let (summary, report_error) = tokio::select! {
-        done = both => done,
-        _ = tokio::signal::ctrl_c() => {
-            // Dropping the run drops every instance, its guests and their levels.
-            eprintln!("interrupted: stopping the tests and every level they reached");
-            return EXIT_INTERRUPTED;
-        }
-    };
-    if let Some(e) = report_error {
-        eprintln!("error: writing the report failed: {e}");
-        return EXIT_COULD_NOT_RUN;
-    }
-    if summary.failed > 0 && !args.exit_zero {
-        // Every failure came from the infrastructure: nothing was learnt about the tests.
-        if summary.failed == summary.infrastructure {
-            EXIT_COULD_NOT_RUN
-        } else {
-            EXIT_TESTS_FAILED
-        }
-    } else {
-        0
-    }
-}
-
-fn list(runner: &Runner, plan: &runner::Plan, format: Format) -> u8 {
-    use std::io::Write as _;
-    let suite = &runner.suite().name;
-    let mut out = BufWriter::new(io::stdout().lock());
-    let mut write = || -> io::Result<()> {
-        for t in &plan.tests {
-            let c = &t.case;
-            if format == Format::Json {
-                let line = serde_json::json!({
-                    "suite": suite,
-                    "name": c.name,
-                    "ignored": c.ignored,
-                    "timeout_ms": c.timeout_ms,
-                    "tags": c.tags,
-                });
-                writeln!(out, "{}", crate::reporter::json::to_line(&line)?)?;
-            } else {
-                let ignored = if c.ignored { " (ignored)" } else { "" };
-                let name = crate::reporter::text::line(&c.name);
-                writeln!(
-                    out,
-                    "{}::{name}: test{ignored}",
-                    crate::reporter::text::line(suite)
-                )?;
-            }
-        }
-        out.flush()
-    };
-    match write() {
-        Ok(()) => 0,
-        // A reader that stopped early (`| head`) wanted no more.
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => 0,
-        Err(e) => {
-            eprintln!("error: cannot write the list: {e}");
-            EXIT_COULD_NOT_RUN
-        }
-    }
-}
-
-fn reporters(args: &TestArgs) -> io::Result<Vec<Box<dyn Reporter>>> {
-    let stdout = || BufWriter::new(io::stdout());
-    let mut out: Vec<Box<dyn Reporter>> = vec![match args.format {
-        Format::Human => Box::new(HumanReporter::new(stdout(), args.nocapture)),
-        Format::Json => Box::new(JsonReporter::new(stdout())),
-        Format::Junit => Box::new(JunitReporter::new(stdout())),
-        Format::Tap => Box::new(TapReporter::new(stdout(), args.nocapture)),
-    }];
-    if let Some(path) = &args.junit {
-        let file = File::create(path).map_err(|e| {
-            io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display()))
-        })?;
-        out.push(Box::new(JunitReporter::new(BufWriter::new(file))));
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -1,0 +1,377 @@
+//! `matryoshka test`: load the suite, plan, boot a chain if asked, run, report.
+//!
+//! Reports are opened first and always closed: a run that ends early (a suite
+//! that does not load, a chain that does not boot, SIGINT or SIGTERM) ends every
+//! report with a `RunAborted` event that says why, so a JUnit file is whole and
+//! a TAP stream ends with `Bail out!`.
+
+use std::fs::File;
+use std::io::{self, BufWriter};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::{
+    EXIT_COULD_NOT_RUN, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_TESTS_FAILED, EXIT_USAGE, TestArgs,
+    default_run_dir, ssh_settings,
+};
+use crate::config::{Grants, InstanceLimits, NestLimits, VmSettings};
+use crate::engine::CacheDir;
+use crate::event::TestEvent;
+use crate::host::LevelContext;
+use crate::level::LevelInfo;
+use crate::level::vm::{RunDir, VmContext};
+use crate::output::{OutputSink, Stream};
+use crate::reporter::human::HumanReporter;
+use crate::reporter::json::JsonReporter;
+use crate::reporter::junit::JunitReporter;
+use crate::reporter::tap::TapReporter;
+use crate::reporter::{Format, Reporter};
+use crate::runner::{self, Chain, IgnoredMode, RunOptions, Runner};
+use crate::suite;
+
+fn grants_for(args: &TestArgs) -> Result<Grants, String> {
+    let mut grants = Grants::default();
+    let beside = args
+        .component
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("matryoshka.toml");
+    let config = match &args.config {
+        Some(path) => Some(path.clone()),
+        None if !args.no_config && beside.exists() => Some(beside),
+        None => None,
+    };
+    if let Some(path) = config {
+        grants.merge_config(&path).map_err(|e| e.to_string())?;
+    }
+    for g in &args.grant {
+        grants.add(g).map_err(|e| e.to_string())?;
+    }
+    Ok(grants)
+}
+
+pub(super) async fn test(args: TestArgs) -> u8 {
+    let (grants, ssh) = match grants_for(&args).and_then(|g| Ok((g, ssh_settings(&args)?))) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let cache = match (&args.cache_dir, args.no_cache) {
+        (_, true) => CacheDir::Disabled,
+        (Some(dir), false) => CacheDir::At(dir.clone()),
+        (None, false) => CacheDir::default_location(),
+    };
+    // Report files exist from the start, so that a run ending early still leaves
+    // a whole report saying why.
+    let mut report = match Reports::new(&args) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let component = args.component.clone();
+    let memo_dir = cache.dir().map(PathBuf::from);
+    let loaded = match tokio::task::spawn_blocking(move || suite::load(&component, &cache)).await {
+        Ok(Ok(suite)) => suite,
+        Ok(Err(e)) => return report.abort(&format!("{e}"), EXIT_COULD_NOT_RUN),
+        Err(e) => {
+            let reason = format!("loading the component panicked: {e}");
+            return report.abort(&reason, EXIT_COULD_NOT_RUN);
+        }
+    };
+    tracing::info!(source = ?loaded.source, sha256 = %loaded.sha256, "component loaded");
+    let limits = InstanceLimits {
+        memory_bytes: args.memory_limit.saturating_mul(1 << 20),
+        output_bytes: args.max_output,
+        ..InstanceLimits::default()
+    };
+    let ctx = LevelContext {
+        level: LevelInfo::top(),
+        grants,
+        limits,
+        nest: NestLimits {
+            max_depth: args.max_depth,
+            max_levels: args.max_levels,
+        },
+        env: args.env.clone(),
+        ssh,
+        component: loaded.component.clone(),
+        vms: VmContext::new(
+            VmSettings {
+                accel: args.accel,
+                jump: Vec::new(),
+                chain_arch: args.level_arch.clone(),
+            },
+            args.image_dir.clone(),
+            RunDir::Kept(args.run_dir.clone().unwrap_or_else(default_run_dir)),
+            memo_dir,
+        ),
+        parent_budget: None,
+    };
+    let runner = Runner::new(loaded, ctx);
+    let cases = match runner.list().await {
+        Ok(cases) => cases,
+        Err(e) => return report.abort(&e.to_string(), EXIT_COULD_NOT_RUN),
+    };
+    let Ok(timeout) = Duration::try_from_secs_f64(args.timeout.max(0.001)) else {
+        eprintln!(
+            "error: --timeout {} is not a number of seconds",
+            args.timeout
+        );
+        return EXIT_USAGE;
+    };
+    let opts = RunOptions {
+        filters: args.filters.clone(),
+        exact: args.exact,
+        skip: args.skip.clone(),
+        ignored: if args.ignored {
+            IgnoredMode::Only
+        } else if args.include_ignored {
+            IgnoredMode::Include
+        } else {
+            IgnoredMode::Skip
+        },
+        default_timeout: timeout,
+        jobs: args
+            .jobs
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        live_output: args.nocapture,
+        retries: args.retries,
+    };
+    let plan = runner::plan(&cases, &opts);
+    if args.list {
+        return list(&runner, &plan, args.format);
+    }
+    if args.levels > args.max_depth {
+        eprintln!(
+            "error: --levels {} is deeper than --max-depth {}; raise it with --max-depth {}",
+            args.levels, args.max_depth, args.levels
+        );
+        return EXIT_USAGE;
+    }
+    let (runner, opts) = if args.levels > 0 {
+        eprintln!(
+            "booting {} VM level{} for the run (L1 .. L{}); every test runs at the deepest",
+            args.levels,
+            if args.levels == 1 { "" } else { "s" },
+            args.levels
+        );
+        let sink: OutputSink = Arc::new(|origin: &str, stream, text: &str| {
+            if let Stream::Log(level) = stream {
+                eprintln!("  {} {origin} | {text}", level.as_str());
+            }
+        });
+        let booted = tokio::select! {
+            booted = Chain::boot(runner.context(), args.levels, Some(sink)) => booted,
+            signal = stop_signal() => {
+                eprintln!("interrupted: stopping the levels booted so far");
+                return report.abort(&format!("interrupted by {signal} while booting"), signal.exit_code());
+            }
+        };
+        match booted {
+            Ok(chain) => {
+                eprintln!("{} is up", chain.deepest());
+                // One chain, one test at a time: its output is the running test's.
+                (runner.with_chain(chain), RunOptions { jobs: 1, ..opts })
+            }
+            Err(e) => {
+                let reason = format!("the chain did not boot: {}", e.message);
+                return report.abort(&reason, EXIT_COULD_NOT_RUN);
+            }
+        }
+    } else {
+        (runner, opts)
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let run = runner.run(plan, &opts, tx);
+    let reporting = async {
+        while let Some(event) = rx.recv().await {
+            report.send(&event);
+        }
+    };
+    let both = async { tokio::join!(run, reporting) };
+    let summary = tokio::select! {
+        (summary, ()) = both => summary,
+        signal = stop_signal() => {
+            // Dropping the run dropped every instance, its guests and their levels.
+            eprintln!("interrupted: stopping the tests and every level they reached");
+            while let Ok(event) = rx.try_recv() {
+                report.send(&event);
+            }
+            return report.abort(&format!("interrupted by {signal}"), signal.exit_code());
+        }
+    };
+    if let Some(e) = report.error.take() {
+        eprintln!("error: writing the report failed: {e}");
+        return EXIT_COULD_NOT_RUN;
+    }
+    if summary.failed > 0 && !args.exit_zero {
+        // Every failure came from the infrastructure: nothing was learnt about the tests.
+        if summary.failed == summary.infrastructure {
+            EXIT_COULD_NOT_RUN
+        } else {
+            EXIT_TESTS_FAILED
+        }
+    } else {
+        0
+    }
+}
+
+fn list(runner: &Runner, plan: &runner::Plan, format: Format) -> u8 {
+    use std::io::Write as _;
+    let suite = &runner.suite().name;
+    let mut out = BufWriter::new(io::stdout().lock());
+    let mut write = || -> io::Result<()> {
+        for t in &plan.tests {
+            let c = &t.case;
+            if format == Format::Json {
+                let line = serde_json::json!({
+                    "suite": suite,
+                    "name": c.name,
+                    "ignored": c.ignored,
+                    "timeout_ms": c.timeout_ms,
+                    "tags": c.tags,
+                });
+                writeln!(out, "{}", crate::reporter::json::to_line(&line)?)?;
+            } else {
+                let ignored = if c.ignored { " (ignored)" } else { "" };
+                let name = crate::reporter::text::line(&c.name);
+                writeln!(
+                    out,
+                    "{}::{name}: test{ignored}",
+                    crate::reporter::text::line(suite)
+                )?;
+            }
+        }
+        out.flush()
+    };
+    match write() {
+        Ok(()) => 0,
+        // A reader that stopped early (`| head`) wanted no more.
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => 0,
+        Err(e) => {
+            eprintln!("error: cannot write the list: {e}");
+            EXIT_COULD_NOT_RUN
+        }
+    }
+}
+
+/// The run's reporters, fed every event, and closed with `RunAborted` when the
+/// run ends early.
+struct Reports {
+    reporters: Vec<Box<dyn Reporter>>,
+    suite: String,
+    started: Instant,
+    finished: usize,
+    /// The first error writing a report.
+    error: Option<io::Error>,
+}
+
+impl Reports {
+    /// The reporter of `--format` on stdout, and the `--junit` file; none for `--list`.
+    fn new(args: &TestArgs) -> io::Result<Self> {
+        let suite = args
+            .component
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut reporters: Vec<Box<dyn Reporter>> = Vec::new();
+        if !args.list {
+            let stdout = || BufWriter::new(io::stdout());
+            let live = args.nocapture;
+            reporters.push(match args.format {
+                Format::Human => Box::new(HumanReporter::new(stdout(), args.nocapture)),
+                Format::Json => Box::new(JsonReporter::new(stdout(), live)),
+                Format::Junit => Box::new(JunitReporter::new(stdout())),
+                Format::Tap => Box::new(TapReporter::new(stdout(), args.nocapture)),
+            });
+            if let Some(path) = &args.junit {
+                let file = File::create(path).map_err(|e| {
+                    io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display()))
+                })?;
+                reporters.push(Box::new(JunitReporter::new(BufWriter::new(file))));
+            }
+        }
+        Ok(Self {
+            reporters,
+            suite,
+            started: Instant::now(),
+            finished: 0,
+            error: None,
+        })
+    }
+
+    /// Hands `event` to every reporter.
+    fn send(&mut self, event: &TestEvent) {
+        if matches!(event, TestEvent::TestFinished { .. }) {
+            self.finished += 1;
+        }
+        for r in &mut self.reporters {
+            if let Err(e) = r.event(event) {
+                self.error.get_or_insert(e);
+            }
+        }
+    }
+
+    /// Ends every report with `reason` and returns `code`; a reason that is an
+    /// error (not a signal) also goes to stderr.
+    fn abort(&mut self, reason: &str, code: u8) -> u8 {
+        if code == EXIT_COULD_NOT_RUN {
+            eprintln!("error: {reason}");
+        }
+        let event = TestEvent::RunAborted {
+            suite: self.suite.clone(),
+            reason: reason.to_string(),
+            finished: self.finished,
+            duration_secs: self.started.elapsed().as_secs_f64(),
+        };
+        self.send(&event);
+        code
+    }
+}
+
+/// A signal that stops the run.
+#[derive(Debug, Clone, Copy)]
+enum StopSignal {
+    Int,
+    Term,
+}
+
+impl StopSignal {
+    fn exit_code(self) -> u8 {
+        match self {
+            StopSignal::Int => EXIT_INTERRUPTED,
+            StopSignal::Term => EXIT_TERMINATED,
+        }
+    }
+}
+
+impl std::fmt::Display for StopSignal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StopSignal::Int => "SIGINT",
+            StopSignal::Term => "SIGTERM",
+        })
+    }
+}
+
+/// Waits for SIGINT or SIGTERM.
+async fn stop_signal() -> StopSignal {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            _ = tokio::signal::ctrl_c() => StopSignal::Int,
+            _ = term.recv() => StopSignal::Term,
+        },
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            StopSignal::Int
+        }
+    }
+}
