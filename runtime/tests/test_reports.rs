@@ -7,7 +7,7 @@ mod common;
 use std::io::BufReader;
 
 use common::{Run, run};
-use matryoshka_test_programs::{CI, HOSTILE, MANY};
+use matryoshka_test_programs::{BASICS, CI, HOSTILE, MANY};
 
 /// `ci.wasm`'s `fails_once` with a fresh state folder, `--retries` and `args`.
 fn fails_once(retries: &str, args: &[&str]) -> Run {
@@ -325,4 +325,152 @@ fn json_lines_carry_a_version_and_a_time_and_output_once() {
             r.stdout
         );
     }
+}
+
+/// Names of the tests a run reported (`--format json`), in plan order.
+fn reported(args: &[&str]) -> Vec<String> {
+    let mut all = vec![
+        "test",
+        BASICS,
+        "--format",
+        "json",
+        "--include-ignored",
+        "-j",
+        "1",
+    ];
+    all.extend_from_slice(args);
+    let r = run(&all);
+    assert!(
+        matches!(r.code, Some(0 | 100)),
+        "{}\n{}",
+        r.stdout,
+        r.stderr
+    );
+    r.stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+        .filter(|e| e["event"] == "test-finished")
+        .map(|e| e["test"]["name"].as_str().expect("name").to_string())
+        .collect()
+}
+
+#[test]
+fn partitions_together_run_every_test_exactly_once() {
+    let all = reported(&[]);
+    for kind in ["count", "hash"] {
+        let mut seen = Vec::new();
+        for shard in ["1/2", "2/2"] {
+            let part = reported(&["--partition", &format!("{kind}:{shard}")]);
+            assert!(
+                !part.is_empty() && part.len() < all.len(),
+                "{kind}:{shard}: {part:?}"
+            );
+            seen.extend(part);
+        }
+        seen.sort();
+        let mut expected = all.clone();
+        expected.sort();
+        assert_eq!(seen, expected, "{kind}");
+    }
+}
+
+#[test]
+fn tags_and_expressions_select_tests() {
+    let exec = reported(&["--tag", "exec"]);
+    assert_eq!(
+        exec,
+        [
+            "exec_uname_matches_arch",
+            "exec_hostname_matches_host",
+            "exec_feeds_stdin"
+        ]
+    );
+    let expr = reported(&[
+        "-E",
+        "tag(exec) and not test(stdin) or test(=prints_and_logs)",
+    ]);
+    assert_eq!(
+        expr,
+        [
+            "exec_uname_matches_arch",
+            "exec_hostname_matches_host",
+            "prints_and_logs"
+        ]
+    );
+    let bad = run(&["test", BASICS, "-E", "tag(exec) and"]);
+    bad.expect_code(2);
+    bad.expect_stderr("-E `tag(exec) and`: at character 13");
+}
+
+#[test]
+fn a_filter_that_selects_nothing_fails_unless_allowed() {
+    let r = run(&["test", CI, "no_such_test", "--format", "tap"]);
+    r.expect_code(4);
+    r.expect_stderr("no tests to run");
+    assert!(
+        r.stdout.starts_with("Bail out! no tests to run"),
+        "{}",
+        r.stdout
+    );
+    let warned = run(&["test", CI, "no_such_test", "--no-tests", "warn"]);
+    warned.expect_code(0);
+    warned.expect_stderr("warning: no tests to run");
+    run(&["test", CI, "no_such_test", "--no-tests", "pass"]).expect_code(0);
+}
+
+#[test]
+fn timeouts_take_units() {
+    let r = run(&["test", CI, "adds_up", "--timeout", "5s"]);
+    r.expect_code(0);
+    let bad = run(&["test", CI, "--timeout", "5 parsecs"]);
+    bad.expect_code(2);
+    bad.expect_stderr("is not a duration");
+}
+
+#[test]
+fn tmt_results_name_each_test_by_level_and_keep_its_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let results = dir.path().join("results.json");
+    let r = run(&[
+        "test",
+        CI,
+        "--tmt-results",
+        results.to_str().expect("utf-8"),
+    ]);
+    r.expect_code(100);
+    let text = std::fs::read_to_string(&results).expect("results.json written");
+    let results: Vec<serde_json::Value> = serde_json::from_str(&text).expect("json");
+    let got: Vec<(&str, &str)> = results
+        .iter()
+        .map(|r| {
+            (
+                r["name"].as_str().expect("name"),
+                r["result"].as_str().expect("result"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("/L0/ci/adds_up", "pass"),
+            ("/L0/ci/level_is_named", "pass"),
+            ("/L0/ci/fails_on_purpose", "fail"),
+            ("/L0/ci/ignored_on_purpose", "skip"),
+            ("/L0/ci/fails_once", "skip"),
+        ]
+    );
+    let failed = &results[2];
+    assert!(
+        failed["note"][0]
+            .as_str()
+            .expect("note")
+            .contains("arithmetic at L0")
+    );
+    let log = failed["log"][0].as_str().expect("log");
+    assert!(dir.path().join(log).exists(), "{log}");
+    let named = &results[1];
+    let log = std::fs::read_to_string(dir.path().join(named["log"][0].as_str().expect("log")))
+        .expect("log");
+    assert!(log.contains("running at L0"), "{log}");
+    assert!(failed["duration"].as_str().expect("duration").len() == 8);
 }

@@ -4,7 +4,8 @@
 //! run completed), [`EXIT_TESTS_FAILED`] when a test failed,
 //! [`EXIT_COULD_NOT_RUN`] when the suite could not be run at all (unreadable or
 //! malformed component, wrong world, a failing `tests` export), 2 for an
-//! invalid command line, grant or config file, 130 when interrupted (SIGINT) and
+//! invalid command line, grant or config file, [`EXIT_NO_TESTS`] when the filters
+//! select no test to run, 130 when interrupted (SIGINT) and
 //! 143 when stopped by SIGTERM.
 
 use std::io::{self, IsTerminal};
@@ -17,6 +18,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::{AccelPolicy, NestLimits, SshSettings};
 use crate::engine::CacheDir;
 use crate::reporter::Format;
+use crate::runner;
 use crate::serve::{ServeOptions, serve_stdio};
 
 mod test;
@@ -27,6 +29,8 @@ pub const EXIT_TESTS_FAILED: u8 = 100;
 pub const EXIT_COULD_NOT_RUN: u8 = 101;
 /// The command line, a grant or the config file is invalid.
 pub const EXIT_USAGE: u8 = 2;
+/// No test was selected to run (with `--no-tests=fail`, the default).
+pub const EXIT_NO_TESTS: u8 = 4;
 /// The run was interrupted (SIGINT).
 pub const EXIT_INTERRUPTED: u8 = 130;
 /// The run was stopped by SIGTERM.
@@ -89,9 +93,24 @@ struct TestArgs {
     /// Run ignored tests as well.
     #[arg(long)]
     include_ignored: bool,
-    /// Deadline of each test that sets none itself, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
-    timeout: f64,
+    /// Run only tests this filter expression selects, e.g. `tag(exec) and not
+    /// test(slow)` (matchers test(..), tag(..), all(), none(); `=NAME` matches a
+    /// whole name; and, or, not, parentheses). Several are or'ed.
+    #[arg(short = 'E', long = "expr", value_name = "EXPR")]
+    exprs: Vec<String>,
+    /// Run only tests with this tag (repeatable: any of them).
+    #[arg(long = "tag", value_name = "TAG")]
+    tags: Vec<String>,
+    /// Run only this shard of the selected tests: count:M/N deals them out in turn,
+    /// hash:M/N by a hash of each name (stable when tests are added).
+    #[arg(long, value_name = "KIND:M/N")]
+    partition: Option<runner::Partition>,
+    /// What a run that selects no test does: fail (exit 4), warn, or pass.
+    #[arg(long, value_enum, value_name = "WHAT", default_value_t = NoTests::Fail)]
+    no_tests: NoTests,
+    /// Deadline of each test that sets none itself: seconds, or with a unit (500ms, 5s, 2m, 1h).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    timeout: Duration,
     /// Largest linear memory a test may grow, in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 512)]
     memory_limit: usize,
@@ -107,6 +126,10 @@ struct TestArgs {
     /// Also write a JUnit XML report to this file.
     #[arg(long, value_name = "PATH")]
     junit: Option<PathBuf>,
+    /// Also write tmt's results.json to this file (with `result: custom`, e.g.
+    /// $TMT_TEST_DATA/results.json), and each test's log into logs/ beside it.
+    #[arg(long, value_name = "PATH")]
+    tmt_results: Option<PathBuf>,
     /// Grant a capability: exec=CMD[,CMD...], fs=PATH[:GUEST_PATH][:ro|:rw], nest or image=PATH (repeatable).
     #[arg(long, value_name = "GRANT")]
     grant: Vec<String>,
@@ -284,6 +307,35 @@ fn init_tracing(verbose: u8) {
         .try_init();
 }
 
+/// What a run that selects no test does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum NoTests {
+    /// Exit with [`EXIT_NO_TESTS`]: a filter with a typo fails CI.
+    Fail,
+    /// Say so on stderr and exit 0.
+    Warn,
+    /// Exit 0.
+    Pass,
+}
+
+/// A duration: plain seconds (`90`, `0.5`) or with units (`500ms`, `5s`, `2m`, `1h 30m`).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let parsed = match s.parse::<f64>() {
+        Ok(secs) => Duration::try_from_secs_f64(secs).map_err(|e| e.to_string()),
+        Err(_) => humantime::parse_duration(s).map_err(|e| e.to_string()),
+    };
+    match parsed {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err(format!(
+            "`{s}` is no time at all: give a duration above zero"
+        )),
+        Err(e) => Err(format!(
+            "`{s}` is not a duration ({e}): use seconds or a unit, e.g. 90, 500ms, 5s, 2m, 1h"
+        )),
+    }
+}
+
 fn parse_size(s: &str) -> Result<usize, String> {
     let s = s.trim();
     let (digits, mult) = match s.char_indices().last() {
@@ -304,6 +356,19 @@ fn parse_size(s: &str) -> Result<usize, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("0.5"), Ok(Duration::from_millis(500)));
+        for bad in ["5 parsecs", "-1", "0", "0s", "soon"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn sizes() {

@@ -9,13 +9,13 @@ use std::fs::File;
 use std::io::{self, BufWriter};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::mpsc;
 
 use super::{
-    EXIT_COULD_NOT_RUN, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_TESTS_FAILED, EXIT_USAGE, TestArgs,
-    default_run_dir, ssh_settings,
+    EXIT_COULD_NOT_RUN, EXIT_INTERRUPTED, EXIT_NO_TESTS, EXIT_TERMINATED, EXIT_TESTS_FAILED,
+    EXIT_USAGE, NoTests, TestArgs, default_run_dir, ssh_settings,
 };
 use crate::config::{Grants, InstanceLimits, NestLimits, VmSettings};
 use crate::engine::CacheDir;
@@ -28,8 +28,9 @@ use crate::reporter::human::HumanReporter;
 use crate::reporter::json::JsonReporter;
 use crate::reporter::junit::JunitReporter;
 use crate::reporter::tap::TapReporter;
+use crate::reporter::tmt::TmtReporter;
 use crate::reporter::{Format, Reporter};
-use crate::runner::{self, Chain, IgnoredMode, RunOptions, Runner};
+use crate::runner::{self, Chain, FilterExpr, IgnoredMode, RunOptions, Runner};
 use crate::suite;
 
 fn grants_for(args: &TestArgs) -> Result<Grants, String> {
@@ -119,17 +120,19 @@ pub(super) async fn test(args: TestArgs) -> u8 {
         Ok(cases) => cases,
         Err(e) => return report.abort(&e.to_string(), EXIT_COULD_NOT_RUN),
     };
-    let Ok(timeout) = Duration::try_from_secs_f64(args.timeout.max(0.001)) else {
-        eprintln!(
-            "error: --timeout {} is not a number of seconds",
-            args.timeout
-        );
-        return EXIT_USAGE;
+    let expr = match selection_expr(&args.exprs, &args.tags) {
+        Ok(expr) => expr,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_USAGE;
+        }
     };
     let opts = RunOptions {
         filters: args.filters.clone(),
         exact: args.exact,
         skip: args.skip.clone(),
+        expr,
+        partition: args.partition,
         ignored: if args.ignored {
             IgnoredMode::Only
         } else if args.include_ignored {
@@ -137,7 +140,7 @@ pub(super) async fn test(args: TestArgs) -> u8 {
         } else {
             IgnoredMode::Skip
         },
-        default_timeout: timeout,
+        default_timeout: args.timeout,
         jobs: args
             .jobs
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
@@ -147,6 +150,23 @@ pub(super) async fn test(args: TestArgs) -> u8 {
     let plan = runner::plan(&cases, &opts);
     if args.list {
         return list(&runner, &plan, args.format);
+    }
+    if !plan.tests.iter().any(|t| t.run) {
+        let reason = format!(
+            "no tests to run: the filters selected {} of the suite's {} tests, and {} of them \
+             run (--no-tests=warn or pass allows this)",
+            plan.tests.len(),
+            cases.len(),
+            plan.tests.iter().filter(|t| t.run).count(),
+        );
+        match args.no_tests {
+            NoTests::Fail => {
+                eprintln!("error: {reason}");
+                return report.abort(&reason, EXIT_NO_TESTS);
+            }
+            NoTests::Warn => eprintln!("warning: {reason}"),
+            NoTests::Pass => {}
+        }
     }
     if args.levels > args.max_depth {
         eprintln!(
@@ -262,6 +282,27 @@ fn list(runner: &Runner, plan: &runner::Plan, format: Format) -> u8 {
     }
 }
 
+/// One expression from `-E` (or'ed) and `--tag` (any of them), both when both are given.
+fn selection_expr(exprs: &[String], tags: &[String]) -> Result<Option<FilterExpr>, String> {
+    let any = |parts: Vec<FilterExpr>| {
+        parts
+            .into_iter()
+            .reduce(|a, b| FilterExpr::Or(Box::new(a), Box::new(b)))
+    };
+    let mut parsed = Vec::new();
+    for e in exprs {
+        parsed.push(FilterExpr::parse(e).map_err(|err| format!("-E `{e}`: {err}"))?);
+    }
+    let tags = tags
+        .iter()
+        .map(|t| FilterExpr::Tag(runner::filter::Pattern::Equals(t.clone())))
+        .collect();
+    Ok(match (any(parsed), any(tags)) {
+        (Some(e), Some(t)) => Some(FilterExpr::And(Box::new(e), Box::new(t))),
+        (e, t) => e.or(t),
+    })
+}
+
 /// The run's reporters, fed every event, and closed with `RunAborted` when the
 /// run ends early.
 struct Reports {
@@ -296,6 +337,9 @@ impl Reports {
                     io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display()))
                 })?;
                 reporters.push(Box::new(JunitReporter::new(BufWriter::new(file))));
+            }
+            if let Some(path) = &args.tmt_results {
+                reporters.push(Box::new(TmtReporter::new(path.clone())));
             }
         }
         Ok(Self {

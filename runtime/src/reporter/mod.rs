@@ -4,12 +4,14 @@
 //! - [`json`]: one JSON object per event per line.
 //! - [`junit`]: JUnit XML, written when the run finishes.
 //! - [`tap`]: TAP 13 on stdout, diagnostics as YAML blocks.
+//! - [`tmt`]: tmt's custom results.json, with a log file per test.
 
 pub mod human;
 pub mod json;
 pub mod junit;
 pub mod tap;
 pub mod text;
+pub mod tmt;
 
 use std::io;
 

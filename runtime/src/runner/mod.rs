@@ -13,9 +13,13 @@ use tokio::task::JoinSet;
 use wasmtime::{Store, UpdateDeadline};
 
 mod chain;
+pub mod filter;
+mod plan;
 mod untrusted;
 
 pub use chain::Chain;
+pub use filter::FilterExpr;
+pub use plan::{IgnoredMode, Partition, PartitionKind, Plan, PlannedTest, plan};
 use untrusted::keep_within_budget;
 pub use untrusted::{NAME_LIMIT, validate};
 
@@ -23,18 +27,6 @@ use crate::event::{FailureKind, Outcome, Summary, TestEvent, TestFailure, TestId
 use crate::host::{Failure, HostState, LevelContext, MemoryLimitExceeded, Suite, TestCase};
 use crate::output::{Capture, CapturedOutput, OutputLimitExceeded, OutputSink};
 use crate::suite::LoadedSuite;
-
-/// Which ignored tests run.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum IgnoredMode {
-    /// Skip ignored tests.
-    #[default]
-    Skip,
-    /// Run only the ignored tests.
-    Only,
-    /// Run ignored tests too.
-    Include,
-}
 
 /// Which tests to run, and how.
 #[derive(Debug, Clone)]
@@ -45,6 +37,10 @@ pub struct RunOptions {
     pub exact: bool,
     /// Substrings of test names to leave out.
     pub skip: Vec<String>,
+    /// Only tests this expression selects (`-E`, `--tag`).
+    pub expr: Option<FilterExpr>,
+    /// Only this shard's part of the selected tests.
+    pub partition: Option<Partition>,
     /// What to do with ignored tests.
     pub ignored: IgnoredMode,
     /// Deadline for tests that do not set their own.
@@ -64,6 +60,8 @@ impl Default for RunOptions {
             filters: Vec::new(),
             exact: false,
             skip: Vec::new(),
+            expr: None,
+            partition: None,
             ignored: IgnoredMode::Skip,
             default_timeout: Duration::from_secs(60),
             jobs: 1,
@@ -97,54 +95,6 @@ pub enum RunError {
         /// Each problem, e.g. `test name "x" is declared twice`.
         problems: Vec<String>,
     },
-}
-
-/// One planned test: run it, or report it ignored.
-#[derive(Debug, Clone)]
-pub struct PlannedTest {
-    /// The test as the suite declared it.
-    pub case: TestCase,
-    /// False for an ignored test that is reported but not run.
-    pub run: bool,
-}
-
-/// The tests a run will report, in suite order.
-#[derive(Debug, Clone, Default)]
-pub struct Plan {
-    /// Selected tests.
-    pub tests: Vec<PlannedTest>,
-    /// Tests left out by filters.
-    pub filtered_out: usize,
-}
-
-/// Selects tests the way libtest does: filters, `--exact`, `--skip`, ignored handling.
-pub fn plan(cases: &[TestCase], opts: &RunOptions) -> Plan {
-    let mut plan = Plan::default();
-    for case in cases {
-        let selected = opts.filters.is_empty()
-            || opts.filters.iter().any(|f| {
-                if opts.exact {
-                    case.name == *f
-                } else {
-                    case.name.contains(f.as_str())
-                }
-            });
-        let skipped = opts.skip.iter().any(|s| case.name.contains(s.as_str()));
-        let wanted = match opts.ignored {
-            IgnoredMode::Only => case.ignored,
-            IgnoredMode::Skip | IgnoredMode::Include => true,
-        };
-        if !selected || skipped || !wanted {
-            plan.filtered_out += 1;
-            continue;
-        }
-        let run = !case.ignored || opts.ignored != IgnoredMode::Skip;
-        plan.tests.push(PlannedTest {
-            case: case.clone(),
-            run,
-        });
-    }
-    plan
 }
 
 /// Runs the tests of one loaded suite at this level.
@@ -533,62 +483,5 @@ pub(crate) fn failure(kind: FailureKind, message: String, location: Option<Strin
         kind,
         message,
         location,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use rstest::rstest;
-
-    use super::*;
-
-    fn case(name: &str, ignored: bool) -> TestCase {
-        TestCase {
-            name: name.into(),
-            ignored,
-            timeout_ms: None,
-            tags: vec![],
-        }
-    }
-
-    fn names(plan: &Plan) -> Vec<(String, bool)> {
-        plan.tests
-            .iter()
-            .map(|t| (t.case.name.clone(), t.run))
-            .collect()
-    }
-
-    #[rstest]
-    #[case::all(&[], false, &[], IgnoredMode::Skip, &[("alpha", true), ("alphabet", true), ("beta", false)], 0)]
-    #[case::filter(&["alpha"], false, &[], IgnoredMode::Skip, &[("alpha", true), ("alphabet", true)], 1)]
-    #[case::exact(&["alpha"], true, &[], IgnoredMode::Skip, &[("alpha", true)], 2)]
-    #[case::skip(&[], false, &["bet"], IgnoredMode::Skip, &[("alpha", true)], 2)]
-    #[case::only_ignored(&[], false, &[], IgnoredMode::Only, &[("beta", true)], 2)]
-    #[case::include_ignored(&[], false, &[], IgnoredMode::Include, &[("alpha", true), ("alphabet", true), ("beta", true)], 0)]
-    fn planning(
-        #[case] filters: &[&str],
-        #[case] exact: bool,
-        #[case] skip: &[&str],
-        #[case] ignored: IgnoredMode,
-        #[case] expected: &[(&str, bool)],
-        #[case] filtered_out: usize,
-    ) {
-        let cases = [
-            case("alpha", false),
-            case("alphabet", false),
-            case("beta", true),
-        ];
-        let opts = RunOptions {
-            filters: filters.iter().map(|s| s.to_string()).collect(),
-            exact,
-            skip: skip.iter().map(|s| s.to_string()).collect(),
-            ignored,
-            ..RunOptions::default()
-        };
-        let plan = plan(&cases, &opts);
-        let expected: Vec<(String, bool)> =
-            expected.iter().map(|(n, r)| (n.to_string(), *r)).collect();
-        assert_eq!(names(&plan), expected);
-        assert_eq!(plan.filtered_out, filtered_out);
     }
 }
