@@ -128,6 +128,14 @@ pub enum TestEvent {
         /// Which test.
         test: TestId,
     },
+    /// A test has run longer than the slow threshold (`--slow-timeout`); sent
+    /// again at each multiple of it while the test runs.
+    TestSlow {
+        /// Which test.
+        test: TestId,
+        /// How long it has run, in seconds.
+        elapsed_secs: f64,
+    },
     /// A test wrote output (sent as it happens).
     Output {
         /// Which test.

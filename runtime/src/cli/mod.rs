@@ -148,6 +148,10 @@ struct TestArgs {
     /// Show output as it is written, for every test and every level.
     #[arg(long, alias = "show-output")]
     nocapture: bool,
+    /// Report a test still running after this long as SLOW, and again at each
+    /// multiple (0 never).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_slow)]
+    slow_timeout: Duration,
     /// Run a failed test up to N more times; one that passes on a retry is reported
     /// flaky. With --levels, a retry after a lost level boots the chain again.
     #[arg(long, value_name = "N", default_value_t = 0)]
@@ -303,7 +307,9 @@ fn init_tracing(verbose: u8) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(io::stderr)
-        .with_ansi(io::stderr().is_terminal())
+        .with_ansi(
+            io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        )
         .try_init();
 }
 
@@ -334,6 +340,14 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
             "`{s}` is not a duration ({e}): use seconds or a unit, e.g. 90, 500ms, 5s, 2m, 1h"
         )),
     }
+}
+
+/// `--slow-timeout`: a duration, or 0 for never.
+fn parse_slow(s: &str) -> Result<Duration, String> {
+    if matches!(s.trim(), "0" | "0s") {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(s)
 }
 
 fn parse_size(s: &str) -> Result<usize, String> {

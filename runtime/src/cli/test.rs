@@ -145,6 +145,7 @@ pub(super) async fn test(args: TestArgs) -> u8 {
             .jobs
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         live_output: args.nocapture,
+        slow_after: (!args.slow_timeout.is_zero()).then_some(args.slow_timeout),
         retries: args.retries,
     };
     let plan = runner::plan(&cases, &opts);

@@ -39,6 +39,8 @@ impl<W: Write> HumanReporter<W> {
             ) {
                 bar.set_style(style);
             }
+            // The timer and spinner move while a long test runs.
+            bar.enable_steady_tick(std::time::Duration::from_millis(200));
             bar
         } else {
             ProgressBar::hidden()
@@ -54,9 +56,15 @@ impl<W: Write> HumanReporter<W> {
         }
     }
 
+    /// Writes a line above the progress bar: the bar is cleared, the line written
+    /// and flushed, and only then the bar drawn again, so no stale copy of the bar
+    /// is left between lines.
     fn line(&mut self, text: &str) -> io::Result<()> {
         let out = &mut self.out;
-        self.progress.suspend(|| writeln!(out, "{text}"))
+        self.progress.suspend(|| {
+            writeln!(out, "{text}")?;
+            out.flush()
+        })
     }
 }
 
@@ -81,6 +89,12 @@ impl<W: Write + Send> Reporter for HumanReporter<W> {
                      (component {short}, {filtered_out} filtered out, {jobs} at a time)",
                     text::line(suite),
                     text::line(level_path)
+                ))?;
+            }
+            TestEvent::TestSlow { test, elapsed_secs } => {
+                self.line(&format!(
+                    "    SLOW [>{elapsed_secs:>8.3}s] {}",
+                    display_name(test)
                 ))?;
             }
             TestEvent::TestStarted { test } => {

@@ -86,6 +86,14 @@ impl<W: Write + Send> Reporter for TapReporter<W> {
                     self.written += 1;
                 }
             }
+            TestEvent::TestSlow { test, elapsed_secs } => {
+                // A comment: harnesses show it, none counts it.
+                writeln!(
+                    self.out,
+                    "# SLOW [> {elapsed_secs:.0}s] {}",
+                    text::line(&test.full_name())
+                )?;
+            }
             TestEvent::RunAborted { reason, .. } => {
                 // Harnesses (prove, meson) end the stream here and report the reason.
                 writeln!(self.out, "Bail out! {}", text::line(reason))?;

@@ -49,6 +49,8 @@ pub struct RunOptions {
     pub jobs: usize,
     /// Send output events as output happens.
     pub live_output: bool,
+    /// After how long a running test is reported slow (and again at each multiple).
+    pub slow_after: Option<Duration>,
     /// Times a failed test runs again; one that passes on a retry is flaky. With a
     /// `--levels` chain, a retry after an infrastructure failure gets a fresh chain.
     pub retries: u32,
@@ -66,6 +68,7 @@ impl Default for RunOptions {
             default_timeout: Duration::from_secs(60),
             jobs: 1,
             live_output: false,
+            slow_after: None,
             retries: 0,
         }
     }
@@ -210,6 +213,7 @@ impl Runner {
             let events = events.clone();
             let run = planned.run;
             let retries = opts.retries;
+            let slow_after = opts.slow_after;
             tasks.spawn(async move {
                 let _permit = permit;
                 if !run {
@@ -225,6 +229,8 @@ impl Runner {
                     return (outcome, 1);
                 }
                 let _ = events.send(TestEvent::TestStarted { test: id.clone() });
+                let began = Instant::now();
+                let _slow = slow_after.map(|every| slow_reports(&id, began, every, &events));
                 let mut attempt = 1;
                 loop {
                     let began = Instant::now();
@@ -284,6 +290,30 @@ impl Runner {
         });
         summary
     }
+}
+
+/// Sends `TestSlow` for `test` at each multiple of `every` after `began`, until
+/// the returned guard is dropped.
+fn slow_reports(
+    test: &TestId,
+    began: Instant,
+    every: Duration,
+    events: &mpsc::UnboundedSender<TestEvent>,
+) -> tokio_util::task::AbortOnDropHandle<()> {
+    let test = test.clone();
+    let events = events.clone();
+    let every = every.max(Duration::from_millis(100));
+    tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+        let mut ticks =
+            tokio::time::interval_at(tokio::time::Instant::from_std(began) + every, every);
+        loop {
+            ticks.tick().await;
+            let _ = events.send(TestEvent::TestSlow {
+                test: test.clone(),
+                elapsed_secs: began.elapsed().as_secs_f64(),
+            });
+        }
+    }))
 }
 
 /// Everything one test needs, owned, so it can run on any worker.
