@@ -12,7 +12,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::{Run, SshChain, assert_nothing_left, bin, unique_tag};
-use matryoshka_test_programs::RELAY;
+use matryoshka_test_programs::{CI, RELAY};
 
 /// Runs the relay suite with `chain`, tagging every process it starts.
 fn relay(tag: &str, chain: &str, extra: &[&str]) -> Run {
@@ -613,4 +613,35 @@ fn the_ssh_key_stays_at_l0_unless_it_may_be_handed_down() {
     ));
     let needle = chain.caches.path().display().to_string();
     assert_nothing_left(&tag, Some(&needle));
+}
+
+#[test]
+fn target_makes_an_existing_machine_l1_from_the_command_line() {
+    let chain = SshChain::new(1);
+    let tag = unique_tag("target");
+    let mut args: Vec<String> = vec!["test".into(), CI.into(), "--target".into(), chain.chain()];
+    args.extend(chain.args());
+    args.extend(["--nocapture".into(), "level_is_named".into()]);
+    let out = bin()
+        .env("MATRYOSHKA_TEST_TAG", &tag)
+        .args(&args)
+        .output()
+        .expect("start matryoshka");
+    let r = Run::from(out);
+    r.expect_code(0);
+    let line = r.line_for("PASS", "level_is_named");
+    assert!(line.contains("L0/L1 ci::level_is_named"), "{line}");
+    r.expect_stdout("running at L0/L1");
+    assert!(
+        r.stderr.contains("reaching root@127.0.0.1:") && r.stderr.contains("L0/L1 is up"),
+        "{}",
+        r.stderr
+    );
+    // The runtime was copied to the machine's cache, as for any SSH level.
+    assert_eq!(runtimes_in(&chain.cache(1)).len(), 1);
+    assert_nothing_left(&tag, None);
+    // Without a key there is nothing to log in with: a usage error naming both options.
+    let r = common::run(&["test", CI, "--target", &chain.chain()]);
+    r.expect_code(2);
+    r.expect_stderr("--target ssh://... needs --ssh-key FILE and --ssh-known-hosts FILE");
 }

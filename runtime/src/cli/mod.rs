@@ -181,6 +181,11 @@ struct TestArgs {
     /// Folder with the image VM levels boot (kernel, initrd, root.img) [default: $MATRYOSHKA_IMAGE_DIR or target/images/<arch>].
     #[arg(long, value_name = "PATH")]
     image_dir: Option<PathBuf>,
+    /// Make this machine L1 and run every test there: `ssh://user@host[:port]` (with
+    /// --ssh-key and --ssh-known-hosts) or `local` (a child runtime here). With
+    /// --levels N, L2 .. LN are VMs booted below it.
+    #[arg(long, value_name = "TARGET", value_parser = parse_target)]
+    target: Option<crate::level::Target>,
     /// Run each test at the deepest level of a chain of N VM levels booted for the run
     /// (L0 -> L1 -> ... -> LN, each booted by the level above from the same image).
     #[arg(long, value_name = "N", default_value_t = 0)]
@@ -339,6 +344,14 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         Err(e) => Err(format!(
             "`{s}` is not a duration ({e}): use seconds or a unit, e.g. 90, 500ms, 5s, 2m, 1h"
         )),
+    }
+}
+
+/// `--target`: an SSH host or `local`; VMs are asked for with --levels.
+fn parse_target(s: &str) -> Result<crate::level::Target, String> {
+    match crate::level::Target::parse(s)? {
+        crate::level::Target::Vm(_) => Err(format!("`{s}`: boot VM levels with --levels N")),
+        target => Ok(target),
     }
 }
 

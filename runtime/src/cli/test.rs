@@ -169,27 +169,49 @@ pub(super) async fn test(args: TestArgs) -> u8 {
             NoTests::Pass => {}
         }
     }
-    if args.levels > args.max_depth {
+    // --target makes L1 an existing machine; --levels counts it.
+    let levels = if args.target.is_some() {
+        args.levels.max(1)
+    } else {
+        args.levels
+    };
+    if levels > args.max_depth {
         eprintln!(
-            "error: --levels {} is deeper than --max-depth {}; raise it with --max-depth {}",
-            args.levels, args.max_depth, args.levels
+            "error: --levels {levels} is deeper than --max-depth {}; raise it with --max-depth {levels}",
+            args.max_depth
         );
         return EXIT_USAGE;
     }
-    let (runner, opts) = if args.levels > 0 {
+    if matches!(args.target, Some(crate::level::Target::Ssh(_))) && args.ssh_key.is_none() {
         eprintln!(
-            "booting {} VM level{} for the run (L1 .. L{}); every test runs at the deepest",
-            args.levels,
-            if args.levels == 1 { "" } else { "s" },
-            args.levels
+            "error: --target ssh://... needs --ssh-key FILE and --ssh-known-hosts FILE \
+             (the key that logs in and the host keys to trust)"
         );
+        return EXIT_USAGE;
+    }
+    let (runner, opts) = if levels > 0 {
+        let vms = levels - u32::from(args.target.is_some());
+        match &args.target {
+            Some(crate::level::Target::Ssh(host)) => eprintln!(
+                "reaching {host} over SSH as L1{}; every test runs at the deepest",
+                booting_below(vms)
+            ),
+            Some(_) => eprintln!(
+                "starting a local runtime as L1{}; every test runs at the deepest",
+                booting_below(vms)
+            ),
+            None => eprintln!(
+                "booting {levels} VM level{} for the run (L1 .. L{levels}); every test runs at the deepest",
+                if levels == 1 { "" } else { "s" },
+            ),
+        }
         let sink: OutputSink = Arc::new(|origin: &str, stream, text: &str| {
             if let Stream::Log(level) = stream {
                 eprintln!("  {} {origin} | {text}", level.as_str());
             }
         });
         let booted = tokio::select! {
-            booted = Chain::boot(runner.context(), args.levels, Some(sink)) => booted,
+            booted = Chain::boot(runner.context(), args.target.clone(), levels, Some(sink)) => booted,
             signal = stop_signal() => {
                 eprintln!("interrupted: stopping the levels booted so far");
                 return report.abort(&format!("interrupted by {signal} while booting"), signal.exit_code());
@@ -280,6 +302,15 @@ fn list(runner: &Runner, plan: &runner::Plan, format: Format) -> u8 {
             eprintln!("error: cannot write the list: {e}");
             EXIT_COULD_NOT_RUN
         }
+    }
+}
+
+/// `, then N VM levels below it`, or nothing.
+fn booting_below(vms: u32) -> String {
+    match vms {
+        0 => String::new(),
+        1 => ", then a VM level below it".into(),
+        n => format!(", then {n} VM levels below it"),
     }
 }
 

@@ -19,15 +19,19 @@ pub struct Chain {
     conn: tokio::sync::RwLock<Option<Connection>>,
     relay: OutputSink,
     current: Arc<std::sync::Mutex<Option<Arc<Capture>>>>,
+    first: Option<Target>,
     levels: u32,
     deepest: String,
 }
 
 impl Chain {
-    /// Boots `levels` VM levels below `ctx`'s level, each from the image the level
-    /// above booted from; `sink` receives what levels below write outside tests.
+    /// Opens `levels` levels below `ctx`'s level: the first is `first` (an SSH
+    /// host, a local child runtime) or, when `None`, a VM; the rest are VMs, each
+    /// booted by the level above from the image it booted from. `sink` receives
+    /// what levels below write outside tests.
     pub async fn boot(
         ctx: &LevelContext,
+        first: Option<Target>,
         levels: u32,
         sink: Option<OutputSink>,
     ) -> Result<Self, RemoteError> {
@@ -48,11 +52,12 @@ impl Chain {
         let depth = ctx.level.depth + 1;
         let deepest = (depth..depth + levels.max(1))
             .fold(ctx.level.path.clone(), |path, d| format!("{path}/L{d}"));
-        let conn = open(ctx, levels, relay.clone()).await?;
+        let conn = open(ctx, first.as_ref(), levels, relay.clone()).await?;
         Ok(Self {
             conn: tokio::sync::RwLock::new(Some(conn)),
             relay,
             current,
+            first,
             levels,
             deepest,
         })
@@ -70,7 +75,7 @@ impl Chain {
         let mut conn = self.conn.write().await;
         // Dropping the connection stops L1's QEMU, and every level below with it.
         *conn = None;
-        *conn = Some(open(ctx, self.levels, self.relay.clone()).await?);
+        *conn = Some(open(ctx, self.first.as_ref(), self.levels, self.relay.clone()).await?);
         Ok(())
     }
 
@@ -102,23 +107,27 @@ impl Chain {
     }
 }
 
-/// Boots the chain's first level below `ctx`, which boots the rest.
+/// Opens the chain's first level below `ctx` (`first`, else a VM), which boots the rest.
 async fn open(
     ctx: &LevelContext,
+    first: Option<&Target>,
     levels: u32,
     relay: OutputSink,
 ) -> Result<Connection, RemoteError> {
     let capture = Capture::forwarding(&ctx.level.path, usize::MAX, relay);
     let setup = ctx.child_setup(levels.saturating_sub(1));
-    let request = VmRequest {
-        arch: (setup.depth as usize)
-            .checked_sub(1)
-            .and_then(|i| ctx.vms.settings.chain_arch.get(i))
-            .cloned(),
-        ..VmRequest::default()
+    let target = match first {
+        Some(target) => target.clone(),
+        None => Target::Vm(VmRequest {
+            arch: (setup.depth as usize)
+                .checked_sub(1)
+                .and_then(|i| ctx.vms.settings.chain_arch.get(i))
+                .cloned(),
+            ..VmRequest::default()
+        }),
     };
     Connection::open(
-        &Target::Vm(request),
+        &target,
         setup,
         ctx.component.clone(),
         capture,

@@ -211,7 +211,7 @@ where
     );
     // `--levels N`: the levels below this one are booted before it says Ready.
     let chain = if setup.descend > 0 {
-        match Chain::boot(&ctx, setup.descend, Some(up_sink(&out))).await {
+        match Chain::boot(&ctx, None, setup.descend, Some(up_sink(&out))).await {
             Ok(chain) => Some(Arc::new(chain)),
             Err(error) => {
                 let _ = out.send(Message::Fatal { error });
