@@ -645,3 +645,30 @@ fn target_makes_an_existing_machine_l1_from_the_command_line() {
     r.expect_code(2);
     r.expect_stderr("--target ssh://... needs --ssh-key FILE and --ssh-known-hosts FILE");
 }
+
+#[test]
+fn a_chain_that_does_not_come_up_is_tried_again_with_retries() {
+    let chain = SshChain::new(1);
+    // Nothing listens on the discard port of loopback.
+    let mut args: Vec<String> = vec![
+        "test".into(),
+        CI.into(),
+        "--target".into(),
+        "ssh://root@127.0.0.1:9".into(),
+        "--retries".into(),
+        "1".into(),
+        "--format".into(),
+        "tap".into(),
+    ];
+    args.extend(chain.args());
+    let out = bin().args(&args).output().expect("start matryoshka");
+    let r = Run::from(out);
+    r.expect_code(101);
+    r.expect_stderr("the chain did not boot (try 1 of 2)");
+    r.expect_stderr("error: the chain did not boot:");
+    assert!(
+        r.stdout.starts_with("Bail out! the chain did not boot:"),
+        "{}",
+        r.stdout
+    );
+}

@@ -210,24 +210,35 @@ pub(super) async fn test(args: TestArgs) -> u8 {
                 eprintln!("  {} {origin} | {text}", level.as_str());
             }
         });
-        let booted = tokio::select! {
-            booted = Chain::boot(runner.context(), args.target.clone(), levels, Some(sink)) => booted,
-            signal = stop_signal() => {
-                eprintln!("interrupted: stopping the levels booted so far");
-                return report.abort(&format!("interrupted by {signal} while booting"), signal.exit_code());
+        // A chain that does not boot is booted again, up to --retries times.
+        let mut tries = 0;
+        let chain = loop {
+            tries += 1;
+            let booted = tokio::select! {
+                booted = Chain::boot(runner.context(), args.target.clone(), levels, Some(sink.clone())) => booted,
+                signal = stop_signal() => {
+                    eprintln!("interrupted: stopping the levels booted so far");
+                    return report.abort(&format!("interrupted by {signal} while booting"), signal.exit_code());
+                }
+            };
+            match booted {
+                Ok(chain) => break chain,
+                Err(e) if tries <= args.retries => {
+                    eprintln!(
+                        "the chain did not boot (try {tries} of {}): {}; booting it again",
+                        args.retries + 1,
+                        e.message
+                    );
+                }
+                Err(e) => {
+                    let reason = format!("the chain did not boot: {}", e.message);
+                    return report.abort(&reason, EXIT_COULD_NOT_RUN);
+                }
             }
         };
-        match booted {
-            Ok(chain) => {
-                eprintln!("{} is up", chain.deepest());
-                // One chain, one test at a time: its output is the running test's.
-                (runner.with_chain(chain), RunOptions { jobs: 1, ..opts })
-            }
-            Err(e) => {
-                let reason = format!("the chain did not boot: {}", e.message);
-                return report.abort(&reason, EXIT_COULD_NOT_RUN);
-            }
-        }
+        eprintln!("{} is up", chain.deepest());
+        // One chain, one test at a time: its output is the running test's.
+        (runner.with_chain(chain), RunOptions { jobs: 1, ..opts })
     } else {
         (runner, opts)
     };
