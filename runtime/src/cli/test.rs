@@ -133,6 +133,7 @@ pub(super) async fn test(args: TestArgs) -> u8 {
         skip: args.skip.clone(),
         expr,
         partition: args.partition,
+        omit_ignored: args.omit_ignored,
         ignored: if args.ignored {
             IgnoredMode::Only
         } else if args.include_ignored {

@@ -43,6 +43,8 @@ pub struct RunOptions {
     pub partition: Option<Partition>,
     /// What to do with ignored tests.
     pub ignored: IgnoredMode,
+    /// Leave ignored tests that do not run out of the plan, hence out of every report.
+    pub omit_ignored: bool,
     /// Deadline for tests that do not set their own.
     pub default_timeout: Duration,
     /// Tests run at once.
@@ -65,6 +67,7 @@ impl Default for RunOptions {
             expr: None,
             partition: None,
             ignored: IgnoredMode::Skip,
+            omit_ignored: false,
             default_timeout: Duration::from_secs(60),
             jobs: 1,
             live_output: false,

@@ -137,6 +137,10 @@ pub fn plan(cases: &[TestCase], opts: &RunOptions) -> Plan {
             continue;
         }
         let run = !case.ignored || opts.ignored != IgnoredMode::Skip;
+        if !run && opts.omit_ignored {
+            plan.filtered_out += 1;
+            continue;
+        }
         plan.tests.push(PlannedTest {
             case: case.clone(),
             run,
@@ -229,6 +233,29 @@ mod tests {
     fn bad_partitions_say_what_is_wanted(#[case] text: &str, #[case] needle: &str) {
         let err = text.parse::<Partition>().expect_err(text);
         assert!(err.contains(needle), "{text}: {err}");
+    }
+
+    #[test]
+    fn omitted_ignored_tests_are_not_in_the_plan() {
+        let cases = [case("a", false), case("b", true)];
+        let opts = RunOptions {
+            omit_ignored: true,
+            ..RunOptions::default()
+        };
+        let plan = plan(&cases, &opts);
+        assert_eq!(names(&plan), [("a".to_string(), true)]);
+        assert_eq!(plan.filtered_out, 1);
+        // Asked for, an ignored test runs and is reported.
+        let opts = RunOptions {
+            omit_ignored: true,
+            ignored: IgnoredMode::Include,
+            ..RunOptions::default()
+        };
+        assert_eq!(plan_len(&cases, &opts), 2);
+    }
+
+    fn plan_len(cases: &[TestCase], opts: &RunOptions) -> usize {
+        plan(cases, opts).tests.len()
     }
 
     #[test]
