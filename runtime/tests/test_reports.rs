@@ -474,3 +474,93 @@ fn tmt_results_name_each_test_by_level_and_keep_its_log() {
     assert!(log.contains("running at L0"), "{log}");
     assert!(failed["duration"].as_str().expect("duration").len() == 8);
 }
+
+/// The `matryoshka test ...` command of the docs/ci.md line that holds `needle`.
+fn docs_command(needle: &str) -> String {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/ci.md");
+    let docs = std::fs::read_to_string(path).expect("docs/ci.md");
+    let line = docs
+        .lines()
+        .find(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("no line with {needle:?} in docs/ci.md"));
+    let at = line
+        .find("matryoshka test")
+        .expect("a matryoshka test command");
+    line[at..].replace("suite.wasm", CI)
+}
+
+/// Runs `command` with `sh` in `dir`, `matryoshka` on the PATH, and `env`.
+fn run_shell(command: &str, dir: &std::path::Path, env: &[(&str, String)]) -> Run {
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_matryoshka"));
+    let path = format!(
+        "{}:{}",
+        bin.parent().expect("bin dir").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .current_dir(dir)
+        .env("PATH", path)
+        .env("MATRYOSHKA_CACHE_DIR", common::cache_dir())
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .expect("sh");
+    Run::from(out)
+}
+
+/// Test names in every `junit-*.xml` of `dir`, as `suite::name`.
+fn junit_cases(dir: &std::path::Path) -> Vec<String> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        if !(file.starts_with("junit-") && file.ends_with(".xml")) {
+            continue;
+        }
+        let reader = BufReader::new(std::fs::File::open(entry.path()).expect("open"));
+        let report = junit_parser::from_reader(reader).unwrap_or_else(|e| panic!("{file}: {e}"));
+        for suite in &report.suites {
+            names.extend(
+                suite
+                    .cases
+                    .iter()
+                    .map(|c| format!("{}::{}", suite.name, c.original_name)),
+            );
+        }
+    }
+    names.sort();
+    names
+}
+
+#[test]
+fn the_ci_matrix_snippets_of_the_docs_run_every_test_once() {
+    let mut all = planned(CI);
+    all.sort();
+    let github = docs_command("--partition hash:${{ matrix.shard }}/3");
+    let gitlab = docs_command("--partition hash:$CI_NODE_INDEX/$CI_NODE_TOTAL");
+    for (name, command, env) in [
+        ("GitHub Actions", github, false),
+        ("GitLab CI", gitlab, true),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for shard in 1..=3 {
+            let shard = shard.to_string();
+            let (command, env) = if env {
+                (
+                    command.clone(),
+                    vec![("CI_NODE_INDEX", shard), ("CI_NODE_TOTAL", "3".to_string())],
+                )
+            } else {
+                (command.replace("${{ matrix.shard }}", &shard), Vec::new())
+            };
+            let r = run_shell(&command, dir.path(), &env);
+            assert!(
+                matches!(r.code, Some(0 | 100)),
+                "{name}: {command}\n{}\n{}",
+                r.stdout,
+                r.stderr
+            );
+        }
+        assert_eq!(junit_cases(dir.path()), all, "{name}");
+    }
+}

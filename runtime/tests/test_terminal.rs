@@ -46,6 +46,19 @@ impl Tmux {
         assert!(status.success(), "tmux new-session: {status}");
     }
 
+    /// The screen once a line satisfies `seen` (within 30 s), blank lines dropped.
+    fn screen_when(&self, what: &str, seen: impl Fn(&str) -> bool) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let screen = self.screen();
+            if screen.iter().any(|l| seen(l)) {
+                return screen;
+            }
+            assert!(Instant::now() < deadline, "{what}:\n{}", screen.join("\n"));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// The visible screen, blank lines dropped.
     fn screen(&self) -> Vec<String> {
         let out = self
@@ -84,19 +97,7 @@ fn the_progress_bar_ticks_and_leaves_no_stale_copies() {
         common::cache_dir().display()
     ));
     // While infinite_loop spins: one bar, its timer past zero, SLOW lines above it.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let during = loop {
-        let screen = tmux.screen();
-        if screen.iter().any(|l| l.contains("SLOW [>   2.")) {
-            break screen;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no SLOW line:\n{}",
-            screen.join("\n")
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let during = tmux.screen_when("no SLOW line", |l| l.contains("SLOW [>   2."));
     let bars: Vec<&String> = during.iter().filter(|l| is_bar(l)).collect();
     assert_eq!(
         bars.len(),
@@ -116,19 +117,7 @@ fn the_progress_bar_ticks_and_leaves_no_stale_copies() {
         during.join("\n")
     );
     // After the run: the lines in order, no bar anywhere.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let after = loop {
-        let screen = tmux.screen();
-        if screen.iter().any(|l| l == "RUN-ENDED") {
-            break screen;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the run did not end:\n{}",
-            screen.join("\n")
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let after = tmux.screen_when("the run did not end", |l| l == "RUN-ENDED");
     assert!(
         !after.iter().any(|l| is_bar(l)),
         "a stale bar:\n{}",

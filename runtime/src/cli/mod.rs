@@ -325,7 +325,7 @@ fn init_tracing(verbose: u8) {
 /// What a run that selects no test does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum NoTests {
-    /// Exit with [`EXIT_NO_TESTS`]: a filter with a typo fails CI.
+    /// Exit with code 4: a filter with a typo fails CI.
     Fail,
     /// Say so on stderr and exit 0.
     Warn,

@@ -149,7 +149,7 @@ pub(super) async fn test(args: TestArgs) -> u8 {
         slow_after: (!args.slow_timeout.is_zero()).then_some(args.slow_timeout),
         retries: args.retries,
     };
-    let plan = runner::plan(&cases, &opts);
+    let plan = runner::plan(&runner.suite().name, &cases, &opts);
     if args.list {
         return list(&runner, &plan, args.format);
     }

@@ -86,8 +86,12 @@ impl<W: Write + Send> Reporter for JunitReporter<W> {
                 let mut rerun = TestRerun::new(kind_of(failure));
                 rerun.set_type(failure.kind.as_str());
                 rerun.set_message(text::first_line(&failure.message, MESSAGE_WIDTH));
-                rerun.set_description(description(failure));
-                rerun.set_time(Duration::from_secs_f64(*duration_secs));
+                // Only `message` and `type` are allowed on <flakyFailure> and
+                // <rerunFailure> by junit-10.xsd: the try's time goes into its text.
+                rerun.set_description(format!(
+                    "{}\n(try took {duration_secs:.3} s)",
+                    description(failure)
+                ));
                 let (out, err) = system_out_err(output);
                 if !out.is_empty() {
                     rerun.set_system_out(out);

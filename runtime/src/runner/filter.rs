@@ -134,24 +134,15 @@ fn tokenize(text: &str) -> Result<Vec<(usize, Token)>, FilterError> {
         let (at, c) = chars[i];
         match c {
             c if c.is_whitespace() => i += 1,
-            '(' => {
-                tokens.push((at, Token::Open));
-                i += 1;
-            }
-            ')' => {
-                tokens.push((at, Token::Close));
-                i += 1;
-            }
-            '&' => {
-                tokens.push((at, Token::And));
-                i += 1;
-            }
-            '|' => {
-                tokens.push((at, Token::Or));
-                i += 1;
-            }
-            '!' => {
-                tokens.push((at, Token::Not));
+            '(' | ')' | '&' | '|' | '!' => {
+                let token = match c {
+                    '(' => Token::Open,
+                    ')' => Token::Close,
+                    '&' => Token::And,
+                    '|' => Token::Or,
+                    _ => Token::Not,
+                };
+                tokens.push((at, token));
                 i += 1;
             }
             c if c.is_alphabetic() => {

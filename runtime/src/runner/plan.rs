@@ -106,19 +106,21 @@ impl Partition {
 
 /// Selects tests the way libtest does (filters, `--exact`, `--skip`, ignored
 /// handling), then by the filter expression, then this shard's part of them.
-pub fn plan(cases: &[TestCase], opts: &RunOptions) -> Plan {
+pub fn plan(suite: &str, cases: &[TestCase], opts: &RunOptions) -> Plan {
     let mut plan = Plan::default();
     let mut selected = 0;
     for case in cases {
+        // A filter matches the test's name or its `suite::name`, as --list prints it.
+        let full = format!("{suite}::{}", case.name);
         let by_name = opts.filters.is_empty()
             || opts.filters.iter().any(|f| {
                 if opts.exact {
-                    case.name == *f
+                    case.name == *f || full == *f
                 } else {
-                    case.name.contains(f.as_str())
+                    case.name.contains(f.as_str()) || full.contains(f.as_str())
                 }
             });
-        let skipped = opts.skip.iter().any(|s| case.name.contains(s.as_str()));
+        let skipped = opts.skip.iter().any(|s| full.contains(s.as_str()));
         let by_expr = opts.expr.as_ref().is_none_or(|e| e.matches(case));
         let wanted = match opts.ignored {
             IgnoredMode::Only => case.ignored,
@@ -185,7 +187,7 @@ mod tests {
                     partition: Some(partition),
                     ..RunOptions::default()
                 };
-                let plan = plan(&cases, &opts);
+                let plan = plan("s", &cases, &opts);
                 assert_eq!(plan.tests.len() + plan.filtered_out, cases.len());
                 if total > 1 {
                     assert!(
@@ -207,7 +209,7 @@ mod tests {
             partition: Some(p.parse().expect("parses")),
             ..RunOptions::default()
         };
-        let first = plan(&many(6), &opts("count:1/2"));
+        let first = plan("s", &many(6), &opts("count:1/2"));
         assert_eq!(
             names(&first)
                 .iter()
@@ -216,8 +218,8 @@ mod tests {
             ["t000", "t002", "t004"]
         );
         // A test's hash shard does not depend on the other tests.
-        let alone = plan(&[case("t003", false)], &opts("hash:2/3"));
-        let among = plan(&many(10), &opts("hash:2/3"));
+        let alone = plan("s", &[case("t003", false)], &opts("hash:2/3"));
+        let among = plan("s", &many(10), &opts("hash:2/3"));
         assert_eq!(
             alone.tests.is_empty(),
             !among.tests.iter().any(|t| t.case.name == "t003")
@@ -242,7 +244,7 @@ mod tests {
             omit_ignored: true,
             ..RunOptions::default()
         };
-        let plan = plan(&cases, &opts);
+        let plan = plan("s", &cases, &opts);
         assert_eq!(names(&plan), [("a".to_string(), true)]);
         assert_eq!(plan.filtered_out, 1);
         // Asked for, an ignored test runs and is reported.
@@ -255,7 +257,7 @@ mod tests {
     }
 
     fn plan_len(cases: &[TestCase], opts: &RunOptions) -> usize {
-        plan(cases, opts).tests.len()
+        plan("s", cases, opts).tests.len()
     }
 
     #[test]
@@ -267,7 +269,7 @@ mod tests {
             expr: Some(FilterExpr::parse("tag(exec)").expect("parses")),
             ..RunOptions::default()
         };
-        let plan = plan(&cases, &opts);
+        let plan = plan("s", &cases, &opts);
         assert_eq!(names(&plan), [("exec_one".to_string(), true)]);
         assert_eq!(plan.filtered_out, 1);
     }
@@ -283,6 +285,8 @@ mod tests {
     #[case::all(&[], false, &[], IgnoredMode::Skip, &[("alpha", true), ("alphabet", true), ("beta", false)], 0)]
     #[case::filter(&["alpha"], false, &[], IgnoredMode::Skip, &[("alpha", true), ("alphabet", true)], 1)]
     #[case::exact(&["alpha"], true, &[], IgnoredMode::Skip, &[("alpha", true)], 2)]
+    #[case::exact_as_listed(&["s::alpha"], true, &[], IgnoredMode::Skip, &[("alpha", true)], 2)]
+    #[case::filter_as_listed(&["s::alph"], false, &[], IgnoredMode::Skip, &[("alpha", true), ("alphabet", true)], 1)]
     #[case::skip(&[], false, &["bet"], IgnoredMode::Skip, &[("alpha", true)], 2)]
     #[case::only_ignored(&[], false, &[], IgnoredMode::Only, &[("beta", true)], 2)]
     #[case::include_ignored(&[], false, &[], IgnoredMode::Include, &[("alpha", true), ("alphabet", true), ("beta", true)], 0)]
@@ -306,7 +310,7 @@ mod tests {
             ignored,
             ..RunOptions::default()
         };
-        let plan = plan(&cases, &opts);
+        let plan = plan("s", &cases, &opts);
         let expected: Vec<(String, bool)> =
             expected.iter().map(|(n, r)| (n.to_string(), *r)).collect();
         assert_eq!(names(&plan), expected);
