@@ -330,6 +330,35 @@ fn a_retry_after_a_lost_level_gets_a_freshly_booted_chain() {
 }
 
 #[test]
+fn a_kernel_backtrace_at_a_level_is_reported_with_the_level_and_the_test() {
+    let dir = run_dir("kernel");
+    let (run, _) = nested(
+        dir.path(),
+        &image_dir(),
+        &[
+            "--levels",
+            "1",
+            "--grant",
+            "exec=sh",
+            "--ignored",
+            "kernel_backtrace",
+        ],
+    );
+    // The test passes; what its level's kernel printed is in its output, a warning
+    // from that level.
+    run.expect_code(0);
+    assert!(
+        run.stdout
+            .lines()
+            .any(|l| l.contains("warn L0/L1 kernel_backtrace | kernel: ")
+                && l.contains("Call Trace:")),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
+}
+
+#[test]
 fn levels_runs_each_test_at_the_deepest_level() {
     let dir = run_dir("levels");
     let (run, _) = nested(dir.path(), &image_dir(), &["--levels", "1", "where_am_i"]);

@@ -71,6 +71,8 @@ pub struct VmFacts {
     pub public_key: String,
     /// Where that key is at L0, when it is in a file.
     pub key_path: Option<String>,
+    /// The file its serial console goes to, watched for the kernel's signs of trouble.
+    pub console: std::path::PathBuf,
 }
 
 /// Owns what runs a child runtime.

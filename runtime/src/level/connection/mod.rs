@@ -219,6 +219,14 @@ impl Connection {
             }
         }
 
+        // A VM level's kernel is watched from its console for as long as it is held.
+        let kernel_task = vm.as_ref().map(|vm| {
+            tokio::spawn(crate::level::vm::kernel::watch(
+                vm.console.clone(),
+                path.clone(),
+                capture.clone(),
+            ))
+        });
         let info = ChildInfo {
             path: setup.path.clone(),
             depth: setup.depth,
@@ -382,7 +390,10 @@ impl Connection {
             pending,
             lost,
             next_id: AtomicU64::new(1),
-            tasks: vec![writer_task, reader_task, heartbeat_task],
+            tasks: [writer_task, reader_task, heartbeat_task]
+                .into_iter()
+                .chain(kernel_task)
+                .collect(),
             guard,
             qmp: qmp.map(Arc::new),
             budget,

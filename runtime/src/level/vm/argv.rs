@@ -131,6 +131,9 @@ pub fn kernel_cmdline(spec: &MachineSpec) -> Result<String, String> {
     let mut append = vec![
         format!("console={}", a.console()),
         "quiet".to_string(),
+        // Warnings too (quiet shows errors only): the parent watches the console
+        // for the kernel's WARNING: lines (level/vm/kernel.rs).
+        "loglevel=5".to_string(),
         "panic=-1".to_string(),
     ];
     append.extend(a.fast_boot_args().iter().map(|w| w.to_string()));
@@ -318,12 +321,12 @@ mod tests {
     #[case::x86_tcg(
         Arch::X86_64,
         Accel::Tcg,
-        "qemu-system-x86_64 -nodefaults -no-reboot -no-user-config -display none -machine q35 -accel tcg -cpu max -smp 2 -m 4096M -kernel /img/kernel -initrd /img/initrd -append console=ttyS0 quiet panic=-1 pci=lastbus=0 cryptomgr.notests mitigations=off scsi_mod.scan=sync level=1 -drive file=/img/root.squashfs,format=raw,if=none,id=root,readonly=on,cache=none,aio=native -device virtio-blk-pci,drive=root -netdev user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22 -device virtio-net-pci,netdev=net0 -chardev file,id=console,path=/run/L1.console -serial chardev:console -device virtio-serial-pci -chardev socket,id=relay,fd=3 -device virtserialport,chardev=relay,name=org.matryoshka.relay -chardev file,id=log,path=/run/L1.log -device virtserialport,chardev=log,name=org.matryoshka.log -chardev socket,id=qmp,fd=4 -mon chardev=qmp,mode=control -device virtio-scsi-pci,id=scsi0"
+        "qemu-system-x86_64 -nodefaults -no-reboot -no-user-config -display none -machine q35 -accel tcg -cpu max -smp 2 -m 4096M -kernel /img/kernel -initrd /img/initrd -append console=ttyS0 quiet loglevel=5 panic=-1 pci=lastbus=0 cryptomgr.notests mitigations=off scsi_mod.scan=sync level=1 -drive file=/img/root.squashfs,format=raw,if=none,id=root,readonly=on,cache=none,aio=native -device virtio-blk-pci,drive=root -netdev user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22 -device virtio-net-pci,netdev=net0 -chardev file,id=console,path=/run/L1.console -serial chardev:console -device virtio-serial-pci -chardev socket,id=relay,fd=3 -device virtserialport,chardev=relay,name=org.matryoshka.relay -chardev file,id=log,path=/run/L1.log -device virtserialport,chardev=log,name=org.matryoshka.log -chardev socket,id=qmp,fd=4 -mon chardev=qmp,mode=control -device virtio-scsi-pci,id=scsi0"
     )]
     #[case::s390x_kvm(
         Arch::S390x,
         Accel::Kvm,
-        "qemu-system-s390x -nodefaults -no-reboot -no-user-config -display none -machine s390-ccw-virtio -accel kvm -cpu host -smp 2 -m 4096M -kernel /img/kernel -initrd /img/initrd -append console=ttysclp0 quiet panic=-1 cryptomgr.notests mitigations=off scsi_mod.scan=sync level=1 -drive file=/img/root.squashfs,format=raw,if=none,id=root,readonly=on,cache=none,aio=native -device virtio-blk-ccw,drive=root -netdev user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22 -device virtio-net-ccw,netdev=net0 -chardev file,id=console,path=/run/L1.console -serial chardev:console -device virtio-serial-ccw -chardev socket,id=relay,fd=3 -device virtserialport,chardev=relay,name=org.matryoshka.relay -chardev file,id=log,path=/run/L1.log -device virtserialport,chardev=log,name=org.matryoshka.log -chardev socket,id=qmp,fd=4 -mon chardev=qmp,mode=control -device virtio-scsi-ccw,id=scsi0"
+        "qemu-system-s390x -nodefaults -no-reboot -no-user-config -display none -machine s390-ccw-virtio -accel kvm -cpu host -smp 2 -m 4096M -kernel /img/kernel -initrd /img/initrd -append console=ttysclp0 quiet loglevel=5 panic=-1 cryptomgr.notests mitigations=off scsi_mod.scan=sync level=1 -drive file=/img/root.squashfs,format=raw,if=none,id=root,readonly=on,cache=none,aio=native -device virtio-blk-ccw,drive=root -netdev user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22 -device virtio-net-ccw,netdev=net0 -chardev file,id=console,path=/run/L1.console -serial chardev:console -device virtio-serial-ccw -chardev socket,id=relay,fd=3 -device virtserialport,chardev=relay,name=org.matryoshka.relay -chardev file,id=log,path=/run/L1.log -device virtserialport,chardev=log,name=org.matryoshka.log -chardev socket,id=qmp,fd=4 -mon chardev=qmp,mode=control -device virtio-scsi-ccw,id=scsi0"
     )]
     fn command_lines(#[case] arch: Arch, #[case] accel: Accel, #[case] expected: &str) {
         assert_eq!(argv(&spec(arch, accel)).expect("argv").join(" "), expected);

@@ -21,6 +21,7 @@ pub mod context;
 pub mod domain;
 pub mod image;
 pub mod initrd;
+pub mod kernel;
 pub mod machine;
 pub mod monitor;
 pub mod qemu;
@@ -173,6 +174,7 @@ pub async fn open(
             )
         })?;
     let (reader, writer) = relay.into_split();
+    let console = booted.machine.console_path().to_path_buf();
     let tail = StderrTail::default();
     // The boot steps were logged with the ready line: follow what comes after.
     let log_path = booted.machine.level_log_path().to_path_buf();
@@ -204,6 +206,7 @@ pub async fn open(
             hop: format!("root@127.0.0.1:{}", booted.ssh_port),
             public_key: key.public_line,
             key_path: key.path,
+            console,
         }),
         // A level running a nested guest can be starved of CPU for seconds (KVM in
         // KVM in TCG); while its QEMU lives, a longer silence is tolerated. A QEMU

@@ -5,7 +5,7 @@
 use matryoshka_guest::host;
 
 fn adds_up() {
-    assert_eq!(2 + 2, 4);
+    assert_eq!(std::hint::black_box(2) + 2, 4);
 }
 
 fn level_is_named() {

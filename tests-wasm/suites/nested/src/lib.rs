@@ -399,6 +399,16 @@ fn sealed_level() -> Result<(), Error> {
     Ok(())
 }
 
+/// Makes this level's kernel print a backtrace of its CPUs (sysrq `l`: its
+/// console shows `Call Trace:`), then waits for the level above, which watches
+/// that console, to have seen it. Ignored: run it with `--levels 1 --grant
+/// exec=sh --ignored kernel_backtrace`.
+fn kernel_backtrace() -> Result<(), Error> {
+    run(&["sh", "-c", "echo l > /proc/sysrq-trigger"])?;
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    Ok(())
+}
+
 matryoshka_guest::suite! {
     tests: [
         #[timeout_ms(900_000)]
@@ -406,6 +416,7 @@ matryoshka_guest::suite! {
         #[ignore] #[timeout_ms(3_600_000)] nested_levels_emulated_twice,
         where_am_i,
         #[ignore] #[timeout_ms(300_000)] sealed_level,
+        #[ignore] kernel_backtrace,
     ],
     remote: [descend, noop, reach_parent],
 }
