@@ -22,6 +22,9 @@ pub enum FailureKind {
     OutputLimit,
     /// The runtime could not run the test (instantiation failed, a level was lost).
     Infrastructure,
+    /// The test passed, but a level's kernel showed signs of trouble while it ran
+    /// (`--fail-on-kernel-warnings`).
+    KernelWarning,
 }
 
 impl FailureKind {
@@ -35,6 +38,7 @@ impl FailureKind {
             FailureKind::MemoryLimit => "memory-limit",
             FailureKind::OutputLimit => "output-limit",
             FailureKind::Infrastructure => "infrastructure",
+            FailureKind::KernelWarning => "kernel-warning",
         }
     }
 }

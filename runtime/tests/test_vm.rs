@@ -356,6 +356,29 @@ fn a_kernel_backtrace_at_a_level_is_reported_with_the_level_and_the_test() {
         run.stdout
     );
     assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
+
+    // With --fail-on-kernel-warnings the same test fails, naming the level's line.
+    let dir = run_dir("kernel-strict");
+    let (run, _) = nested(
+        dir.path(),
+        &image_dir(),
+        &[
+            "--levels",
+            "1",
+            "--grant",
+            "exec=sh",
+            "--fail-on-kernel-warnings",
+            "--ignored",
+            "kernel_backtrace",
+        ],
+    );
+    run.expect_code(100);
+    let line = run.line_for("FAIL", "kernel_backtrace");
+    assert!(
+        line.contains("kernel-warning: the test passed, but a kernel showed signs of trouble"),
+        "{line}"
+    );
+    assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
 }
 
 #[test]

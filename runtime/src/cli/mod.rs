@@ -152,6 +152,11 @@ struct TestArgs {
     /// Show output as it is written, for every test and every level.
     #[arg(long, alias = "show-output")]
     nocapture: bool,
+    /// Fail a test that passed while a VM level's kernel printed signs of trouble
+    /// (BUG:, WARNING:, Oops, lockups, stalls, Call Trace:); by default they are
+    /// warnings in the test's output.
+    #[arg(long)]
+    fail_on_kernel_warnings: bool,
     /// Report a test still running after this long as SLOW, and again at each
     /// multiple (0 never).
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_slow)]

@@ -147,6 +147,7 @@ pub(super) async fn test(args: TestArgs) -> u8 {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         live_output: args.nocapture,
         slow_after: (!args.slow_timeout.is_zero()).then_some(args.slow_timeout),
+        fail_on_kernel_warnings: args.fail_on_kernel_warnings,
         retries: args.retries,
     };
     let plan = runner::plan(&runner.suite().name, &cases, &opts);

@@ -51,6 +51,8 @@ pub struct RunOptions {
     pub jobs: usize,
     /// Send output events as output happens.
     pub live_output: bool,
+    /// Fail a test that passed while a level's kernel showed signs of trouble.
+    pub fail_on_kernel_warnings: bool,
     /// After how long a running test is reported slow (and again at each multiple).
     pub slow_after: Option<Duration>,
     /// Times a failed test runs again; one that passes on a retry is flaky. With a
@@ -71,6 +73,7 @@ impl Default for RunOptions {
             default_timeout: Duration::from_secs(60),
             jobs: 1,
             live_output: false,
+            fail_on_kernel_warnings: false,
             slow_after: None,
             retries: 0,
         }
@@ -217,6 +220,7 @@ impl Runner {
             let run = planned.run;
             let retries = opts.retries;
             let slow_after = opts.slow_after;
+            let strict_kernel = opts.fail_on_kernel_warnings;
             tasks.spawn(async move {
                 let _permit = permit;
                 if !run {
@@ -238,6 +242,10 @@ impl Runner {
                 loop {
                     let began = Instant::now();
                     let (outcome, output) = job.run(&id, &events).await;
+                    let outcome = match outcome {
+                        Outcome::Passed if strict_kernel => kernel_verdict(&output),
+                        outcome => outcome,
+                    };
                     let duration_secs = began.elapsed().as_secs_f64();
                     match outcome {
                         Outcome::Failed(failure) if attempt <= retries => {
@@ -292,6 +300,31 @@ impl Runner {
             duration_secs: started.elapsed().as_secs_f64(),
         });
         summary
+    }
+}
+
+/// A passed test's outcome under `--fail-on-kernel-warnings`: failed when its
+/// output holds a kernel line a level's console watcher reported
+/// (`level/vm/kernel.rs`). A suite that logs such a line itself fails only itself.
+fn kernel_verdict(output: &CapturedOutput) -> Outcome {
+    let seen: Vec<String> = output
+        .logs
+        .iter()
+        .filter(|l| l.level == crate::output::LogLevel::Warn && l.message.starts_with("kernel: "))
+        .map(|l| format!("{}: {}", l.level_path, l.message))
+        .collect();
+    match seen.first() {
+        None => Outcome::Passed,
+        Some(first) => Outcome::Failed(failure(
+            FailureKind::KernelWarning,
+            format!(
+                "the test passed, but a kernel showed signs of trouble while it ran ({} line{}; \
+                 --fail-on-kernel-warnings): {first}",
+                seen.len(),
+                if seen.len() == 1 { "" } else { "s" }
+            ),
+            None,
+        )),
     }
 }
 
@@ -516,5 +549,46 @@ pub(crate) fn failure(kind: FailureKind, message: String, location: Option<Strin
         kind,
         message,
         location,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::output::{LogLevel, LogLine};
+
+    fn log(level: LogLevel, message: &str) -> LogLine {
+        LogLine {
+            level_path: "L0/L1".into(),
+            level,
+            message: message.into(),
+            at_secs: 0.0,
+        }
+    }
+
+    #[test]
+    fn only_a_kernel_warning_fails_a_passed_test() {
+        let mut output = CapturedOutput::default();
+        output
+            .logs
+            .push(log(LogLevel::Info, "kernel: an info line is not one"));
+        output
+            .logs
+            .push(log(LogLevel::Warn, "a warning of the test's own"));
+        assert_eq!(kernel_verdict(&output), Outcome::Passed);
+        output
+            .logs
+            .push(log(LogLevel::Warn, "kernel: [ 5.6] Call Trace:"));
+        let Outcome::Failed(f) = kernel_verdict(&output) else {
+            panic!("passed with a kernel warning");
+        };
+        assert_eq!(f.kind, FailureKind::KernelWarning);
+        assert!(
+            f.message.ends_with(
+                "(1 line; --fail-on-kernel-warnings): L0/L1: kernel: [ 5.6] Call Trace:"
+            ),
+            "{}",
+            f.message
+        );
     }
 }
