@@ -329,23 +329,28 @@ fn a_retry_after_a_lost_level_gets_a_freshly_booted_chain() {
     assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
 }
 
+/// `nested.wasm`'s kernel_backtrace at a `--levels 1` chain, with `extra` arguments.
+fn kernel_backtrace(name: &str, extra: &[&str]) -> Run {
+    let dir = run_dir(name);
+    let mut args = vec![
+        "--levels",
+        "1",
+        "--grant",
+        "exec=sh",
+        "--ignored",
+        "kernel_backtrace",
+    ];
+    args.extend_from_slice(extra);
+    let (run, _) = nested(dir.path(), &image_dir(), &args);
+    assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
+    run
+}
+
 #[test]
 fn a_kernel_backtrace_at_a_level_is_reported_with_the_level_and_the_test() {
-    let dir = run_dir("kernel");
-    let (run, _) = nested(
-        dir.path(),
-        &image_dir(),
-        &[
-            "--levels",
-            "1",
-            "--grant",
-            "exec=sh",
-            "--ignored",
-            "kernel_backtrace",
-        ],
-    );
     // The test passes; what its level's kernel printed is in its output, a warning
     // from that level.
+    let run = kernel_backtrace("kernel", &[]);
     run.expect_code(0);
     assert!(
         run.stdout
@@ -355,30 +360,14 @@ fn a_kernel_backtrace_at_a_level_is_reported_with_the_level_and_the_test() {
         "{}",
         run.stdout
     );
-    assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
-
     // With --fail-on-kernel-warnings the same test fails, naming the level's line.
-    let dir = run_dir("kernel-strict");
-    let (run, _) = nested(
-        dir.path(),
-        &image_dir(),
-        &[
-            "--levels",
-            "1",
-            "--grant",
-            "exec=sh",
-            "--fail-on-kernel-warnings",
-            "--ignored",
-            "kernel_backtrace",
-        ],
-    );
+    let run = kernel_backtrace("kernel-strict", &["--fail-on-kernel-warnings"]);
     run.expect_code(100);
     let line = run.line_for("FAIL", "kernel_backtrace");
     assert!(
         line.contains("kernel-warning: the test passed, but a kernel showed signs of trouble"),
         "{line}"
     );
-    assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
 }
 
 #[test]
