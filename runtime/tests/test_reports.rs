@@ -564,3 +564,56 @@ fn the_ci_matrix_snippets_of_the_docs_run_every_test_once() {
         assert_eq!(junit_cases(dir.path()), all, "{name}");
     }
 }
+
+#[test]
+fn sigterm_keeps_the_tap_results_of_tests_that_finished_out_of_order() {
+    // infinite_loop (test 1) spins in one slot while the other eight end in the other.
+    let r = terminated_after(
+        &[
+            "test",
+            HOSTILE,
+            "-j",
+            "2",
+            "--timeout",
+            "60",
+            "--format",
+            "tap",
+        ],
+        std::time::Duration::from_secs(4),
+    );
+    r.expect_code(143);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(
+        lines.last(),
+        Some(&"Bail out! interrupted by SIGTERM"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        lines.contains(&"ok 9 - hostile::well_behaved"),
+        "{}",
+        r.stdout
+    );
+    let points = lines
+        .iter()
+        .filter(|l| l.starts_with("ok ") || l.starts_with("not ok "))
+        .count();
+    assert_eq!(points, 8, "{}", r.stdout);
+}
+
+#[test]
+fn a_usage_error_leaves_an_earlier_junit_file_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let junit = dir.path().join("report.xml");
+    std::fs::write(&junit, "earlier").expect("write");
+    let r = run(&[
+        "test",
+        CI,
+        "-E",
+        "tag(",
+        "--junit",
+        junit.to_str().expect("utf-8"),
+    ]);
+    r.expect_code(2);
+    assert_eq!(std::fs::read_to_string(&junit).expect("read"), "earlier");
+}

@@ -55,6 +55,7 @@ fn grants_for(args: &TestArgs) -> Result<Grants, String> {
 }
 
 pub(super) async fn test(args: TestArgs) -> u8 {
+    let mut stop = Stop::listen();
     let (grants, ssh) = match grants_for(&args).and_then(|g| Ok((g, ssh_settings(&args)?))) {
         Ok(g) => g,
         Err(e) => {
@@ -67,6 +68,33 @@ pub(super) async fn test(args: TestArgs) -> u8 {
         (Some(dir), false) => CacheDir::At(dir.clone()),
         (None, false) => CacheDir::default_location(),
     };
+    let expr = match selection_expr(&args.exprs, &args.tags) {
+        Ok(expr) => expr,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    // --target makes L1 an existing machine; --levels counts it.
+    let levels = if args.target.is_some() {
+        args.levels.max(1)
+    } else {
+        args.levels
+    };
+    if levels > args.max_depth {
+        eprintln!(
+            "error: --levels {levels} is deeper than --max-depth {}; raise it with --max-depth {levels}",
+            args.max_depth
+        );
+        return EXIT_USAGE;
+    }
+    if matches!(args.target, Some(crate::level::Target::Ssh(_))) && args.ssh_key.is_none() {
+        eprintln!(
+            "error: --target ssh://... needs --ssh-key FILE and --ssh-known-hosts FILE \
+             (the key that logs in and the host keys to trust)"
+        );
+        return EXIT_USAGE;
+    }
     // Report files exist from the start, so that a run ending early still leaves
     // a whole report saying why.
     let mut report = match Reports::new(&args) {
@@ -78,7 +106,14 @@ pub(super) async fn test(args: TestArgs) -> u8 {
     };
     let component = args.component.clone();
     let memo_dir = cache.dir().map(PathBuf::from);
-    let loaded = match tokio::task::spawn_blocking(move || suite::load(&component, &cache)).await {
+    let loading = tokio::task::spawn_blocking(move || suite::load(&component, &cache));
+    let loaded = tokio::select! {
+        loaded = loading => loaded,
+        signal = stop.next() => {
+            return report.abort(&format!("interrupted by {signal} while loading the suite"), signal.exit_code());
+        }
+    };
+    let loaded = match loaded {
         Ok(Ok(suite)) => suite,
         Ok(Err(e)) => return report.abort(&format!("{e}"), EXIT_COULD_NOT_RUN),
         Err(e) => {
@@ -116,16 +151,15 @@ pub(super) async fn test(args: TestArgs) -> u8 {
         parent_budget: None,
     };
     let runner = Runner::new(loaded, ctx);
-    let cases = match runner.list().await {
+    let listed = tokio::select! {
+        listed = runner.list() => listed,
+        signal = stop.next() => {
+            return report.abort(&format!("interrupted by {signal} while listing the tests"), signal.exit_code());
+        }
+    };
+    let cases = match listed {
         Ok(cases) => cases,
         Err(e) => return report.abort(&e.to_string(), EXIT_COULD_NOT_RUN),
-    };
-    let expr = match selection_expr(&args.exprs, &args.tags) {
-        Ok(expr) => expr,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return EXIT_USAGE;
-        }
     };
     let opts = RunOptions {
         filters: args.filters.clone(),
@@ -171,26 +205,6 @@ pub(super) async fn test(args: TestArgs) -> u8 {
             NoTests::Pass => {}
         }
     }
-    // --target makes L1 an existing machine; --levels counts it.
-    let levels = if args.target.is_some() {
-        args.levels.max(1)
-    } else {
-        args.levels
-    };
-    if levels > args.max_depth {
-        eprintln!(
-            "error: --levels {levels} is deeper than --max-depth {}; raise it with --max-depth {levels}",
-            args.max_depth
-        );
-        return EXIT_USAGE;
-    }
-    if matches!(args.target, Some(crate::level::Target::Ssh(_))) && args.ssh_key.is_none() {
-        eprintln!(
-            "error: --target ssh://... needs --ssh-key FILE and --ssh-known-hosts FILE \
-             (the key that logs in and the host keys to trust)"
-        );
-        return EXIT_USAGE;
-    }
     let (runner, opts) = if levels > 0 {
         let vms = levels - u32::from(args.target.is_some());
         match &args.target {
@@ -218,7 +232,7 @@ pub(super) async fn test(args: TestArgs) -> u8 {
             tries += 1;
             let booted = tokio::select! {
                 booted = Chain::boot(runner.context(), args.target.clone(), levels, Some(sink.clone())) => booted,
-                signal = stop_signal() => {
+                signal = stop.next() => {
                     eprintln!("interrupted: stopping the levels booted so far");
                     return report.abort(&format!("interrupted by {signal} while booting"), signal.exit_code());
                 }
@@ -254,7 +268,7 @@ pub(super) async fn test(args: TestArgs) -> u8 {
     let both = async { tokio::join!(run, reporting) };
     let summary = tokio::select! {
         (summary, ()) = both => summary,
-        signal = stop_signal() => {
+        signal = stop.next() => {
             // Dropping the run dropped every instance, its guests and their levels.
             eprintln!("interrupted: stopping the tests and every level they reached");
             while let Ok(event) = rx.try_recv() {
@@ -450,17 +464,35 @@ impl std::fmt::Display for StopSignal {
     }
 }
 
-/// Waits for SIGINT or SIGTERM.
-async fn stop_signal() -> StopSignal {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => tokio::select! {
-            _ = tokio::signal::ctrl_c() => StopSignal::Int,
-            _ = term.recv() => StopSignal::Term,
-        },
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            StopSignal::Int
+/// SIGINT and SIGTERM, listened for from the start of the run: a signal while
+/// the suite loads ends the reports as well as one while tests run.
+struct Stop {
+    int: Option<tokio::signal::unix::Signal>,
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl Stop {
+    fn listen() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        Self {
+            int: signal(SignalKind::interrupt()).ok(),
+            term: signal(SignalKind::terminate()).ok(),
+        }
+    }
+
+    /// The next SIGINT or SIGTERM.
+    async fn next(&mut self) -> StopSignal {
+        async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            () = recv(&mut self.int) => StopSignal::Int,
+            () = recv(&mut self.term) => StopSignal::Term,
         }
     }
 }

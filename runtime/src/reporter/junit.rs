@@ -35,6 +35,8 @@ pub struct JunitReporter<W> {
     name: String,
     /// Tests in the plan, for the case that says a run ended early.
     planned: usize,
+    /// The report was written.
+    written: bool,
     /// Failed tries of tests still running, in the order they failed.
     reruns: Vec<(TestId, TestRerun)>,
     /// Finished tests, with their place in the plan.
@@ -49,6 +51,7 @@ impl<W: Write> JunitReporter<W> {
             suite: None,
             name: "matryoshka".into(),
             planned: 0,
+            written: false,
             reruns: Vec::new(),
             cases: Vec::new(),
         }
@@ -148,6 +151,8 @@ impl<W: Write + Send> Reporter for JunitReporter<W> {
             TestEvent::RunFinished { duration_secs, .. } => {
                 self.write(*duration_secs)?;
             }
+            // Once written, the report stays one document.
+            TestEvent::RunAborted { .. } if self.written => {}
             TestEvent::RunAborted {
                 suite,
                 reason,
@@ -191,6 +196,7 @@ impl<W: Write> JunitReporter<W> {
         let mut report = Report::new(self.name.as_str());
         report.set_time(time);
         report.add_test_suite(ts);
+        self.written = true;
         let xml = report.to_string().map_err(io::Error::other)?;
         self.out
             .write_all(without_testsuites_skipped(&xml).as_bytes())?;

@@ -42,6 +42,17 @@ impl<W: Write> TapReporter<W> {
     }
 }
 
+impl<W: Write> TapReporter<W> {
+    /// Writes the test points still waiting for an earlier one that will not end
+    /// (the run was stopped), in plan order: no finished result is lost.
+    fn write_pending(&mut self) -> io::Result<()> {
+        for (_, point) in std::mem::take(&mut self.pending) {
+            self.out.write_all(point.as_bytes())?;
+        }
+        Ok(())
+    }
+}
+
 impl<W: Write + Send> Reporter for TapReporter<W> {
     fn event(&mut self, event: &TestEvent) -> io::Result<()> {
         match event {
@@ -95,10 +106,12 @@ impl<W: Write + Send> Reporter for TapReporter<W> {
                 )?;
             }
             TestEvent::RunAborted { reason, .. } => {
+                self.write_pending()?;
                 // Harnesses (prove, meson) end the stream here and report the reason.
                 writeln!(self.out, "Bail out! {}", text::line(reason))?;
             }
             TestEvent::RunFinished { summary, .. } => {
+                self.write_pending()?;
                 writeln!(
                     self.out,
                     "# {} passed ({} flaky), {} failed, {} ignored",

@@ -252,14 +252,15 @@ impl Runner {
                     let duration_secs = began.elapsed().as_secs_f64();
                     match outcome {
                         Outcome::Failed(failure) if attempt <= retries => {
-                            job.before_retry(&failure).await;
+                            // Reported before a chain is booted again, which takes long.
                             let _ = events.send(TestEvent::TestRetried {
                                 test: id.clone(),
                                 attempt,
-                                failure,
+                                failure: failure.clone(),
                                 duration_secs,
                                 output,
                             });
+                            job.before_retry(&failure).await;
                             attempt += 1;
                         }
                         outcome => {
