@@ -181,6 +181,10 @@ pub enum TestEvent {
         output: CapturedOutput,
         /// Tries, from 1: a test that passed on a try after the first is flaky.
         attempts: u32,
+        /// How the first try failed, when there was more than one (every try is
+        /// in its `TestRetried` event; JSON lines carry those).
+        #[serde(skip)]
+        first_failure: Option<TestFailure>,
     },
     /// Every test ended.
     RunFinished {

@@ -190,11 +190,10 @@ pub(super) async fn test(args: TestArgs) -> u8 {
     }
     if !plan.tests.iter().any(|t| t.run) {
         let reason = format!(
-            "no tests to run: the filters selected {} of the suite's {} tests, and {} of them \
+            "no tests to run: the filters selected {} of the suite's {} tests, and 0 of them \
              run (--no-tests=warn or pass allows this)",
             plan.tests.len(),
             cases.len(),
-            plan.tests.iter().filter(|t| t.run).count(),
         );
         match args.no_tests {
             NoTests::Fail => {
@@ -384,10 +383,9 @@ impl Reports {
         let mut reporters: Vec<Box<dyn Reporter>> = Vec::new();
         if !args.list {
             let stdout = || BufWriter::new(io::stdout());
-            let live = args.nocapture;
             reporters.push(match args.format {
                 Format::Human => Box::new(HumanReporter::new(stdout(), args.nocapture)),
-                Format::Json => Box::new(JsonReporter::new(stdout(), live)),
+                Format::Json => Box::new(JsonReporter::new(stdout(), args.nocapture)),
                 Format::Junit => Box::new(JunitReporter::new(stdout())),
                 Format::Tap => Box::new(TapReporter::new(stdout(), args.nocapture)),
             });

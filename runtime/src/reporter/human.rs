@@ -11,7 +11,7 @@ use std::io::{self, IsTerminal, Write};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{Reporter, indent, text};
+use super::{Reporter, indent, log_prefix, text};
 use crate::event::{Outcome, TestEvent, TestFailure, TestId};
 use crate::output::{CapturedOutput, Stream};
 
@@ -23,8 +23,6 @@ pub struct HumanReporter<W> {
     failures: Vec<(TestId, TestFailure, CapturedOutput)>,
     /// Tests that passed on a retry, with the first failure.
     flaky: Vec<(TestId, TestFailure)>,
-    /// The first failure of each test that is being retried.
-    retried: Vec<(TestId, TestFailure)>,
     /// Tries a test gets; 0 until the run started.
     tries: u32,
 }
@@ -51,7 +49,6 @@ impl<W: Write> HumanReporter<W> {
             show_output,
             failures: Vec::new(),
             flaky: Vec::new(),
-            retried: Vec::new(),
             tries: 0,
         }
     }
@@ -133,9 +130,6 @@ impl<W: Write + Send> Reporter for HumanReporter<W> {
                     display_name(test),
                     failure.kind.as_str()
                 ))?;
-                if !self.retried.iter().any(|(t, _)| t == test) {
-                    self.retried.push((test.clone(), failure.clone()));
-                }
             }
             TestEvent::TestFinished {
                 test,
@@ -143,15 +137,11 @@ impl<W: Write + Send> Reporter for HumanReporter<W> {
                 duration_secs,
                 output,
                 attempts,
+                first_failure,
                 ..
             } => {
                 self.progress.inc(1);
                 let name = display_name(test);
-                let first_failure = self
-                    .retried
-                    .iter()
-                    .position(|(t, _)| t == test)
-                    .map(|at| self.retried.swap_remove(at).1);
                 let tries = if *attempts > 1 {
                     format!(" (try {attempts} of {})", self.tries)
                 } else {
@@ -161,7 +151,7 @@ impl<W: Write + Send> Reporter for HumanReporter<W> {
                     Outcome::Passed => match first_failure {
                         Some(failure) => {
                             self.line(&format!("   FLAKY [{duration_secs:>8.3}s] {name}{tries}"))?;
-                            self.flaky.push((test.clone(), failure));
+                            self.flaky.push((test.clone(), failure.clone()));
                         }
                         None => self.line(&format!("    PASS [{duration_secs:>8.3}s] {name}"))?,
                     },
@@ -279,15 +269,7 @@ fn render_output(output: &CapturedOutput) -> String {
         let lines: Vec<String> = output
             .logs
             .iter()
-            .map(|l| {
-                format!(
-                    "[{:>8.3}s {:>5} {}] {}",
-                    l.at_secs,
-                    l.level.as_str(),
-                    text::line(&l.level_path),
-                    l.message
-                )
-            })
+            .map(|l| format!("{} {}", log_prefix(l), l.message))
             .collect();
         parts.push(format!("--- log ---\n{}", tail(&lines.join("\n"))));
     }

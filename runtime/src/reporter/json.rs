@@ -136,6 +136,7 @@ mod tests {
             duration_secs: 0.0,
             output: CapturedOutput::default(),
             attempts: 1,
+            first_failure: None,
         };
         let mut out = Vec::new();
         JsonReporter::new(&mut out, false)

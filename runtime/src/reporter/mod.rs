@@ -36,6 +36,17 @@ pub enum Format {
     Tap,
 }
 
+/// `[   0.001s  info L0/L1]`: when, how severe and where a log line was written,
+/// the level path escaped to one line. The message is the caller's to escape.
+pub(crate) fn log_prefix(line: &crate::output::LogLine) -> String {
+    format!(
+        "[{:>8.3}s {:>5} {}]",
+        line.at_secs,
+        line.level.as_str(),
+        text::line(&line.level_path)
+    )
+}
+
 /// Indents every line of `text` by `prefix`.
 pub(crate) fn indent(text: &str, prefix: &str) -> String {
     text.lines()

@@ -25,8 +25,6 @@ pub struct TapReporter<W> {
     /// Test points that ended before an earlier one, by index.
     pending: BTreeMap<usize, String>,
     show_output: bool,
-    /// The first failure of each test that is being retried.
-    retried: Vec<(TestId, TestFailure)>,
 }
 
 impl<W: Write> TapReporter<W> {
@@ -37,7 +35,6 @@ impl<W: Write> TapReporter<W> {
             written: 0,
             pending: BTreeMap::new(),
             show_output,
-            retried: Vec::new(),
         }
     }
 }
@@ -71,24 +68,16 @@ impl<W: Write + Send> Reporter for TapReporter<W> {
                     writeln!(self.out, "# [{origin}] {}", text::line(l))?;
                 }
             }
-            TestEvent::TestRetried { test, failure, .. }
-                if !self.retried.iter().any(|(t, _)| t == test) =>
-            {
-                self.retried.push((test.clone(), failure.clone()));
-            }
             TestEvent::TestFinished {
                 test,
                 index,
                 outcome,
                 attempts,
+                first_failure,
                 ..
             } => {
-                let first_failure = self
-                    .retried
-                    .iter()
-                    .position(|(t, _)| t == test)
-                    .map(|at| self.retried.swap_remove(at).1);
-                let point = test_point(*index + 1, test, outcome, *attempts, first_failure);
+                let point =
+                    test_point(*index + 1, test, outcome, *attempts, first_failure.as_ref());
                 self.pending.insert(*index, point);
                 // Numbers follow the plan whatever order tests end in: a harness
                 // (meson's JUnit, a dashboard) names results by their number.
@@ -130,7 +119,7 @@ fn test_point(
     test: &TestId,
     outcome: &Outcome,
     attempts: u32,
-    first_failure: Option<TestFailure>,
+    first_failure: Option<&TestFailure>,
 ) -> String {
     let full_name = test.full_name();
     let name = text::tap_description(&full_name);

@@ -44,8 +44,6 @@ pub struct TmtReporter {
     path: PathBuf,
     results: Vec<(usize, TmtResult)>,
     started: HashMap<String, SystemTime>,
-    /// Failed tries per test, for the note of a flaky pass.
-    first_failures: HashMap<String, String>,
     level_path: String,
 }
 
@@ -57,7 +55,6 @@ impl TmtReporter {
             path,
             results: Vec::new(),
             started: HashMap::new(),
-            first_failures: HashMap::new(),
             level_path: "L0".into(),
         }
     }
@@ -90,10 +87,8 @@ impl TmtReporter {
         let mut body = String::new();
         for line in &output.logs {
             body.push_str(&format!(
-                "[{:>8.3}s {:>5} {}] {}\n",
-                line.at_secs,
-                line.level.as_str(),
-                text::line(&line.level_path),
+                "{} {}\n",
+                super::log_prefix(line),
                 text::block(&line.message)
             ));
         }
@@ -133,26 +128,13 @@ impl Reporter for TmtReporter {
             TestEvent::TestStarted { test } => {
                 self.started.insert(key(test), SystemTime::now());
             }
-            TestEvent::TestRetried {
-                test,
-                attempt,
-                failure,
-                ..
-            } => {
-                self.first_failures.entry(key(test)).or_insert_with(|| {
-                    format!(
-                        "try {attempt} failed: {}: {}",
-                        failure.kind.as_str(),
-                        text::first_line(&failure.message, 240)
-                    )
-                });
-            }
             TestEvent::TestFinished {
                 test,
                 index,
                 outcome,
                 output,
                 attempts,
+                first_failure,
                 ..
             } => {
                 let end = SystemTime::now();
@@ -160,8 +142,12 @@ impl Reporter for TmtReporter {
                 let mut note = Vec::new();
                 let result = match outcome {
                     Outcome::Passed => {
-                        if let Some(first) = self.first_failures.remove(&key(test)) {
-                            note.push(format!("flaky: passed on try {attempts}; {first}"));
+                        if let Some(first) = first_failure {
+                            note.push(format!(
+                                "flaky: passed on try {attempts}; try 1 failed: {}: {}",
+                                first.kind.as_str(),
+                                text::first_line(&first.message, 240)
+                            ));
                         }
                         "pass"
                     }

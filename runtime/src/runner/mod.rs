@@ -235,6 +235,7 @@ impl Runner {
                         duration_secs: 0.0,
                         output: CapturedOutput::default(),
                         attempts: 1,
+                        first_failure: None,
                     });
                     return (outcome, 1);
                 }
@@ -242,6 +243,7 @@ impl Runner {
                 let began = Instant::now();
                 let _slow = slow_after.map(|every| slow_reports(&id, began, every, &events));
                 let mut attempt = 1;
+                let mut first_failure = None;
                 loop {
                     let began = Instant::now();
                     let (outcome, output) = job.run(&id, &events).await;
@@ -261,6 +263,7 @@ impl Runner {
                                 output,
                             });
                             job.before_retry(&failure).await;
+                            first_failure.get_or_insert(failure);
                             attempt += 1;
                         }
                         outcome => {
@@ -271,6 +274,7 @@ impl Runner {
                                 duration_secs,
                                 output,
                                 attempts: attempt,
+                                first_failure,
                             });
                             return (outcome, attempt);
                         }
