@@ -18,8 +18,8 @@ use matryoshka::engine::sha256_hex;
 use matryoshka::event::{FailureKind, TestFailure};
 use matryoshka::output::LogLevel;
 use matryoshka::wire::{
-    LevelSetup, MAX_FRAME, Message, PROTOCOL_VERSION, RemoteError, RemoteEvent, WireErrorKind,
-    WireLimits, WireOutcome,
+    LevelAccess, LevelSetup, MAX_FRAME, Message, Monitor, PROTOCOL_VERSION, Reach, RemoteError,
+    RemoteEvent, WireErrorKind, WireLimits, WireOutcome,
 };
 
 /// Strings a relay peer really sends, so mutations start near valid values.
@@ -202,8 +202,39 @@ fn setup(u: &mut Unstructured) -> Result<LevelSetup> {
             accel: *u.choose(&[AccelPolicy::Auto, AccelPolicy::Kvm, AccelPolicy::Tcg])?,
             jump: small_vec(u, 2, text)?,
             chain_arch: small_vec(u, 2, text)?,
+            keep_failed: u.arbitrary()?,
         },
         descend: u.int_in_range(0..=2)?,
+    })
+}
+
+/// How a child says its levels below are reached: within its subtree or not,
+/// with plain or hostile text.
+fn level_access(u: &mut Unstructured) -> Result<LevelAccess> {
+    Ok(LevelAccess {
+        path: child_path(u)?,
+        reach: match u.int_in_range(0..=2)? {
+            0 => Reach::Vm {
+                port: u.arbitrary()?,
+                host_key: some(u, text)?,
+            },
+            1 => Reach::Ssh {
+                user: text(u)?,
+                host: text(u)?,
+                port: u.arbitrary()?,
+            },
+            _ => Reach::Local,
+        },
+        monitor: some(u, |u| {
+            Ok(if u.arbitrary()? {
+                Monitor::Socket {
+                    runtime: text(u)?,
+                    path: text(u)?,
+                }
+            } else {
+                Monitor::Libvirt { domain: text(u)? }
+            })
+        })?,
     })
 }
 
@@ -246,7 +277,9 @@ pub fn message(u: &mut Unstructured) -> Result<Message> {
             bytes: component_bytes(u)?,
             precompiled: some(u, |u| Ok((text(u)?, blob(u, 64)?)))?,
         },
-        4 => Message::Ready,
+        4 => Message::Ready {
+            below: small_vec(u, 2, level_access)?,
+        },
         5 => Message::Call {
             id: number(u)?,
             function: text(u)?,
@@ -453,7 +486,9 @@ pub fn child_script(u: &mut Unstructured) -> Result<Vec<u8>> {
         });
     }
     script.push(if u.ratio(7, 8)? {
-        Message::Ready
+        Message::Ready {
+            below: small_vec(u, 2, level_access)?,
+        }
     } else {
         Message::Fatal {
             error: remote_error(u)?,

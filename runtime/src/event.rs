@@ -102,6 +102,19 @@ pub struct Summary {
     pub flaky: usize,
 }
 
+/// A level kept up by `--keep-failed`, and how a person reaches it.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeptLevel {
+    /// Its level path.
+    pub path: String,
+    /// A command that opens a shell there from the machine the run started on.
+    pub shell: String,
+    /// A command that opens its QEMU's human monitor, when it has one.
+    pub monitor: Option<String>,
+    /// Something a person should know first.
+    pub note: Option<String>,
+}
+
 /// Something that happened during a run.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
@@ -192,6 +205,18 @@ pub enum TestEvent {
         summary: Summary,
         /// Wall time of the whole run, in seconds.
         duration_secs: f64,
+    },
+    /// `--keep-failed`: the chain's levels stay up after `test` failed, for a
+    /// person to look into, until the hold ends.
+    LevelsKept {
+        /// The test that failed.
+        test: TestId,
+        /// Each level of the chain, L1 first, with the commands that reach it.
+        levels: Vec<KeptLevel>,
+        /// The OpenSSH client configuration the commands use.
+        ssh_config: String,
+        /// How the hold ends, e.g. `press Enter, or wait 60 s`.
+        until: String,
     },
     /// The run ended before its tests did, or before it could start: the suite
     /// could not be loaded, the chain did not boot, or a signal stopped it.

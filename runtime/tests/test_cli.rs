@@ -563,3 +563,28 @@ fn a_cache_others_can_write_to_is_refused_before_an_artifact_in_it_is_loaded() {
         r.stderr
     );
 }
+
+#[test]
+fn keep_failed_without_a_chain_is_a_usage_error() {
+    for flags in [&["--keep-failed"][..], &["--keep-failed-for", "10s"]] {
+        let mut args = vec!["test", BASICS];
+        args.extend_from_slice(flags);
+        let r = run(&args);
+        r.expect_code(2);
+        assert!(
+            r.stderr
+                .contains("error: --keep-failed keeps the chain of --levels N or --target up"),
+            "{}",
+            r.stderr
+        );
+    }
+    // A monitor socket that is not there says so.
+    let r = run(&["monitor", "/nonexistent/L0-L1.monitor"]);
+    r.expect_code(2);
+    assert!(
+        r.stderr
+            .contains("cannot connect to the monitor at /nonexistent/L0-L1.monitor"),
+        "{}",
+        r.stderr
+    );
+}

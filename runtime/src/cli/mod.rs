@@ -21,6 +21,7 @@ use crate::reporter::Format;
 use crate::runner;
 use crate::serve::{ServeOptions, serve_stdio};
 
+mod keep;
 mod test;
 
 /// Some selected test failed.
@@ -54,6 +55,15 @@ enum Command {
     Test(Box<TestArgs>),
     /// Serve a parent level over the relay protocol (started by another runtime).
     Serve(ServeArgs),
+    /// Connect this terminal to a QEMU human monitor socket (the commands
+    /// --keep-failed prints use it at every level).
+    Monitor(MonitorArgs),
+}
+
+#[derive(Debug, Args)]
+struct MonitorArgs {
+    /// The monitor's Unix socket.
+    socket: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -157,6 +167,14 @@ struct TestArgs {
     /// warnings in the test's output.
     #[arg(long)]
     fail_on_kernel_warnings: bool,
+    /// When a test fails on a chain (--levels, --target), keep the chain up, print
+    /// a command that opens a shell at each level (and its QEMU monitor), and wait
+    /// for Enter before going on; Ctrl-C ends the run.
+    #[arg(long)]
+    keep_failed: bool,
+    /// Like --keep-failed, going on after this long at most (also without a terminal).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    keep_failed_for: Option<Duration>,
     /// Report a test still running after this long as SLOW, and again at each
     /// multiple (0 never).
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_slow)]
@@ -238,6 +256,7 @@ pub fn main() -> ExitCode {
     };
     let code = match cli.command {
         Command::Test(args) => runtime.block_on(test::test(*args)),
+        Command::Monitor(args) => runtime.block_on(keep::monitor(&args.socket)),
         Command::Serve(args) => {
             let opts = ServeOptions {
                 cache: args

@@ -95,6 +95,21 @@ pub(super) async fn test(args: TestArgs) -> u8 {
         );
         return EXIT_USAGE;
     }
+    let keep_failed: Option<Arc<dyn runner::keep::Hold>> = match (
+        args.keep_failed || args.keep_failed_for.is_some(),
+        levels,
+    ) {
+        (false, _) => None,
+        (true, 0) => {
+            eprintln!(
+                "error: --keep-failed keeps the chain of --levels N or --target up;                      a test's own guests go down with it (their `ssh-command` reaches them                      while it runs)"
+            );
+            return EXIT_USAGE;
+        }
+        (true, _) => Some(Arc::new(super::keep::TerminalHold::new(
+            args.keep_failed_for,
+        ))),
+    };
     // Report files exist from the start, so that a run ending early still leaves
     // a whole report saying why.
     let mut report = match Reports::new(&args) {
@@ -143,6 +158,7 @@ pub(super) async fn test(args: TestArgs) -> u8 {
                 accel: args.accel,
                 jump: Vec::new(),
                 chain_arch: args.level_arch.clone(),
+                keep_failed: keep_failed.is_some(),
             },
             args.image_dir.clone(),
             RunDir::Kept(args.run_dir.clone().unwrap_or_else(default_run_dir)),
@@ -183,6 +199,7 @@ pub(super) async fn test(args: TestArgs) -> u8 {
         slow_after: (!args.slow_timeout.is_zero()).then_some(args.slow_timeout),
         fail_on_kernel_warnings: args.fail_on_kernel_warnings,
         retries: args.retries,
+        keep_failed: keep_failed.clone(),
     };
     let plan = runner::plan(&runner.suite().name, &cases, &opts);
     if args.list {

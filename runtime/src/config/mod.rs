@@ -24,6 +24,9 @@ pub struct VmSettings {
     /// Architectures of the VM levels `--levels` boots (`--level-arch`): entry N - 1
     /// for LN; a level past the list's end is of its parent's architecture.
     pub chain_arch: Vec<String>,
+    /// `--keep-failed`: a lost level's machine stays up until its level is let go,
+    /// and QEMU levels get a human monitor socket beside their console.
+    pub keep_failed: bool,
 }
 
 /// SSH credentials of a run. What travels down the chain: the pinned host keys,

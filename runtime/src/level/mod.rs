@@ -10,6 +10,7 @@
 //! Each runtime relays only to its direct children: a level's events travel up
 //! one hop at a time, tagged with the level path where they happened.
 
+pub mod access;
 pub mod budget;
 pub mod connection;
 pub mod local;

@@ -73,6 +73,12 @@ pub struct VmFacts {
     pub key_path: Option<String>,
     /// The file its serial console goes to, watched for the kernel's signs of trouble.
     pub console: std::path::PathBuf,
+    /// Port on its parent's 127.0.0.1 forwarded to its sshd.
+    pub ssh_port: u16,
+    /// Its SSH host key's public line, when its parent made the key.
+    pub host_key: Option<String>,
+    /// Its QEMU's human monitor, when a person can reach it.
+    pub monitor: Option<crate::wire::Monitor>,
 }
 
 /// Owns what runs a child runtime.

@@ -94,6 +94,34 @@ impl<W: Write + Send> Reporter for HumanReporter<W> {
                     display_name(test)
                 ))?;
             }
+            TestEvent::LevelsKept {
+                test,
+                levels,
+                until,
+                ..
+            } => {
+                let width = levels.iter().map(|l| l.path.len()).max().unwrap_or(0);
+                let mut text = format!(
+                    "    KEPT the chain up after {} failed; each level is reached with:",
+                    display_name(test)
+                );
+                for level in levels {
+                    let path = text::line(&level.path);
+                    text.push_str(&format!(
+                        "\n      {path:>width$}  {}",
+                        text::line(&level.shell)
+                    ));
+                    let pad = " ".repeat(width + 8);
+                    if let Some(monitor) = &level.monitor {
+                        text.push_str(&format!("\n{pad}monitor: {}", text::line(monitor)));
+                    }
+                    if let Some(note) = &level.note {
+                        text.push_str(&format!("\n{pad}({})", text::line(note)));
+                    }
+                }
+                text.push_str(&format!("\n    {}", text::line(until)));
+                self.line(&text)?;
+            }
             TestEvent::TestStarted { test } => {
                 self.progress
                     .set_message(text::line(&test.name).into_owned());

@@ -94,6 +94,22 @@ impl<W: Write + Send> Reporter for TapReporter<W> {
                     text::line(&test.full_name())
                 )?;
             }
+            TestEvent::LevelsKept { test, levels, .. } => {
+                writeln!(
+                    self.out,
+                    "# KEPT the chain up after {} failed",
+                    text::line(&test.full_name())
+                )?;
+                for level in levels {
+                    writeln!(
+                        self.out,
+                        "#   {}: {}",
+                        text::line(&level.path),
+                        text::line(&level.shell)
+                    )?;
+                }
+                self.out.flush()?;
+            }
             TestEvent::RunAborted { reason, .. } => {
                 self.write_pending()?;
                 // Harnesses (prove, meson) end the stream here and report the reason.

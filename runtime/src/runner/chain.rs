@@ -11,7 +11,7 @@ use crate::level::Target;
 use crate::level::connection::Connection;
 use crate::level::vm::VmRequest;
 use crate::output::{Capture, OutputSink};
-use crate::wire::{RemoteError, WireErrorKind};
+use crate::wire::{LevelAccess, RemoteError, WireErrorKind};
 
 /// A chain of VM levels booted for a run (`--levels N`), whose deepest level runs
 /// every test. Output relayed from it goes to the capture of the running test.
@@ -22,6 +22,8 @@ pub struct Chain {
     first: Option<Target>,
     levels: u32,
     deepest: String,
+    /// Whether `--keep-failed` held the chain after it lost a level (once is enough).
+    kept_lost: std::sync::atomic::AtomicBool,
 }
 
 impl Chain {
@@ -60,6 +62,7 @@ impl Chain {
             first,
             levels,
             deepest,
+            kept_lost: Default::default(),
         })
     }
 
@@ -75,8 +78,34 @@ impl Chain {
         let mut conn = self.conn.write().await;
         // Dropping the connection stops L1's QEMU, and every level below with it.
         *conn = None;
+        self.kept_lost
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         *conn = Some(open(ctx, self.first.as_ref(), self.levels, self.relay.clone()).await?);
         Ok(())
+    }
+
+    /// How a person reaches each level of the chain, L1 first.
+    pub async fn access(&self) -> Vec<LevelAccess> {
+        self.conn
+            .read()
+            .await
+            .as_ref()
+            .map(Connection::access)
+            .unwrap_or_default()
+    }
+
+    /// Whether holding the chain after a failure shows a person anything new:
+    /// not once it is down, and after an infrastructure failure (a lost level)
+    /// only the first time until it is booted again: the tests after it fail on
+    /// the same loss.
+    pub async fn worth_keeping(&self, infrastructure: bool) -> bool {
+        if self.conn.read().await.is_none() {
+            return false;
+        }
+        !infrastructure
+            || !self
+                .kept_lost
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Runs `name` at the deepest level for a level above, whose output goes on up.

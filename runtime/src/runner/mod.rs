@@ -14,6 +14,7 @@ use wasmtime::{Store, UpdateDeadline};
 
 mod chain;
 pub mod filter;
+pub mod keep;
 mod plan;
 mod untrusted;
 mod verdict;
@@ -61,6 +62,14 @@ pub struct RunOptions {
     /// Times a failed test runs again; one that passes on a retry is flaky. With a
     /// `--levels` chain, a retry after an infrastructure failure gets a fresh chain.
     pub retries: u32,
+    /// `--keep-failed`: after a failed try, a chain stays up until this hold ends.
+    pub keep_failed: Option<Arc<dyn keep::Hold>>,
+}
+
+impl std::fmt::Debug for dyn keep::Hold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Hold({})", self.until())
+    }
 }
 
 impl Default for RunOptions {
@@ -79,6 +88,7 @@ impl Default for RunOptions {
             fail_on_kernel_warnings: false,
             slow_after: None,
             retries: 0,
+            keep_failed: None,
         }
     }
 }
@@ -214,6 +224,7 @@ impl Runner {
                 timeout,
                 live_output: opts.live_output,
                 chain: self.chain.clone(),
+                keep: opts.keep_failed.clone(),
             };
             // Taking the permit before spawning starts tests in suite order; ignored
             // tests go through the same queue so that reports keep that order too.
@@ -262,13 +273,14 @@ impl Runner {
                                 duration_secs,
                                 output,
                             });
+                            job.keep(&id, &failure, &events).await;
                             job.before_retry(&failure).await;
                             first_failure.get_or_insert(failure);
                             attempt += 1;
                         }
                         outcome => {
                             let _ = events.send(TestEvent::TestFinished {
-                                test: id,
+                                test: id.clone(),
                                 index,
                                 outcome: outcome.clone(),
                                 duration_secs,
@@ -276,6 +288,9 @@ impl Runner {
                                 attempts: attempt,
                                 first_failure,
                             });
+                            if let Outcome::Failed(failure) = &outcome {
+                                job.keep(&id, failure, &events).await;
+                            }
                             return (outcome, attempt);
                         }
                     }
@@ -342,6 +357,7 @@ struct TestJob {
     timeout: Duration,
     live_output: bool,
     chain: Option<Arc<Chain>>,
+    keep: Option<Arc<dyn keep::Hold>>,
 }
 
 /// Runs the test `name` here in a fresh instance, its output going to `sink` as it
@@ -360,11 +376,25 @@ pub async fn run_here(
         timeout,
         live_output: true,
         chain: None,
+        keep: None,
     };
     job.run_in(name, capture).await
 }
 
 impl TestJob {
+    /// `--keep-failed`: holds the chain after `failure` of `id`.
+    async fn keep(
+        &self,
+        id: &TestId,
+        failure: &TestFailure,
+        events: &mpsc::UnboundedSender<TestEvent>,
+    ) {
+        if let (Some(chain), Some(hold)) = (&self.chain, &self.keep) {
+            let infrastructure = failure.kind == FailureKind::Infrastructure;
+            keep::hold(chain, &self.ctx, hold, id, infrastructure, events).await;
+        }
+    }
+
     /// Readies a retry after `failure`: a chain that lost a level is booted again.
     async fn before_retry(&self, failure: &TestFailure) {
         if failure.kind != FailureKind::Infrastructure {

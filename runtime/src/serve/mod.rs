@@ -221,7 +221,11 @@ where
     } else {
         None
     };
-    let _ = out.send(Message::Ready);
+    let below = match &chain {
+        Some(chain) => chain.access().await,
+        None => Vec::new(),
+    };
+    let _ = out.send(Message::Ready { below });
     let injected = opts
         .inject
         .map(|inject| tokio::spawn(misbehave(inject, setup.path.clone(), out.clone())));

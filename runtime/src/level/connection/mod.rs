@@ -27,8 +27,9 @@ use crate::level::vm::VmContext;
 use crate::level::vm::monitor::QmpPort;
 use crate::output::Capture;
 use crate::wire::{
-    FrameReader, FrameWriter, HEARTBEAT_INTERVAL, HEARTBEAT_LOST, HELLO_TIMEOUT, LevelSetup,
-    Message, PROTOCOL_VERSION, READY_TIMEOUT, RemoteError, WireErrorKind, WireOutcome,
+    FrameReader, FrameWriter, HEARTBEAT_INTERVAL, HEARTBEAT_LOST, HELLO_TIMEOUT, LevelAccess,
+    LevelSetup, Message, PROTOCOL_VERSION, READY_TIMEOUT, Reach, RemoteError, WireErrorKind,
+    WireOutcome,
 };
 use watch::{
     Activity, declare_lost, describe_exit, forward, handshake_frame, lock, lost_error, within,
@@ -66,6 +67,11 @@ pub struct ChildInfo {
     pub ssh_command: Option<String>,
     /// The accelerator it runs under and why, for VM levels.
     pub accel: Option<(String, String)>,
+    /// How a person reaches it from this level.
+    pub access: LevelAccess,
+    /// How a person reaches the levels it booted below itself before it was
+    /// ready (`--levels N`), checked to lie in its subtree.
+    pub below: Vec<LevelAccess>,
 }
 
 /// A connection to a child runtime that serves one instance of the component.
@@ -172,7 +178,7 @@ impl Connection {
             return Err(lost_err(format!("{what}{}", describe_exit(&guard).await)));
         }
         let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
+        let below = loop {
             let msg = handshake_frame(
                 &mut reader,
                 &guard,
@@ -202,7 +208,12 @@ impl Connection {
                         return Err(lost_err(format!("{what}{}", describe_exit(&guard).await)));
                     }
                 }
-                Message::Ready => break,
+                Message::Ready { below } => {
+                    if let Some(e) = below.iter().find_map(|a| a.check(&path).err()) {
+                        return Err(lost_err(format!("its Ready names {e}")));
+                    }
+                    break below;
+                }
                 Message::Fatal { error } => return Err(error),
                 Message::Event { level_path, .. } if !within(&setup.path, &level_path) => {
                     return Err(lost_err(format!(
@@ -217,7 +228,7 @@ impl Connection {
                     )));
                 }
             }
-        }
+        };
 
         // A VM level's kernel is watched from its console for as long as it is held.
         let kernel_task = vm.as_ref().map(|vm| {
@@ -227,6 +238,26 @@ impl Connection {
                 capture.clone(),
             ))
         });
+        let access = LevelAccess {
+            path: setup.path.clone(),
+            reach: match (target, &vm) {
+                (_, Some(vm)) => Reach::Vm {
+                    port: vm.ssh_port,
+                    host_key: vm.host_key.clone(),
+                },
+                (Target::Ssh(spec), None) => match crate::level::ssh::SshTarget::parse(spec) {
+                    Ok(t) => Reach::Ssh {
+                        user: t.user,
+                        host: t.host,
+                        port: t.port,
+                    },
+                    Err(_) => Reach::Local,
+                },
+                _ => Reach::Local,
+            },
+            monitor: vm.as_ref().and_then(|v| v.monitor.clone()),
+        };
+        let keep_failed = setup.vm.keep_failed;
         let info = ChildInfo {
             path: setup.path.clone(),
             depth: setup.depth,
@@ -234,6 +265,8 @@ impl Connection {
             hostname,
             ssh_command,
             accel: vm.map(|v| (v.accel, v.accel_reason)),
+            access,
+            below,
         };
         let pending: Pending = Arc::default();
         let lost: Arc<Mutex<Option<String>>> = Arc::default();
@@ -261,7 +294,7 @@ impl Connection {
                     }
                     if let Err(e) = sent {
                         let cause = format!("cannot write to it: {e}");
-                        declare_lost(&lost, &pending, &guard, &claimed, cause).await;
+                        declare_lost(&lost, &pending, &guard, &claimed, keep_failed, cause).await;
                         return;
                     }
                     if shutdown {
@@ -342,7 +375,7 @@ impl Connection {
                         other => break format!("unexpected {}", other.name()),
                     }
                 };
-                declare_lost(&lost, &pending, &guard, &claimed, cause).await;
+                declare_lost(&lost, &pending, &guard, &claimed, keep_failed, cause).await;
                 // A lost child's subtree holds nothing any more (taken under the
                 // `lost` lock, like the counting of a granted `Acquire`).
                 let lost = lock(&lost);
@@ -371,7 +404,7 @@ impl Connection {
                             "it stopped answering heartbeats for {:.1} s",
                             silent.as_secs_f64()
                         );
-                        declare_lost(&lost, &pending, &guard, &claimed, cause).await;
+                        declare_lost(&lost, &pending, &guard, &claimed, keep_failed, cause).await;
                         return;
                     }
                     seq += 1;
@@ -404,6 +437,18 @@ impl Connection {
     /// What the child told about itself.
     pub fn info(&self) -> &ChildInfo {
         &self.info
+    }
+
+    /// How a person reaches the child and the levels it booted below itself.
+    pub fn access(&self) -> Vec<LevelAccess> {
+        std::iter::once(self.info.access.clone())
+            .chain(self.info.below.iter().cloned())
+            .collect()
+    }
+
+    /// Why the child was lost, once it was.
+    pub fn lost(&self) -> Option<String> {
+        lock(&self.lost).clone()
     }
 
     /// The QMP monitor of the child's QEMU, for VM levels booted with the qemu backend.

@@ -61,6 +61,7 @@ pub(super) async fn declare_lost(
     pending: &Pending,
     guard: &Arc<Mutex<Box<dyn TransportGuard>>>,
     claimed: &AtomicBool,
+    keep: bool,
     cause: String,
 ) {
     // The first caller tells why; the others (writer, reader, heartbeat) only stop.
@@ -71,7 +72,10 @@ pub(super) async fn declare_lost(
     let cause = tokio::task::spawn_blocking(move || {
         let mut g = lock(&guard);
         let cause = format!("{cause}{}", g.describe_exit());
-        g.shutdown();
+        // Kept (`--keep-failed`) until the connection is dropped, for a person to look at.
+        if !keep {
+            g.shutdown();
+        }
         cause
     })
     .await

@@ -78,6 +78,8 @@ pub struct MachineSpec {
     pub ssh_port: u16,
     /// File that receives the serial console.
     pub console_log: PathBuf,
+    /// Unix socket QEMU listens on with a human monitor (HMP), when wanted.
+    pub monitor: Option<PathBuf>,
     /// File descriptor, inherited by QEMU, of a connected Unix socket behind the
     /// guest's virtio-serial port [`RELAY_PORT`]: the relay's byte stream to the
     /// level's runtime. Connected before QEMU starts, so the port is open from the
@@ -255,6 +257,17 @@ pub fn argv(spec: &MachineSpec) -> Result<Vec<String>, String> {
             opt_path("host key", key)?
         ));
     }
+    if let Some(socket) = &spec.monitor {
+        argv.extend([
+            "-chardev".into(),
+            format!(
+                "socket,id=hmp,path={},server=on,wait=off",
+                opt_path("monitor socket", socket)?
+            ),
+            "-mon".into(),
+            "chardev=hmp,mode=readline".into(),
+        ]);
+    }
     if let Some(fd) = spec.qmp_fd {
         argv.extend([
             "-chardev".into(),
@@ -308,6 +321,7 @@ mod tests {
             append: vec!["level=1".into()],
             ssh_port: 40022,
             console_log: "/run/L1.console".into(),
+            monitor: None,
             relay_fd: 3,
             level_log: "/run/L1.log".into(),
             qmp_fd: Some(4),
@@ -375,6 +389,7 @@ mod tests {
         s.console_log = format!("{d}/L1.console").into();
         s.level_log = format!("{d}/L1.log").into();
         s.host_key = Some(format!("{d}/L1.hostkey").into());
+        s.monitor = Some(format!("{d}/L1.monitor").into());
         let argv = argv(&s).expect("argv");
         // -kernel and -initrd are taken verbatim.
         assert_eq!(option_after(&argv, "-kernel", ""), "/tmp/a,b=c/kernel");
@@ -390,6 +405,11 @@ mod tests {
             ),
             ("-chardev", format!("file,id=console,path={e}/L1.console")),
             ("-chardev", format!("file,id=log,path={e}/L1.log")),
+            (
+                "-chardev",
+                format!("socket,id=hmp,path={e}/L1.monitor,server=on,wait=off"),
+            ),
+            ("-mon", "chardev=hmp,mode=readline".to_string()),
             (
                 "-fw_cfg",
                 format!("name=opt/org.matryoshka/hostkey,file={e}/L1.hostkey"),

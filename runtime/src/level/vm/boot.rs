@@ -103,6 +103,8 @@ pub struct BootPlan {
     /// The bundle disk for the new level: what it needs to boot levels of other
     /// architectures ([`super::bundle`]).
     pub bundle: Option<PathBuf>,
+    /// Whether its QEMU gets a human monitor socket beside its console (`--keep-failed`).
+    pub monitor: bool,
 }
 
 /// A level's SSH host key. It reaches the level as a `fw_cfg` file (where the
@@ -230,6 +232,9 @@ async fn start_and_wait(
         console: plan.run_dir.join(format!("{name}.console")),
         qemu_log: plan.run_dir.join(format!("{name}.qemu.log")),
         level_log: plan.run_dir.join(format!("{name}.log")),
+        // A socket path has at most 107 bytes; a longer run folder gets no monitor.
+        monitor: Some(plan.run_dir.join(format!("{name}.monitor")))
+            .filter(|p| plan.monitor && p.as_os_str().len() < 100),
     };
     // Read by QEMU when it starts; removed when this function returns.
     let host_key = host_key_file(plan, arch, &name).map_err(Failure::Boot)?;
@@ -263,6 +268,9 @@ async fn start_and_wait(
             .map_err(|m| Failure::Boot(format!("cannot boot {}: {m}", plan.path)))?;
         tracing::info!(level = %plan.path, "booting: {}", argv.join(" "));
         let _ = std::fs::remove_file(&files.console);
+        if let Some(socket) = &files.monitor {
+            let _ = std::fs::remove_file(socket);
+        }
         let started = Instant::now();
         let mut qemu =
             Qemu::spawn(&argv, files.clone(), guest_end, Some(qmp_end)).map_err(|e| {
@@ -352,6 +360,7 @@ pub(super) fn machine_spec(
         .collect(),
         ssh_port,
         console_log: absolute(&files.console)?,
+        monitor: files.monitor.as_deref().map(absolute).transpose()?,
         relay_fd: -1,
         level_log: absolute(&files.level_log)?,
         qmp_fd: None,

@@ -62,6 +62,7 @@ pub(super) async fn boot(
         console: plan.run_dir.join(format!("{name}.console")),
         qemu_log: PathBuf::from(format!("/var/log/libvirt/qemu/{name}.log")),
         level_log: plan.run_dir.join(format!("{name}.log")),
+        monitor: None,
     };
     // The relay socket lives in a private folder of its own: short enough for a
     // socket path wherever the run folder is.
@@ -238,6 +239,12 @@ pub struct DomainMachine {
 impl Machine for DomainMachine {
     fn console_path(&self) -> &Path {
         &self.files.console
+    }
+
+    fn monitor(&self) -> Option<crate::wire::Monitor> {
+        Some(crate::wire::Monitor::Libvirt {
+            domain: self.name.clone(),
+        })
     }
 
     fn level_log_path(&self) -> &Path {
@@ -421,6 +428,7 @@ mod tests {
             append: vec!["level=2".into()],
             ssh_port: 40100,
             console_log: "/run/L2.console".into(),
+            monitor: None,
             relay_fd: -1,
             level_log: "/run/L2.log".into(),
             qmp_fd: None,

@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use super::qemu::Qemu;
+use crate::wire::Monitor;
 
 /// A running level's machine.
 pub trait Machine: Send {
@@ -16,6 +17,8 @@ pub trait Machine: Send {
     fn kill(&mut self);
     /// How the machine ended, with the tails of its console and level log.
     fn describe_end(&mut self) -> String;
+    /// Its QEMU's human monitor, when a person can reach it.
+    fn monitor(&self) -> Option<Monitor>;
 }
 
 impl Machine for Qemu {
@@ -33,5 +36,15 @@ impl Machine for Qemu {
 
     fn describe_end(&mut self) -> String {
         Qemu::describe_end(self)
+    }
+
+    fn monitor(&self) -> Option<Monitor> {
+        let path = self.monitor_path()?.to_str()?.to_string();
+        // A binary replaced since it started (a cache refreshed in place) reads as
+        // `PATH (deleted)`: the file now at PATH is the same runtime.
+        let exe = std::env::current_exe().ok()?;
+        let exe = exe.to_str()?;
+        let runtime = exe.strip_suffix(" (deleted)").unwrap_or(exe).to_string();
+        Some(Monitor::Socket { runtime, path })
     }
 }

@@ -112,6 +112,21 @@ pub async fn open(
     if let Some(key) = &host_key {
         tracing::info!(level = %setup.path, "host key: {}", key.public_line);
     }
+    // Known only where the key reaches the level (fw_cfg); elsewhere it makes its own.
+    let host_key_line = host_key
+        .as_ref()
+        .filter(|_| {
+            req.arch
+                .as_deref()
+                .and_then(Arch::from_uname)
+                .unwrap_or_else(Arch::host)
+                .has_fw_cfg()
+        })
+        .map(|k| {
+            // Type and key: its comment is no part of a known_hosts line.
+            let words: Vec<&str> = k.public_line.split_whitespace().take(2).collect();
+            words.join(" ")
+        });
     // What the level needs to boot levels of other architectures.
     let bundle = {
         let arch = req
@@ -141,6 +156,7 @@ pub async fn open(
         host_key,
         scsi,
         bundle,
+        monitor: setup.vm.keep_failed,
     };
     let booted = boot::boot(&req, &plan).await.map_err(|m| {
         let kind = if m.starts_with("no ") && m.contains("images/build.sh") {
@@ -175,6 +191,7 @@ pub async fn open(
         })?;
     let (reader, writer) = relay.into_split();
     let console = booted.machine.console_path().to_path_buf();
+    let monitor = booted.machine.monitor();
     let tail = StderrTail::default();
     // The boot steps were logged with the ready line: follow what comes after.
     let log_path = booted.machine.level_log_path().to_path_buf();
@@ -207,6 +224,9 @@ pub async fn open(
             public_key: key.public_line,
             key_path: key.path,
             console,
+            ssh_port: booted.ssh_port,
+            host_key: host_key_line,
+            monitor,
         }),
         // A level running a nested guest can be starved of CPU for seconds (KVM in
         // KVM in TCG); while its QEMU lives, a longer silence is tolerated. A QEMU

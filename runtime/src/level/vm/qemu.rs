@@ -103,6 +103,8 @@ pub struct LevelFiles {
     pub qemu_log: PathBuf,
     /// The level log port: boot steps, then the runtime's stderr.
     pub level_log: PathBuf,
+    /// QEMU's human monitor socket (`--keep-failed`), removed when QEMU is killed.
+    pub monitor: Option<PathBuf>,
 }
 
 /// A running QEMU process of a level; killed when dropped.
@@ -166,6 +168,11 @@ impl Qemu {
     /// Process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Its human monitor socket, when it has one.
+    pub fn monitor_path(&self) -> Option<&Path> {
+        self.files.monitor.as_deref()
     }
 
     /// The console file.
@@ -286,6 +293,9 @@ impl Qemu {
         let _ = self.child.kill();
         self.status = self.child.wait().ok();
         process::untrack(pid);
+        if let Some(socket) = &self.files.monitor {
+            let _ = std::fs::remove_file(socket);
+        }
     }
 }
 

@@ -1,0 +1,195 @@
+//! Getting into a chain after a test failed at it (`--keep-failed`), with a real
+//! QEMU, a real sshd at each level and the OpenSSH client here.
+//!
+//! Needs the image (`./x image`) and `ssh` on PATH.
+
+#[allow(dead_code, reason = "shared by several test crates, each using a part")]
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::vm::{image_dir, qemus_left, run_dir, vm_test};
+use matryoshka_test_programs::CI;
+
+/// Runs `command` through `sh -c` with `stdin`, and returns its stdout, or panics
+/// with its stderr when it fails or takes over 2 minutes.
+fn shell(command: &str, stdin: &str) -> String {
+    let mut child = Command::new("sh")
+        .args(["-c", command])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("sh");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    let started = Instant::now();
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("`{command}` took over 2 minutes");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().expect("output");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "`{command}` failed ({}): {stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// `shell(command)`, tried again for up to a minute while it fails: a level's
+/// sshd starts beside its runtime (niced), so it may still be starting when a
+/// test fails moments after the chain came up.
+fn shell_when_up(command: &str) -> String {
+    let started = Instant::now();
+    loop {
+        let out = Command::new("sh")
+            .args(["-c", command])
+            .stdin(Stdio::null())
+            .output()
+            .expect("sh");
+        if out.status.success() {
+            return String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "`{command}` failed for a minute ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+/// The command printed for `level` in a KEPT block: the rest of the line after
+/// the level path (`      L0/L1/L2  ssh -F '…' L2`).
+fn command_for<'a>(block: &'a [String], level: &str, monitor: bool) -> &'a str {
+    let at = block
+        .iter()
+        .position(|l| l.trim_start().starts_with(&format!("{level}  ")))
+        .unwrap_or_else(|| panic!("no line for {level} in {block:#?}"));
+    if !monitor {
+        return block[at].trim_start()[level.len()..].trim();
+    }
+    block[at + 1]
+        .trim()
+        .strip_prefix("monitor: ")
+        .unwrap_or_else(|| panic!("no monitor line after {level} in {block:#?}"))
+}
+
+#[test]
+fn a_test_failing_at_l2_keeps_the_chain_up_and_the_printed_commands_get_in() {
+    let dir = run_dir("keep-failed");
+    let mut child = vm_test(CI, &image_dir(), dir.path())
+        .args(["--levels", "2", "--keep-failed-for", "90s"])
+        .args(["--exact", "adds_up", "fails_on_purpose"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start matryoshka");
+    // Lines as they come: the commands are used while matryoshka holds the chain.
+    let (tx, lines) = mpsc::channel::<String>();
+    let stdout = child.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut block = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = match lines.recv_timeout(left) {
+            Ok(line) => line,
+            Err(e) => {
+                let _ = child.kill();
+                panic!("no KEPT block ({e}); so far: {block:#?}");
+            }
+        };
+        if line.contains("KEPT the chain up") || !block.is_empty() {
+            block.push(line.clone());
+        }
+        if line.contains("going on in") {
+            break;
+        }
+    }
+    assert!(
+        block[0].contains("after L0/L1/L2 ci::fails_on_purpose failed"),
+        "{block:#?}"
+    );
+    assert!(
+        block
+            .last()
+            .is_some_and(|l| l.contains("going on in 1m 30s"))
+    );
+    // A shell at L2, through L1, with the host keys pinned.
+    let l2 = command_for(&block, "L0/L1/L2", false);
+    assert!(l2.starts_with("ssh -F '") && l2.ends_with(" L2"), "{l2}");
+    let config = dir.path().join("ssh_config");
+    let text = std::fs::read_to_string(&config).expect("ssh_config in the run folder");
+    assert!(text.contains("StrictHostKeyChecking yes"), "{text}");
+    assert!(!text.contains("StrictHostKeyChecking no"), "{text}");
+    assert!(text.contains("ProxyJump L1"), "{text}");
+    assert_eq!(shell_when_up(&format!("{l2} hostname")).trim(), "level-2");
+    let l1 = command_for(&block, "L0/L1", false);
+    assert_eq!(shell_when_up(&format!("{l1} hostname")).trim(), "level-1");
+    // Each level's QEMU monitor: L1's here, L2's at L1.
+    for level in ["L0/L1", "L0/L1/L2"] {
+        let monitor = command_for(&block, level, true);
+        let said = shell(monitor, "info status\n");
+        assert!(said.contains("VM status: running"), "{level}: {said}");
+    }
+    // A host key that is not the pinned one is refused, not learnt.
+    let hosts = dir.path().join("known_hosts");
+    let pinned = std::fs::read_to_string(&hosts).expect("known_hosts");
+    let wrong = pinned.replacen("matryoshka-L0-L1-L2 ", "matryoshka-L0-L1-L2-not ", 1);
+    std::fs::write(&hosts, wrong).expect("rewrite known_hosts");
+    let refused = Command::new("sh")
+        .args([
+            "-c",
+            &format!("{} true", l2.replacen("ssh ", "ssh -o BatchMode=yes ", 1)),
+        ])
+        .output()
+        .expect("sh");
+    assert!(!refused.status.success(), "an unpinned key was accepted");
+    std::fs::write(&hosts, pinned).expect("restore known_hosts");
+
+    // The hold ends after its time; the run goes on and ends as usual.
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "matryoshka did not end");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    reader.join().expect("reader");
+    let rest: Vec<String> = lines.try_iter().collect();
+    assert_eq!(status.code(), Some(100), "{rest:#?}");
+    assert!(
+        rest.iter().any(|l| l.contains("1 passed, 1 failed")),
+        "{rest:#?}"
+    );
+    assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
+    let sockets: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("run folder")
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".monitor"))
+        .collect();
+    assert!(sockets.is_empty(), "monitor sockets left: {sockets:?}");
+}
