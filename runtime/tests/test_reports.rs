@@ -617,3 +617,100 @@ fn a_usage_error_leaves_an_earlier_junit_file_alone() {
     r.expect_code(2);
     assert_eq!(std::fs::read_to_string(&junit).expect("read"), "earlier");
 }
+
+#[test]
+fn the_run_folder_has_report_json_and_a_log_per_test_that_failed_or_wrote() {
+    let dir = tempfile::tempdir().expect("run dir");
+    let folder = dir.path().join("run");
+    let state = tempfile::tempdir().expect("state dir");
+    let grant = format!("fs={}:/state:rw", state.path().display());
+    let r = run(&[
+        "test",
+        CI,
+        "--include-ignored",
+        "--grant",
+        &grant,
+        "--retries",
+        "1",
+        "--run-dir",
+        folder.to_str().expect("utf-8"),
+    ]);
+    r.expect_code(100);
+    // The human report's last line names the folder.
+    let last = r.stdout.trim_end().lines().last().unwrap_or_default();
+    assert_eq!(
+        last,
+        format!(
+            "run folder: {} (report.json, a log per test, each level's files)",
+            folder.display()
+        )
+    );
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(folder.join("report.json")).expect("report.json"),
+    )
+    .expect("JSON");
+    assert_eq!(report["suite"], "ci");
+    assert_eq!(report["summary"]["failed"], 2);
+    let tests = report["tests"].as_array().expect("tests");
+    let names: Vec<&str> = tests.iter().filter_map(|t| t["name"].as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "adds_up",
+            "level_is_named",
+            "fails_on_purpose",
+            "ignored_on_purpose",
+            "fails_once"
+        ]
+    );
+    let failed = &tests[2];
+    assert_eq!(failed["result"], "fail");
+    assert_eq!(failed["kind"], "panic");
+    assert_eq!(failed["attempts"], 2);
+    let log = failed["log"].as_str().expect("a log for the failed test");
+    let text = std::fs::read_to_string(folder.join(log)).expect("its log");
+    assert!(
+        text.starts_with("L0 ci::fails_on_purpose\nresult: fail\npanic: assertion"),
+        "{text}"
+    );
+    // Its first try is kept too.
+    let tries = failed["tries"].as_array().expect("tries");
+    assert_eq!(tries.len(), 1);
+    let first = std::fs::read_to_string(folder.join(tries[0].as_str().expect("path")))
+        .expect("first try's log");
+    assert!(first.contains("result: try 1 failed"), "{first}");
+    // A passing test that wrote nothing has no log; a flaky one is marked.
+    assert_eq!(tests[0]["result"], "pass");
+    assert!(tests[0]["log"].is_null());
+    assert_eq!(tests[4]["result"], "flaky");
+    assert!(report["levels"].as_array().is_some_and(Vec::is_empty));
+}
+
+#[test]
+fn hostile_names_stay_inert_in_the_run_folder() {
+    let dir = tempfile::tempdir().expect("run dir");
+    let folder = dir.path().join("run");
+    let r = run(&[
+        "test",
+        HOSTILE,
+        "--skip",
+        "infinite_loop",
+        "--run-dir",
+        folder.to_str().expect("utf-8"),
+    ]);
+    r.expect_code(100);
+    let report = std::fs::read_to_string(folder.join("report.json")).expect("report.json");
+    assert!(!report.contains('\u{1b}'), "{report}");
+    assert_eq!(report.lines().count(), 1);
+    for entry in std::fs::read_dir(folder.join("tests")).expect("tests/") {
+        let entry = entry.expect("entry");
+        let name = entry.file_name().into_string().expect("a UTF-8 file name");
+        assert!(
+            name.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)),
+            "{name}"
+        );
+        let text = std::fs::read_to_string(entry.path()).expect("log");
+        assert!(!text.contains('\u{1b}'), "{name}: {text}");
+    }
+}

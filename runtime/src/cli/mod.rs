@@ -277,8 +277,55 @@ pub fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
-/// `target/matryoshka/<UTC date and time>-<pid>`.
+/// Run folders kept in `target/matryoshka/`; older ones are removed when a run starts.
+const RUNS_KEPT: usize = 20;
+
+/// Removes all but the newest `keep - 1` run folders (named by [`default_run_dir`],
+/// so their names sort by time) in `parent`, making room for one more.
+fn prune_runs(parent: &Path, keep: usize) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    let mut runs: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(is_run_folder_name)
+        })
+        .collect();
+    runs.sort();
+    let excess = runs.len().saturating_sub(keep.saturating_sub(1));
+    for old in &runs[..excess] {
+        if let Err(e) = std::fs::remove_dir_all(old) {
+            tracing::warn!("cannot remove the old run folder {}: {e}", old.display());
+        }
+    }
+}
+
+/// `YYYYMMDD-HHMMSS-PID`.
+fn is_run_folder_name(name: &str) -> bool {
+    let parts: Vec<&str> = name.split('-').collect();
+    parts.len() == 3
+        && parts[0].len() == 8
+        && parts[1].len() == 6
+        && !parts[2].is_empty()
+        && parts.iter().all(|p| p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// `target/matryoshka/<UTC date and time>-<pid>`, after removing all but the
+/// newest [`RUNS_KEPT`] - 1 run folders there.
 fn default_run_dir() -> PathBuf {
+    let dir = default_run_dir_name();
+    if let Some(parent) = dir.parent() {
+        prune_runs(parent, RUNS_KEPT);
+    }
+    dir
+}
+
+fn default_run_dir_name() -> PathBuf {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -411,6 +458,32 @@ fn parse_size(s: &str) -> Result<usize, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn old_run_folders_are_pruned_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for i in 0..25 {
+            std::fs::create_dir(dir.path().join(format!("20261203-1200{i:02}-7"))).expect("mkdir");
+        }
+        std::fs::create_dir(dir.path().join("mine")).expect("mkdir");
+        std::fs::write(dir.path().join("20261203-120000-8"), "a file").expect("write");
+        prune_runs(dir.path(), 20);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("read")
+            .map(|e| e.expect("entry").file_name().into_string().expect("utf-8"))
+            .collect();
+        left.sort();
+        assert_eq!(left.len(), 21, "{left:?}");
+        assert_eq!(left[0], "20261203-120000-8");
+        assert_eq!(left[1], "20261203-120006-7");
+        assert_eq!(left.last().map(String::as_str), Some("mine"));
+        assert!(is_run_folder_name(
+            &default_run_dir_name()
+                .file_name()
+                .expect("name")
+                .to_string_lossy()
+        ));
+    }
 
     #[test]
     fn durations() {

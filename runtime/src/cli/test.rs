@@ -24,6 +24,7 @@ use crate::host::LevelContext;
 use crate::level::LevelInfo;
 use crate::level::vm::{RunDir, VmContext};
 use crate::output::{OutputSink, Stream};
+use crate::reporter::folder::FolderReporter;
 use crate::reporter::human::HumanReporter;
 use crate::reporter::json::JsonReporter;
 use crate::reporter::junit::JunitReporter;
@@ -112,7 +113,8 @@ pub(super) async fn test(args: TestArgs) -> u8 {
     };
     // Report files exist from the start, so that a run ending early still leaves
     // a whole report saying why.
-    let mut report = match Reports::new(&args) {
+    let run_dir = args.run_dir.clone().unwrap_or_else(default_run_dir);
+    let mut report = match Reports::new(&args, &run_dir) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
@@ -161,7 +163,7 @@ pub(super) async fn test(args: TestArgs) -> u8 {
                 keep_failed: keep_failed.is_some(),
             },
             args.image_dir.clone(),
-            RunDir::Kept(args.run_dir.clone().unwrap_or_else(default_run_dir)),
+            RunDir::Kept(run_dir),
             memo_dir,
         ),
         parent_budget: None,
@@ -391,7 +393,7 @@ struct Reports {
 
 impl Reports {
     /// The reporter of `--format` on stdout, and the `--junit` file; none for `--list`.
-    fn new(args: &TestArgs) -> io::Result<Self> {
+    fn new(args: &TestArgs, run_dir: &Path) -> io::Result<Self> {
         let suite = args
             .component
             .file_stem()
@@ -401,7 +403,9 @@ impl Reports {
         if !args.list {
             let stdout = || BufWriter::new(io::stdout());
             reporters.push(match args.format {
-                Format::Human => Box::new(HumanReporter::new(stdout(), args.nocapture)),
+                Format::Human => {
+                    Box::new(HumanReporter::new(stdout(), args.nocapture).naming_folder(run_dir))
+                }
                 Format::Json => Box::new(JsonReporter::new(stdout(), args.nocapture)),
                 Format::Junit => Box::new(JunitReporter::new(stdout())),
                 Format::Tap => Box::new(TapReporter::new(stdout(), args.nocapture)),
@@ -415,6 +419,7 @@ impl Reports {
             if let Some(path) = &args.tmt_results {
                 reporters.push(Box::new(TmtReporter::new(path.clone())));
             }
+            reporters.push(Box::new(FolderReporter::new(run_dir.to_path_buf())));
         }
         Ok(Self {
             reporters,

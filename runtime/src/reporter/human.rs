@@ -25,6 +25,8 @@ pub struct HumanReporter<W> {
     flaky: Vec<(TestId, TestFailure)>,
     /// Tries a test gets; 0 until the run started.
     tries: u32,
+    /// The run folder, named by the last line.
+    folder: Option<std::path::PathBuf>,
 }
 
 impl<W: Write> HumanReporter<W> {
@@ -50,7 +52,25 @@ impl<W: Write> HumanReporter<W> {
             failures: Vec::new(),
             flaky: Vec::new(),
             tries: 0,
+            folder: None,
         }
+    }
+
+    /// Ends the report with a line naming the run folder `dir`.
+    pub fn naming_folder(mut self, dir: &std::path::Path) -> Self {
+        self.folder = Some(dir.to_path_buf());
+        self
+    }
+
+    fn folder_line(&mut self) -> io::Result<()> {
+        if let Some(dir) = &self.folder {
+            writeln!(
+                self.out,
+                "run folder: {} (report.json, a log per test, each level's files)",
+                text::line(&dir.display().to_string())
+            )?;
+        }
+        Ok(())
     }
 
     /// Writes a line above the progress bar: the bar is cleared, the line written
@@ -210,6 +230,7 @@ impl<W: Write + Send> Reporter for HumanReporter<W> {
                     "\naborted after {duration_secs:.2}s, {finished} tests finished: {}",
                     text::block(reason)
                 )?;
+                self.folder_line()?;
             }
             TestEvent::RunFinished {
                 summary,
@@ -225,7 +246,7 @@ impl<W: Write + Send> Reporter for HumanReporter<W> {
                             display_name(test),
                             failure.kind.as_str()
                         )?;
-                        writeln!(self.out, "{}", text::block(&failure.message))?;
+                        writeln!(self.out, "{}", message_head(&failure.message))?;
                         if let Some(at) = &failure.location {
                             writeln!(self.out, "  at {}", text::line(at))?;
                         }
@@ -270,6 +291,7 @@ impl<W: Write + Send> Reporter for HumanReporter<W> {
                     summary.filtered_out,
                     duration_secs
                 )?;
+                self.folder_line()?;
             }
             _ => {}
         }
@@ -310,6 +332,22 @@ fn render_output(output: &CapturedOutput) -> String {
     parts.join("\n")
 }
 
+/// Lines of a failure message shown; the run folder's log has all of it.
+const MESSAGE_LINES: usize = 40;
+
+/// The first [`MESSAGE_LINES`] lines of a failure message, escaped.
+fn message_head(message: &str) -> String {
+    let lines: Vec<&str> = message.lines().collect();
+    if lines.len() <= MESSAGE_LINES {
+        return text::block(message).into_owned();
+    }
+    format!(
+        "{}\n({} more lines; the test's log in the run folder has all)",
+        text::block(&lines[..MESSAGE_LINES].join("\n")),
+        lines.len() - MESSAGE_LINES
+    )
+}
+
 /// The last [`TAIL_LINES`] lines of `output`, each cut at [`LINE_WIDTH`] and escaped.
 fn tail(output: &str) -> String {
     let lines: Vec<String> = output
@@ -325,7 +363,7 @@ fn tail(output: &str) -> String {
     }
     let skipped = lines.len() - TAIL_LINES;
     format!(
-        "({skipped} earlier lines not shown; --format json has all)\n{}",
+        "({skipped} earlier lines not shown; the test's log in the run folder has all)\n{}",
         lines[skipped..].join("\n")
     )
 }

@@ -1,11 +1,13 @@
 //! Reporters turn the one [`TestEvent`] stream into output formats.
 //!
+//! - [`folder`]: the run folder's `report.json` and a log file per test.
 //! - [`human`]: live progress and a summary, failures with their output.
 //! - [`json`]: one JSON object per event per line.
 //! - [`junit`]: JUnit XML, written when the run finishes.
 //! - [`tap`]: TAP 13 on stdout, diagnostics as YAML blocks.
 //! - [`tmt`]: tmt's custom results.json, with a log file per test.
 
+pub mod folder;
 pub mod human;
 pub mod json;
 pub mod junit;
@@ -45,6 +47,54 @@ pub(crate) fn log_prefix(line: &crate::output::LogLine) -> String {
         line.level.as_str(),
         text::line(&line.level_path)
     )
+}
+
+/// Writes `header` and `output` (log lines, stdout, stderr, each escaped by
+/// [`text::block`]) to `<dir>/<sub>/<index>-<name>.log`, the name cut to a safe
+/// file name, and returns that path relative to `dir`.
+pub(crate) fn write_test_log(
+    dir: &std::path::Path,
+    sub: &str,
+    index: usize,
+    test: &crate::event::TestId,
+    header: &str,
+    output: &crate::output::CapturedOutput,
+) -> io::Result<String> {
+    let safe: String = test
+        .name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(80)
+        .collect();
+    let relative = format!("{sub}/{index:04}-{safe}.log");
+    let mut body = text::block(header).into_owned();
+    for line in &output.logs {
+        body.push_str(&format!(
+            "{} {}\n",
+            log_prefix(line),
+            text::block(&line.message)
+        ));
+    }
+    if !output.stdout.is_empty() {
+        body.push_str("--- stdout ---\n");
+        body.push_str(&text::block(&output.stdout));
+    }
+    if !output.stderr.is_empty() {
+        body.push_str("\n--- stderr ---\n");
+        body.push_str(&text::block(&output.stderr));
+    }
+    let path = dir.join(&relative);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, body)?;
+    Ok(relative)
 }
 
 /// Indents every line of `text` by `prefix`.

@@ -71,41 +71,7 @@ impl TmtReporter {
         test: &TestId,
         output: &CapturedOutput,
     ) -> io::Result<String> {
-        let safe: String = test
-            .name
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .take(80)
-            .collect();
-        let relative = format!("logs/{index:04}-{safe}.log");
-        let mut body = String::new();
-        for line in &output.logs {
-            body.push_str(&format!(
-                "{} {}\n",
-                super::log_prefix(line),
-                text::block(&line.message)
-            ));
-        }
-        if !output.stdout.is_empty() {
-            body.push_str("--- stdout ---\n");
-            body.push_str(&text::block(&output.stdout));
-        }
-        if !output.stderr.is_empty() {
-            body.push_str("\n--- stderr ---\n");
-            body.push_str(&text::block(&output.stderr));
-        }
-        let path = self.folder().join(&relative);
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        std::fs::write(path, body)?;
-        Ok(relative)
+        super::write_test_log(self.folder(), "logs", index, test, "", output)
     }
 
     fn write(&mut self) -> io::Result<()> {
