@@ -132,6 +132,13 @@ pub enum Message {
         /// The `Call`'s id.
         id: u64,
     },
+    /// Parent → child: send the files of the child and the levels below it that
+    /// go when they go down ([`crate::level::files`]); answered by a `Return`
+    /// whose bytes are a postcard-encoded `Vec<LevelFile>`.
+    Collect {
+        /// Request id, echoed by the `Return`.
+        id: u64,
+    },
     /// Parent → child: drop the instance and exit.
     Shutdown,
     /// Child → parent: a test wants to hold one more level (at `path`, in the
@@ -178,6 +185,7 @@ impl Message {
             Message::Pong { .. } => "Pong",
             Message::Cancel { .. } => "Cancel",
             Message::Shutdown => "Shutdown",
+            Message::Collect { .. } => "Collect",
             Message::Fatal { .. } => "Fatal",
             Message::Acquire { .. } => "Acquire",
             Message::Acquired { .. } => "Acquired",

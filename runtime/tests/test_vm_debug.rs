@@ -186,6 +186,33 @@ fn a_test_failing_at_l2_keeps_the_chain_up_and_the_printed_commands_get_in() {
         "{rest:#?}"
     );
     assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
+    // Before the chain went down, each level's kernel log came up, and so did
+    // the files L1 kept of L2 (in a temporary folder, gone with L1).
+    for (file, needle) in [
+        ("L0-L1.dmesg", "] Linux version "),
+        ("L0-L1-L2.dmesg", "] Linux version "),
+        ("L0-L1-L2.console", "MATRYOSHKA-BOOT"),
+        ("L0-L1-L2.log", "MATRYOSHKA-READY level=2"),
+        ("L0-L1-L2.qemu.log", ""),
+    ] {
+        let text = std::fs::read_to_string(dir.path().join(file))
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert!(text.contains(needle), "{file}: {text}");
+    }
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("report.json")).expect("report.json"),
+    )
+    .expect("JSON");
+    let levels = report["levels"].as_array().expect("levels");
+    assert_eq!(levels.len(), 2, "{levels:?}");
+    assert_eq!(levels[1]["path"], "L0/L1/L2");
+    assert_eq!(levels[1]["dmesg"], "L0-L1-L2.dmesg");
+    assert_eq!(levels[1]["console"], "L0-L1-L2.console");
+    assert!(
+        report["ssh_config"]
+            .as_str()
+            .is_some_and(|c| c.ends_with("/ssh_config"))
+    );
     let sockets: Vec<_> = std::fs::read_dir(dir.path())
         .expect("run folder")
         .filter_map(Result::ok)

@@ -13,6 +13,7 @@
 pub mod access;
 pub mod budget;
 pub mod connection;
+pub mod files;
 pub mod local;
 pub mod replicate;
 pub mod ssh;

@@ -79,6 +79,8 @@ pub struct VmFacts {
     pub host_key: Option<String>,
     /// Its QEMU's human monitor, when a person can reach it.
     pub monitor: Option<crate::wire::Monitor>,
+    /// Its console, level log and QEMU log, here.
+    pub files: Vec<(super::files::FileKind, std::path::PathBuf)>,
 }
 
 /// Owns what runs a child runtime.

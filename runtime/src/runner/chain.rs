@@ -13,6 +13,9 @@ use crate::level::vm::VmRequest;
 use crate::output::{Capture, OutputSink};
 use crate::wire::{LevelAccess, RemoteError, WireErrorKind};
 
+/// How long the levels of a chain get to send their files before they go down.
+const COLLECT_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// A chain of VM levels booted for a run (`--levels N`), whose deepest level runs
 /// every test. Output relayed from it goes to the capture of the running test.
 pub struct Chain {
@@ -24,6 +27,8 @@ pub struct Chain {
     deepest: String,
     /// Whether `--keep-failed` held the chain after it lost a level (once is enough).
     kept_lost: std::sync::atomic::AtomicBool,
+    /// Times it was booted again.
+    renewals: std::sync::atomic::AtomicU32,
 }
 
 impl Chain {
@@ -63,6 +68,7 @@ impl Chain {
             levels,
             deepest,
             kept_lost: Default::default(),
+            renewals: Default::default(),
         })
     }
 
@@ -75,13 +81,43 @@ impl Chain {
     /// The old levels are gone before the new ones boot; when booting fails, every
     /// later test fails with that error.
     pub async fn renew(&self, ctx: &LevelContext) -> Result<(), RemoteError> {
+        self.save_files(ctx).await;
         let mut conn = self.conn.write().await;
         // Dropping the connection stops L1's QEMU, and every level below with it.
         *conn = None;
+        // The new levels' files take the same names: the old ones move aside.
+        let renewal = self
+            .renewals
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        if let Ok(dir) = ctx.vms.run_dir.path() {
+            set_aside(&dir, &format!("chain-{renewal}"));
+        }
         self.kept_lost
             .store(false, std::sync::atomic::Ordering::SeqCst);
         *conn = Some(open(ctx, self.first.as_ref(), self.levels, self.relay.clone()).await?);
         Ok(())
+    }
+
+    /// The files of the chain's levels that go when they go down (kernel logs;
+    /// below L0 also the consoles and logs kept of the levels booted here, when
+    /// `kept_here`).
+    pub async fn collect(&self, kept_here: bool) -> Vec<crate::level::files::LevelFile> {
+        match &*self.conn.read().await {
+            Some(conn) => conn.collect(kept_here, COLLECT_TIMEOUT).await,
+            None => Vec::new(),
+        }
+    }
+
+    /// At L0: writes the files of the chain's levels into the run folder before
+    /// they go down.
+    pub async fn save_files(&self, ctx: &LevelContext) {
+        let files = self.collect(false).await;
+        if let Ok(dir) = ctx.vms.run_dir.path() {
+            tokio::task::spawn_blocking(move || crate::level::files::write_all(&dir, &files))
+                .await
+                .ok();
+        }
     }
 
     /// How a person reaches each level of the chain, L1 first.
@@ -132,6 +168,27 @@ impl Chain {
         match result {
             Ok(outcome) => outcome,
             Err(e) => Outcome::Failed(failure(FailureKind::Infrastructure, e.message, None)),
+        }
+    }
+}
+
+/// Moves the levels' files in `dir` (`L0-…`) into `dir/<sub>/`.
+fn set_aside(dir: &std::path::Path, sub: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let aside = dir.join(sub);
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name();
+        let is_level_file = name.to_str().is_some_and(|n| n.starts_with("L0-"))
+            && entry.file_type().is_ok_and(|t| t.is_file());
+        if !is_level_file {
+            continue;
+        }
+        let moved = std::fs::create_dir_all(&aside)
+            .and_then(|()| std::fs::rename(entry.path(), aside.join(&name)));
+        if let Err(e) = moved {
+            tracing::warn!("cannot move {} aside: {e}", entry.path().display());
         }
     }
 }

@@ -318,6 +318,11 @@ impl Runner {
                 }
             }
         }
+        // The levels' kernel logs, and the files kept of levels below L1, before
+        // the chain goes down (and before report.json lists them).
+        if let Some(chain) = &self.chain {
+            chain.save_files(&self.ctx).await;
+        }
         let _ = events.send(TestEvent::RunFinished {
             summary,
             duration_secs: started.elapsed().as_secs_f64(),

@@ -302,6 +302,13 @@ where
                     let _ = out.send(Message::Return { id, result });
                 }));
             }
+            Some(Ok(Message::Collect { id })) => {
+                let (out, chain, path) = (out.clone(), chain.clone(), setup.path.clone());
+                tests.push(tokio::spawn(async move {
+                    let result = collect(&path, chain.as_deref()).await;
+                    let _ = out.send(Message::Return { id, result });
+                }));
+            }
             Some(Ok(Message::Ping { seq })) => {
                 let _ = out.send(Message::Pong { seq });
             }
@@ -335,6 +342,31 @@ where
     }
     drop(chain);
     finish(out, writer_task).await
+}
+
+/// The files of this level and the levels below that go when they go down: its
+/// kernel log when it is a VM level (its relay is a serial port), and what its
+/// chain collects.
+async fn collect(path: &str, chain: Option<&Chain>) -> Result<Vec<u8>, RemoteError> {
+    use crate::level::files::{FileKind, LevelFile, own_kernel_log};
+    let mut files = Vec::new();
+    if stdio::stdin_is_serial_port()
+        && let Ok(Some(text)) = tokio::task::spawn_blocking(own_kernel_log).await
+    {
+        files.push(LevelFile {
+            path: path.to_string(),
+            kind: FileKind::Dmesg,
+            text,
+        });
+    }
+    if let Some(chain) = chain {
+        files.extend(chain.collect(true).await);
+    }
+    postcard::to_allocvec(&files).map_err(|e| RemoteError {
+        kind: WireErrorKind::Internal,
+        message: format!("cannot encode the levels' files: {e}"),
+        level_path: path.to_string(),
+    })
 }
 
 /// Shows the parent the misbehaviour `inject`.

@@ -22,6 +22,7 @@ use crate::config::SshSettings;
 use crate::engine::ComponentSource;
 use crate::event::Outcome;
 use crate::level::budget::LevelBudget;
+use crate::level::files::{FileKind, LevelFile};
 use crate::level::transport::{self, Target, Transport, TransportGuard};
 use crate::level::vm::VmContext;
 use crate::level::vm::monitor::QmpPort;
@@ -72,6 +73,8 @@ pub struct ChildInfo {
     /// How a person reaches the levels it booted below itself before it was
     /// ready (`--levels N`), checked to lie in its subtree.
     pub below: Vec<LevelAccess>,
+    /// Its console, level log and QEMU log at this level, for VM levels.
+    pub files: Vec<(FileKind, std::path::PathBuf)>,
 }
 
 /// A connection to a child runtime that serves one instance of the component.
@@ -257,6 +260,7 @@ impl Connection {
             },
             monitor: vm.as_ref().and_then(|v| v.monitor.clone()),
         };
+        let files = vm.as_ref().map(|v| v.files.clone()).unwrap_or_default();
         let keep_failed = setup.vm.keep_failed;
         let info = ChildInfo {
             path: setup.path.clone(),
@@ -267,6 +271,7 @@ impl Connection {
             accel: vm.map(|v| (v.accel, v.accel_reason)),
             access,
             below,
+            files,
         };
         let pending: Pending = Arc::default();
         let lost: Arc<Mutex<Option<String>>> = Arc::default();
@@ -498,6 +503,49 @@ impl Connection {
                 message: format!("the outcome of `{name}` did not decode: {e}"),
                 level_path: self.info.path.clone(),
             })
+    }
+
+    /// The files of the child and the levels below it that go when they go down
+    /// (kernel logs, and the consoles and logs kept in temporary folders), with
+    /// the child's own console and logs here when `kept_here` (below L0, where
+    /// they are in a temporary folder too). Bounded by `timeout`; what does not
+    /// come, or comes malformed, is left out with a warning.
+    pub async fn collect(&self, kept_here: bool, timeout: Duration) -> Vec<LevelFile> {
+        let mut files: Vec<LevelFile> = Vec::new();
+        if kept_here {
+            for (kind, path) in &self.info.files {
+                if let Some(text) = crate::level::files::tail(path) {
+                    files.push(LevelFile {
+                        path: self.info.path.clone(),
+                        kind: *kind,
+                        text,
+                    });
+                }
+            }
+        }
+        let answer = self
+            .request(
+                |id| Message::Collect { id },
+                "the levels' files",
+                Some(timeout),
+            )
+            .await;
+        let below = answer.and_then(|bytes| {
+            let below: Vec<LevelFile> =
+                postcard::from_bytes(&bytes).map_err(|e| self.lost_error(&e.to_string()))?;
+            crate::level::files::check_all(&below, &self.info.path)
+                .map_err(|e| self.lost_error(&format!("it sent {e}")))?;
+            Ok(below)
+        });
+        match below {
+            Ok(below) => files.extend(below),
+            Err(e) => tracing::warn!(
+                "the files of {} and below were not collected: {}",
+                self.info.path,
+                e.message
+            ),
+        }
+        files
     }
 
     async fn request(

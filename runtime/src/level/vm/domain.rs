@@ -251,6 +251,10 @@ impl Machine for DomainMachine {
         &self.files.level_log
     }
 
+    fn qemu_log_path(&self) -> &Path {
+        &self.files.qemu_log
+    }
+
     fn kill(&mut self) {
         if let Some(domain) = self.domain.take()
             && let Err(e) = domain.destroy()

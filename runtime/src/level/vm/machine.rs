@@ -13,6 +13,8 @@ pub trait Machine: Send {
     fn console_path(&self) -> &Path;
     /// The level log file (boot steps, then the runtime's stderr).
     fn level_log_path(&self) -> &Path;
+    /// QEMU's own log.
+    fn qemu_log_path(&self) -> &Path;
     /// Stops the machine now (idempotent).
     fn kill(&mut self);
     /// How the machine ended, with the tails of its console and level log.
@@ -28,6 +30,10 @@ impl Machine for Qemu {
 
     fn level_log_path(&self) -> &Path {
         Qemu::level_log_path(self)
+    }
+
+    fn qemu_log_path(&self) -> &Path {
+        Qemu::qemu_log_path(self)
     }
 
     fn kill(&mut self) {

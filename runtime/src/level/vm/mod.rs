@@ -192,6 +192,15 @@ pub async fn open(
     let (reader, writer) = relay.into_split();
     let console = booted.machine.console_path().to_path_buf();
     let monitor = booted.machine.monitor();
+    let files = {
+        use super::files::FileKind;
+        let m = &booted.machine;
+        vec![
+            (FileKind::Console, m.console_path().to_path_buf()),
+            (FileKind::LevelLog, m.level_log_path().to_path_buf()),
+            (FileKind::QemuLog, m.qemu_log_path().to_path_buf()),
+        ]
+    };
     let tail = StderrTail::default();
     // The boot steps were logged with the ready line: follow what comes after.
     let log_path = booted.machine.level_log_path().to_path_buf();
@@ -227,6 +236,7 @@ pub async fn open(
             ssh_port: booted.ssh_port,
             host_key: host_key_line,
             monitor,
+            files,
         }),
         // A level running a nested guest can be starved of CPU for seconds (KVM in
         // KVM in TCG); while its QEMU lives, a longer silence is tolerated. A QEMU

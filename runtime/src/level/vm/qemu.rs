@@ -185,6 +185,11 @@ impl Qemu {
         &self.files.level_log
     }
 
+    /// QEMU's own log file.
+    pub fn qemu_log_path(&self) -> &Path {
+        &self.files.qemu_log
+    }
+
     /// Everything on the console so far.
     pub fn console(&self) -> String {
         read_lossy(&self.files.console)

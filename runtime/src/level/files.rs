@@ -1,0 +1,212 @@
+//! The files of levels that go when their level goes: a VM level's kernel log
+//! (read from its own `/dev/kmsg`) and the console, level log and QEMU log a
+//! level below L0 keeps of the levels it booted, in a temporary folder. Before a
+//! chain goes down, L0 asks for them (`Collect`) and writes them into the run
+//! folder beside the files of L1, named the same way (`L0-L1-L2.console`).
+//!
+//! What comes from below is checked ([`LevelFile::check`]): a path in the
+//! child's subtree, a known kind (so L0 chooses every file name), text cut to
+//! [`FILE_LIMIT`].
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Bytes kept of one file: its tail.
+pub const FILE_LIMIT: usize = 1 << 20;
+
+/// Files collected per level, at most (one of each kind).
+const KINDS: usize = 4;
+
+/// One file of one level.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LevelFile {
+    /// The level it belongs to, e.g. `L0/L1/L2`.
+    pub path: String,
+    /// Which file.
+    pub kind: FileKind,
+    /// Its text (the tail, at most [`FILE_LIMIT`] bytes).
+    pub text: String,
+}
+
+/// Which file of a level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileKind {
+    /// Its kernel's log, read at the level.
+    Dmesg,
+    /// Its serial console, kept by its parent.
+    Console,
+    /// Its level log (boot steps, runtime's stderr), kept by its parent.
+    LevelLog,
+    /// Its QEMU's log, kept by its parent.
+    QemuLog,
+}
+
+impl FileKind {
+    /// The suffix of its file in the run folder.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Self::Dmesg => "dmesg",
+            Self::Console => "console",
+            Self::LevelLog => "log",
+            Self::QemuLog => "qemu.log",
+        }
+    }
+}
+
+impl LevelFile {
+    /// Refuses a file a child below `child` could not honestly have sent.
+    pub fn check(&self, child: &str) -> Result<(), String> {
+        let inside = self.path == child
+            || self
+                .path
+                .strip_prefix(child)
+                .is_some_and(|rest| rest.starts_with("/L"));
+        let plain = self.path.split('/').all(|p| {
+            p.strip_prefix('L').is_some_and(|n| {
+                !n.is_empty() && n.len() < 4 && n.bytes().all(|b| b.is_ascii_digit())
+            })
+        });
+        if !inside || !plain {
+            return Err(format!("a file of {:?}, outside {child}", self.path));
+        }
+        if self.text.len() > FILE_LIMIT {
+            return Err(format!(
+                "{} bytes of {} {}, over {FILE_LIMIT}",
+                self.text.len(),
+                self.path,
+                self.kind.suffix()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Its name in the run folder: `L0-L1-L2.console`.
+    pub fn file_name(&self) -> String {
+        format!("{}.{}", self.path.replace('/', "-"), self.kind.suffix())
+    }
+}
+
+/// Checks `files` a child at `child` sent: each with [`LevelFile::check`], and no
+/// more than one of each kind per level of a chain 16 deep.
+pub fn check_all(files: &[LevelFile], child: &str) -> Result<(), String> {
+    if files.len() > 16 * KINDS {
+        return Err(format!("{} files", files.len()));
+    }
+    files.iter().try_for_each(|f| f.check(child))
+}
+
+/// The last [`FILE_LIMIT`] bytes of `path`, as text; `None` when unreadable.
+pub fn tail(path: &Path) -> Option<String> {
+    let mut file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    let from = len.saturating_sub(FILE_LIMIT as u64);
+    file.seek(SeekFrom::Start(from)).ok()?;
+    let mut bytes = Vec::new();
+    file.take(FILE_LIMIT as u64).read_to_end(&mut bytes).ok()?;
+    Some(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// This machine's kernel log, as `dmesg` prints it (`[seconds] message`), its
+/// tail within [`FILE_LIMIT`]; `None` when `/dev/kmsg` cannot be read.
+pub fn own_kernel_log() -> Option<String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut kmsg = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/kmsg")
+        .ok()?;
+    let mut out = String::new();
+    // One record per read; a buffer smaller than a record makes the read fail.
+    let mut record = vec![0u8; 16 << 10];
+    loop {
+        match kmsg.read(&mut record) {
+            Ok(0) => break,
+            Ok(n) => {
+                if let Some(line) = format_record(&String::from_utf8_lossy(&record[..n])) {
+                    out.push_str(&line);
+                    out.push('\n');
+                }
+            }
+            // A record overwritten while reading: go on with the next one.
+            Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {}
+            Err(_) => break,
+        }
+        if out.len() > 2 * FILE_LIMIT {
+            out.drain(..out.len() - FILE_LIMIT);
+        }
+    }
+    if out.len() > FILE_LIMIT {
+        let mut cut = out.len() - FILE_LIMIT;
+        while !out.is_char_boundary(cut) {
+            cut += 1;
+        }
+        out.drain(..cut);
+    }
+    Some(out)
+}
+
+/// `6,339,5140900,-;NET: Registered protocol family 10` →
+/// `[    5.140900] NET: Registered protocol family 10`.
+fn format_record(record: &str) -> Option<String> {
+    let (head, rest) = record.split_once(';')?;
+    let usec: u64 = head.split(',').nth(2)?.parse().ok()?;
+    // Continuation lines (` KEY=value`) follow the message.
+    let message = rest.lines().next().unwrap_or_default();
+    Some(format!(
+        "[{:>5}.{:06}] {message}",
+        usec / 1_000_000,
+        usec % 1_000_000
+    ))
+}
+
+/// Writes `files` into `dir`, each under [`LevelFile::file_name`].
+pub fn write_all(dir: &Path, files: &[LevelFile]) -> Vec<PathBuf> {
+    let mut written = Vec::new();
+    for file in files {
+        let path = dir.join(file.file_name());
+        match std::fs::write(&path, &file.text) {
+            Ok(()) => written.push(path),
+            Err(e) => tracing::warn!("cannot write {}: {e}", path.display()),
+        }
+    }
+    written
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kmsg_records_read_as_dmesg_prints_them() {
+        assert_eq!(
+            format_record("6,339,5140900,-;NET: Registered PF_INET6 protocol family\n").as_deref(),
+            Some("[    5.140900] NET: Registered PF_INET6 protocol family")
+        );
+        assert_eq!(
+            format_record("4,12,123,-;WARNING: x\n SUBSYSTEM=cpu\n").as_deref(),
+            Some("[    0.000123] WARNING: x")
+        );
+        assert_eq!(format_record("garbage"), None);
+    }
+
+    #[test]
+    fn files_from_below_stay_in_the_subtree_with_names_chosen_here() {
+        let file = |path: &str, text: &str| LevelFile {
+            path: path.into(),
+            kind: FileKind::Console,
+            text: text.into(),
+        };
+        assert_eq!(file("L0/L1/L2", "x").check("L0/L1/L2"), Ok(()));
+        assert_eq!(file("L0/L1/L2/L3", "x").check("L0/L1/L2"), Ok(()));
+        for bad in ["L0/L1", "L0/L1/L22", "L0/L1/L2/../x", "L0/L1/L2/L3.x"] {
+            assert!(file(bad, "x").check("L0/L1/L2").is_err(), "{bad}");
+        }
+        let big = "x".repeat(FILE_LIMIT + 1);
+        assert!(file("L0/L1/L2", &big).check("L0/L1/L2").is_err());
+        assert_eq!(file("L0/L1/L2", "").file_name(), "L0-L1-L2.console");
+        let many = vec![file("L0/L1/L2", ""); 16 * KINDS + 1];
+        assert!(check_all(&many, "L0/L1/L2").is_err());
+    }
+}
