@@ -266,7 +266,7 @@ fn hello(u: &mut Unstructured, num: u8, den: u8) -> Result<Message> {
 
 /// Any message of the protocol.
 pub fn message(u: &mut Unstructured) -> Result<Message> {
-    Ok(match u.int_in_range(0..=16)? {
+    Ok(match u.int_in_range(0..=17)? {
         0 => hello(u, 3, 4)?,
         1 => Message::Load {
             component_sha256: text(u)?,
@@ -326,6 +326,7 @@ pub fn message(u: &mut Unstructured) -> Result<Message> {
         15 => Message::Release {
             count: u.arbitrary()?,
         },
+        16 => Message::Collect { id: number(u)? },
         _ => Message::Fatal {
             error: remote_error(u)?,
         },
