@@ -147,7 +147,13 @@ impl Chain {
     /// Runs `name` at the deepest level for a level above, whose output goes on up.
     pub async fn forward_run(&self, name: &str, timeout: Duration) -> Result<Outcome, RemoteError> {
         match &*self.conn.read().await {
-            Some(conn) => conn.run_test(name, timeout).await,
+            Some(conn) => {
+                let outcome = conn.run_test(name, timeout).await;
+                // What L1's kernel printed during the test is the test's (deeper
+                // levels' was read by their parents before they answered).
+                conn.read_kernel_now().await;
+                outcome
+            }
             None => Err(RemoteError {
                 kind: WireErrorKind::LevelLost,
                 message: format!(

@@ -91,6 +91,8 @@ pub struct Connection {
     /// The budget the child's subtree takes its levels from, and how many it holds.
     budget: Arc<LevelBudget>,
     subtree: Arc<Mutex<u32>>,
+    /// Asks the console watcher of a VM child to read now.
+    kernel_now: Option<crate::level::vm::kernel::ReadNow>,
 }
 
 impl Connection {
@@ -234,13 +236,19 @@ impl Connection {
         };
 
         // A VM level's kernel is watched from its console for as long as it is held.
-        let kernel_task = vm.as_ref().map(|vm| {
-            tokio::spawn(crate::level::vm::kernel::watch(
-                vm.console.clone(),
-                path.clone(),
-                capture.clone(),
-            ))
-        });
+        let (kernel_now, kernel_task) = match &vm {
+            Some(vm) => {
+                let (now, asked) = mpsc::channel(4);
+                let task = tokio::spawn(crate::level::vm::kernel::watch(
+                    vm.console.clone(),
+                    path.clone(),
+                    capture.clone(),
+                    asked,
+                ));
+                (Some(now), Some(task))
+            }
+            None => (None, None),
+        };
         let access = LevelAccess {
             path: setup.path.clone(),
             reach: match (target, &vm) {
@@ -436,7 +444,19 @@ impl Connection {
             qmp: qmp.map(Arc::new),
             budget,
             subtree,
+            kernel_now,
         })
+    }
+
+    /// Reads a VM child's console once more now, so that what its kernel printed
+    /// until now reaches the capture before the test that holds it ends.
+    pub async fn read_kernel_now(&self) {
+        if let Some(now) = &self.kernel_now {
+            let (ack, done) = oneshot::channel();
+            if now.send(ack).await.is_ok() {
+                let _ = tokio::time::timeout(Duration::from_secs(2), done).await;
+            }
+        }
     }
 
     /// What the child told about itself.

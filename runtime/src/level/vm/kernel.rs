@@ -43,12 +43,23 @@ pub fn is_trouble(line: &str) -> bool {
     SIGNS.iter().any(|sign| line.contains(sign))
 }
 
+/// Asks a [`watch`] to read its console now; it answers on the sender once it did.
+pub type ReadNow = tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<()>>;
+
 /// Follows `console` (from its start) until the task is aborted, reporting each
-/// line [`is_trouble`] flags into `capture` as a warning from `level`.
-pub async fn watch(console: PathBuf, level: String, capture: Arc<Capture>) {
+/// line [`is_trouble`] flags into `capture` as a warning from `level`. Besides
+/// every [`POLL`], it reads at once when asked through `now` (before a test
+/// ends, so what the kernel printed during the test is charged to it).
+pub async fn watch(
+    console: PathBuf,
+    level: String,
+    capture: Arc<Capture>,
+    mut now: tokio::sync::mpsc::Receiver<tokio::sync::oneshot::Sender<()>>,
+) {
     let mut offset = 0u64;
     let mut partial = Vec::new();
     let mut reported = 0usize;
+    let mut asked: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
     loop {
         let read = {
             let console = console.clone();
@@ -82,7 +93,13 @@ pub async fn watch(console: PathBuf, level: String, capture: Arc<Capture>) {
                 partial.drain(..partial.len() - LINE_LIMIT);
             }
         }
-        tokio::time::sleep(POLL).await;
+        for ack in asked.drain(..) {
+            let _ = ack.send(());
+        }
+        tokio::select! {
+            () = tokio::time::sleep(POLL) => {}
+            Some(ack) = now.recv() => asked.push(ack),
+        }
     }
 }
 
