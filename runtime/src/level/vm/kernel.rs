@@ -154,7 +154,13 @@ mod tests {
         )
         .expect("write");
         let capture = Capture::new("L0", 1 << 20, None);
-        let watcher = tokio::spawn(watch(console.clone(), "L0/L1".into(), capture.clone()));
+        let (now, asked) = tokio::sync::mpsc::channel(1);
+        let watcher = tokio::spawn(watch(
+            console.clone(),
+            "L0/L1".into(),
+            capture.clone(),
+            asked,
+        ));
         tokio::time::sleep(Duration::from_millis(200)).await;
         // A line in two writes is one line.
         let mut more = std::fs::OpenOptions::new()
@@ -165,6 +171,14 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(700)).await;
         std::io::Write::write_all(&mut more, b"Trace:\nfine\n").expect("write");
         tokio::time::sleep(Duration::from_millis(1200)).await;
+        // Asked to read now, it does so before it answers, not at its next poll.
+        std::io::Write::write_all(&mut more, b"[ 3.0] BUG: at once\n").expect("write");
+        let (ack, done) = tokio::sync::oneshot::channel();
+        now.send(ack).await.expect("watcher listens");
+        tokio::time::timeout(Duration::from_millis(300), done)
+            .await
+            .expect("answered before its next poll")
+            .expect("answered");
         watcher.abort();
         let logs = capture.take().logs;
         let lines: Vec<(&str, &str)> = logs
@@ -176,6 +190,7 @@ mod tests {
             [
                 ("L0/L1", "kernel: [ 1.0] WARNING: CPU: 0 at x.c:1"),
                 ("L0/L1", "kernel: [ 2.0] Call Trace:"),
+                ("L0/L1", "kernel: [ 3.0] BUG: at once"),
             ]
         );
         assert!(logs.iter().all(|l| l.level == LogLevel::Warn));
