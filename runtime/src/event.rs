@@ -119,6 +119,16 @@ pub struct KeptLevel {
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum TestEvent {
+    /// `--levels`/`--target`: the chain's levels are being booted (or reached).
+    ChainBooting {
+        /// How many.
+        levels: u32,
+    },
+    /// The chain is up: its deepest level serves.
+    ChainUp {
+        /// The deepest level's path, where every test runs.
+        deepest: String,
+    },
     /// The plan is known.
     RunStarted {
         /// Suite name.

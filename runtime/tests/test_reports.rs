@@ -641,7 +641,7 @@ fn the_run_folder_has_report_json_and_a_log_per_test_that_failed_or_wrote() {
     assert_eq!(
         last,
         format!(
-            "run folder: {} (report.json, a log per test, each level's files)",
+            "run folder: {} (report.json, timeline.html, a log per test, each level's files)",
             folder.display()
         )
     );

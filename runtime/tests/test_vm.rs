@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use common::Run;
 use common::vm::{
-    expect_infrastructure_error, image_dir, image_with_kernel, nested, qemus_left, run_dir, vm_test,
+    Timeline, expect_infrastructure_error, image_dir, image_with_kernel, nested, qemus_left,
+    run_dir, vm_test,
 };
 use matryoshka_test_programs::{NESTED, RELAY};
 
@@ -61,6 +62,28 @@ fn nested_demo_boots_each_level_from_the_same_image() {
     assert!(log.contains("MATRYOSHKA-STEP"), "{log}");
     assert!(log.contains("MATRYOSHKA-READY level=1"), "{log}");
     assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
+    // The run's timeline, rendered by a real browser: a lane per level, L1's boot
+    // steps, the test on L0's lane, and log lines from the deepest level.
+    let timeline = Timeline::render(dir.path(), &dir.path().join("timeline.png"));
+    let l0 = timeline.lane("L0");
+    assert!(
+        l0.contains("class=\"event test pass\" data-test=\"nested::nested_levels\""),
+        "{l0}"
+    );
+    assert!(
+        timeline
+            .lane("L0/L1")
+            .contains("<title>boot: runtime started (")
+    );
+    let mut path = "L0".to_string();
+    for depth in 1..=levels {
+        path = format!("{path}/L{depth}");
+        assert!(
+            timeline.lane(&path).contains("class=\"event log\""),
+            "{path}"
+        );
+    }
+    assert!(!timeline.dom.contains("first-failure"));
 }
 
 /// An image folder whose kernel and root are the real ones and whose initramfs is `initrd`.

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::vm::{image_dir, qemus_left, run_dir, vm_test};
+use common::vm::{Timeline, image_dir, qemus_left, run_dir, vm_test};
 use matryoshka_test_programs::CI;
 
 /// Runs `command` through `sh -c` with `stdin`, and returns its stdout, or panics
@@ -213,6 +213,31 @@ fn a_test_failing_at_l2_keeps_the_chain_up_and_the_printed_commands_get_in() {
             .as_str()
             .is_some_and(|c| c.ends_with("/ssh_config"))
     );
+    // The timeline, rendered by a real browser: the chain's boot on L0's lane,
+    // each level's boot steps (L2's from the log L1 kept), the failing test on
+    // L2's lane and forwarded through L0 and L1, the failure marked, the hold.
+    let timeline = Timeline::render(dir.path(), &dir.path().join("timeline.png"));
+    assert!(timeline.lane("L0").contains("class=\"event booting\""));
+    for level in ["L0/L1", "L0/L1/L2"] {
+        let lane = timeline.lane(level);
+        assert!(
+            lane.contains("<title>boot: runtime started ("),
+            "{level}: {lane}"
+        );
+        assert!(lane.contains("class=\"event kept\""), "{level}: {lane}");
+    }
+    let l2 = timeline.lane("L0/L1/L2");
+    assert!(
+        l2.contains("class=\"event test fail\" data-test=\"ci::fails_on_purpose\""),
+        "{l2}"
+    );
+    assert!(l2.contains("class=\"event test pass\" data-test=\"ci::adds_up\""));
+    assert!(
+        timeline
+            .lane("L0")
+            .contains("class=\"event test forward\" data-test=\"ci::fails_on_purpose\"")
+    );
+    assert!(timeline.dom.contains("id=\"first-failure\""));
     let sockets: Vec<_> = std::fs::read_dir(dir.path())
         .expect("run folder")
         .filter_map(Result::ok)

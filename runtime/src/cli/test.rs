@@ -29,6 +29,7 @@ use crate::reporter::human::HumanReporter;
 use crate::reporter::json::JsonReporter;
 use crate::reporter::junit::JunitReporter;
 use crate::reporter::tap::TapReporter;
+use crate::reporter::timeline::TimelineReporter;
 use crate::reporter::tmt::TmtReporter;
 use crate::reporter::{Format, Reporter};
 use crate::runner::{self, Chain, FilterExpr, IgnoredMode, RunOptions, Runner};
@@ -244,6 +245,7 @@ pub(super) async fn test(args: TestArgs) -> u8 {
                 eprintln!("  {} {origin} | {text}", level.as_str());
             }
         });
+        report.send(&TestEvent::ChainBooting { levels });
         // A chain that does not boot is booted again, up to --retries times.
         let mut tries = 0;
         let chain = loop {
@@ -271,6 +273,9 @@ pub(super) async fn test(args: TestArgs) -> u8 {
             }
         };
         eprintln!("{} is up", chain.deepest());
+        report.send(&TestEvent::ChainUp {
+            deepest: chain.deepest(),
+        });
         // One chain, one test at a time: its output is the running test's.
         (runner.with_chain(chain), RunOptions { jobs: 1, ..opts })
     } else {
@@ -420,6 +425,7 @@ impl Reports {
                 reporters.push(Box::new(TmtReporter::new(path.clone())));
             }
             reporters.push(Box::new(FolderReporter::new(run_dir.to_path_buf())));
+            reporters.push(Box::new(TimelineReporter::new(run_dir.to_path_buf())));
         }
         Ok(Self {
             reporters,

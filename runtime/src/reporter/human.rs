@@ -66,7 +66,7 @@ impl<W: Write> HumanReporter<W> {
         if let Some(dir) = &self.folder {
             writeln!(
                 self.out,
-                "run folder: {} (report.json, a log per test, each level's files)",
+                "run folder: {} (report.json, timeline.html, a log per test, each level's files)",
                 text::line(&dir.display().to_string())
             )?;
         }

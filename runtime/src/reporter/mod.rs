@@ -5,6 +5,7 @@
 //! - [`json`]: one JSON object per event per line.
 //! - [`junit`]: JUnit XML, written when the run finishes.
 //! - [`tap`]: TAP 13 on stdout, diagnostics as YAML blocks.
+//! - [`timeline`]: the run folder's `timeline.html`, a lane per level.
 //! - [`tmt`]: tmt's custom results.json, with a log file per test.
 
 pub mod folder;
@@ -13,6 +14,7 @@ pub mod json;
 pub mod junit;
 pub mod tap;
 pub mod text;
+pub mod timeline;
 pub mod tmt;
 
 use std::io;

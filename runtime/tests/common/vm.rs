@@ -97,3 +97,50 @@ pub fn image_with_kernel(dir: &Path, kernel: &[u8]) -> PathBuf {
     std::fs::write(image.join("kernel"), kernel).expect("kernel");
     image
 }
+
+/// `timeline.html` of the run folder `dir` as headless Chromium (Debian's
+/// `chromium-headless-shell`) renders it: its DOM after loading, each lane's
+/// part by level, and a screenshot written to `png`.
+pub struct Timeline {
+    pub dom: String,
+}
+
+impl Timeline {
+    pub fn render(dir: &Path, png: &Path) -> Self {
+        let page = format!("file://{}", dir.join("timeline.html").display());
+        let chromium = |args: &[&str]| {
+            let out = Command::new("chromium-headless-shell")
+                .args(["--no-sandbox", "--disable-gpu", "--hide-scrollbars"])
+                .args(args)
+                .arg(&page)
+                .output()
+                .expect("chromium-headless-shell (Debian package chromium-headless-shell)");
+            assert!(
+                out.status.success(),
+                "chromium failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let dom = chromium(&["--dump-dom"]);
+        chromium(&[
+            &format!("--screenshot={}", png.display()),
+            "--window-size=1280,480",
+        ]);
+        let size = std::fs::metadata(png).map_or(0, |m| m.len());
+        assert!(size > 10_000, "a screenshot of {size} bytes");
+        Self { dom }
+    }
+
+    /// The part of the DOM inside the lane of `level`.
+    #[track_caller]
+    pub fn lane(&self, level: &str) -> &str {
+        let start = format!("<g class=\"lane\" data-level=\"{level}\">");
+        let at = self
+            .dom
+            .find(&start)
+            .unwrap_or_else(|| panic!("no lane {level} in {}", self.dom));
+        let rest = &self.dom[at..];
+        &rest[..rest.find("</g>").unwrap_or(rest.len())]
+    }
+}
