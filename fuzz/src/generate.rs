@@ -548,6 +548,6 @@ mod tests {
             assert_eq!(back, msg);
             variants.insert(msg.name());
         }
-        assert_eq!(variants.len(), 17, "{variants:?}");
+        assert_eq!(variants.len(), 18, "{variants:?}");
     }
 }

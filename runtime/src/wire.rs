@@ -283,14 +283,20 @@ impl LevelAccess {
         if !inside || !self.path.split('/').all(is_level_name) {
             return Err(format!("a level path {:?} outside {under}", self.path));
         }
+        // Plain enough to pass through two shells (the printed command's and, for
+        // a command run at a remote opener, sshd's) and ssh's `%` tokens as is.
         let word = |what: &str, s: &str| {
             let plain = !s.is_empty()
                 && s.len() <= 4096
-                && s.chars().all(|c| !c.is_control() && !c.is_whitespace());
+                && !s.starts_with('-')
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-/+@:".contains(&b));
             if plain {
                 Ok(())
             } else {
-                Err(format!("{what} {s:?} is not one plain word"))
+                Err(format!(
+                    "{what} {s:?} is not one plain word ([A-Za-z0-9._-/+@:])"
+                ))
             }
         };
         match &self.reach {
@@ -568,7 +574,16 @@ mod tests {
                 ..ok.clone()
             });
         }
-        for word in ["a b", "a\nProxyCommand x", "\u{1b}[31m", ""] {
+        for word in [
+            "a b",
+            "a\nProxyCommand x",
+            "\u{1b}[31m",
+            "",
+            "h';touch x'",
+            "%d",
+            "-oProxyCommand=x",
+            "a\u{202e}b",
+        ] {
             refused(LevelAccess {
                 monitor: Some(Monitor::Libvirt {
                     domain: word.into(),

@@ -96,7 +96,16 @@ fn command_for<'a>(block: &'a [String], level: &str, monitor: bool) -> &'a str {
 fn a_test_failing_at_l2_keeps_the_chain_up_and_the_printed_commands_get_in() {
     let dir = run_dir("keep-failed");
     let mut child = vm_test(CI, &image_dir(), dir.path())
-        .args(["--levels", "2", "--keep-failed-for", "90s"])
+        // --retries 1: a chain lost while booting (nested SVM under TCG, now and
+        // then) is booted again; the failing test then fails twice, held each time.
+        .args([
+            "--levels",
+            "2",
+            "--keep-failed-for",
+            "60s",
+            "--retries",
+            "1",
+        ])
         .args(["--exact", "adds_up", "fails_on_purpose"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -106,6 +115,12 @@ fn a_test_failing_at_l2_keeps_the_chain_up_and_the_printed_commands_get_in() {
     // Lines as they come: the commands are used while matryoshka holds the chain.
     let (tx, lines) = mpsc::channel::<String>();
     let stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+        text
+    });
     let reader = std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             let _ = tx.send(line);
@@ -119,7 +134,8 @@ fn a_test_failing_at_l2_keeps_the_chain_up_and_the_printed_commands_get_in() {
             Ok(line) => line,
             Err(e) => {
                 let _ = child.kill();
-                panic!("no KEPT block ({e}); so far: {block:#?}");
+                let errors = errors.join().unwrap_or_default();
+                panic!("no KEPT block ({e}); so far: {block:#?}; stderr:\n{errors}");
             }
         };
         if line.contains("KEPT the chain up") || !block.is_empty() {
@@ -133,11 +149,7 @@ fn a_test_failing_at_l2_keeps_the_chain_up_and_the_printed_commands_get_in() {
         block[0].contains("after L0/L1/L2 ci::fails_on_purpose failed"),
         "{block:#?}"
     );
-    assert!(
-        block
-            .last()
-            .is_some_and(|l| l.contains("going on in 1m 30s"))
-    );
+    assert!(block.last().is_some_and(|l| l.contains("going on in 1m;")));
     // A shell at L2, through L1, with the host keys pinned.
     let l2 = command_for(&block, "L0/L1/L2", false);
     assert!(l2.starts_with("ssh -F '") && l2.ends_with(" L2"), "{l2}");
@@ -179,6 +191,7 @@ fn a_test_failing_at_l2_keeps_the_chain_up_and_the_printed_commands_get_in() {
         std::thread::sleep(Duration::from_millis(200));
     };
     reader.join().expect("reader");
+    let _ = errors.join();
     let rest: Vec<String> = lines.try_iter().collect();
     assert_eq!(status.code(), Some(100), "{rest:#?}");
     assert!(
@@ -194,6 +207,11 @@ fn a_test_failing_at_l2_keeps_the_chain_up_and_the_printed_commands_get_in() {
         ("L0-L1-L2.console", "MATRYOSHKA-BOOT"),
         ("L0-L1-L2.log", "MATRYOSHKA-READY level=2"),
         ("L0-L1-L2.qemu.log", ""),
+        // Each hop's journal: L0's of L1, and L1's of L2 brought up.
+        ("L0-L1.relay", "→ Load L0/L1 (component "),
+        ("L0-L1.relay", "→ test `fails_on_purpose` #"),
+        ("L0-L1-L2.relay", "← Ready (0 levels below)"),
+        ("L0-L1-L2.relay", "→ test `fails_on_purpose` #"),
     ] {
         let text = std::fs::read_to_string(dir.path().join(file))
             .unwrap_or_else(|e| panic!("{file}: {e}"));
@@ -208,6 +226,7 @@ fn a_test_failing_at_l2_keeps_the_chain_up_and_the_printed_commands_get_in() {
     assert_eq!(levels[1]["path"], "L0/L1/L2");
     assert_eq!(levels[1]["dmesg"], "L0-L1-L2.dmesg");
     assert_eq!(levels[1]["console"], "L0-L1-L2.console");
+    assert_eq!(levels[1]["relay"], "L0-L1-L2.relay");
     assert!(
         report["ssh_config"]
             .as_str()
@@ -225,6 +244,7 @@ fn a_test_failing_at_l2_keeps_the_chain_up_and_the_printed_commands_get_in() {
             "{level}: {lane}"
         );
         assert!(lane.contains("class=\"event kept\""), "{level}: {lane}");
+        assert!(lane.contains("class=\"event relay\""), "{level}: {lane}");
     }
     let l2 = timeline.lane("L0/L1/L2");
     assert!(

@@ -47,7 +47,10 @@ impl Hold for TerminalHold {
                 match &self.enter {
                     // Ctrl-D (the end of stdin) lets go too.
                     Some(lines) => {
-                        let _ = lines.lock().await.recv().await;
+                        let mut lines = lines.lock().await;
+                        // Enter pressed before the hold (while the chain booted) does not end it.
+                        while lines.try_recv().is_ok() {}
+                        let _ = lines.recv().await;
                     }
                     None => std::future::pending().await,
                 }

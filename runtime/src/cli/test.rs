@@ -97,21 +97,20 @@ pub(super) async fn test(args: TestArgs) -> u8 {
         );
         return EXIT_USAGE;
     }
-    let keep_failed: Option<Arc<dyn runner::keep::Hold>> = match (
-        args.keep_failed || args.keep_failed_for.is_some(),
-        levels,
-    ) {
-        (false, _) => None,
-        (true, 0) => {
-            eprintln!(
-                "error: --keep-failed keeps the chain of --levels N or --target up;                      a test's own guests go down with it (their `ssh-command` reaches them                      while it runs)"
-            );
-            return EXIT_USAGE;
-        }
-        (true, _) => Some(Arc::new(super::keep::TerminalHold::new(
-            args.keep_failed_for,
-        ))),
-    };
+    let keep_failed: Option<Arc<dyn runner::keep::Hold>> =
+        match (args.keep_failed || args.keep_failed_for.is_some(), levels) {
+            (false, _) => None,
+            (true, 0) => {
+                eprintln!(
+                    "error: --keep-failed keeps the chain of --levels N or --target up; a test's \
+                 own guests go down with it (their `ssh-command` reaches them while it runs)"
+                );
+                return EXIT_USAGE;
+            }
+            (true, _) => Some(Arc::new(super::keep::TerminalHold::new(
+                args.keep_failed_for,
+            ))),
+        };
     // Report files exist from the start, so that a run ending early still leaves
     // a whole report saying why.
     let run_dir = args.run_dir.clone().unwrap_or_else(default_run_dir);

@@ -1,6 +1,6 @@
 //! The files of levels that go when their level goes: a VM level's kernel log
-//! (read from its own `/dev/kmsg`) and the console, level log and QEMU log a
-//! level below L0 keeps of the levels it booted, in a temporary folder. Before a
+//! (read from its own `/dev/kmsg`) and the console, level log, QEMU log and hop
+//! journal a level below L0 keeps of the levels it booted, in a temporary folder. Before a
 //! chain goes down, L0 asks for them (`Collect`) and writes them into the run
 //! folder beside the files of L1, named the same way (`L0-L1-L2.console`).
 //!
@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 pub const FILE_LIMIT: usize = 1 << 20;
 
 /// Files collected per level, at most (one of each kind).
-const KINDS: usize = 4;
+const KINDS: usize = 5;
 
 /// One file of one level.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +41,8 @@ pub enum FileKind {
     LevelLog,
     /// Its QEMU's log, kept by its parent.
     QemuLog,
+    /// The journal of its hop (what crossed it, when), kept by its parent.
+    Relay,
 }
 
 impl FileKind {
@@ -51,6 +53,7 @@ impl FileKind {
             Self::Console => "console",
             Self::LevelLog => "log",
             Self::QemuLog => "qemu.log",
+            Self::Relay => "relay",
         }
     }
 }
@@ -58,7 +61,9 @@ impl FileKind {
 impl LevelFile {
     /// Refuses a file a child below `child` could not honestly have sent.
     pub fn check(&self, child: &str) -> Result<(), String> {
-        let inside = self.path == child
+        // Of itself a level sends its kernel log only: its console and logs are
+        // its parent's own files.
+        let inside = (self.path == child && self.kind == FileKind::Dmesg)
             || self
                 .path
                 .strip_prefix(child)
@@ -88,13 +93,39 @@ impl LevelFile {
     }
 }
 
-/// Checks `files` a child at `child` sent: each with [`LevelFile::check`], and no
-/// more than one of each kind per level of a chain 16 deep.
-pub fn check_all(files: &[LevelFile], child: &str) -> Result<(), String> {
-    if files.len() > 16 * KINDS {
-        return Err(format!("{} files", files.len()));
+/// Bytes of all the files of one answer: room within a relay frame.
+const ANSWER_LIMIT: usize = 48 << 20;
+
+/// The files a child at `child` sent that pass [`LevelFile::check`], each
+/// refused one left out with a warning; `Err` when the answer as a whole is
+/// more than an honest chain 16 deep sends (files or bytes).
+pub fn checked(files: Vec<LevelFile>, child: &str) -> Result<Vec<LevelFile>, String> {
+    let bytes: usize = files.iter().map(|f| f.text.len()).sum();
+    if files.len() > 16 * KINDS || bytes > ANSWER_LIMIT {
+        return Err(format!("{} files of {bytes} bytes", files.len()));
     }
-    files.iter().try_for_each(|f| f.check(child))
+    Ok(files
+        .into_iter()
+        .filter(|f| match f.check(child) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("left out a file {child} sent: {e}");
+                false
+            }
+        })
+        .collect())
+}
+
+/// `text` cut to its last [`FILE_LIMIT`] bytes, at a character boundary.
+fn keep_tail(mut text: String) -> String {
+    if text.len() > FILE_LIMIT {
+        let mut cut = text.len() - FILE_LIMIT;
+        while !text.is_char_boundary(cut) {
+            cut += 1;
+        }
+        text.drain(..cut);
+    }
+    text
 }
 
 /// The last [`FILE_LIMIT`] bytes of `path`, as text; `None` when unreadable.
@@ -105,7 +136,8 @@ pub fn tail(path: &Path) -> Option<String> {
     file.seek(SeekFrom::Start(from)).ok()?;
     let mut bytes = Vec::new();
     file.take(FILE_LIMIT as u64).read_to_end(&mut bytes).ok()?;
-    Some(String::from_utf8_lossy(&bytes).into_owned())
+    // Invalid bytes grow into U+FFFD: cut again.
+    Some(keep_tail(String::from_utf8_lossy(&bytes).into_owned()))
 }
 
 /// This machine's kernel log, as `dmesg` prints it (`[seconds] message`), its
@@ -134,17 +166,10 @@ pub fn own_kernel_log() -> Option<String> {
             Err(_) => break,
         }
         if out.len() > 2 * FILE_LIMIT {
-            out.drain(..out.len() - FILE_LIMIT);
+            out = keep_tail(out);
         }
     }
-    if out.len() > FILE_LIMIT {
-        let mut cut = out.len() - FILE_LIMIT;
-        while !out.is_char_boundary(cut) {
-            cut += 1;
-        }
-        out.drain(..cut);
-    }
-    Some(out)
+    Some(keep_tail(out))
 }
 
 /// `6,339,5140900,-;NET: Registered protocol family 10` →
@@ -198,7 +223,15 @@ mod tests {
             kind: FileKind::Console,
             text: text.into(),
         };
-        assert_eq!(file("L0/L1/L2", "x").check("L0/L1/L2"), Ok(()));
+        assert!(
+            file("L0/L1/L2", "x").check("L0/L1/L2").is_err(),
+            "its own console"
+        );
+        let dmesg = LevelFile {
+            kind: FileKind::Dmesg,
+            ..file("L0/L1/L2", "x")
+        };
+        assert_eq!(dmesg.check("L0/L1/L2"), Ok(()));
         assert_eq!(file("L0/L1/L2/L3", "x").check("L0/L1/L2"), Ok(()));
         for bad in ["L0/L1", "L0/L1/L22", "L0/L1/L2/../x", "L0/L1/L2/L3.x"] {
             assert!(file(bad, "x").check("L0/L1/L2").is_err(), "{bad}");
@@ -206,7 +239,19 @@ mod tests {
         let big = "x".repeat(FILE_LIMIT + 1);
         assert!(file("L0/L1/L2", &big).check("L0/L1/L2").is_err());
         assert_eq!(file("L0/L1/L2", "").file_name(), "L0-L1-L2.console");
-        let many = vec![file("L0/L1/L2", ""); 16 * KINDS + 1];
-        assert!(check_all(&many, "L0/L1/L2").is_err());
+        let many = vec![file("L0/L1/L2/L3", ""); 16 * KINDS + 1];
+        assert!(checked(many, "L0/L1/L2").is_err());
+        let one_bad = vec![file("L0/L1/L2/L3", "ok"), file("L0/L9", "no")];
+        assert_eq!(
+            checked(one_bad, "L0/L1/L2").expect("kept").len(),
+            1,
+            "only the bad one is left out"
+        );
+        // A tail of bytes that are not UTF-8 stays within the limit once converted.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("console");
+        std::fs::write(&path, vec![0xffu8; FILE_LIMIT + 10]).expect("write");
+        let text = tail(&path).expect("read");
+        assert!(text.len() <= FILE_LIMIT, "{}", text.len());
     }
 }

@@ -1,8 +1,8 @@
 //! The run folder a person browses after a run (`target/matryoshka/<run>/`): a
 //! log file per test that wrote output or failed (`tests/`, every failed try in
 //! `tests/retried/`), and `report.json`, the index: the run, each test's result
-//! and log, and each level's files (console, QEMU log, level log, kernel log)
-//! that the levels left in the folder.
+//! and log, and each level's files (console, QEMU log, level log, kernel log,
+//! hop journal) that the levels left in the folder.
 //!
 //! Text from the suite goes through [`super::text`] in the logs and through
 //! the inert JSON formatter in `report.json`.
@@ -65,6 +65,7 @@ struct LevelFiles {
     qemu_log: Option<String>,
     level_log: Option<String>,
     dmesg: Option<String>,
+    relay: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -173,6 +174,7 @@ fn level_files(dir: &Path) -> Vec<LevelFiles> {
             "qemu.log" => &mut levels[at].qemu_log,
             "log" => &mut levels[at].level_log,
             "dmesg" => &mut levels[at].dmesg,
+            "relay" => &mut levels[at].relay,
             _ => continue,
         };
         *slot = Some(name);

@@ -5,7 +5,8 @@
 //! kernel's signs of trouble, holds of `--keep-failed`, and the first failure
 //! marked across every lane.
 //!
-//! Times are this runtime's, taken as events arrive, except boot steps: those
+//! Times are this runtime's, taken as events arrive, except the hops' journals
+//! (each parent's wall clock) and boot steps: those
 //! are each level's own uptime (its level log), placed from the start of the
 //! chain's boot (or of the first test, for a test's own guests) for L1 and
 //! from its parent's `runtime started` step below.
@@ -40,12 +41,16 @@ enum Mark {
     Log { at: f64, text: String, kernel: bool },
     /// `--keep-failed` held the chain.
     Kept { at: f64 },
+    /// Something crossed the hop to this level (its parent's journal).
+    Relay { at: f64, text: String },
 }
 
 /// Collects the run's events with their times and writes `timeline.html`.
 pub struct TimelineReporter {
     dir: PathBuf,
     started: Instant,
+    /// The same moment on the wall clock, for the hops' journals.
+    started_wall: std::time::SystemTime,
     boot: Option<f64>,
     marks: Vec<(String, Mark)>,
     running: Vec<(TestId, f64)>,
@@ -66,6 +71,7 @@ impl TimelineReporter {
         Self {
             dir,
             started: Instant::now(),
+            started_wall: std::time::SystemTime::now(),
             boot: None,
             marks: Vec::new(),
             running: Vec::new(),
@@ -93,6 +99,14 @@ impl TimelineReporter {
         result: &'static str,
         detail: String,
     ) {
+        // Only its first line is shown: the rest need not be kept per lane.
+        let detail: String = detail
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .chars()
+            .take(TIP_WIDTH + 1)
+            .collect();
         // A chain's test passes every level above the one that runs it.
         let mut lane = String::new();
         for part in test.level_path.split('/') {
@@ -179,8 +193,50 @@ impl TimelineReporter {
         }
     }
 
+    /// Calls, tests and answers that crossed each hop, from the journals in
+    /// the folder (`L0-L1.relay`: written by the parent, on its wall clock).
+    fn relay_marks(&mut self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let start = chrono::DateTime::<chrono::Utc>::from(self.started_wall);
+        let mut journals: Vec<(String, PathBuf)> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let level = name.strip_suffix(".relay")?;
+                level
+                    .starts_with("L0-")
+                    .then(|| (level.replace('-', "/"), e.path()))
+            })
+            .collect();
+        journals.sort();
+        for (lane, path) in journals {
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            for line in text.lines() {
+                let Some((time, what)) = line.split_once(' ') else {
+                    continue;
+                };
+                let Ok(time) = chrono::DateTime::parse_from_rfc3339(time) else {
+                    continue;
+                };
+                let at = (time.with_timezone(&chrono::Utc) - start).as_seconds_f64();
+                self.mark(
+                    &lane,
+                    Mark::Relay {
+                        at,
+                        text: what.to_string(),
+                    },
+                );
+            }
+        }
+    }
+
     fn write(&mut self, end: f64) -> io::Result<()> {
         self.boot_marks();
+        self.relay_marks();
         let html = render(&self.title, &self.marks, self.first_failure, end);
         std::fs::create_dir_all(&self.dir)?;
         std::fs::write(self.dir.join("timeline.html"), html)
@@ -365,7 +421,8 @@ fn render(title: &str, marks: &[(String, Mark)], failure: Option<f64>, end: f64)
          <h1>matryoshka timeline: {title}</h1>\n<p class=\"legend\"><span class=\"k-boot\">◆ boot step</span> \
          <span class=\"k-pass\">■ test passed</span> <span class=\"k-fail\">■ test failed</span> \
          <span class=\"k-forward\">▬ test forwarded through a level</span> <span class=\"k-log\">● log line</span> \
-         <span class=\"k-kernel\">▲ kernel sign of trouble</span> <span class=\"k-kept\">▼ kept up (--keep-failed)</span>; \
+         <span class=\"k-kernel\">▲ kernel sign of trouble</span> <span class=\"k-kept\">▼ kept up (--keep-failed)</span> \
+         <span class=\"k-relay\">▮ crossed the hop to the level (Load, calls, tests, answers)</span>; \
          hover for details. Boot steps are placed by each level's own clock, from when its parent's runtime started.</p>\n{left_out}\
          <svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w:.0}\" height=\"{height:.0}\">\n{svg}</svg>\n</body></html>\n",
         title = html(title),
@@ -434,6 +491,13 @@ fn mark_svg(mark: &Mark, y: f64, x: &dyn Fn(f64) -> f64) -> String {
                 )
             }
         }
+        Mark::Relay { at, text } => format!(
+            "<rect class=\"event relay\" x=\"{:.1}\" y=\"{:.1}\" width=\"2\" height=\"10\">\
+             <title>hop: {}</title></rect>\n",
+            x(*at),
+            y + 2.0,
+            html(text)
+        ),
         Mark::Kept { at } => format!(
             "<path class=\"event kept\" d=\"M{0:.1} {1:.1} l6 -10 l-12 0 z\"><title>kept up for a person \
              (--keep-failed) from {2:.2} s</title></path>\n",
@@ -467,7 +531,7 @@ h1{font-size:16px}.legend span{margin-right:10px}\
 .tick{stroke:#ccc}.axis{font-size:10px;fill:#666;text-anchor:middle}\
 .booting{fill:#9db4d6}.boot{fill:#3a6fb0}\
 .test.pass{fill:#4caf50}.test.flaky{fill:#d4b106}.test.fail{fill:#d32f2f}.test.forward{fill:#999}\
-.log{fill:#555}.kernel{fill:#ef6c00}.kept{fill:#7b1fa2}\
+.log{fill:#555}.kernel{fill:#ef6c00}.kept{fill:#7b1fa2}.relay{fill:#00897b}.k-relay{color:#00897b}\
 .failure{stroke:#d32f2f;stroke-width:2;stroke-dasharray:4 3}\
 .k-boot{color:#3a6fb0}.k-pass{color:#4caf50}.k-fail{color:#d32f2f}.k-forward{color:#999}\
 .k-log{color:#555}.k-kernel{color:#ef6c00}.k-kept{color:#7b1fa2}\n";

@@ -38,13 +38,15 @@ pub(super) async fn hold(
     }
     let levels = chain.access().await;
     let written = ctx.vms.run_dir.path().and_then(|dir| {
+        // Absolute, so that the printed commands work from any folder.
+        let dir = std::path::absolute(&dir).map_err(|e| e.to_string())?;
         let key = ctx
             .ssh
             .as_ref()
             .and_then(|s| s.key_path.clone())
             .map_or_else(|| dir.join("id_ed25519"), Into::into);
+        let key = std::path::absolute(&key).map_err(|e| e.to_string())?;
         let pinned = ctx.ssh.as_ref().map_or("", |s| s.known_hosts.as_str());
-        let dir = std::path::absolute(&dir).map_err(|e| e.to_string())?;
         crate::level::access::write(&dir, &levels, &key, pinned)
     });
     let (config, reached) = match written {

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+mod journal;
 mod watch;
 
 use crate::config::SshSettings;
@@ -93,6 +94,8 @@ pub struct Connection {
     subtree: Arc<Mutex<u32>>,
     /// Asks the console watcher of a VM child to read now.
     kernel_now: Option<crate::level::vm::kernel::ReadNow>,
+    /// What crossed the hop, for the run folder.
+    journal: Arc<journal::Journal>,
 }
 
 impl Connection {
@@ -124,6 +127,11 @@ impl Connection {
             heartbeat_grace,
         } = transport::open(target, &setup, own_ssh, vms).await?;
         let heartbeat_lost = heartbeat_grace.unwrap_or(HEARTBEAT_LOST);
+        // A VM level's hop keeps a journal beside its console.
+        let journal = Arc::new(match &vm {
+            Some(vm) => journal::Journal::create(&vm.console.with_extension("relay")),
+            None => journal::Journal::default(),
+        });
         // A VM level makes the next ones accept the run's key (it gets the public
         // half only), and is one more SSH jump for the printed commands that reach them.
         if let Some(vm) = &vm {
@@ -159,7 +167,10 @@ impl Connection {
                 arch,
                 hostname,
                 ..
-            } if version == PROTOCOL_VERSION => (arch, hostname),
+            } if version == PROTOCOL_VERSION => {
+                journal.note(&format!("← Hello from {hostname} ({arch})"));
+                (arch, hostname)
+            }
             Message::Hello { version, .. } => {
                 return Err(RemoteError {
                     kind: WireErrorKind::Unsupported,
@@ -178,6 +189,11 @@ impl Connection {
             component_sha256: component.sha256.clone(),
             setup: Box::new(setup.clone()),
         };
+        journal.note(&format!(
+            "→ Load {} (component {})",
+            setup.path,
+            component.sha256.get(..12).unwrap_or(&component.sha256)
+        ));
         let sent = writer.send(&load).await;
         if let Err(what) = sent {
             return Err(lost_err(format!("{what}{}", describe_exit(&guard).await)));
@@ -195,6 +211,10 @@ impl Connection {
             .map_err(lost_err)?;
             match msg {
                 Message::NeedComponent => {
+                    journal.note(&format!(
+                        "← NeedComponent; → Component ({} bytes)",
+                        component.bytes.len()
+                    ));
                     let bytes = component.bytes.clone();
                     // Compiled here for a level of another architecture.
                     let precompiled = {
@@ -214,12 +234,16 @@ impl Connection {
                     }
                 }
                 Message::Ready { below } => {
+                    journal.note(&format!("← Ready ({} levels below)", below.len()));
                     if let Some(e) = below.iter().find_map(|a| a.check(&path).err()) {
                         return Err(lost_err(format!("its Ready names {e}")));
                     }
                     break below;
                 }
-                Message::Fatal { error } => return Err(error),
+                Message::Fatal { error } => {
+                    journal.note(&format!("← Fatal: {}", error.message));
+                    return Err(error);
+                }
                 Message::Event { level_path, .. } if !within(&setup.path, &level_path) => {
                     return Err(lost_err(format!(
                         "it sent an event as {level_path:?}, outside its own levels"
@@ -445,6 +469,7 @@ impl Connection {
             budget,
             subtree,
             kernel_now,
+            journal,
         })
     }
 
@@ -553,9 +578,8 @@ impl Connection {
         let below = answer.and_then(|bytes| {
             let below: Vec<LevelFile> =
                 postcard::from_bytes(&bytes).map_err(|e| self.lost_error(&e.to_string()))?;
-            crate::level::files::check_all(&below, &self.info.path)
-                .map_err(|e| self.lost_error(&format!("it sent {e}")))?;
-            Ok(below)
+            crate::level::files::checked(below, &self.info.path)
+                .map_err(|e| self.lost_error(&format!("it sent {e}")))
         });
         match below {
             Ok(below) => files.extend(below),
@@ -585,6 +609,23 @@ impl Connection {
             }
             lock(&self.pending).insert(id, tx);
         }
+        self.journal.note(&format!("→ {what} #{id}"));
+        let result = self.await_answer(id, rx, message, what, timeout).await;
+        self.journal.note(&match &result {
+            Ok(bytes) => format!("← #{id} answered ({} bytes)", bytes.len()),
+            Err(e) => format!("← #{id} {:?}: {}", e.kind, e.message),
+        });
+        result
+    }
+
+    async fn await_answer(
+        &self,
+        id: u64,
+        rx: oneshot::Receiver<Answer>,
+        message: impl FnOnce(u64) -> Message,
+        what: &str,
+        timeout: Option<Duration>,
+    ) -> Result<Vec<u8>, RemoteError> {
         if self.out.send(message(id)).await.is_err() {
             lock(&self.pending).remove(&id);
             let cause = lock(&self.lost)

@@ -199,6 +199,8 @@ pub async fn open(
             (FileKind::Console, m.console_path().to_path_buf()),
             (FileKind::LevelLog, m.level_log_path().to_path_buf()),
             (FileKind::QemuLog, m.qemu_log_path().to_path_buf()),
+            // Written by the connection (level::connection::journal).
+            (FileKind::Relay, m.console_path().with_extension("relay")),
         ]
     };
     let tail = StderrTail::default();
