@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 
 use super::{
     EXIT_COULD_NOT_RUN, EXIT_INTERRUPTED, EXIT_NO_TESTS, EXIT_TERMINATED, EXIT_TESTS_FAILED,
-    EXIT_USAGE, NoTests, TestArgs, default_run_dir, ssh_settings,
+    EXIT_USAGE, NoTests, TestArgs, default_run_dir, default_run_dir_name, ssh_settings,
 };
 use crate::config::{Grants, InstanceLimits, NestLimits, VmSettings};
 use crate::engine::CacheDir;
@@ -113,7 +113,12 @@ pub(super) async fn test(args: TestArgs) -> u8 {
         };
     // Report files exist from the start, so that a run ending early still leaves
     // a whole report saying why.
-    let run_dir = args.run_dir.clone().unwrap_or_else(default_run_dir);
+    // `--list` writes no run folder, so it removes none either.
+    let run_dir = match (&args.run_dir, args.list) {
+        (Some(dir), _) => dir.clone(),
+        (None, true) => default_run_dir_name(),
+        (None, false) => default_run_dir(),
+    };
     let mut report = match Reports::new(&args, &run_dir) {
         Ok(r) => r,
         Err(e) => {
