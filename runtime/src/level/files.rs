@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::wire::{is_below, is_level_name};
+
 /// Bytes kept of one file: its tail.
 pub const FILE_LIMIT: usize = 1 << 20;
 
@@ -63,17 +65,11 @@ impl LevelFile {
     pub fn check(&self, child: &str) -> Result<(), String> {
         // Of itself a level sends its kernel log only: its console and logs are
         // its parent's own files.
-        let inside = (self.path == child && self.kind == FileKind::Dmesg)
-            || self
-                .path
-                .strip_prefix(child)
-                .is_some_and(|rest| rest.starts_with("/L"));
-        let plain = self.path.split('/').all(|p| {
-            p.strip_prefix('L').is_some_and(|n| {
-                !n.is_empty() && n.len() < 4 && n.bytes().all(|b| b.is_ascii_digit())
-            })
-        });
-        if !inside || !plain {
+        let inside = (self.path == child
+            && self.kind == FileKind::Dmesg
+            && child.split('/').all(is_level_name))
+            || is_below(&self.path, child);
+        if !inside {
             return Err(format!("a file of {:?}, outside {child}", self.path));
         }
         if self.text.len() > FILE_LIMIT {

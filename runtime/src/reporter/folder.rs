@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::{Reporter, write_test_log};
-use crate::event::{Outcome, Summary, TestEvent, TestFailure, TestId};
-use crate::output::CapturedOutput;
+use super::{Reporter, result_word, rfc3339, write_test_log};
+use crate::event::{Summary, TestEvent, TestFailure, TestId};
+use crate::wire::is_level_name;
 
 /// Writes the run folder's per-test logs and `report.json`.
 pub struct FolderReporter {
@@ -116,8 +116,7 @@ impl FolderReporter {
         let duration = self.started.elapsed().map_or(0.0, |d| d.as_secs_f64());
         let report = Report {
             version: 1,
-            started: chrono::DateTime::<chrono::Utc>::from(self.started)
-                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            started: rfc3339(self.started),
             duration_secs: duration,
             run: self.run.as_ref(),
             summary,
@@ -150,11 +149,7 @@ fn level_files(dir: &Path) -> Vec<LevelFiles> {
         let Some((level, kind)) = name.split_once('.') else {
             continue;
         };
-        let is_level = level.starts_with("L0-")
-            && level.split('-').all(|p| {
-                p.strip_prefix('L')
-                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-            });
+        let is_level = level.starts_with("L0-") && level.split('-').all(is_level_name);
         if !is_level {
             continue;
         }
@@ -230,13 +225,8 @@ impl Reporter for FolderReporter {
                 attempts,
                 first_failure,
             } => {
-                let (result, failure) = match outcome {
-                    Outcome::Passed if first_failure.is_some() => ("flaky", None),
-                    Outcome::Passed => ("pass", None),
-                    Outcome::Ignored => ("ignored", None),
-                    Outcome::Failed(f) => ("fail", Some(f)),
-                };
-                let log = if failure.is_some() || !is_empty(output) {
+                let (result, failure) = result_word(outcome, first_failure.as_ref());
+                let log = if failure.is_some() || !output.is_empty() {
                     let header = Self::header(test, result, failure);
                     Some(write_test_log(
                         &self.dir, "tests", *index, test, &header, output,
@@ -274,8 +264,4 @@ impl Reporter for FolderReporter {
         }
         Ok(())
     }
-}
-
-fn is_empty(output: &CapturedOutput) -> bool {
-    output.logs.is_empty() && output.stdout.is_empty() && output.stderr.is_empty()
 }

@@ -87,8 +87,7 @@ impl<W: Write + Send> Reporter for JsonReporter<W> {
             }
             _ => event,
         };
-        let time = chrono::DateTime::<chrono::Utc>::from(std::time::SystemTime::now())
-            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let time = super::rfc3339(std::time::SystemTime::now());
         let line = Line {
             version: FORMAT_VERSION,
             time,

@@ -99,6 +99,26 @@ pub(crate) fn write_test_log(
     Ok(relative)
 }
 
+/// A finished test's result as one word (`pass`, `flaky`, `ignored`, `fail`),
+/// with its failure.
+pub(crate) fn result_word<'a>(
+    outcome: &'a crate::event::Outcome,
+    first_failure: Option<&crate::event::TestFailure>,
+) -> (&'static str, Option<&'a crate::event::TestFailure>) {
+    use crate::event::Outcome;
+    match outcome {
+        Outcome::Passed if first_failure.is_some() => ("flaky", None),
+        Outcome::Passed => ("pass", None),
+        Outcome::Ignored => ("ignored", None),
+        Outcome::Failed(f) => ("fail", Some(f)),
+    }
+}
+
+/// `t` in RFC 3339, UTC, to the millisecond.
+pub(crate) fn rfc3339(t: std::time::SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
 /// Indents every line of `text` by `prefix`.
 pub(crate) fn indent(text: &str, prefix: &str) -> String {
     text.lines()

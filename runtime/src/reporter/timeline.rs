@@ -17,8 +17,8 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use super::{Reporter, text};
-use crate::event::{Outcome, TestEvent, TestId};
+use super::{Reporter, result_word, text};
+use crate::event::{TestEvent, TestId};
 use crate::output::{CapturedOutput, LogLevel};
 
 /// What the page shows.
@@ -53,7 +53,6 @@ pub struct TimelineReporter {
     started_wall: std::time::SystemTime,
     boot: Option<f64>,
     marks: Vec<(String, Mark)>,
-    running: Vec<(TestId, f64)>,
     first_failure: Option<f64>,
     first_test: Option<f64>,
     title: String,
@@ -74,7 +73,6 @@ impl TimelineReporter {
             started_wall: std::time::SystemTime::now(),
             boot: None,
             marks: Vec::new(),
-            running: Vec::new(),
             first_failure: None,
             first_test: None,
             title: String::new(),
@@ -257,9 +255,8 @@ impl Reporter for TimelineReporter {
             } => {
                 self.title = format!("{suite} at {level_path}");
             }
-            TestEvent::TestStarted { test } => {
+            TestEvent::TestStarted { .. } => {
                 self.first_test.get_or_insert(now);
-                self.running.push((test.clone(), now));
             }
             TestEvent::TestRetried {
                 test,
@@ -286,17 +283,15 @@ impl Reporter for TimelineReporter {
                 first_failure,
                 ..
             } => {
-                self.running.retain(|(t, _)| t != test);
                 let from = now - duration_secs;
-                let (result, detail) = match outcome {
-                    Outcome::Passed if first_failure.is_some() => ("flaky", String::new()),
-                    Outcome::Passed => ("pass", String::new()),
-                    Outcome::Ignored => return Ok(()),
-                    Outcome::Failed(f) => {
-                        self.first_failure.get_or_insert(now);
-                        ("fail", format!("{}: {}", f.kind.as_str(), f.message))
-                    }
-                };
+                let (result, failure) = result_word(outcome, first_failure.as_ref());
+                if result == "ignored" {
+                    return Ok(());
+                }
+                let detail = failure.map_or_else(String::new, |f| {
+                    self.first_failure.get_or_insert(now);
+                    format!("{}: {}", f.kind.as_str(), f.message)
+                });
                 self.test_marks(test, from, now, result, detail);
                 self.log_marks(from, output);
             }

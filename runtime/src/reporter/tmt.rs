@@ -21,7 +21,7 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use super::{Reporter, text};
+use super::{Reporter, rfc3339, text};
 use crate::event::{FailureKind, Outcome, TestEvent, TestId};
 use crate::output::CapturedOutput;
 
@@ -205,10 +205,6 @@ fn result_name(level_path: &str, suite: &str, test: Option<&str>) -> String {
 fn hh_mm_ss(d: std::time::Duration) -> String {
     let s = d.as_secs();
     format!("{:02}:{:02}:{:02}", s / 3600, s % 3600 / 60, s % 60)
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 #[cfg(test)]

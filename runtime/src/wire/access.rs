@@ -62,11 +62,7 @@ impl LevelAccess {
     /// subtree: a path outside it, or text that would not stay one inert word
     /// in a file or on a terminal.
     pub fn check(&self, under: &str) -> Result<(), String> {
-        let inside = self
-            .path
-            .strip_prefix(under)
-            .is_some_and(|rest| rest.starts_with("/L"));
-        if !inside || !self.path.split('/').all(is_level_name) {
+        if !is_below(&self.path, under) {
             return Err(format!("a level path {:?} outside {under}", self.path));
         }
         // Plain enough to pass through two shells (the printed command's and, for
@@ -122,10 +118,18 @@ impl LevelAccess {
     }
 }
 
-/// `L` and a number.
-fn is_level_name(part: &str) -> bool {
+/// `L` and a number of at most three digits: one part of a level path.
+pub fn is_level_name(part: &str) -> bool {
     part.strip_prefix('L')
         .is_some_and(|n| !n.is_empty() && n.len() < 4 && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Whether `path` is a level path (`L0/L1/…`, each part [`is_level_name`])
+/// strictly below `under`, in its subtree.
+pub fn is_below(path: &str, under: &str) -> bool {
+    path.strip_prefix(under)
+        .is_some_and(|rest| rest.starts_with("/L"))
+        && path.split('/').all(is_level_name)
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use crate::output::LogLevel;
 
 mod access;
 
-pub use access::{LevelAccess, Monitor, Reach};
+pub use access::{LevelAccess, Monitor, Reach, is_below, is_level_name};
 
 /// How often a parent pings a child.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
