@@ -107,7 +107,8 @@ fn a_test_failing_at_l2_keeps_the_chain_up_and_the_printed_commands_get_in() {
             "1",
         ])
         .args(["--exact", "adds_up", "fails_on_purpose"])
-        .stdin(Stdio::null())
+        // A line on stdin ends a hold once the commands were tried.
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -149,7 +150,12 @@ fn a_test_failing_at_l2_keeps_the_chain_up_and_the_printed_commands_get_in() {
         block[0].contains("after L0/L1/L2 ci::fails_on_purpose failed"),
         "{block:#?}"
     );
-    assert!(block.last().is_some_and(|l| l.contains("going on in 1m;")));
+    assert!(
+        block
+            .last()
+            .is_some_and(|l| l.contains("going on in 1m or after a line on stdin;")),
+        "{block:#?}"
+    );
     // A shell at L2, through L1, with the host keys pinned.
     let l2 = command_for(&block, "L0/L1/L2", false);
     assert!(l2.starts_with("ssh -F '") && l2.ends_with(" L2"), "{l2}");
@@ -182,17 +188,39 @@ fn a_test_failing_at_l2_keeps_the_chain_up_and_the_printed_commands_get_in() {
     assert!(!refused.status.success(), "an unpinned key was accepted");
     std::fs::write(&hosts, pinned).expect("restore known_hosts");
 
-    // The hold ends after its time; the run goes on and ends as usual.
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "matryoshka did not end");
-        std::thread::sleep(Duration::from_millis(200));
+    // A line on stdin ends the hold (and the retry's, when the chain was booted
+    // again); the run goes on and ends as usual.
+    let mut stdin = child.stdin.take().expect("stdin");
+    let release = |stdin: &mut std::process::ChildStdin| {
+        std::io::Write::write_all(stdin, b"\n").expect("write a line to matryoshka's stdin");
     };
+    release(&mut stdin);
+    let released = Instant::now();
+    let mut next_line_after = None;
+    let mut rest = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => {
+                next_line_after.get_or_insert_with(|| released.elapsed());
+                if line.contains("going on in") {
+                    release(&mut stdin);
+                }
+                rest.push(line);
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                panic!("matryoshka did not end; so far: {rest:#?}");
+            }
+        }
+    }
+    let status = child.wait().expect("wait");
     reader.join().expect("reader");
     let _ = errors.join();
-    let rest: Vec<String> = lines.try_iter().collect();
+    // Released, not timed out: the run went on well before the 60 s were up.
+    let waited = next_line_after.expect("output after the hold");
+    assert!(waited < Duration::from_secs(30), "{waited:?}: {rest:#?}");
     assert_eq!(status.code(), Some(100), "{rest:#?}");
     assert!(
         rest.iter().any(|l| l.contains("1 passed, 1 failed")),

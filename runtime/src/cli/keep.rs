@@ -13,30 +13,36 @@ use tokio::sync::{Mutex, mpsc};
 use super::{EXIT_COULD_NOT_RUN, EXIT_USAGE};
 use crate::runner::keep::Hold;
 
-/// Ends a hold when Enter is pressed on stdin (a terminal) or after a time limit.
+/// Ends a hold when a line comes on stdin (Enter at a terminal, or a line a
+/// script writes into a pipe once it has looked around) or after a time limit.
 pub(super) struct TerminalHold {
     limit: Option<Duration>,
-    /// A line per Enter, from a thread reading stdin; none without a terminal.
-    enter: Option<Mutex<mpsc::UnboundedReceiver<()>>>,
+    /// Whether stdin is a terminal: only then is a hold without a time limit
+    /// worth waiting for, and only there does its end (Ctrl-D) let go.
+    terminal: bool,
+    /// A message per line, from a thread reading stdin.
+    lines: Mutex<mpsc::UnboundedReceiver<()>>,
 }
 
 impl TerminalHold {
     pub(super) fn new(limit: Option<Duration>) -> Self {
-        let enter = std::io::stdin().is_terminal().then(|| {
-            let (tx, rx) = mpsc::unbounded_channel();
-            // A thread, not a tokio task: the runtime must not wait for it at exit.
-            std::thread::spawn(move || {
-                let mut line = String::new();
-                while std::io::stdin().read_line(&mut line).is_ok_and(|n| n > 0) {
-                    line.clear();
-                    if tx.send(()).is_err() {
-                        return;
-                    }
+        let (tx, rx) = mpsc::unbounded_channel();
+        // A thread, not a tokio task: the runtime must not wait for it at exit.
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            while std::io::stdin().read_line(&mut line).is_ok_and(|n| n > 0) {
+                // A last line without its newline is not a line yet.
+                if line.ends_with('\n') && tx.send(()).is_err() {
+                    return;
                 }
-            });
-            Mutex::new(rx)
+                line.clear();
+            }
         });
-        Self { limit, enter }
+        Self {
+            limit,
+            terminal: std::io::stdin().is_terminal(),
+            lines: Mutex::new(rx),
+        }
     }
 }
 
@@ -44,26 +50,24 @@ impl Hold for TerminalHold {
     fn wait(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         Box::pin(async move {
             let enter = async {
-                match &self.enter {
-                    // Ctrl-D (the end of stdin) lets go too.
-                    Some(lines) => {
-                        let mut lines = lines.lock().await;
-                        // Enter pressed before the hold (while the chain booted) does not end it.
-                        while lines.try_recv().is_ok() {}
-                        let _ = lines.recv().await;
-                    }
-                    None => std::future::pending().await,
+                let mut lines = self.lines.lock().await;
+                // Enter pressed before the hold (while the chain booted) does not end it.
+                while lines.try_recv().is_ok() {}
+                // At a terminal, Ctrl-D (the end of stdin) lets go too; the end of
+                // a pipe or of /dev/null does not (CI runs have no stdin).
+                if lines.recv().await.is_none() && !self.terminal {
+                    std::future::pending::<()>().await;
                 }
             };
-            match (self.limit, &self.enter) {
+            match (self.limit, self.terminal) {
                 (Some(limit), _) => {
                     tokio::select! {
                         () = tokio::time::sleep(limit) => {}
                         () = enter => {}
                     }
                 }
-                (None, Some(_)) => enter.await,
-                (None, None) => {}
+                (None, true) => enter.await,
+                (None, false) => {}
             }
         })
     }
@@ -72,10 +76,12 @@ impl Hold for TerminalHold {
         let limit = self
             .limit
             .map(|d| humantime::format_duration(d).to_string());
-        match (limit, self.enter.is_some()) {
+        match (limit, self.terminal) {
             (Some(l), true) => format!("press Enter to go on, or wait {l}; Ctrl-C ends the run"),
             (None, true) => "press Enter to go on; Ctrl-C ends the run".into(),
-            (Some(l), false) => format!("going on in {l}; Ctrl-C ends the run"),
+            (Some(l), false) => {
+                format!("going on in {l} or after a line on stdin; Ctrl-C ends the run")
+            }
             (None, false) => "not waiting: stdin is not a terminal \
                               (--keep-failed-for DURATION waits without one)"
                 .into(),
