@@ -578,6 +578,19 @@ fn keep_failed_without_a_chain_is_a_usage_error() {
             r.stderr
         );
     }
+    // --snapshot saves a VM chain: none without --levels, none of an SSH or local L1.
+    for flags in [&["--snapshot"][..], &["--snapshot", "--target", "local"]] {
+        let mut args = vec!["test", BASICS];
+        args.extend_from_slice(flags);
+        let r = run(&args);
+        r.expect_code(2);
+        assert!(
+            r.stderr
+                .contains("error: --snapshot saves the VM chain of --levels N"),
+            "{}",
+            r.stderr
+        );
+    }
     // A monitor socket that is not there says so.
     let r = run(&["monitor", "/nonexistent/L0-L1.monitor"]);
     r.expect_code(2);

@@ -172,6 +172,11 @@ struct TestArgs {
     /// for Enter before going on; Ctrl-C ends the run.
     #[arg(long)]
     keep_failed: bool,
+    /// With --levels N: boot the chain once, save it (QEMU's whole state, the
+    /// levels inside L1 with it), and run each test after the first on a fresh
+    /// copy restored from the save, in seconds instead of a boot.
+    #[arg(long)]
+    snapshot: bool,
     /// Like --keep-failed, going on after this long at most (also without a terminal).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     keep_failed_for: Option<Duration>,

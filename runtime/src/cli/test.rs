@@ -97,6 +97,13 @@ pub(super) async fn test(args: TestArgs) -> u8 {
         );
         return EXIT_USAGE;
     }
+    if args.snapshot && (args.levels == 0 || args.target.is_some()) {
+        eprintln!(
+            "error: --snapshot saves the VM chain of --levels N (booted by this runtime, \
+             without --target) and restores it for each test"
+        );
+        return EXIT_USAGE;
+    }
     let keep_failed: Option<Arc<dyn runner::keep::Hold>> =
         match (args.keep_failed || args.keep_failed_for.is_some(), levels) {
             (false, _) => None,
@@ -262,7 +269,18 @@ pub(super) async fn test(args: TestArgs) -> u8 {
                 }
             };
             match booted {
-                Ok(chain) => break chain,
+                Ok(mut chain) => {
+                    if args.snapshot {
+                        match chain.save(runner.context()).await {
+                            Ok(said) => eprintln!("{said}"),
+                            Err(e) => eprintln!(
+                                "warning: the chain was not saved ({}); the tests share it as booted",
+                                e.message
+                            ),
+                        }
+                    }
+                    break chain;
+                }
                 Err(e) if tries <= args.retries => {
                     eprintln!(
                         "the chain did not boot (try {tries} of {}): {}; booting it again",

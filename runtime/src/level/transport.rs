@@ -81,6 +81,8 @@ pub struct VmFacts {
     pub monitor: Option<crate::wire::Monitor>,
     /// Its console, level log and QEMU log, here.
     pub files: Vec<(super::files::FileKind, std::path::PathBuf)>,
+    /// How its QEMU starts again from a saved state (qemu backend only).
+    pub restorable: Option<super::vm::snapshot::Restorable>,
 }
 
 /// Owns what runs a child runtime.

@@ -10,6 +10,7 @@ use crate::host::LevelContext;
 use crate::level::Target;
 use crate::level::connection::Connection;
 use crate::level::vm::VmRequest;
+use crate::level::vm::snapshot::Snapshot;
 use crate::output::{Capture, OutputSink};
 use crate::wire::{LevelAccess, RemoteError, WireErrorKind};
 
@@ -29,6 +30,13 @@ pub struct Chain {
     kept_lost: std::sync::atomic::AtomicBool,
     /// Times it was booted again.
     renewals: std::sync::atomic::AtomicU32,
+    /// `--snapshot`: the chain as booted, saved, restored for every test after
+    /// the first (and for a retry after a lost level).
+    snapshot: std::sync::Mutex<Option<Snapshot>>,
+    /// The folder of the snapshot, removed with the chain.
+    snapshot_dir: Option<tempfile::TempDir>,
+    /// Whether a test ran on the levels up now.
+    used: std::sync::atomic::AtomicBool,
 }
 
 impl Chain {
@@ -69,7 +77,97 @@ impl Chain {
             deepest,
             kept_lost: Default::default(),
             renewals: Default::default(),
+            snapshot: Default::default(),
+            snapshot_dir: None,
+            used: Default::default(),
         })
+    }
+
+    /// `--snapshot`: saves L1's machine, with every level inside it, into a
+    /// folder of the run folder (removed with the chain), and runs it on; each
+    /// test after the first then gets a copy restored from it. Says how long
+    /// saving took and how big the state is.
+    pub async fn save(&mut self, ctx: &LevelContext) -> Result<String, RemoteError> {
+        let io = |message: String| RemoteError {
+            kind: WireErrorKind::Io,
+            message,
+            level_path: ctx.level.path.clone(),
+        };
+        let run_dir = ctx.vms.run_dir.path().map_err(io)?;
+        let dir = tempfile::Builder::new()
+            .prefix(".snapshot.")
+            .tempdir_in(&run_dir)
+            .map_err(|e| {
+                io(format!(
+                    "cannot make a snapshot folder in {}: {e}",
+                    run_dir.display()
+                ))
+            })?;
+        let conn = self.conn.get_mut();
+        let Some(conn) = conn.as_ref() else {
+            return Err(io("the chain is down".into()));
+        };
+        let name = format!("{}.snapshot", conn.info().path.replace('/', "-"));
+        let saved = conn.save(&dir.path().join(name)).await;
+        // Stopped for the save, whether it worked or not.
+        conn.resume().await?;
+        let saved = saved?;
+        let said = format!(
+            "saved {} (and the levels inside it) in {:.1} s: {} MiB; each test after the \
+             first runs on a copy restored from it",
+            conn.info().path,
+            saved.took.as_secs_f64(),
+            saved.bytes >> 20
+        );
+        *self.snapshot.get_mut().unwrap_or_else(|e| e.into_inner()) = Some(saved);
+        self.snapshot_dir = Some(dir);
+        Ok(said)
+    }
+
+    /// Makes sure the next test (or try) runs on levels no test ran on, when
+    /// the chain was saved: the levels as booted for the first, a copy restored
+    /// from the snapshot after that. A restore that fails boots the chain again
+    /// (and the tests after it share that chain).
+    pub async fn fresh(&self, ctx: &LevelContext) {
+        let snapshot = self
+            .snapshot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some(snapshot) = snapshot else { return };
+        if !self.used.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        self.restore(ctx, &snapshot).await;
+    }
+
+    /// Replaces the chain by a copy restored from `snapshot` (a cold boot when
+    /// that fails).
+    async fn restore(&self, ctx: &LevelContext, snapshot: &Snapshot) {
+        let mut conn = self.conn.write().await;
+        let restored = match conn.take() {
+            Some(old) => old.restore(snapshot).await,
+            None => Err(RemoteError {
+                kind: WireErrorKind::LevelLost,
+                message: "the chain is down".into(),
+                level_path: self.deepest.clone(),
+            }),
+        };
+        match restored {
+            Ok(new) => *conn = Some(new),
+            Err(e) => {
+                tracing::warn!(
+                    "restoring the chain from its snapshot failed ({}); booting it again, \
+                     and the tests after this one share it",
+                    e.message
+                );
+                *self.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                match open(ctx, self.first.as_ref(), self.levels, self.relay.clone()).await {
+                    Ok(new) => *conn = Some(new),
+                    Err(e) => tracing::warn!("booting the chain again failed: {}", e.message),
+                }
+            }
+        }
     }
 
     /// The level path of the deepest level.
@@ -81,6 +179,19 @@ impl Chain {
     /// The old levels are gone before the new ones boot; when booting fails, every
     /// later test fails with that error.
     pub async fn renew(&self, ctx: &LevelContext) -> Result<(), RemoteError> {
+        let snapshot = self
+            .snapshot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(snapshot) = snapshot {
+            // The retry runs on the restored copy.
+            self.restore(ctx, &snapshot).await;
+            self.used.store(false, std::sync::atomic::Ordering::SeqCst);
+            self.kept_lost
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+            return Ok(());
+        }
         self.save_files(ctx).await;
         let mut conn = self.conn.write().await;
         // Dropping the connection stops L1's QEMU, and every level below with it.

@@ -256,6 +256,10 @@ impl Runner {
                 let mut attempt = 1;
                 let mut first_failure = None;
                 loop {
+                    // A chain restored from its snapshot for each try, before its clock starts.
+                    if let Some(chain) = &job.chain {
+                        chain.fresh(&job.ctx).await;
+                    }
                     let began = Instant::now();
                     let (outcome, output) = job.run(&id, &events).await;
                     let outcome = match outcome {

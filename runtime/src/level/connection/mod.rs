@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 
 mod below;
 mod journal;
+mod snapshot;
 mod watch;
 
 pub use below::ChildInfo;
@@ -26,7 +27,7 @@ use crate::config::SshSettings;
 use crate::engine::ComponentSource;
 use crate::event::Outcome;
 use crate::level::budget::LevelBudget;
-use crate::level::transport::{self, Target, Transport, TransportGuard};
+use crate::level::transport::{self, Target, Transport, TransportGuard, VmFacts};
 use crate::level::vm::VmContext;
 use crate::level::vm::monitor::QmpPort;
 use crate::output::Capture;
@@ -73,6 +74,29 @@ pub struct Connection {
     /// Asks the console watcher of a VM child to read now.
     kernel_now: Option<crate::level::vm::kernel::ReadNow>,
     /// What crossed the hop, for the run folder.
+    journal: Arc<journal::Journal>,
+    /// What booting a VM child decided; kept to restore it from a snapshot.
+    vm: Option<VmFacts>,
+    /// Where the child's output goes.
+    capture: Arc<Capture>,
+    /// Whether a lost child's machine is left running (`--keep-failed`).
+    keep_failed: bool,
+}
+
+/// A connection whose handshake is over, before its tasks run.
+struct Parts {
+    info: ChildInfo,
+    reader: FrameReader<Activity<Box<dyn tokio::io::AsyncRead + Send + Unpin>>>,
+    writer: FrameWriter<Box<dyn tokio::io::AsyncWrite + Send + Unpin>>,
+    guard: Arc<Mutex<Box<dyn TransportGuard>>>,
+    last_seen: Arc<Mutex<Instant>>,
+    heartbeat_lost: Duration,
+    keep_failed: bool,
+    qmp: Option<Arc<QmpPort>>,
+    vm: Option<VmFacts>,
+    capture: Arc<Capture>,
+    budget: Arc<LevelBudget>,
+    subtree: Arc<Mutex<u32>>,
     journal: Arc<journal::Journal>,
 }
 
@@ -237,20 +261,6 @@ impl Connection {
             }
         };
 
-        // A VM level's kernel is watched from its console for as long as it is held.
-        let (kernel_now, kernel_task) = match &vm {
-            Some(vm) => {
-                let (now, asked) = mpsc::channel(4);
-                let task = tokio::spawn(crate::level::vm::kernel::watch(
-                    vm.console.clone(),
-                    path.clone(),
-                    capture.clone(),
-                    asked,
-                ));
-                (Some(now), Some(task))
-            }
-            None => (None, None),
-        };
         let access = LevelAccess {
             path: setup.path.clone(),
             reach: match (target, &vm) {
@@ -271,17 +281,67 @@ impl Connection {
             monitor: vm.as_ref().and_then(|v| v.monitor.clone()),
         };
         let files = vm.as_ref().map(|v| v.files.clone()).unwrap_or_default();
-        let keep_failed = setup.vm.keep_failed;
         let info = ChildInfo {
             path: setup.path.clone(),
             depth: setup.depth,
             arch,
             hostname,
             ssh_command,
-            accel: vm.map(|v| (v.accel, v.accel_reason)),
+            accel: vm
+                .as_ref()
+                .map(|v| (v.accel.clone(), v.accel_reason.clone())),
             access,
             below,
             files,
+        };
+        Ok(Self::start(Parts {
+            info,
+            reader,
+            writer,
+            guard,
+            last_seen,
+            heartbeat_lost,
+            keep_failed: setup.vm.keep_failed,
+            qmp: qmp.map(Arc::new),
+            vm,
+            capture,
+            budget,
+            subtree: Arc::default(),
+            journal,
+        }))
+    }
+
+    /// Serves a connection whose handshake is over: the reader, writer and
+    /// heartbeat tasks, and the kernel watcher of a VM child.
+    fn start(parts: Parts) -> Self {
+        let Parts {
+            info,
+            mut reader,
+            mut writer,
+            guard,
+            last_seen,
+            heartbeat_lost,
+            keep_failed,
+            qmp,
+            vm,
+            capture,
+            budget,
+            subtree,
+            journal,
+        } = parts;
+        // A VM level's kernel is watched from its console for as long as it is held.
+        let (kernel_now, kernel_task) = match &vm {
+            Some(vm) => {
+                let (now, asked) = mpsc::channel(4);
+                let task = tokio::spawn(crate::level::vm::kernel::watch(
+                    vm.console.clone(),
+                    info.path.clone(),
+                    capture.clone(),
+                    asked,
+                ));
+                (Some(now), Some(task))
+            }
+            None => (None, None),
         };
         let pending: Pending = Arc::default();
         let lost: Arc<Mutex<Option<String>>> = Arc::default();
@@ -318,7 +378,6 @@ impl Connection {
                 }
             })
         };
-        let subtree: Arc<Mutex<u32>> = Arc::default();
         let reader_task = {
             let lost = lost.clone();
             let pending = pending.clone();
@@ -327,7 +386,8 @@ impl Connection {
             let budget = budget.clone();
             let subtree = subtree.clone();
             let claimed = claimed.clone();
-            let own = setup.path.clone();
+            let own = info.path.clone();
+            let capture = capture.clone();
             tokio::spawn(async move {
                 let cause = loop {
                     let msg = match reader.next().await {
@@ -432,7 +492,7 @@ impl Connection {
                 }
             })
         };
-        Ok(Self {
+        Self {
             info,
             out,
             pending,
@@ -443,12 +503,15 @@ impl Connection {
                 .chain(kernel_task)
                 .collect(),
             guard,
-            qmp: qmp.map(Arc::new),
+            qmp,
+            vm,
+            capture,
             budget,
             subtree,
             kernel_now,
             journal,
-        })
+            keep_failed,
+        }
     }
 
     /// What the child told about itself.

@@ -99,6 +99,13 @@ pub struct MachineSpec {
     pub host_key: Option<PathBuf>,
     /// Whether QEMU runs under the [`SANDBOX`] seccomp filter.
     pub sandbox: bool,
+    /// File descriptor, inherited by QEMU, of a saved state of this machine
+    /// (see [`super::snapshot`]) to start from instead of booting
+    /// (`-incoming fd:N`).
+    pub incoming_fd: Option<i32>,
+    /// Whether the console and level log are appended to rather than started
+    /// afresh (a machine restored from a snapshot goes on where its files end).
+    pub append_files: bool,
 }
 
 /// A path as QEMU takes it verbatim (`-kernel`, `-initrd`): absolute and UTF-8.
@@ -163,6 +170,7 @@ pub fn argv(spec: &MachineSpec) -> Result<Vec<String>, String> {
     let accel = spec.accel.name();
     let append = kernel_cmdline(spec)?;
     let bus = a.bus();
+    let appended = if spec.append_files { ",append=on" } else { "" };
     let mut argv: Vec<String> = vec![a.program()];
     if spec.sandbox {
         argv.extend(["-sandbox".into(), SANDBOX.into()]);
@@ -231,7 +239,7 @@ pub fn argv(spec: &MachineSpec) -> Result<Vec<String>, String> {
         // `key=value` option follows one rule (`-serial file:` takes the rest verbatim).
         "-chardev".into(),
         format!(
-            "file,id=console,path={}",
+            "file,id=console,path={}{appended}",
             opt_path("console", &spec.console_log)?
         ),
         "-serial".into(),
@@ -244,7 +252,7 @@ pub fn argv(spec: &MachineSpec) -> Result<Vec<String>, String> {
         format!("virtserialport,chardev=relay,name={RELAY_PORT}"),
         "-chardev".into(),
         format!(
-            "file,id=log,path={}",
+            "file,id=log,path={}{appended}",
             opt_path("level log", &spec.level_log)?
         ),
         "-device".into(),
@@ -298,6 +306,9 @@ pub fn argv(spec: &MachineSpec) -> Result<Vec<String>, String> {
             ),
         ]);
     }
+    if let Some(fd) = spec.incoming_fd {
+        argv.extend(["-incoming".into(), format!("fd:{fd}")]);
+    }
     Ok(argv)
 }
 
@@ -328,6 +339,8 @@ mod tests {
             scsi: Vec::new(),
             host_key: None,
             sandbox: false,
+            incoming_fd: None,
+            append_files: false,
         }
     }
 
@@ -344,6 +357,38 @@ mod tests {
     )]
     fn command_lines(#[case] arch: Arch, #[case] accel: Accel, #[case] expected: &str) {
         assert_eq!(argv(&spec(arch, accel)).expect("argv").join(" "), expected);
+    }
+
+    #[test]
+    fn a_restored_machine_reads_its_state_from_a_descriptor_and_appends_to_its_files() {
+        let restored = MachineSpec {
+            incoming_fd: Some(7),
+            append_files: true,
+            ..spec(Arch::X86_64, Accel::Tcg)
+        };
+        let argv = argv(&restored).expect("argv");
+        let line = argv.join(" ");
+        assert!(line.ends_with(" -incoming fd:7"), "{line}");
+        assert!(
+            line.contains("-chardev file,id=console,path=/run/L1.console,append=on "),
+            "{line}"
+        );
+        assert!(
+            line.contains("-chardev file,id=log,path=/run/L1.log,append=on "),
+            "{line}"
+        );
+        // Everything else is the booted machine's: QEMU restores into the same devices.
+        let booted = argv_of(&spec(Arch::X86_64, Accel::Tcg));
+        let restored: Vec<String> = argv
+            .iter()
+            .map(|a| a.replace(",append=on", ""))
+            .take_while(|a| a != "-incoming")
+            .collect();
+        assert_eq!(restored, booted);
+    }
+
+    fn argv_of(spec: &MachineSpec) -> Vec<String> {
+        argv(spec).expect("argv")
     }
 
     fn option_after<'a>(argv: &'a [String], flag: &str, prefix: &str) -> &'a str {

@@ -74,6 +74,8 @@ pub struct Booted {
     pub accel_reason: String,
     /// How long it took from starting QEMU to its runtime's first bytes.
     pub boot_time: Duration,
+    /// How to start its QEMU again from a saved state (qemu backend only).
+    pub restorable: Option<super::snapshot::Restorable>,
 }
 
 /// Everything [`boot`] needs besides the request.
@@ -273,7 +275,7 @@ async fn start_and_wait(
         }
         let started = Instant::now();
         let mut qemu =
-            Qemu::spawn(&argv, files.clone(), guest_end, Some(qmp_end)).map_err(|e| {
+            Qemu::spawn(&argv, files.clone(), guest_end, Some(qmp_end), None).map_err(|e| {
                 let hint = if e.kind() == std::io::ErrorKind::NotFound {
                     "; install QEMU (Debian: qemu-system-x86 or qemu-system-misc)"
                 } else {
@@ -303,6 +305,18 @@ async fn start_and_wait(
             }
             Err(e) => return Err(e),
             Ok(()) => {
+                let restorable = super::snapshot::Restorable {
+                    path: plan.path.clone(),
+                    spec: MachineSpec {
+                        relay_fd: -1,
+                        qmp_fd: None,
+                        host_key: None,
+                        ..spec
+                    },
+                    files: files.clone(),
+                    host_key: plan.host_key.clone().filter(|_| arch.has_fw_cfg()),
+                    jump: Vec::new(),
+                };
                 return Ok(Booted {
                     machine: Box::new(qemu),
                     relay,
@@ -311,6 +325,7 @@ async fn start_and_wait(
                     accel,
                     accel_reason: String::new(),
                     boot_time: started.elapsed(),
+                    restorable: Some(restorable),
                 });
             }
         }
@@ -371,6 +386,8 @@ pub(super) fn machine_spec(
             .collect(),
         host_key: None,
         sandbox: false,
+        incoming_fd: None,
+        append_files: false,
     })
 }
 

@@ -129,6 +129,7 @@ pub(super) async fn boot(
         accel,
         accel_reason,
         boot_time: started.elapsed(),
+        restorable: None,
     })
 }
 
@@ -439,6 +440,8 @@ mod tests {
             scsi: Vec::new(),
             host_key: Some("/run/L2.hostkey".into()),
             sandbox: false,
+            incoming_fd: None,
+            append_files: false,
         }
     }
 

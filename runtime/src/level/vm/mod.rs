@@ -28,6 +28,7 @@ pub mod qemu;
 pub mod qmp;
 pub mod resources;
 pub mod sandbox;
+pub mod snapshot;
 
 use std::path::PathBuf;
 
@@ -47,6 +48,9 @@ use context::RunKey;
 use image::{Image, ImageRefusal};
 use machine::Machine;
 use resources::LevelResources;
+
+/// How long a level restored from a snapshot has to run again.
+const RESTORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Silence after which a VM level is declared lost.
 const VM_HEARTBEAT_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
@@ -179,6 +183,54 @@ pub async fn open(
         booted.accel_reason,
         booted.machine.console_path().display()
     );
+    transport_of(
+        booted,
+        &setup.path,
+        key.public_line,
+        key.path,
+        &setup.vm.jump,
+        host_key_line,
+    )
+}
+
+/// Starts the level of `facts` again from `snapshot` (see [`snapshot`]): the
+/// relay to its runtime, which serves on the connection it served when saved.
+pub async fn restore(
+    snapshot: &snapshot::Snapshot,
+    facts: &VmFacts,
+) -> Result<Transport, RemoteError> {
+    let path = snapshot.machine.path.clone();
+    let booted = snapshot::restore(snapshot, RESTORE_TIMEOUT)
+        .await
+        .map_err(|message| RemoteError {
+            kind: WireErrorKind::LevelLost,
+            message,
+            level_path: path.clone(),
+        })?;
+    transport_of(
+        booted,
+        &path,
+        facts.public_key.clone(),
+        facts.key_path.clone(),
+        &snapshot.machine.jump,
+        facts.host_key.clone(),
+    )
+}
+
+/// The relay of a level that serves (booted or restored), with what its parent knows of it.
+fn transport_of(
+    booted: boot::Booted,
+    path: &str,
+    public_key: String,
+    key_path: Option<String>,
+    jump: &[String],
+    host_key_line: Option<String>,
+) -> Result<Transport, RemoteError> {
+    let err = |kind: WireErrorKind, message: String| RemoteError {
+        kind,
+        message,
+        level_path: path.to_string(),
+    };
     let relay = booted.relay;
     let relay = relay
         .set_nonblocking(true)
@@ -210,12 +262,12 @@ pub async fn open(
     let log_pump = tokio::spawn(follow_level_log(
         log_path,
         seen,
-        setup.path.clone(),
+        path.to_string(),
         tail.clone(),
     ));
     let ssh_command = Some(debug_ssh_command(
-        key.path.as_deref(),
-        &setup.vm.jump,
+        key_path.as_deref(),
+        jump,
         booted.ssh_port,
     ));
     Ok(Transport {
@@ -232,13 +284,17 @@ pub async fn open(
             accel: booted.accel.name().to_string(),
             accel_reason: booted.accel_reason,
             hop: format!("root@127.0.0.1:{}", booted.ssh_port),
-            public_key: key.public_line,
-            key_path: key.path,
+            public_key,
+            key_path,
             console,
             ssh_port: booted.ssh_port,
             host_key: host_key_line,
             monitor,
             files,
+            restorable: booted.restorable.map(|mut r| {
+                r.jump = jump.to_vec();
+                r
+            }),
         }),
         // A level running a nested guest can be starved of CPU for seconds (KVM in
         // KVM in TCG); while its QEMU lives, a longer silence is tolerated. A QEMU

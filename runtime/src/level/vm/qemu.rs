@@ -118,17 +118,25 @@ pub struct Qemu {
 }
 
 impl Qemu {
-    /// Starts QEMU, which inherits `guest_end` of the relay socket under the same
-    /// descriptor number (the argv names it).
+    /// Starts QEMU, which inherits `guest_end` of the relay socket, `qmp_end` of
+    /// its monitor's and the `incoming` state to restore under the same descriptor
+    /// numbers (the argv names them).
     pub fn spawn(
         argv: &[String],
         files: LevelFiles,
         guest_end: std::os::unix::net::UnixStream,
         qmp_end: Option<std::os::unix::net::UnixStream>,
+        incoming: Option<std::fs::File>,
     ) -> std::io::Result<Self> {
         use std::os::fd::AsRawFd;
         use std::os::unix::fs::MetadataExt;
-        let stderr = std::fs::File::create(&files.qemu_log)?;
+        // A QEMU restored from a snapshot writes on after the one that booted.
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(incoming.is_some())
+            .truncate(incoming.is_none())
+            .open(&files.qemu_log)?;
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .stdin(Stdio::null())
@@ -137,12 +145,13 @@ impl Qemu {
         process::isolate(&mut cmd, process::Environment::Inherit);
         let fd = guest_end.as_raw_fd();
         let qmp_fd = qmp_end.as_ref().map(AsRawFd::as_raw_fd);
+        let incoming_fd = incoming.as_ref().map(AsRawFd::as_raw_fd);
         // SAFETY: the closure only calls fcntl(2), which is async-signal-safe;
-        // `guest_end` and `qmp_end` stay open until the spawn returned.
+        // `guest_end`, `qmp_end` and `incoming` stay open until the spawn returned.
         unsafe {
             cmd.pre_exec(move || {
-                // Only this child's copies lose close-on-exec: QEMU keeps the sockets.
-                for fd in std::iter::once(fd).chain(qmp_fd) {
+                // Only this child's copies lose close-on-exec: QEMU keeps them.
+                for fd in std::iter::once(fd).chain(qmp_fd).chain(incoming_fd) {
                     if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
@@ -157,6 +166,7 @@ impl Qemu {
         // Only QEMU holds the guest end now: when it exits, the relay sees the end.
         drop(guest_end);
         drop(qmp_end);
+        drop(incoming);
         Ok(Self {
             child,
             files,

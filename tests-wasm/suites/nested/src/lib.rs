@@ -410,6 +410,28 @@ fn kernel_backtrace() -> Result<(), Error> {
     Ok(())
 }
 
+/// Leaves a mark in the level's `/tmp` (granted as `/scratch`: `--grant
+/// fs=/tmp:/scratch:rw`) and fails when a mark is there already: the second of
+/// `fresh_level_first` and `fresh_level_second` fails on a chain the tests
+/// share, and neither on levels restored from a snapshot for each test
+/// (`--levels N --snapshot`). Ignored: run both with `--ignored`.
+fn fresh_level_first() -> std::io::Result<()> {
+    leave_mark()
+}
+
+/// See [`fresh_level_first`].
+fn fresh_level_second() -> std::io::Result<()> {
+    leave_mark()
+}
+
+fn leave_mark() -> std::io::Result<()> {
+    let mark = "/scratch/matryoshka-fresh-level.mark";
+    if let Ok(by) = std::fs::read_to_string(mark) {
+        panic!("{} is not fresh: {by} ran here before", host::level_path());
+    }
+    std::fs::write(mark, format!("a test at {}", host::level_path()))
+}
+
 matryoshka_guest::suite! {
     tests: [
         #[timeout_ms(900_000)]
@@ -418,6 +440,8 @@ matryoshka_guest::suite! {
         where_am_i,
         #[ignore] #[timeout_ms(300_000)] sealed_level,
         #[ignore] kernel_backtrace,
+        #[ignore] fresh_level_first,
+        #[ignore] fresh_level_second,
     ],
     remote: [descend, noop, reach_parent],
 }

@@ -1,0 +1,149 @@
+//! Saving a VM child, with every level inside it, and a fresh connection to a
+//! copy restored from that state (the machine side is `level/vm/snapshot.rs`).
+//! The restored child's runtime serves on the connection it served when it was
+//! saved: no handshake, the same levels below it.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::watch::{Activity, lock};
+use super::{Connection, Parts};
+use crate::level::transport::Transport;
+use crate::level::vm::snapshot::Snapshot;
+use crate::wire::{FrameReader, FrameWriter, HEARTBEAT_LOST, Reach, RemoteError, WireErrorKind};
+
+/// How long saving a level may take.
+const SAVE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How long QMP commands around a save may take.
+const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Connection {
+    /// Saves the child's machine, and with it every level it booted, into
+    /// `file`. The child is left stopped: [`Connection::resume`] runs it on.
+    /// Only VM children booted with the qemu backend can be saved.
+    pub async fn save(&self, file: &Path) -> Result<Snapshot, RemoteError> {
+        let unsupported = |why: &str| RemoteError {
+            kind: WireErrorKind::Unsupported,
+            message: format!("{} cannot be saved: {why}", self.info.path),
+            level_path: self.info.path.clone(),
+        };
+        let (Some(qmp), Some(machine)) = (
+            &self.qmp,
+            self.vm.as_ref().and_then(|v| v.restorable.as_ref()),
+        ) else {
+            return Err(unsupported(
+                "only a VM level booted by this runtime's QEMU (not libvirt, SSH or a local runtime)",
+            ));
+        };
+        let socket = file.with_extension("migrate");
+        self.journal.note("→ save (QMP stop, migrate)");
+        let saved =
+            crate::level::vm::snapshot::save(qmp, machine, file, &socket, SAVE_TIMEOUT).await;
+        self.journal.note(&match &saved {
+            Ok(s) => format!(
+                "saved: {} MiB in {:.1} s",
+                s.bytes >> 20,
+                s.took.as_secs_f64()
+            ),
+            Err(e) => format!("not saved: {e}"),
+        });
+        saved.map_err(|message| RemoteError {
+            kind: WireErrorKind::Io,
+            message,
+            level_path: self.info.path.clone(),
+        })
+    }
+
+    /// Runs a child stopped by [`Connection::save`] on.
+    pub async fn resume(&self) -> Result<(), RemoteError> {
+        let Some(qmp) = &self.qmp else {
+            return Ok(());
+        };
+        qmp.execute("cont", None, QMP_TIMEOUT)
+            .await
+            .map(|_| ())
+            .map_err(|e| RemoteError {
+                kind: WireErrorKind::LevelLost,
+                message: format!("{} did not run on after its save: {e}", self.info.path),
+                level_path: self.info.path.clone(),
+            })
+    }
+
+    /// Replaces this connection's child by a copy restored from `snapshot`
+    /// (taken of this child): the old machine is killed, the new one serves
+    /// where the saved one was, and the levels its subtree held stay counted.
+    pub async fn restore(self, snapshot: &Snapshot) -> Result<Connection, RemoteError> {
+        let Some(facts) = self.vm.clone() else {
+            return Err(RemoteError {
+                kind: WireErrorKind::Unsupported,
+                message: format!("{} is no VM level: nothing to restore", self.info.path),
+                level_path: self.info.path.clone(),
+            });
+        };
+        let (info, capture, budget, journal, keep_failed) = (
+            self.info.clone(),
+            self.capture.clone(),
+            self.budget.clone(),
+            self.journal.clone(),
+            self.keep_failed,
+        );
+        // The restored subtree holds what the saved one did: keep it counted
+        // while the old machine goes.
+        let held = std::mem::take(&mut *lock(&self.subtree));
+        drop(self);
+        let started = Instant::now();
+        let transport = match crate::level::vm::restore(snapshot, &facts).await {
+            Ok(t) => t,
+            Err(e) => {
+                budget.release(held);
+                journal.note(&format!("not restored: {}", e.message));
+                return Err(e);
+            }
+        };
+        let Transport {
+            reader,
+            writer,
+            guard,
+            ssh_command,
+            vm,
+            qmp,
+            heartbeat_grace,
+        } = transport;
+        journal.note(&format!(
+            "restored from {} in {:.2} s",
+            snapshot.file.display(),
+            started.elapsed().as_secs_f64()
+        ));
+        let mut info = info;
+        info.ssh_command = ssh_command;
+        if let Some(vm) = &vm {
+            info.access.reach = Reach::Vm {
+                port: vm.ssh_port,
+                host_key: vm.host_key.clone(),
+            };
+            info.access.monitor = vm.monitor.clone();
+            info.files = vm.files.clone();
+        }
+        let last_seen = Arc::new(Mutex::new(Instant::now()));
+        Ok(Connection::start(Parts {
+            info,
+            reader: FrameReader::new(Activity {
+                inner: reader,
+                last: last_seen.clone(),
+            }),
+            writer: FrameWriter::new(writer),
+            guard: Arc::new(Mutex::new(guard)),
+            last_seen,
+            heartbeat_lost: heartbeat_grace.unwrap_or(HEARTBEAT_LOST),
+            keep_failed,
+            qmp: qmp.map(Arc::new),
+            vm,
+            capture,
+            budget,
+            subtree: Arc::new(Mutex::new(held)),
+            journal,
+        }))
+    }
+}

@@ -1,0 +1,312 @@
+//! Snapshots of a level: the whole state of its QEMU (the guest's memory, with
+//! every level booted inside it, and its devices) saved to a file through QMP,
+//! and a QEMU started from that file instead of booting.
+//!
+//! Saving stops the guest, then migrates it (QMP `migrate`) to a Unix socket
+//! this runtime listens on and copies into the file: QEMU's seccomp sandbox
+//! (`spawn=deny`) forbids the `exec:` helper such a save usually goes through.
+//! The guest is stopped first so that the migration is a single pass that
+//! always ends, whatever the guest (or a nested guest inside it) writes.
+//!
+//! A restore starts QEMU with the saved machine's command line and
+//! `-incoming fd:N`, N the snapshot file opened read-only; fresh socket pairs
+//! carry the relay and QMP, so the relay's port is open from the restored
+//! guest's first instruction, and the guest runs on from where it stopped as
+//! soon as QEMU has read the state. Console, level log and QEMU log are
+//! appended to.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::argv::{self, MachineSpec};
+use super::boot::{Booted, HostKey, free_port};
+use super::monitor::QmpPort;
+use super::qemu::{LevelFiles, Qemu};
+
+/// How fast QEMU may write a snapshot: QEMU's default (128 MiB/s) made the
+/// ~700 MB of a booted L1 take over 5 s; a local socket takes far more.
+const SAVE_BANDWIDTH: u64 = 16 << 30;
+
+/// How often the state of a save or a restore is asked for.
+const POLL: Duration = Duration::from_millis(50);
+
+/// What it takes to start a level's QEMU again from a saved state: its machine
+/// as it booted (descriptors and the host key file are made anew for each
+/// restore) and its files.
+#[derive(Debug, Clone)]
+pub struct Restorable {
+    /// The level path, for messages.
+    pub path: String,
+    /// The machine as it booted, without descriptors.
+    pub spec: MachineSpec,
+    /// Its console, logs and monitor socket.
+    pub files: LevelFiles,
+    /// Its SSH host key, handed in through `fw_cfg` again (QEMU opens the file
+    /// when it starts; the guest read it at boot and keeps its copy).
+    pub host_key: Option<HostKey>,
+    /// The SSH hops to its parent, for the printed command that reaches it.
+    pub jump: Vec<String>,
+}
+
+/// A saved level.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The machine the state belongs to.
+    pub machine: Restorable,
+    /// The state.
+    pub file: PathBuf,
+    /// Its size.
+    pub bytes: u64,
+    /// How long saving took, guest stopped to file written.
+    pub took: Duration,
+}
+
+/// Saves the level behind `qmp` into `file` (a temporary name beside it until
+/// it is whole). The guest is left stopped: QMP `cont` runs it on, a kill
+/// throws it away. `socket` is where QEMU sends the state: a path shorter
+/// than a Unix socket's 108 bytes, removed afterwards.
+pub async fn save(
+    qmp: &QmpPort,
+    machine: &Restorable,
+    file: &Path,
+    socket: &Path,
+    deadline: Duration,
+) -> Result<Snapshot, String> {
+    let level = &machine.path;
+    let started = Instant::now();
+    if socket.as_os_str().len() >= 108 {
+        return Err(format!(
+            "cannot save {level}: the socket path {} is longer than a Unix socket's 107 bytes",
+            socket.display()
+        ));
+    }
+    let _ = std::fs::remove_file(socket);
+    let listener = tokio::net::UnixListener::bind(socket).map_err(|e| {
+        format!(
+            "cannot save {level}: cannot listen on {}: {e}",
+            socket.display()
+        )
+    })?;
+    let _socket = RemoveOnDrop(socket.to_path_buf());
+    let partial = file.with_extension("partial");
+    let out = tokio::fs::File::create(&partial).await.map_err(|e| {
+        format!(
+            "cannot save {level}: cannot create {}: {e}",
+            partial.display()
+        )
+    })?;
+    let mut partial_guard = RemoveOnDrop(partial.clone());
+    let qmp_err = |what: &str, e: super::qmp::QmpError| format!("cannot save {level}: {what}: {e}");
+    qmp.execute("stop", None, deadline)
+        .await
+        .map_err(|e| qmp_err("stopping it", e))?;
+    qmp.execute(
+        "migrate-set-parameters",
+        Some(json!({ "max-bandwidth": SAVE_BANDWIDTH })),
+        deadline,
+    )
+    .await
+    .map_err(|e| qmp_err("setting the bandwidth", e))?;
+    let receive = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await?;
+        let mut out = tokio::io::BufWriter::with_capacity(1 << 20, out);
+        let bytes = tokio::io::copy(&mut stream, &mut out).await?;
+        tokio::io::AsyncWriteExt::flush(&mut out).await?;
+        out.into_inner().sync_all().await?;
+        Ok::<u64, std::io::Error>(bytes)
+    });
+    let uri = format!(
+        "unix:{}",
+        socket
+            .to_str()
+            .ok_or_else(|| format!("cannot save {level}: {} is not UTF-8", socket.display()))?
+    );
+    qmp.execute("migrate", Some(json!({ "uri": uri })), deadline)
+        .await
+        .map_err(|e| qmp_err("migrate", e))?;
+    let until = started + deadline;
+    loop {
+        let state = qmp
+            .execute("query-migrate", None, deadline)
+            .await
+            .map_err(|e| qmp_err("query-migrate", e))?;
+        match state["status"].as_str().unwrap_or("") {
+            "completed" => break,
+            status @ ("failed" | "cancelled") => {
+                receive.abort();
+                let why = state["error-desc"].as_str().unwrap_or("no reason given");
+                return Err(format!(
+                    "cannot save {level}: the migration {status}: {why}"
+                ));
+            }
+            _ if Instant::now() > until => {
+                receive.abort();
+                let _ = qmp.execute("migrate_cancel", None, deadline).await;
+                return Err(format!(
+                    "cannot save {level}: the migration did not end within {:.0} s",
+                    deadline.as_secs_f64()
+                ));
+            }
+            _ => tokio::time::sleep(POLL).await,
+        }
+    }
+    let bytes = tokio::time::timeout_at(until.into(), receive)
+        .await
+        .map_err(|_| format!("cannot save {level}: the state was not written within the deadline"))?
+        .map_err(|e| format!("cannot save {level}: {e}"))?
+        .map_err(|e| format!("cannot save {level}: writing {}: {e}", partial.display()))?;
+    std::fs::rename(&partial, file).map_err(|e| {
+        format!(
+            "cannot save {level}: cannot rename {} to {}: {e}",
+            partial.display(),
+            file.display()
+        )
+    })?;
+    partial_guard.0 = PathBuf::new();
+    let took = started.elapsed();
+    tracing::info!(
+        level = %level,
+        "saved in {:.1} s: {} ({} MiB)",
+        took.as_secs_f64(),
+        file.display(),
+        bytes >> 20
+    );
+    Ok(Snapshot {
+        machine: machine.clone(),
+        file: file.to_path_buf(),
+        bytes,
+        took,
+    })
+}
+
+/// Starts a QEMU from `snapshot` and waits until its guest runs again (at most
+/// `deadline`). The level's runtime goes on serving the connection it served
+/// when it was saved, now over the returned relay.
+pub async fn restore(snapshot: &Snapshot, deadline: Duration) -> Result<Booted, String> {
+    let machine = &snapshot.machine;
+    let level = &machine.path;
+    let started = Instant::now();
+    let fail = |m: String| {
+        format!(
+            "cannot restore {level} from {}: {m}",
+            snapshot.file.display()
+        )
+    };
+    let state = std::fs::File::open(&snapshot.file).map_err(|e| fail(e.to_string()))?;
+    let pair = || std::os::unix::net::UnixStream::pair().map_err(|e| fail(e.to_string()));
+    let (relay, guest_end) = pair()?;
+    let (qmp, qmp_end) = pair()?;
+    let run_dir = machine
+        .files
+        .console
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    // Read by QEMU when it starts; removed when this function returns.
+    let host_key = match &machine.host_key {
+        Some(key) => {
+            let mut file = tempfile::Builder::new()
+                .prefix("restore.hostkey.")
+                .tempfile_in(&run_dir)
+                .map_err(|e| fail(e.to_string()))?;
+            std::io::Write::write_all(&mut file, key.private_openssh.as_bytes())
+                .map_err(|e| fail(e.to_string()))?;
+            Some(file)
+        }
+        None => None,
+    };
+    let ssh_port = free_port().map_err(fail)?;
+    let spec = MachineSpec {
+        ssh_port,
+        relay_fd: std::os::fd::AsRawFd::as_raw_fd(&guest_end),
+        qmp_fd: Some(std::os::fd::AsRawFd::as_raw_fd(&qmp_end)),
+        incoming_fd: Some(std::os::fd::AsRawFd::as_raw_fd(&state)),
+        host_key: host_key.as_ref().map(|f| f.path().to_path_buf()),
+        append_files: true,
+        ..machine.spec.clone()
+    };
+    let argv = argv::argv(&spec).map_err(fail)?;
+    tracing::info!(level = %level, "restoring: {}", argv.join(" "));
+    if let Some(socket) = &machine.files.monitor {
+        let _ = std::fs::remove_file(socket);
+    }
+    let mut qemu = Qemu::spawn(
+        &argv,
+        machine.files.clone(),
+        guest_end,
+        Some(qmp_end),
+        Some(state),
+    )
+    .map_err(|e| fail(format!("cannot start {}: {e}", argv[0])))?;
+    let monitor = QmpPort::new(qmp);
+    // Running again once the whole state is read (QEMU starts an incoming
+    // machine on its own when no -S is given).
+    loop {
+        if let Some(status) = qemu.exited() {
+            return Err(fail(format!(
+                "QEMU exited ({}); {}",
+                crate::process::status_words(status),
+                qemu.tails()
+            )));
+        }
+        if started.elapsed() > deadline {
+            qemu.kill();
+            return Err(fail(format!(
+                "it was not running within {:.0} s; {}",
+                deadline.as_secs_f64(),
+                qemu.tails()
+            )));
+        }
+        let status = monitor
+            .execute("query-status", None, deadline)
+            .await
+            .map_err(|e| fail(format!("query-status: {e}; {}", qemu.tails())))?;
+        match status["status"].as_str() {
+            Some("running") => break,
+            Some("inmigrate") | Some("prelaunch") | Some("restore-vm") => {
+                tokio::time::sleep(POLL).await;
+            }
+            // Saved stopped, restored stopped: run it on.
+            Some("paused") => {
+                monitor
+                    .execute("cont", None, deadline)
+                    .await
+                    .map_err(|e| fail(format!("cont: {e}; {}", qemu.tails())))?;
+            }
+            other => {
+                qemu.kill();
+                return Err(fail(format!(
+                    "QEMU reports the machine {}; {}",
+                    other.unwrap_or("in no known state"),
+                    qemu.tails()
+                )));
+            }
+        }
+    }
+    drop(host_key);
+    let boot_time = started.elapsed();
+    tracing::info!(level = %level, "restored in {:.2} s", boot_time.as_secs_f64());
+    Ok(Booted {
+        machine: Box::new(qemu),
+        relay,
+        qmp: Some(monitor),
+        ssh_port,
+        accel: spec.accel,
+        accel_reason: format!("restored from {}", snapshot.file.display()),
+        boot_time,
+        restorable: Some(machine.clone()),
+    })
+}
+
+/// Removes a file when dropped, unless its path was emptied.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if !self.0.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! Chain snapshots (`--levels N --snapshot`) with a real QEMU: the chain is
+//! saved once after it booted, and every test after the first runs on a copy
+//! restored from that save.
+//!
+//! Needs the image (`./x image`).
+
+#[allow(dead_code, reason = "shared by several test crates, each using a part")]
+mod common;
+
+use common::vm::{image_dir, nested, qemus_left, run_dir};
+
+/// What `fresh_level_first` and `fresh_level_second` need: each level's `/tmp`
+/// as `/scratch`, and only those two tests.
+const FRESH_LEVEL_TESTS: [&str; 6] = [
+    "--grant",
+    "fs=/tmp:/scratch:rw",
+    "--ignored",
+    "--exact",
+    "fresh_level_first",
+    "fresh_level_second",
+];
+
+#[test]
+fn each_test_runs_on_a_copy_of_the_chain_restored_from_its_snapshot() {
+    let dir = run_dir("snapshot");
+    // --retries 1: a chain lost while booting (nested SVM under TCG, now and
+    // then) is booted again.
+    let (run, took) = nested(
+        dir.path(),
+        &image_dir(),
+        &[
+            &["--levels", "2", "--snapshot", "--retries", "1"][..],
+            &FRESH_LEVEL_TESTS[..],
+        ]
+        .concat(),
+    );
+    eprintln!("--levels 2 --snapshot: {:.1} s", took.as_secs_f64());
+    run.expect_code(0);
+    run.expect_stdout("2 passed, 0 failed");
+    for test in ["fresh_level_first", "fresh_level_second"] {
+        let line = run.line_for("PASS", test);
+        assert!(line.contains("L0/L1/L2 nested::"), "{line}");
+    }
+    assert!(
+        run.stderr
+            .contains("saved L0/L1 (and the levels inside it) in "),
+        "{}",
+        run.stderr
+    );
+    // The second test ran on a restored L1 (with its L2 inside), said so in
+    // the hop's journal; the restored QEMU wrote on in the same console.
+    let journal = std::fs::read_to_string(dir.path().join("L0-L1.relay")).expect("journal");
+    assert!(journal.contains("saved: "), "{journal}");
+    let restored = journal
+        .lines()
+        .position(|l| l.contains(" restored from "))
+        .unwrap_or_else(|| panic!("no restore in the journal:\n{journal}"));
+    let second = journal
+        .lines()
+        .position(|l| l.contains("→ test `fresh_level_second`"))
+        .expect("the second test in the journal");
+    assert!(restored < second, "{journal}");
+    // Nothing left: no QEMU, and the snapshot (hundreds of MiB) went with the chain.
+    assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
+    let left: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("run folder")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".snapshot") || n.ends_with(".snapshot"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// The control: without `--snapshot` the two tests share the chain, and the
+/// second finds the first one's mark (so the test above can fail).
+#[test]
+fn without_a_snapshot_the_tests_share_the_chain() {
+    let dir = run_dir("shared");
+    let (run, _) = nested(
+        dir.path(),
+        &image_dir(),
+        &[&["--levels", "1"][..], &FRESH_LEVEL_TESTS[..]].concat(),
+    );
+    run.expect_code(100);
+    run.expect_stdout("1 passed, 1 failed");
+    let line = run.line_for("FAIL", "fresh_level_second");
+    assert!(line.contains("L0/L1 is not fresh"), "{line}");
+    assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
+}
