@@ -266,7 +266,7 @@ fn hello(u: &mut Unstructured, num: u8, den: u8) -> Result<Message> {
 
 /// Any message of the protocol.
 pub fn message(u: &mut Unstructured) -> Result<Message> {
-    Ok(match u.int_in_range(0..=17)? {
+    Ok(match u.int_in_range(0..=18)? {
         0 => hello(u, 3, 4)?,
         1 => Message::Load {
             component_sha256: text(u)?,
@@ -327,6 +327,10 @@ pub fn message(u: &mut Unstructured) -> Result<Message> {
             count: u.arbitrary()?,
         },
         16 => Message::Collect { id: number(u)? },
+        17 => Message::SetClock {
+            id: number(u)?,
+            unix_ms: number(u)?,
+        },
         _ => Message::Fatal {
             error: remote_error(u)?,
         },
@@ -548,6 +552,6 @@ mod tests {
             assert_eq!(back, msg);
             variants.insert(msg.name());
         }
-        assert_eq!(variants.len(), 18, "{variants:?}");
+        assert_eq!(variants.len(), 19, "{variants:?}");
     }
 }

@@ -20,6 +20,14 @@ const FRESH_LEVEL_TESTS: [&str; 6] = [
     "fresh_level_second",
 ];
 
+/// Milliseconds since the epoch, here.
+fn now_ms() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i128
+}
+
 #[test]
 fn each_test_runs_on_a_copy_of_the_chain_restored_from_its_snapshot() {
     let dir = run_dir("snapshot");
@@ -31,12 +39,28 @@ fn each_test_runs_on_a_copy_of_the_chain_restored_from_its_snapshot() {
         &[
             &["--levels", "2", "--snapshot", "--retries", "1"][..],
             &FRESH_LEVEL_TESTS[..],
+            &["takes_ten_seconds", "prints_the_wall_clock"][..],
         ]
         .concat(),
     );
+    let ended = now_ms();
     eprintln!("--levels 2 --snapshot: {:.1} s", took.as_secs_f64());
     run.expect_code(0);
-    run.expect_stdout("2 passed, 0 failed");
+    run.expect_stdout("4 passed, 0 failed");
+    // The last test ran on a copy restored from a state saved before the
+    // first (10 s and more before): its clocks were set to L0's.
+    let printed: i128 = run
+        .stdout
+        .lines()
+        .find_map(|l| l.split("wall clock: ").nth(1))
+        .and_then(|ms| ms.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no wall clock in:\n{}", run.stdout));
+    let behind = ended - printed;
+    assert!(
+        (-2_000..6_000).contains(&behind),
+        "L2's clock was {behind} ms behind L0's at the end of the run:\n{}",
+        run.stdout
+    );
     for test in ["fresh_level_first", "fresh_level_second"] {
         let line = run.line_for("PASS", test);
         assert!(line.contains("L0/L1/L2 nested::"), "{line}");

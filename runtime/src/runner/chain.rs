@@ -154,7 +154,13 @@ impl Chain {
             }),
         };
         match restored {
-            Ok(new) => *conn = Some(new),
+            Ok(new) => {
+                // Its clocks stood still since the save.
+                if let Err(e) = new.set_clock().await {
+                    tracing::warn!("{}", e.message);
+                }
+                *conn = Some(new);
+            }
             Err(e) => {
                 tracing::warn!(
                     "restoring the chain from its snapshot failed ({}); booting it again, \
@@ -167,6 +173,14 @@ impl Chain {
                     Err(e) => tracing::warn!("booting the chain again failed: {}", e.message),
                 }
             }
+        }
+    }
+
+    /// Sets the clocks of the chain's levels to this level's.
+    pub async fn set_clock(&self) -> Result<(), RemoteError> {
+        match &*self.conn.read().await {
+            Some(conn) => conn.set_clock().await,
+            None => Ok(()),
         }
     }
 

@@ -309,6 +309,13 @@ where
                     let _ = out.send(Message::Return { id, result });
                 }));
             }
+            Some(Ok(Message::SetClock { id, unix_ms })) => {
+                let (out, chain, path) = (out.clone(), chain.clone(), setup.path.clone());
+                tests.push(tokio::spawn(async move {
+                    let result = set_clock(&path, unix_ms, chain.as_deref()).await;
+                    let _ = out.send(Message::Return { id, result });
+                }));
+            }
             Some(Ok(Message::Ping { seq })) => {
                 let _ = out.send(Message::Pong { seq });
             }
@@ -367,6 +374,47 @@ async fn collect(path: &str, chain: Option<&Chain>) -> Result<Vec<u8>, RemoteErr
         message: format!("cannot encode the levels' files: {e}"),
         level_path: path.to_string(),
     })
+}
+
+/// Sets this level's wall clock to `unix_ms` (its parent's), when it is a VM
+/// level (its relay is a serial port: the machine is the run's own, restored
+/// from a snapshot), then the chain's below. Any other level's clock belongs
+/// to its machine and stays as it is.
+async fn set_clock(
+    path: &str,
+    unix_ms: u64,
+    chain: Option<&Chain>,
+) -> Result<Vec<u8>, RemoteError> {
+    if stdio::stdin_is_serial_port() {
+        let before = std::time::SystemTime::now();
+        set_wall_clock(unix_ms).map_err(|message| RemoteError {
+            kind: WireErrorKind::Io,
+            message: format!("cannot set the clock of {path}: {message}"),
+            level_path: path.to_string(),
+        })?;
+        let was = before
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i128);
+        tracing::info!(level = %path, "clock set {} ms forward", unix_ms as i128 - was);
+    }
+    if let Some(chain) = chain {
+        chain.set_clock().await?;
+    }
+    Ok(Vec::new())
+}
+
+/// `clock_settime(CLOCK_REALTIME)`.
+fn set_wall_clock(unix_ms: u64) -> Result<(), String> {
+    let time = libc::timespec {
+        tv_sec: (unix_ms / 1000) as libc::time_t,
+        tv_nsec: ((unix_ms % 1000) * 1_000_000) as libc::c_long,
+    };
+    // SAFETY: `time` is a valid timespec that outlives the call.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &time) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().to_string())
+    }
 }
 
 /// Shows the parent the misbehaviour `inject`.

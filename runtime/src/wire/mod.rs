@@ -37,7 +37,7 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 pub const READY_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The protocol version this runtime speaks; both ends must agree at `Hello`.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Largest frame accepted: the `Component` frame (a component and its
 /// precompiled artifact), which only a child reads, and only before it is ready.
@@ -170,6 +170,15 @@ pub enum Message {
         /// What went wrong.
         error: RemoteError,
     },
+    /// Parent → child, after restoring the child from a snapshot: set the
+    /// wall clock (and the chain's below) to the parent's, which stood still
+    /// while the snapshot waited; answered by a `Return` with no bytes.
+    SetClock {
+        /// Request id, echoed by the `Return`.
+        id: u64,
+        /// The parent's wall clock, milliseconds since the Unix epoch.
+        unix_ms: u64,
+    },
 }
 
 impl Message {
@@ -190,6 +199,7 @@ impl Message {
             Message::Cancel { .. } => "Cancel",
             Message::Shutdown => "Shutdown",
             Message::Collect { .. } => "Collect",
+            Message::SetClock { .. } => "SetClock",
             Message::Fatal { .. } => "Fatal",
             Message::Acquire { .. } => "Acquire",
             Message::Acquired { .. } => "Acquired",

@@ -11,15 +11,33 @@ use super::watch::{Activity, lock};
 use super::{Connection, Parts};
 use crate::level::transport::Transport;
 use crate::level::vm::snapshot::Snapshot;
-use crate::wire::{FrameReader, FrameWriter, HEARTBEAT_LOST, Reach, RemoteError, WireErrorKind};
+use crate::wire::{
+    FrameReader, FrameWriter, HEARTBEAT_LOST, Message, Reach, RemoteError, WireErrorKind,
+};
 
 /// How long saving a level may take.
 const SAVE_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// How long QMP commands around a save may take.
+/// How long QMP commands around a save, and setting the clocks, may take.
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Connection {
+    /// Sets the wall clock of the child (when it is a VM level) and of the
+    /// levels its chain booted to this level's: a restored level's clock
+    /// stood still while its snapshot waited.
+    pub async fn set_clock(&self) -> Result<(), RemoteError> {
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.request(
+            |id| Message::SetClock { id, unix_ms },
+            "the clock",
+            Some(QMP_TIMEOUT),
+        )
+        .await
+        .map(|_| ())
+    }
+
     /// Saves the child's machine, and with it every level it booted, into
     /// `file`. The child is left stopped: [`Connection::resume`] runs it on.
     /// Only VM children booted with the qemu backend can be saved.
