@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Chain snapshots on this machine: 20 tests at the deepest level of a --levels chain,
+# each on a copy restored from the chain's snapshot, beside the same 20 tests on the
+# chain as booted (shared). Prints the cold boot to the deepest level serving, the
+# save (time, size), each restore, and the totals.
+#   LEVELS=3 bash docs/bench-snapshot.sh
+# Needs the image (./x image) and the release runtime (cargo build --release).
+set -euo pipefail
+cd "$(dirname "$(readlink -f "$0")")/.."
+LEVELS=${LEVELS:-3}
+mkdir -p target/runtimes/x86_64
+ln -sf ../../release/matryoshka target/runtimes/x86_64/matryoshka
+export MATRYOSHKA_RUNTIME_DIR=$PWD/target/runtimes
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+run() {
+    local name=$1
+    shift
+    local t0 t1
+    t0=$(date +%s.%N)
+    ./target/release/matryoshka test target/wasm-suites/components/many/many.wasm \
+        --levels "$LEVELS" --partition count:1/50 --retries 1 --run-dir "$work/$name" "$@" \
+        >"$work/$name.out" 2>"$work/$name.err" || true
+    t1=$(date +%s.%N)
+    python3 - "$name" "$t0" "$t1" "$work/$name" <<'PY'
+import re, sys, pathlib
+name, t0, t1, folder = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), pathlib.Path(sys.argv[4])
+out = (folder.parent / f"{name}.out").read_text()
+err = (folder.parent / f"{name}.err").read_text()
+summary = [l for l in out.splitlines() if " passed, " in l]
+print(f"{name}: {summary[-1] if summary else 'no summary'}; whole run {t1 - t0:.1f} s")
+for line in err.splitlines():
+    if line.startswith("saved ") or line.startswith("the chain did not boot") or "warning" in line.lower():
+        print("   ", line[:200])
+journal = (folder / "L0-L1.relay").read_text() if (folder / "L0-L1.relay").exists() else ""
+stamps = [(l[:24], l[25:]) for l in journal.splitlines()]
+from datetime import datetime
+def secs(stamp):
+    return datetime.fromisoformat(stamp).timestamp()
+ready = [secs(t) for t, what in stamps if what.startswith("← Ready")]
+if ready:
+    print(f"    from the start to the deepest level serving (cold boot): {ready[-1] - t0:.1f} s")
+restores = [float(m.group(1)) for _, what in stamps if (m := re.search(r"restored from .* in ([0-9.]+) s", what))]
+if restores:
+    restores.sort()
+    print(f"    {len(restores)} restores: min {restores[0]:.2f} s, median {restores[len(restores)//2]:.2f} s, max {restores[-1]:.2f} s")
+tests = [float(m.group(1)) for m in re.finditer(r"PASS \[\s*([0-9.]+)s\]", out)]
+if tests:
+    print(f"    tests: {len(tests)}, their durations together {sum(tests):.1f} s")
+PY
+}
+run snapshot --snapshot
+run shared
