@@ -565,31 +565,22 @@ fn a_cache_others_can_write_to_is_refused_before_an_artifact_in_it_is_loaded() {
 }
 
 #[test]
-fn keep_failed_without_a_chain_is_a_usage_error() {
-    for flags in [&["--keep-failed"][..], &["--keep-failed-for", "10s"]] {
+fn keep_failed_or_snapshot_without_a_chain_is_a_usage_error() {
+    // --keep-failed keeps a chain up; --snapshot saves a VM chain (none of an
+    // SSH or local L1).
+    let keep = "error: --keep-failed keeps the chain of --levels N or --target up";
+    let snapshot = "error: --snapshot saves the VM chain of --levels N";
+    for (flags, needle) in [
+        (&["--keep-failed"][..], keep),
+        (&["--keep-failed-for", "10s"], keep),
+        (&["--snapshot"], snapshot),
+        (&["--snapshot", "--target", "local"], snapshot),
+    ] {
         let mut args = vec!["test", BASICS];
         args.extend_from_slice(flags);
         let r = run(&args);
         r.expect_code(2);
-        assert!(
-            r.stderr
-                .contains("error: --keep-failed keeps the chain of --levels N or --target up"),
-            "{}",
-            r.stderr
-        );
-    }
-    // --snapshot saves a VM chain: none without --levels, none of an SSH or local L1.
-    for flags in [&["--snapshot"][..], &["--snapshot", "--target", "local"]] {
-        let mut args = vec!["test", BASICS];
-        args.extend_from_slice(flags);
-        let r = run(&args);
-        r.expect_code(2);
-        assert!(
-            r.stderr
-                .contains("error: --snapshot saves the VM chain of --levels N"),
-            "{}",
-            r.stderr
-        );
+        assert!(r.stderr.contains(needle), "{flags:?}: {}", r.stderr);
     }
     // A monitor socket that is not there says so.
     let r = run(&["monitor", "/nonexistent/L0-L1.monitor"]);

@@ -7,7 +7,8 @@
 #[allow(dead_code, reason = "shared by several test crates, each using a part")]
 mod common;
 
-use common::vm::{image_dir, nested, qemus_left, run_dir};
+use common::vm::{image_dir, nested, qemus_left, run_dir, vm_test};
+use matryoshka_test_programs::NESTED;
 
 /// What `fresh_level_first` and `fresh_level_second` need: each level's `/tmp`
 /// as `/scratch`, and only those two tests.
@@ -109,5 +110,58 @@ fn without_a_snapshot_the_tests_share_the_chain() {
     run.expect_stdout("1 passed, 1 failed");
     let line = run.line_for("FAIL", "fresh_level_second");
     assert!(line.contains("L0/L1 is not fresh"), "{line}");
+    assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
+}
+
+/// A snapshot that cannot be restored (here: cut short while the first test
+/// runs) makes the next test boot the chain again, with a warning, and the
+/// run goes on.
+#[test]
+fn a_snapshot_that_does_not_restore_falls_back_to_a_cold_boot() {
+    use std::io::BufRead;
+    let dir = run_dir("corrupt");
+    let mut child = vm_test(NESTED, &image_dir(), dir.path())
+        .args(["--levels", "1", "--snapshot", "--ignored", "--exact"])
+        .args(["takes_ten_seconds", "prints_the_wall_clock"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start matryoshka");
+    let stdout = child.stdout.take().expect("stdout");
+    let out = std::thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default());
+    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let mut said = String::new();
+    let mut line = String::new();
+    while stderr.read_line(&mut line).unwrap_or(0) > 0 {
+        said.push_str(&line);
+        if line.starts_with("saved L0/L1") {
+            break;
+        }
+        line.clear();
+    }
+    assert!(said.contains("saved L0/L1"), "{said}");
+    // The first test takes 10 s: cut the state short before the second one's restore.
+    let snapshot = std::fs::read_dir(dir.path())
+        .expect("run folder")
+        .filter_map(Result::ok)
+        .find(|e| e.file_name().to_string_lossy().starts_with(".snapshot"))
+        .map(|e| e.path().join("L0-L1.snapshot"))
+        .expect("the snapshot folder");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&snapshot)
+        .and_then(|f| f.set_len(4096))
+        .expect("cut the snapshot short");
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut stderr, &mut rest);
+    let status = child.wait().expect("wait");
+    let stdout = out.join().unwrap_or_default();
+    assert_eq!(status.code(), Some(0), "{stdout}\n{said}{rest}");
+    assert!(stdout.contains("2 passed, 0 failed"), "{stdout}");
+    assert!(
+        rest.contains("restoring the chain from its snapshot failed (")
+            && rest.contains("booting it again"),
+        "{rest}"
+    );
     assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
 }
