@@ -75,7 +75,11 @@ fn each_test_runs_on_a_copy_of_the_chain_restored_from_its_snapshot() {
     // The second test ran on a restored L1 (with its L2 inside), said so in
     // the hop's journal; the restored QEMU wrote on in the same console.
     let journal = std::fs::read_to_string(dir.path().join("L0-L1.relay")).expect("journal");
-    assert!(journal.contains("saved: "), "{journal}");
+    assert!(
+        journal.contains("saved: "),
+        "{journal}\nstderr:\n{}",
+        run.stderr
+    );
     let restored = journal
         .lines()
         .position(|l| l.contains(" restored from "))

@@ -273,10 +273,7 @@ pub(super) async fn test(args: TestArgs) -> u8 {
                     if args.snapshot {
                         match chain.save(runner.context()).await {
                             Ok(said) => eprintln!("{said}"),
-                            Err(e) => eprintln!(
-                                "warning: the chain was not saved ({}); the tests share it as booted",
-                                e.message
-                            ),
+                            Err(why) => eprintln!("warning: {why}"),
                         }
                     }
                     break chain;

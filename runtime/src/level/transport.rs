@@ -73,6 +73,9 @@ pub struct VmFacts {
     pub key_path: Option<String>,
     /// The file its serial console goes to, watched for the kernel's signs of trouble.
     pub console: std::path::PathBuf,
+    /// Where its lines begin in that file: past an earlier copy's, when it was
+    /// restored from a snapshot.
+    pub console_from: u64,
     /// Port on its parent's 127.0.0.1 forwarded to its sshd.
     pub ssh_port: u16,
     /// Its SSH host key's public line, when its parent made the key.

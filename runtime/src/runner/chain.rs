@@ -86,32 +86,47 @@ impl Chain {
     /// `--snapshot`: saves L1's machine, with every level inside it, into a
     /// folder of the run folder (removed with the chain), and runs it on; each
     /// test after the first then gets a copy restored from it. Says how long
-    /// saving took and how big the state is.
-    pub async fn save(&mut self, ctx: &LevelContext) -> Result<String, RemoteError> {
-        let io = |message: String| RemoteError {
-            kind: WireErrorKind::Io,
-            message,
-            level_path: ctx.level.path.clone(),
-        };
-        let run_dir = ctx.vms.run_dir.path().map_err(io)?;
+    /// saving took and how big the state is, or why there is no snapshot and
+    /// what that means for the run.
+    pub async fn save(&mut self, ctx: &LevelContext) -> Result<String, String> {
+        let run_dir =
+            ctx.vms.run_dir.path().map_err(|e| {
+                format!("the chain was not saved ({e}); the tests share it as booted")
+            })?;
         let dir = tempfile::Builder::new()
             .prefix(".snapshot.")
             .tempdir_in(&run_dir)
             .map_err(|e| {
-                io(format!(
-                    "cannot make a snapshot folder in {}: {e}",
+                format!(
+                    "the chain was not saved (cannot make a folder in {}: {e}); the tests \
+                     share it as booted",
                     run_dir.display()
-                ))
+                )
             })?;
-        let conn = self.conn.get_mut();
-        let Some(conn) = conn.as_ref() else {
-            return Err(io("the chain is down".into()));
+        let slot = self.conn.get_mut();
+        let Some(conn) = slot.as_ref() else {
+            return Err("the chain is down".into());
         };
         let name = format!("{}.snapshot", conn.info().path.replace('/', "-"));
         let saved = conn.save(&dir.path().join(name)).await;
         // Stopped for the save, whether it worked or not.
-        conn.resume().await?;
-        let saved = saved?;
+        if let Err(e) = conn.resume().await {
+            *slot = None;
+            return Err(format!(
+                "{}; the chain is down: the tests fail unless --retries boots it again",
+                e.message
+            ));
+        }
+        // Its clocks stood still while it was saved.
+        if let Err(e) = conn.set_clock().await {
+            tracing::warn!("{}", e.message);
+        }
+        let saved = saved.map_err(|e| {
+            format!(
+                "the chain was not saved ({}); the tests share it as booted",
+                e.message
+            )
+        })?;
         let said = format!(
             "saved {} (and the levels inside it) in {:.1} s: {} MiB; each test after the \
              first runs on a copy restored from it",
@@ -168,6 +183,15 @@ impl Chain {
                     e.message
                 );
                 *self.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                let _ = std::fs::remove_file(&snapshot.file);
+                // The new levels' files take the same names: the old ones move aside.
+                let renewal = self
+                    .renewals
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                    + 1;
+                if let Ok(dir) = ctx.vms.run_dir.path() {
+                    set_aside(&dir, &format!("chain-{renewal}"));
+                }
                 match open(ctx, self.first.as_ref(), self.levels, self.relay.clone()).await {
                     Ok(new) => *conn = Some(new),
                     Err(e) => tracing::warn!("booting the chain again failed: {}", e.message),

@@ -332,6 +332,7 @@ impl Connection {
                 let (now, asked) = mpsc::channel(4);
                 let task = tokio::spawn(crate::level::vm::kernel::watch(
                     vm.console.clone(),
+                    vm.console_from,
                     info.path.clone(),
                     capture.clone(),
                     asked,

@@ -15,8 +15,12 @@ use crate::wire::{
     FrameReader, FrameWriter, HEARTBEAT_LOST, Message, Reach, RemoteError, WireErrorKind,
 };
 
-/// How long saving a level may take.
-const SAVE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long saving a level may take: less than the silence after which its
+/// (stopped) runtime would be declared lost.
+const SAVE_TIMEOUT: Duration = Duration::from_secs(45);
+
+/// How many times a restore is tried before the chain is booted instead.
+const RESTORE_TRIES: u32 = 2;
 
 /// How long QMP commands around a save, and setting the clocks, may take.
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -55,6 +59,13 @@ impl Connection {
                 "only a VM level booted by this runtime's QEMU (not libvirt, SSH or a local runtime)",
             ));
         };
+        // A restored copy holds what the saved one held; only a subtree that
+        // holds no level a test opened is saved, so the copies hold none.
+        if *lock(&self.subtree) > 0 {
+            return Err(unsupported(
+                "tests hold levels below it (only a chain no test ran on is saved)",
+            ));
+        }
         let socket = file.with_extension("migrate");
         self.journal.note("→ save (QMP stop, migrate)");
         let saved =
@@ -90,8 +101,9 @@ impl Connection {
     }
 
     /// Replaces this connection's child by a copy restored from `snapshot`
-    /// (taken of this child): the old machine is killed, the new one serves
-    /// where the saved one was, and the levels its subtree held stay counted.
+    /// (taken of this child): the old machine is killed (the levels its
+    /// subtree held are given back), the new one serves where the saved one
+    /// was, holding no level a test opened (see [`Connection::save`]).
     pub async fn restore(self, snapshot: &Snapshot) -> Result<Connection, RemoteError> {
         let Some(facts) = self.vm.clone() else {
             return Err(RemoteError {
@@ -107,17 +119,23 @@ impl Connection {
             self.journal.clone(),
             self.keep_failed,
         );
-        // The restored subtree holds what the saved one did: keep it counted
-        // while the old machine goes.
-        let held = std::mem::take(&mut *lock(&self.subtree));
         drop(self);
         let started = Instant::now();
-        let transport = match crate::level::vm::restore(snapshot, &facts).await {
-            Ok(t) => t,
-            Err(e) => {
-                budget.release(held);
-                journal.note(&format!("not restored: {}", e.message));
-                return Err(e);
+        // Now and then QEMU ends while it reads the state (once in five runs of
+        // the snapshot test here, why is not known yet): it gets a second start
+        // from the same file before the chain is booted instead.
+        let mut tries = 0;
+        let transport = loop {
+            tries += 1;
+            match crate::level::vm::restore(snapshot, &facts).await {
+                Ok(t) => break t,
+                Err(e) => {
+                    journal.note(&format!("not restored (try {tries}): {}", e.message));
+                    if tries == RESTORE_TRIES {
+                        return Err(e);
+                    }
+                    tracing::info!("restoring {} once more after: {}", info.path, e.message);
+                }
             }
         };
         let Transport {
@@ -160,7 +178,7 @@ impl Connection {
             vm,
             capture,
             budget,
-            subtree: Arc::new(Mutex::new(held)),
+            subtree: Arc::default(),
             journal,
         }))
     }

@@ -46,17 +46,19 @@ pub fn is_trouble(line: &str) -> bool {
 /// Asks a [`watch`] to read its console now; it answers on the sender once it did.
 pub type ReadNow = tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<()>>;
 
-/// Follows `console` (from its start) until the task is aborted, reporting each
+/// Follows `console` (from byte `from`: 0 for a level that booted, the end of
+/// the earlier copy's lines for one restored from a snapshot) until the task is aborted, reporting each
 /// line [`is_trouble`] flags into `capture` as a warning from `level`. Besides
 /// every [`POLL`], it reads at once when asked through `now` (before a test
 /// ends, so what the kernel printed during the test is charged to it).
 pub async fn watch(
     console: PathBuf,
+    from: u64,
     level: String,
     capture: Arc<Capture>,
     mut now: tokio::sync::mpsc::Receiver<tokio::sync::oneshot::Sender<()>>,
 ) {
-    let mut offset = 0u64;
+    let mut offset = from;
     let mut partial = Vec::new();
     let mut reported = 0usize;
     let mut asked: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
@@ -157,6 +159,7 @@ mod tests {
         let (now, asked) = tokio::sync::mpsc::channel(1);
         let watcher = tokio::spawn(watch(
             console.clone(),
+            0,
             "L0/L1".into(),
             capture.clone(),
             asked,
@@ -194,5 +197,35 @@ mod tests {
             ]
         );
         assert!(logs.iter().all(|l| l.level == LogLevel::Warn));
+    }
+
+    /// A level restored from a snapshot appends to the console of the copy
+    /// before it: its watcher reports only its own lines.
+    #[tokio::test]
+    async fn a_restored_levels_watcher_starts_after_the_earlier_copys_lines() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let console = dir.path().join("L1.console");
+        let before = "[ 1.0] WARNING: CPU: 0 at x.c:1\n";
+        std::fs::write(&console, before).expect("write");
+        let capture = Capture::new("L0", 1 << 20, None);
+        let (now, asked) = tokio::sync::mpsc::channel(1);
+        let watcher = tokio::spawn(watch(
+            console.clone(),
+            before.len() as u64,
+            "L0/L1".into(),
+            capture.clone(),
+            asked,
+        ));
+        let mut more = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&console)
+            .expect("open");
+        std::io::Write::write_all(&mut more, b"[ 9.0] BUG: after the restore\n").expect("write");
+        let (ack, done) = tokio::sync::oneshot::channel();
+        now.send(ack).await.expect("watcher listens");
+        done.await.expect("answered");
+        watcher.abort();
+        let messages: Vec<String> = capture.take().logs.into_iter().map(|l| l.message).collect();
+        assert_eq!(messages, ["kernel: [ 9.0] BUG: after the restore"]);
     }
 }

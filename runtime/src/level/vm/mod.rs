@@ -190,6 +190,7 @@ pub async fn open(
         key.path,
         &setup.vm.jump,
         host_key_line,
+        0,
     )
 }
 
@@ -200,6 +201,8 @@ pub async fn restore(
     facts: &VmFacts,
 ) -> Result<Transport, RemoteError> {
     let path = snapshot.machine.path.clone();
+    // The copy before wrote this much of the console; the kernel watcher starts after it.
+    let console_from = std::fs::metadata(&snapshot.machine.files.console).map_or(0, |m| m.len());
     let booted = snapshot::restore(snapshot, RESTORE_TIMEOUT)
         .await
         .map_err(|message| RemoteError {
@@ -214,6 +217,7 @@ pub async fn restore(
         facts.key_path.clone(),
         &snapshot.machine.jump,
         facts.host_key.clone(),
+        console_from,
     )
 }
 
@@ -225,6 +229,7 @@ fn transport_of(
     key_path: Option<String>,
     jump: &[String],
     host_key_line: Option<String>,
+    console_from: u64,
 ) -> Result<Transport, RemoteError> {
     let err = |kind: WireErrorKind, message: String| RemoteError {
         kind,
@@ -287,6 +292,7 @@ fn transport_of(
             public_key,
             key_path,
             console,
+            console_from,
             ssh_port: booted.ssh_port,
             host_key: host_key_line,
             monitor,

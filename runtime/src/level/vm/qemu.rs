@@ -115,6 +115,17 @@ pub struct Qemu {
     status: Option<ExitStatus>,
     /// QEMU's end of the relay socket: its descriptor number in QEMU and its inode.
     relay_end: (i32, u64),
+    /// Where this QEMU's writing begins in its console, level log and own log:
+    /// past the end of an earlier copy's, for one restored from a snapshot.
+    from: Offsets,
+}
+
+/// Byte offsets into a level's console, level log and QEMU log.
+#[derive(Debug, Clone, Copy, Default)]
+struct Offsets {
+    console: u64,
+    level_log: u64,
+    qemu_log: u64,
 }
 
 impl Qemu {
@@ -130,7 +141,18 @@ impl Qemu {
     ) -> std::io::Result<Self> {
         use std::os::fd::AsRawFd;
         use std::os::unix::fs::MetadataExt;
-        // A QEMU restored from a snapshot writes on after the one that booted.
+        // A QEMU restored from a snapshot writes on after the one that booted;
+        // what it says starts there.
+        let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+        let from = if incoming.is_some() {
+            Offsets {
+                console: size(&files.console),
+                level_log: size(&files.level_log),
+                qemu_log: size(&files.qemu_log),
+            }
+        } else {
+            Offsets::default()
+        };
         let stderr = std::fs::OpenOptions::new()
             .create(true)
             .write(true)
@@ -172,6 +194,7 @@ impl Qemu {
             files,
             status: None,
             relay_end: (fd, inode),
+            from,
         })
     }
 
@@ -200,14 +223,15 @@ impl Qemu {
         &self.files.qemu_log
     }
 
-    /// Everything on the console so far.
+    /// Everything on the console so far (of this QEMU: a restored one's starts
+    /// where the copy before it ended).
     pub fn console(&self) -> String {
-        read_lossy(&self.files.console)
+        read_lossy(&self.files.console, self.from.console)
     }
 
-    /// Everything in the level log so far.
+    /// Everything in the level log so far (of this QEMU).
     pub fn level_log(&self) -> String {
-        read_lossy(&self.files.level_log)
+        read_lossy(&self.files.level_log, self.from.level_log)
     }
 
     /// The last lines of the console and of the level log, for error messages.
@@ -225,7 +249,7 @@ impl Qemu {
     }
 
     pub(super) fn log_tail(&self) -> String {
-        std::fs::read_to_string(&self.files.qemu_log).unwrap_or_default()
+        read_lossy(&self.files.qemu_log, self.from.qemu_log)
     }
 
     /// What QEMU itself said, as a suffix for error messages.
@@ -314,9 +338,12 @@ impl Qemu {
     }
 }
 
-fn read_lossy(path: &Path) -> String {
+fn read_lossy(path: &Path, from: u64) -> String {
+    use std::io::Seek;
     let mut bytes = Vec::new();
-    if let Ok(mut f) = std::fs::File::open(path) {
+    if let Ok(mut f) = std::fs::File::open(path)
+        && f.seek(std::io::SeekFrom::Start(from)).is_ok()
+    {
         let _ = f.read_to_end(&mut bytes);
     }
     String::from_utf8_lossy(&bytes).into_owned()

@@ -32,6 +32,9 @@ const SAVE_BANDWIDTH: u64 = 16 << 30;
 /// How often the state of a save or a restore is asked for.
 const POLL: Duration = Duration::from_millis(50);
 
+/// How long a cancelled save may take to end.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What it takes to start a level's QEMU again from a saved state: its machine
 /// as it booted (descriptors and the host key file are made anew for each
 /// restore) and its files.
@@ -109,14 +112,16 @@ pub async fn save(
     )
     .await
     .map_err(|e| qmp_err("setting the bandwidth", e))?;
-    let receive = tokio::spawn(async move {
+    // Aborted when this function returns early: no task left waiting in
+    // `accept` with the listener and the half-written file.
+    let receive = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
         let (mut stream, _) = listener.accept().await?;
         let mut out = tokio::io::BufWriter::with_capacity(1 << 20, out);
         let bytes = tokio::io::copy(&mut stream, &mut out).await?;
         tokio::io::AsyncWriteExt::flush(&mut out).await?;
         out.into_inner().sync_all().await?;
         Ok::<u64, std::io::Error>(bytes)
-    });
+    }));
     let uri = format!(
         "unix:{}",
         socket
@@ -135,15 +140,13 @@ pub async fn save(
         match state["status"].as_str().unwrap_or("") {
             "completed" => break,
             status @ ("failed" | "cancelled") => {
-                receive.abort();
                 let why = state["error-desc"].as_str().unwrap_or("no reason given");
                 return Err(format!(
                     "cannot save {level}: the migration {status}: {why}"
                 ));
             }
             _ if Instant::now() > until => {
-                receive.abort();
-                let _ = qmp.execute("migrate_cancel", None, deadline).await;
+                cancel(qmp).await;
                 return Err(format!(
                     "cannot save {level}: the migration did not end within {:.0} s",
                     deadline.as_secs_f64()
@@ -179,6 +182,27 @@ pub async fn save(
         bytes,
         took,
     })
+}
+
+/// Cancels a migration and waits (a few seconds at most) until QEMU says it
+/// ended, so that the guest can run on after it.
+async fn cancel(qmp: &QmpPort) {
+    let _ = qmp.execute("migrate_cancel", None, CANCEL_TIMEOUT).await;
+    let until = Instant::now() + CANCEL_TIMEOUT;
+    while Instant::now() < until {
+        match qmp.execute("query-migrate", None, CANCEL_TIMEOUT).await {
+            Ok(state)
+                if matches!(
+                    state["status"].as_str(),
+                    Some("cancelled" | "failed" | "completed")
+                ) =>
+            {
+                return;
+            }
+            Ok(_) => tokio::time::sleep(POLL).await,
+            Err(_) => return,
+        }
+    }
 }
 
 /// Starts a QEMU from `snapshot` and waits until its guest runs again (at most
@@ -246,8 +270,9 @@ pub async fn restore(snapshot: &Snapshot, deadline: Duration) -> Result<Booted, 
     loop {
         if let Some(status) = qemu.exited() {
             return Err(fail(format!(
-                "QEMU exited ({}); {}",
+                "QEMU exited ({}){}; {}",
                 crate::process::status_words(status),
+                qemu.log_summary(),
                 qemu.tails()
             )));
         }
@@ -259,10 +284,21 @@ pub async fn restore(snapshot: &Snapshot, deadline: Duration) -> Result<Booted, 
                 qemu.tails()
             )));
         }
+        let left = deadline.saturating_sub(started.elapsed());
         let status = monitor
-            .execute("query-status", None, deadline)
+            .execute("query-status", None, left)
             .await
-            .map_err(|e| fail(format!("query-status: {e}; {}", qemu.tails())))?;
+            .map_err(|e| {
+                let ended = qemu
+                    .exited()
+                    .map(|s| format!(" (QEMU {})", crate::process::status_words(s)))
+                    .unwrap_or_default();
+                fail(format!(
+                    "query-status: {e}{ended}{}; {}",
+                    qemu.log_summary(),
+                    qemu.tails()
+                ))
+            })?;
         match status["status"].as_str() {
             Some("running") => break,
             Some("inmigrate") | Some("prelaunch") | Some("restore-vm") => {
@@ -271,7 +307,7 @@ pub async fn restore(snapshot: &Snapshot, deadline: Duration) -> Result<Booted, 
             // Saved stopped, restored stopped: run it on.
             Some("paused") => {
                 monitor
-                    .execute("cont", None, deadline)
+                    .execute("cont", None, left)
                     .await
                     .map_err(|e| fail(format!("cont: {e}; {}", qemu.tails())))?;
             }
