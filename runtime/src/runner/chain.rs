@@ -184,14 +184,7 @@ impl Chain {
                 );
                 *self.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 let _ = std::fs::remove_file(&snapshot.file);
-                // The new levels' files take the same names: the old ones move aside.
-                let renewal = self
-                    .renewals
-                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-                    + 1;
-                if let Ok(dir) = ctx.vms.run_dir.path() {
-                    set_aside(&dir, &format!("chain-{renewal}"));
-                }
+                self.set_aside_files(ctx);
                 match open(ctx, self.first.as_ref(), self.levels, self.relay.clone()).await {
                     Ok(new) => *conn = Some(new),
                     Err(e) => tracing::warn!("booting the chain again failed: {}", e.message),
@@ -234,7 +227,16 @@ impl Chain {
         let mut conn = self.conn.write().await;
         // Dropping the connection stops L1's QEMU, and every level below with it.
         *conn = None;
-        // The new levels' files take the same names: the old ones move aside.
+        self.set_aside_files(ctx);
+        self.kept_lost
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        *conn = Some(open(ctx, self.first.as_ref(), self.levels, self.relay.clone()).await?);
+        Ok(())
+    }
+
+    /// Moves the levels' files in the run folder into `chain-N/` before the
+    /// chain is booted again: the new levels' files take the same names.
+    fn set_aside_files(&self, ctx: &LevelContext) {
         let renewal = self
             .renewals
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
@@ -242,10 +244,6 @@ impl Chain {
         if let Ok(dir) = ctx.vms.run_dir.path() {
             set_aside(&dir, &format!("chain-{renewal}"));
         }
-        self.kept_lost
-            .store(false, std::sync::atomic::Ordering::SeqCst);
-        *conn = Some(open(ctx, self.first.as_ref(), self.levels, self.relay.clone()).await?);
-        Ok(())
     }
 
     /// The files of the chain's levels that go when they go down (kernel logs;
