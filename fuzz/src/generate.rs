@@ -18,8 +18,8 @@ use matryoshka::engine::sha256_hex;
 use matryoshka::event::{FailureKind, TestFailure};
 use matryoshka::output::LogLevel;
 use matryoshka::wire::{
-    LevelAccess, LevelSetup, MAX_FRAME, Message, Monitor, PROTOCOL_VERSION, Reach, RemoteError,
-    RemoteEvent, WireErrorKind, WireLimits, WireOutcome,
+    Attachment, LevelAccess, LevelSetup, MAX_FRAME, Message, Monitor, PROTOCOL_VERSION, Reach,
+    RemoteError, RemoteEvent, WireErrorKind, WireLimits, WireOutcome,
 };
 
 /// Strings a relay peer really sends, so mutations start near valid values.
@@ -266,10 +266,10 @@ fn hello(u: &mut Unstructured, num: u8, den: u8) -> Result<Message> {
 
 /// Any message of the protocol.
 pub fn message(u: &mut Unstructured) -> Result<Message> {
-    Ok(match u.int_in_range(0..=18)? {
+    Ok(match u.int_in_range(0..=19)? {
         0 => hello(u, 3, 4)?,
         1 => Message::Load {
-            component_sha256: text(u)?,
+            component_sha256: some(u, text)?,
             setup: Box::new(setup(u)?),
         },
         2 => Message::NeedComponent,
@@ -331,6 +331,21 @@ pub fn message(u: &mut Unstructured) -> Result<Message> {
             id: number(u)?,
             unix_ms: number(u)?,
         },
+        18 => {
+            let setup = setup(u)?;
+            Message::Attach {
+                id: number(u)?,
+                attachment: Box::new(Attachment {
+                    component_sha256: text(u)?,
+                    bytes: component_bytes(u)?,
+                    precompiled: some(u, |u| Ok((text(u)?, blob(u, 64)?)))?,
+                    grants: setup.grants,
+                    limits: setup.limits,
+                    nest: setup.nest,
+                    env: setup.env,
+                }),
+            }
+        }
         _ => Message::Fatal {
             error: remote_error(u)?,
         },
@@ -457,7 +472,7 @@ pub fn parent_script(u: &mut Unstructured) -> Result<Vec<u8>> {
         text(u)?
     };
     let mut script = vec![Message::Load {
-        component_sha256: sha,
+        component_sha256: Some(sha),
         setup: Box::new(setup(u)?),
     }];
     if u.ratio(3, 4)? {
@@ -552,6 +567,6 @@ mod tests {
             assert_eq!(back, msg);
             variants.insert(msg.name());
         }
-        assert_eq!(variants.len(), 19, "{variants:?}");
+        assert_eq!(variants.len(), 20, "{variants:?}");
     }
 }

@@ -269,7 +269,7 @@ pub fn parent(data: &[u8]) -> Reach {
             Connection::open(
                 &Target::Local,
                 setup,
-                component,
+                Some(component),
                 capture,
                 &vms,
                 None,

@@ -166,8 +166,8 @@ pub(super) async fn test(args: TestArgs) -> u8 {
         },
         env: args.env.clone(),
         ssh,
-        component: loaded.component.clone(),
-        vms: VmContext::new(
+        component: Some(loaded.component.clone()),
+        vms: Arc::new(VmContext::new(
             VmSettings {
                 accel: args.accel,
                 jump: Vec::new(),
@@ -177,7 +177,7 @@ pub(super) async fn test(args: TestArgs) -> u8 {
             args.image_dir.clone(),
             RunDir::Kept(run_dir),
             memo_dir,
-        ),
+        )),
         parent_budget: None,
     };
     let runner = Runner::new(loaded, ctx);
@@ -262,22 +262,14 @@ pub(super) async fn test(args: TestArgs) -> u8 {
         let chain = loop {
             tries += 1;
             let booted = tokio::select! {
-                booted = Chain::boot(runner.context(), args.target.clone(), levels, Some(sink.clone())) => booted,
+                booted = boot_chain(runner.context(), args.target.clone(), levels, sink.clone(), args.snapshot) => booted,
                 signal = stop.next() => {
                     eprintln!("interrupted: stopping the levels booted so far");
                     return report.abort(&format!("interrupted by {signal} while booting"), signal.exit_code());
                 }
             };
             match booted {
-                Ok(mut chain) => {
-                    if args.snapshot {
-                        match chain.save(runner.context()).await {
-                            Ok(said) => eprintln!("{said}"),
-                            Err(why) => eprintln!("warning: {why}"),
-                        }
-                    }
-                    break chain;
-                }
+                Ok(chain) => break chain,
                 Err(e) if tries <= args.retries => {
                     eprintln!(
                         "the chain did not boot (try {tries} of {}): {}; booting it again",
@@ -375,6 +367,26 @@ fn list(runner: &Runner, plan: &runner::Plan, format: Format) -> u8 {
 }
 
 /// `, then N VM levels below it`, or nothing.
+/// Boots the run's chain; with `snapshot`, bare, saved (a warning when that
+/// fails: the tests then share it), and given the component.
+async fn boot_chain(
+    ctx: &LevelContext,
+    target: Option<crate::level::Target>,
+    levels: u32,
+    sink: OutputSink,
+    snapshot: bool,
+) -> Result<Chain, crate::wire::RemoteError> {
+    let mut chain = Chain::boot(ctx, target, levels, Some(sink), snapshot).await?;
+    if snapshot {
+        match chain.save(ctx).await {
+            Ok(said) => eprintln!("{said}"),
+            Err(why) => eprintln!("warning: {why}"),
+        }
+        chain.attach(ctx).await?;
+    }
+    Ok(chain)
+}
+
 fn booting_below(vms: u32) -> String {
     match vms {
         0 => String::new(),

@@ -28,7 +28,7 @@ impl Host for HostState {
     }
 
     fn component_sha256(&mut self) -> wasmtime::Result<String> {
-        Ok(self.ctx.component.sha256.clone())
+        Ok(self.component.sha256.clone())
     }
 
     async fn exec(

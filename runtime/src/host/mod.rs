@@ -100,10 +100,13 @@ pub struct LevelContext {
     pub env: Vec<(String, String)>,
     /// How to reach SSH levels below this one.
     pub ssh: Option<SshSettings>,
-    /// The component, for the levels below.
-    pub component: Arc<ComponentSource>,
-    /// How VM levels are booted from here.
-    pub vms: VmContext,
+    /// The component, for the levels below; `None` at a bare level (a chain
+    /// booted to be saved) until an `Attach` brings it, and no instance runs
+    /// there before.
+    pub component: Option<Arc<ComponentSource>>,
+    /// How VM levels are booted from here (shared by the bare and the
+    /// attached context of a level).
+    pub vms: Arc<VmContext>,
     /// At a served level, the parent's count of the levels a test holds; at L0
     /// none: each instance counts its own.
     pub parent_budget: Option<Arc<LevelBudget>>,
@@ -141,6 +144,8 @@ pub struct HostState {
     table: ResourceTable,
     pub(crate) limiter: MemoryLimiter,
     ctx: Arc<LevelContext>,
+    /// The component this instance runs (the one the levels it opens get).
+    component: Arc<ComponentSource>,
     capture: Arc<Capture>,
     budget: Arc<LevelBudget>,
     /// Process groups of the commands this instance ran, killed with it.
@@ -185,6 +190,12 @@ pub(crate) fn blocking<R>(f: impl FnOnce() -> R) -> R {
 impl HostState {
     /// State for one instance: WASI with only the granted preopens, captured stdio.
     pub fn new(ctx: Arc<LevelContext>, capture: Arc<Capture>) -> anyhow::Result<Self> {
+        let Some(component) = ctx.component.clone() else {
+            anyhow::bail!(
+                "no component is loaded at {} yet (its chain was booted bare)",
+                ctx.level.path
+            );
+        };
         let mut wasi = WasiCtxBuilder::new();
         wasi.stdout(capture.stream(Stream::Stdout))
             .stderr(capture.stream(Stream::Stderr))
@@ -219,6 +230,7 @@ impl HostState {
             groups: crate::process::Groups::default(),
             virt_usage: Arc::default(),
             ctx,
+            component,
             capture,
             panic: None,
             infrastructure: None,

@@ -182,7 +182,7 @@ impl HostState {
             return Ok(Err(from_remote(e)));
         }
         let held = Held(self.budget.clone());
-        let component = self.ctx.component.clone();
+        let component = Some(self.component.clone());
         let capture = self.capture.clone();
         let budget = self.budget.clone();
         let own_ssh = self.ctx.ssh.as_ref();

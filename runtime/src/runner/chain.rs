@@ -37,18 +37,23 @@ pub struct Chain {
     snapshot_dir: Option<tempfile::TempDir>,
     /// Whether a test ran on the levels up now.
     used: std::sync::atomic::AtomicBool,
+    /// Whether it was booted bare (to be saved with no component in it).
+    bare: bool,
 }
 
 impl Chain {
     /// Opens `levels` levels below `ctx`'s level: the first is `first` (an SSH
     /// host, a local child runtime) or, when `None`, a VM; the rest are VMs, each
     /// booted by the level above from the image it booted from. `sink` receives
-    /// what levels below write outside tests.
+    /// what levels below write outside tests. With `bare`, or when `ctx` has
+    /// no component, the levels serve no component until [`Chain::attach`]
+    /// (a chain booted to be saved: its snapshot holds no component).
     pub async fn boot(
         ctx: &LevelContext,
         first: Option<Target>,
         levels: u32,
         sink: Option<OutputSink>,
+        bare: bool,
     ) -> Result<Self, RemoteError> {
         let current: Arc<std::sync::Mutex<Option<Arc<Capture>>>> = Arc::default();
         let relay: OutputSink = {
@@ -67,7 +72,8 @@ impl Chain {
         let depth = ctx.level.depth + 1;
         let deepest = (depth..depth + levels.max(1))
             .fold(ctx.level.path.clone(), |path, d| format!("{path}/L{d}"));
-        let conn = open(ctx, first.as_ref(), levels, relay.clone()).await?;
+        let bare = bare || ctx.component.is_none();
+        let conn = open(ctx, first.as_ref(), levels, relay.clone(), bare).await?;
         Ok(Self {
             conn: tokio::sync::RwLock::new(Some(conn)),
             relay,
@@ -80,15 +86,47 @@ impl Chain {
             snapshot: Default::default(),
             snapshot_dir: None,
             used: Default::default(),
+            bare,
         })
     }
 
-    /// `--snapshot`: saves L1's machine, with every level inside it, into a
-    /// folder of the run folder (removed with the chain), and runs it on; each
-    /// test after the first then gets a copy restored from it. Says how long
+    /// Gives the levels of a chain booted bare `ctx`'s component, with its
+    /// rights (nothing to do when `ctx` has none).
+    pub async fn attach(&self, ctx: &LevelContext) -> Result<(), RemoteError> {
+        let Some(component) = &ctx.component else {
+            return Ok(());
+        };
+        match &*self.conn.read().await {
+            Some(conn) => {
+                let setup = ctx.child_setup(self.levels.saturating_sub(1));
+                conn.attach(component, &setup).await
+            }
+            None => Err(self.down()),
+        }
+    }
+
+    fn down(&self) -> RemoteError {
+        RemoteError {
+            kind: WireErrorKind::LevelLost,
+            message: "the chain is down".into(),
+            level_path: self.deepest.clone(),
+        }
+    }
+
+    /// `--snapshot`: saves L1's machine of a chain booted bare, with every
+    /// level inside it, into a folder of the run folder (removed with the
+    /// chain), and runs it on; each test after the first then gets a copy
+    /// restored from it, and the component attached to it. Says how long
     /// saving took and how big the state is, or why there is no snapshot and
     /// what that means for the run.
     pub async fn save(&mut self, ctx: &LevelContext) -> Result<String, String> {
+        if !self.bare {
+            return Err(
+                "the chain was not saved (it was booted with the component in it); \
+                        the tests share it as booted"
+                    .into(),
+            );
+        }
         let run_dir =
             ctx.vms.run_dir.path().map_err(|e| {
                 format!("the chain was not saved ({e}); the tests share it as booted")
@@ -162,20 +200,27 @@ impl Chain {
         let mut conn = self.conn.write().await;
         let restored = match conn.take() {
             Some(old) => old.restore(snapshot).await,
-            None => Err(RemoteError {
-                kind: WireErrorKind::LevelLost,
-                message: "the chain is down".into(),
-                level_path: self.deepest.clone(),
-            }),
+            None => Err(self.down()),
         };
-        match restored {
+        let restored = match restored {
             Ok(new) => {
                 // Its clocks stood still since the save.
                 if let Err(e) = new.set_clock().await {
                     tracing::warn!("{}", e.message);
                 }
-                *conn = Some(new);
+                // Saved bare: the copy gets the component.
+                match &ctx.component {
+                    Some(component) => {
+                        let setup = ctx.child_setup(self.levels.saturating_sub(1));
+                        new.attach(component, &setup).await.map(|()| new)
+                    }
+                    None => Ok(new),
+                }
             }
+            Err(e) => Err(e),
+        };
+        match restored {
+            Ok(new) => *conn = Some(new),
             Err(e) => {
                 tracing::warn!(
                     "restoring the chain from its snapshot failed ({}); booting it again, \
@@ -185,7 +230,15 @@ impl Chain {
                 *self.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 let _ = std::fs::remove_file(&snapshot.file);
                 self.set_aside_files(ctx);
-                match open(ctx, self.first.as_ref(), self.levels, self.relay.clone()).await {
+                match open(
+                    ctx,
+                    self.first.as_ref(),
+                    self.levels,
+                    self.relay.clone(),
+                    ctx.component.is_none(),
+                )
+                .await
+                {
                     Ok(new) => *conn = Some(new),
                     Err(e) => tracing::warn!("booting the chain again failed: {}", e.message),
                 }
@@ -230,7 +283,17 @@ impl Chain {
         self.set_aside_files(ctx);
         self.kept_lost
             .store(false, std::sync::atomic::Ordering::SeqCst);
-        *conn = Some(open(ctx, self.first.as_ref(), self.levels, self.relay.clone()).await?);
+        let bare = ctx.component.is_none();
+        *conn = Some(
+            open(
+                ctx,
+                self.first.as_ref(),
+                self.levels,
+                self.relay.clone(),
+                bare,
+            )
+            .await?,
+        );
         Ok(())
     }
 
@@ -346,15 +409,23 @@ fn set_aside(dir: &std::path::Path, sub: &str) {
     }
 }
 
-/// Opens the chain's first level below `ctx` (`first`, else a VM), which boots the rest.
+/// Opens the chain's first level below `ctx` (`first`, else a VM), which
+/// boots the rest; `bare`: with no component.
 async fn open(
     ctx: &LevelContext,
     first: Option<&Target>,
     levels: u32,
     relay: OutputSink,
+    bare: bool,
 ) -> Result<Connection, RemoteError> {
     let capture = Capture::forwarding(&ctx.level.path, usize::MAX, relay);
-    let setup = ctx.child_setup(levels.saturating_sub(1));
+    let mut setup = ctx.child_setup(levels.saturating_sub(1));
+    if bare {
+        // What the component may do comes with it (`attach`): a bare chain
+        // holds no grant, nor the run's environment.
+        setup.grants = Default::default();
+        setup.env = Vec::new();
+    }
     let target = match first {
         Some(target) => target.clone(),
         None => Target::Vm(VmRequest {
@@ -368,7 +439,7 @@ async fn open(
     Connection::open(
         &target,
         setup,
-        ctx.component.clone(),
+        ctx.component.clone().filter(|_| !bare),
         capture,
         &ctx.vms,
         ctx.ssh.as_ref(),

@@ -3,6 +3,8 @@
 //! Speaks first (`Hello`), loads the component the parent names (from the local
 //! cache, or asks for the bytes), keeps one instance of it for the life of the
 //! connection, and runs `Call`s on it one at a time while answering `Ping`s.
+//! A level loaded bare (a chain booted to be saved) boots its chain and serves
+//! with no component until an `Attach` brings one (`attach.rs`).
 //! Output of the instance and of every level below it is relayed up as `Event`s.
 //! A closed stdin, a `Shutdown` or a bad frame ends the process, and with it
 //! every level below.
@@ -14,21 +16,20 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
+mod attach;
 mod instance;
 mod stdio;
 
 pub use stdio::{serve_stdio, stdin_is_serial_port};
 
-use instance::Instance;
+use attach::{Attached, Place, Rights};
 
 use crate::engine::{self, CacheDir};
-use crate::host::LevelContext;
-use crate::level::budget::{LevelBudget, ParentLink};
+use crate::level::budget::ParentLink;
 use crate::level::vm::{RunDir, VmContext};
 use crate::level::{LevelInfo, replicate, uname};
 use crate::output::{OutputSink, Stream};
 use crate::runner::Chain;
-use crate::suite;
 use crate::wire::{
     FrameReader, FrameWriter, MAX_CALL_FRAME, MAX_FRAME, Message, READY_TIMEOUT, RemoteError,
     RemoteEvent, WireErrorKind, WireOutcome,
@@ -102,116 +103,83 @@ where
         Ok(Some(Err(e))) => return Err(e.to_string()),
         Ok(None) => return Err("the parent closed the stream before Load".into()),
     };
-    tracing::debug!(level = %setup.path, "Load of component {component}", component = sha);
+    tracing::debug!(level = %setup.path, "Load of component {:?}", sha);
     let fatal = |message: String| RemoteError {
         kind: WireErrorKind::Internal,
         message,
         level_path: setup.path.clone(),
     };
-    let started = std::time::Instant::now();
-    let short = sha.get(..12).unwrap_or(&sha);
-    let bytes = match engine::cached_component(&opts.cache, &sha) {
-        Some(bytes) => {
-            tracing::info!(level = %setup.path, "component {short} was cached here");
-            bytes
-        }
-        None => {
-            let _ = out.send(Message::NeedComponent);
-            reader.set_limit(MAX_FRAME);
-            let sent = tokio::time::timeout(READY_TIMEOUT, reader.next()).await;
-            reader.set_limit(MAX_CALL_FRAME);
-            let (bytes, precompiled) = match sent {
-                Err(_) => {
-                    return Err(format!(
-                        "the parent sent no component within {} s",
-                        READY_TIMEOUT.as_secs()
-                    ));
-                }
-                Ok(Some(Ok(Message::Component { bytes, precompiled }))) => (bytes, precompiled),
-                Ok(Some(Ok(other))) => {
-                    return Err(format!("expected Component, got {}", other.name()));
-                }
-                Ok(Some(Err(e))) => return Err(e.to_string()),
-                Ok(None) => {
-                    return Err("the parent closed the stream before the component".into());
-                }
-            };
-            let got = engine::sha256_hex(&bytes);
-            if got != sha {
-                let error = fatal(format!("component bytes hash to {got}, expected {sha}"));
-                let _ = out.send(Message::Fatal { error });
-                return finish(out, writer_task).await;
-            }
-            tracing::info!(
-                level = %setup.path,
-                "component {short} received after {} ms ({} bytes, precompiled artifact: {})",
-                started.elapsed().as_millis(),
-                bytes.len(),
-                precompiled.as_ref().map_or("none".to_string(), |(_, a)| format!("{} bytes", a.len()))
-            );
-            engine::store_component(&opts.cache, &sha, &bytes);
-            if let Some((key, artifact)) = precompiled {
-                engine::adopt_artifact(&opts.cache, &key, &sha, &artifact);
-            }
-            bytes
-        }
-    };
-    let cache = opts.cache.clone();
-    let label = PathBuf::from(format!("{sha}.wasm"));
-    let loaded =
-        match tokio::task::spawn_blocking(move || suite::load_bytes(&label, bytes, &cache)).await {
-            Ok(Ok(suite)) => suite,
-            Ok(Err(e)) => {
-                let _ = out.send(Message::Fatal {
-                    error: fatal(e.to_string()),
-                });
-                return finish(out, writer_task).await;
-            }
-            Err(e) => return Err(format!("loading the component panicked: {e}")),
-        };
     // Levels a test opens here are counted at L0, asked for through the parent.
     let link = {
         let out = out.clone();
         ParentLink::new(move |msg| out.send(msg).is_ok())
     };
-    let ctx = Arc::new(LevelContext {
+    let place = Arc::new(Place {
         level: LevelInfo {
             depth: setup.depth,
             path: setup.path.clone(),
             hostname,
             arch,
         },
-        grants: setup.grants.clone(),
-        limits: setup.limits.into(),
-        nest: setup.nest,
-        env: setup.env.clone(),
         ssh: setup.ssh.clone(),
-        component: loaded.component.clone(),
-        vms: VmContext::new(
+        vms: Arc::new(VmContext::new(
             setup.vm.clone(),
             None,
             RunDir::Temporary(std::sync::OnceLock::new()),
             opts.cache.dir().map(PathBuf::from),
-        ),
-        parent_budget: Some(LevelBudget::via_parent(link.clone())),
+        )),
+        link: link.clone(),
     });
-    let loaded = Arc::new(loaded);
-    let mut instance = match Instance::start(&loaded, &ctx, &out).await {
-        Ok(i) => i,
-        Err(e) => {
-            let _ = out.send(Message::Fatal { error: fatal(e) });
-            return finish(out, writer_task).await;
+    let attached: Arc<std::sync::OnceLock<Attached>> = Arc::default();
+    // The context the chain below is booted with: the component's, or a bare one.
+    let ctx = match &sha {
+        None => {
+            tracing::info!(level = %setup.path, "loaded bare: the component comes with an Attach");
+            place.context(Rights::from(&setup), None)
+        }
+        Some(sha) => {
+            let started = std::time::Instant::now();
+            let bytes =
+                match receive_component(&mut reader, &out, &opts.cache, sha, &setup.path).await? {
+                    Ok(bytes) => bytes,
+                    Err(message) => {
+                        let _ = out.send(Message::Fatal {
+                            error: fatal(message),
+                        });
+                        return finish(out, writer_task).await;
+                    }
+                };
+            let started_up = match attach::load(bytes, sha, &opts.cache).await {
+                Ok(loaded) => {
+                    let source = loaded.source;
+                    let ctx = place.context(Rights::from(&setup), Some(loaded.component.clone()));
+                    Attached::start(loaded, ctx, &out)
+                        .await
+                        .map(|a| (a, source))
+                }
+                Err(e) => Err(e),
+            };
+            match started_up {
+                Ok((a, source)) => {
+                    tracing::info!(
+                        level = %setup.path,
+                        "component loaded ({source:?}) and instantiated {} ms after Load",
+                        started.elapsed().as_millis()
+                    );
+                    let ctx = a.ctx.clone();
+                    let _ = attached.set(a);
+                    ctx
+                }
+                Err(e) => {
+                    let _ = out.send(Message::Fatal { error: fatal(e) });
+                    return finish(out, writer_task).await;
+                }
+            }
         }
     };
-    tracing::info!(
-        level = %setup.path,
-        "component loaded ({:?}) and instantiated {} ms after Load",
-        loaded.source,
-        started.elapsed().as_millis()
-    );
     // `--levels N`: the levels below this one are booted before it says Ready.
     let chain = if setup.descend > 0 {
-        match Chain::boot(&ctx, None, setup.descend, Some(up_sink(&out))).await {
+        match Chain::boot(&ctx, None, setup.descend, Some(up_sink(&out)), false).await {
             Ok(chain) => Some(Arc::new(chain)),
             Err(error) => {
                 let _ = out.send(Message::Fatal { error });
@@ -221,6 +189,7 @@ where
     } else {
         None
     };
+    drop(ctx);
     let below = match &chain {
         Some(chain) => chain.access().await,
         None => Vec::new(),
@@ -230,33 +199,30 @@ where
         .inject
         .map(|inject| tokio::spawn(misbehave(inject, setup.path.clone(), out.clone())));
 
-    // Calls run one at a time on the instance task; this loop keeps answering pings.
-    let (calls, mut calls_rx) = mpsc::unbounded_channel::<(u64, String, Vec<u8>, Option<u64>)>();
-    let (cancel, mut cancel_rx) = mpsc::unbounded_channel::<u64>();
-    let worker = {
-        let out = out.clone();
-        let ctx = ctx.clone();
-        let loaded = loaded.clone();
-        tokio::spawn(async move {
-            while let Some((id, function, args, deadline)) = calls_rx.recv().await {
-                let result = instance
-                    .call(
-                        &loaded,
-                        &ctx,
-                        &out,
-                        &function,
-                        args,
-                        deadline,
-                        id,
-                        &mut cancel_rx,
-                    )
-                    .await;
-                let _ = out.send(Message::Return { id, result });
-            }
-        })
+    // A bare level reads an `Attach` (the component) until it has one.
+    let mut bare = attached.get().is_none();
+    if bare {
+        reader.set_limit(MAX_FRAME);
+    }
+    let attaching = Arc::new(std::sync::atomic::AtomicBool::new(!bare));
+    let not_attached = |id: u64| Message::Return {
+        id,
+        result: Err(RemoteError {
+            kind: WireErrorKind::Unsupported,
+            message: format!(
+                "no component is loaded at {} yet: its chain was booted bare and got no Attach",
+                setup.path
+            ),
+            level_path: setup.path.clone(),
+        }),
     };
+    // Calls run one at a time on the instance's task; this loop keeps answering pings.
     let mut tests = Vec::new();
     loop {
+        if bare && attached.get().is_some() {
+            reader.set_limit(MAX_CALL_FRAME);
+            bare = false;
+        }
         // The parent pings every HEARTBEAT_INTERVAL; silence means it is gone.
         let Ok(next) = tokio::time::timeout(PARENT_SILENCE, reader.next()).await else {
             tracing::warn!(
@@ -271,21 +237,34 @@ where
                 function,
                 args,
                 deadline_ms,
-            })) => {
-                let _ = calls.send((id, function, args, deadline_ms));
-            }
+            })) => match attached.get() {
+                Some(a) => {
+                    let _ = a.calls.send((id, function, args, deadline_ms));
+                }
+                None => {
+                    let _ = out.send(not_attached(id));
+                }
+            },
             Some(Ok(Message::Run {
                 id,
                 name,
                 deadline_ms,
             })) => {
                 let timeout = Duration::from_millis(deadline_ms);
-                let (out, chain, loaded, ctx) =
-                    (out.clone(), chain.clone(), loaded.clone(), ctx.clone());
+                // At the deepest level of the chain, or here.
+                let runs_at = match (&chain, attached.get()) {
+                    (Some(chain), _) => Ok(chain.clone()),
+                    (None, Some(a)) => Err((a.loaded.clone(), a.ctx.clone())),
+                    (None, None) => {
+                        let _ = out.send(not_attached(id));
+                        continue;
+                    }
+                };
+                let out = out.clone();
                 tests.push(tokio::spawn(async move {
-                    let outcome = match chain {
-                        Some(chain) => chain.forward_run(&name, timeout).await,
-                        None => {
+                    let outcome = match runs_at {
+                        Ok(chain) => chain.forward_run(&name, timeout).await,
+                        Err((loaded, ctx)) => {
                             Ok(
                                 crate::runner::run_here(loaded, ctx, &name, timeout, up_sink(&out))
                                     .await,
@@ -299,6 +278,43 @@ where
                             level_path: String::new(),
                         })
                     });
+                    let _ = out.send(Message::Return { id, result });
+                }));
+            }
+            Some(Ok(Message::Attach { id, attachment })) => {
+                if attaching.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    let _ = out.send(Message::Return {
+                        id,
+                        result: Err(RemoteError {
+                            kind: WireErrorKind::InvalidArgument,
+                            message: format!("{} already has a component", setup.path),
+                            level_path: setup.path.clone(),
+                        }),
+                    });
+                    continue;
+                }
+                let (out, chain, place, attached, attaching, cache) = (
+                    out.clone(),
+                    chain.clone(),
+                    place.clone(),
+                    attached.clone(),
+                    attaching.clone(),
+                    opts.cache.clone(),
+                );
+                tests.push(tokio::spawn(async move {
+                    let result =
+                        attach::attach(*attachment, &place, chain.as_deref(), &cache, &out).await;
+                    let result = match result {
+                        Ok(a) => {
+                            let _ = attached.set(a);
+                            Ok(Vec::new())
+                        }
+                        Err(e) => {
+                            // It may be tried again.
+                            attaching.store(false, std::sync::atomic::Ordering::SeqCst);
+                            Err(e)
+                        }
+                    };
                     let _ = out.send(Message::Return { id, result });
                 }));
             }
@@ -320,7 +336,9 @@ where
                 let _ = out.send(Message::Pong { seq });
             }
             Some(Ok(Message::Cancel { id })) => {
-                let _ = cancel.send(id);
+                if let Some(a) = attached.get() {
+                    let _ = a.cancel.send(id);
+                }
             }
             Some(Ok(Message::Acquired { id, result })) => link.answer(id, result),
             Some(Ok(Message::Shutdown)) => break,
@@ -342,13 +360,73 @@ where
     if let Some(task) = injected {
         task.abort();
     }
-    worker.abort();
-    let _ = worker.await;
     for test in tests {
         test.abort();
     }
+    drop(attached);
     drop(chain);
     finish(out, writer_task).await
+}
+
+/// The component `sha` named at `Load`: from `cache`, or asked of the parent
+/// (`NeedComponent`). `Err` ends serving; `Ok(Err)` is said to the parent as
+/// `Fatal` first.
+async fn receive_component<R>(
+    reader: &mut FrameReader<R>,
+    out: &mpsc::UnboundedSender<Message>,
+    cache: &CacheDir,
+    sha: &str,
+    path: &str,
+) -> Result<Result<Vec<u8>, String>, String>
+where
+    R: AsyncRead + Unpin,
+{
+    let started = std::time::Instant::now();
+    let short = sha.get(..12).unwrap_or(sha);
+    if let Some(bytes) = engine::cached_component(cache, sha) {
+        tracing::info!(level = %path, "component {short} was cached here");
+        return Ok(Ok(bytes));
+    }
+    let _ = out.send(Message::NeedComponent);
+    reader.set_limit(MAX_FRAME);
+    let sent = tokio::time::timeout(READY_TIMEOUT, reader.next()).await;
+    reader.set_limit(MAX_CALL_FRAME);
+    let (bytes, precompiled) = match sent {
+        Err(_) => {
+            return Err(format!(
+                "the parent sent no component within {} s",
+                READY_TIMEOUT.as_secs()
+            ));
+        }
+        Ok(Some(Ok(Message::Component { bytes, precompiled }))) => (bytes, precompiled),
+        Ok(Some(Ok(other))) => {
+            return Err(format!("expected Component, got {}", other.name()));
+        }
+        Ok(Some(Err(e))) => return Err(e.to_string()),
+        Ok(None) => {
+            return Err("the parent closed the stream before the component".into());
+        }
+    };
+    let got = engine::sha256_hex(&bytes);
+    if got != sha {
+        return Ok(Err(format!(
+            "component bytes hash to {got}, expected {sha}"
+        )));
+    }
+    tracing::info!(
+        level = %path,
+        "component {short} received after {} ms ({} bytes, precompiled artifact: {})",
+        started.elapsed().as_millis(),
+        bytes.len(),
+        precompiled
+            .as_ref()
+            .map_or("none".to_string(), |(_, a)| format!("{} bytes", a.len()))
+    );
+    engine::store_component(cache, sha, &bytes);
+    if let Some((key, artifact)) = precompiled {
+        engine::adopt_artifact(cache, &key, sha, &artifact);
+    }
+    Ok(Ok(bytes))
 }
 
 /// The files of this level and the levels below that go when they go down: its

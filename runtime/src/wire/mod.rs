@@ -9,6 +9,10 @@
 //! component bytes with [`Message::NeedComponent`] only if its cache lacks them,
 //! then answers [`Message::Ready`] or [`Message::Fatal`]. After that the parent
 //! sends calls and pings, the child sends returns, events and pongs.
+//!
+//! A chain booted to be saved (`--snapshot`) is loaded with no component: its
+//! `Load` names none, and every level serves bare until an [`Message::Attach`]
+//! brings the component and its rights, level after level down the chain.
 
 use std::time::Duration;
 
@@ -37,10 +41,11 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 pub const READY_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The protocol version this runtime speaks; both ends must agree at `Hello`.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Largest frame accepted: the `Component` frame (a component and its
-/// precompiled artifact), which only a child reads, and only before it is ready.
+/// precompiled artifact), which only a child reads, and only before it is
+/// ready; and the `Attach` frame, which a bare child reads until it has one.
 pub const MAX_FRAME: usize = 256 << 20;
 
 /// Largest frame accepted otherwise (calls, returns, events): room for a call
@@ -65,8 +70,9 @@ pub enum Message {
     },
     /// Parent → child: what to run, where in the chain, with which rights.
     Load {
-        /// Hex sha256 of the component.
-        component_sha256: String,
+        /// Hex sha256 of the component; `None` for a bare level (a chain booted
+        /// to be saved), which gets its component with an `Attach` later.
+        component_sha256: Option<String>,
         /// Level, grants, limits and how to reach further levels.
         setup: Box<LevelSetup>,
     },
@@ -170,6 +176,15 @@ pub enum Message {
         /// What went wrong.
         error: RemoteError,
     },
+    /// Parent → child, to a level loaded bare: load this component with these
+    /// rights, here and then at every level the child's chain booted; answered
+    /// by a `Return` with no bytes once the deepest has it.
+    Attach {
+        /// Request id, echoed by the `Return`.
+        id: u64,
+        /// The component and the rights it runs with.
+        attachment: Box<Attachment>,
+    },
     /// Parent → child, after restoring the child from a snapshot: set the
     /// wall clock (and the chain's below) to the parent's, which stood still
     /// while the snapshot waited; answered by a `Return` with no bytes.
@@ -200,6 +215,7 @@ impl Message {
             Message::Shutdown => "Shutdown",
             Message::Collect { .. } => "Collect",
             Message::SetClock { .. } => "SetClock",
+            Message::Attach { .. } => "Attach",
             Message::Fatal { .. } => "Fatal",
             Message::Acquire { .. } => "Acquire",
             Message::Acquired { .. } => "Acquired",
@@ -230,6 +246,28 @@ pub struct LevelSetup {
     /// VM levels the child boots below itself before it is ready, each from the
     /// image it booted from (`--levels N` at L0 sends N - 1).
     pub descend: u32,
+}
+
+/// What an `Attach` brings a bare level: the component, and the rights a
+/// `Load` would have carried (the rest of a level's setup is the one it was
+/// booted with).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attachment {
+    /// Hex sha256 of `bytes`, checked by the child.
+    pub component_sha256: String,
+    /// The `.wasm` file.
+    pub bytes: Vec<u8>,
+    /// The parent's precompiled artifact: (engine key, bytes), when it has one
+    /// for the child's architecture.
+    pub precompiled: Option<(String, Vec<u8>)>,
+    /// The grants of the run.
+    pub grants: Grants,
+    /// The instance limits of the run.
+    pub limits: WireLimits,
+    /// How deep the chain may go and how many levels a test may hold.
+    pub nest: NestLimits,
+    /// Environment of the component.
+    pub env: Vec<(String, String)>,
 }
 
 /// How a test run at another level ended (`Outcome`, in a form postcard can carry).

@@ -7,10 +7,15 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+use std::sync::Arc;
+
 use super::watch::{lock, lost_error};
-use super::{Answer, Connection, RUN_SLACK};
+use super::{Answer, Connection, RUN_SLACK, precompiled_for};
+use crate::engine::ComponentSource;
 use crate::event::Outcome;
-use crate::wire::{Message, RemoteError, WireErrorKind, WireOutcome};
+use crate::wire::{
+    Attachment, LevelSetup, Message, READY_TIMEOUT, RemoteError, WireErrorKind, WireOutcome,
+};
 
 impl Connection {
     /// Calls `function` of the component's `call` export at the child.
@@ -55,6 +60,37 @@ impl Connection {
                 message: format!("the outcome of `{name}` did not decode: {e}"),
                 level_path: self.info.path.clone(),
             })
+    }
+
+    /// Gives a child loaded bare (and the chain it booted) `component`, with
+    /// the rights in `setup` (its grants, limits and environment; the rest is
+    /// what the child was booted with).
+    pub async fn attach(
+        &self,
+        component: &Arc<ComponentSource>,
+        setup: &LevelSetup,
+    ) -> Result<(), RemoteError> {
+        let attachment = Box::new(Attachment {
+            component_sha256: component.sha256.clone(),
+            bytes: component.bytes.clone(),
+            precompiled: precompiled_for(component, &self.info.arch).await,
+            grants: setup.grants.clone(),
+            limits: setup.limits,
+            nest: setup.nest,
+            env: setup.env.clone(),
+        });
+        let what = format!(
+            "attach of component {} ({} bytes)",
+            component.sha256.get(..12).unwrap_or(&component.sha256),
+            component.bytes.len()
+        );
+        self.request(
+            |id| Message::Attach { id, attachment },
+            &what,
+            Some(READY_TIMEOUT),
+        )
+        .await
+        .map(|_| ())
     }
 
     pub(super) async fn request(

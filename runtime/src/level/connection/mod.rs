@@ -99,12 +99,14 @@ struct Parts {
 
 impl Connection {
     /// Reaches `target` (with this level's `own_ssh` settings), starts a runtime
-    /// there and loads the component into it, with `setup`. Levels the child's
-    /// subtree opens later are taken from `budget`.
+    /// there and loads the component into it, with `setup`; with no component
+    /// the child (and the chain it boots) serves bare until
+    /// [`Connection::attach`]. Levels the child's subtree opens later are taken
+    /// from `budget`.
     pub async fn open(
         target: &Target,
         mut setup: LevelSetup,
-        component: Arc<ComponentSource>,
+        component: Option<Arc<ComponentSource>>,
         capture: Arc<Capture>,
         vms: &VmContext,
         own_ssh: Option<&SshSettings>,
@@ -185,13 +187,18 @@ impl Connection {
 
         // Load: hand over the component (only if the child lacks it) and wait for Ready.
         let load = Message::Load {
-            component_sha256: component.sha256.clone(),
+            component_sha256: component.as_ref().map(|c| c.sha256.clone()),
             setup: Box::new(setup.clone()),
         };
         journal.note(&format!(
-            "→ Load {} (component {})",
+            "→ Load {} ({})",
             setup.path,
-            component.sha256.get(..12).unwrap_or(&component.sha256)
+            component
+                .as_ref()
+                .map_or("bare: no component".into(), |c| format!(
+                    "component {}",
+                    c.sha256.get(..12).unwrap_or(&c.sha256)
+                ))
         ));
         let sent = writer.send(&load).await;
         if let Err(what) = sent {
@@ -210,21 +217,17 @@ impl Connection {
             .map_err(lost_err)?;
             match msg {
                 Message::NeedComponent => {
+                    let Some(component) = &component else {
+                        return Err(lost_err(
+                            "it asked for a component, though loaded bare".into(),
+                        ));
+                    };
                     journal.note(&format!(
                         "← NeedComponent; → Component ({} bytes)",
                         component.bytes.len()
                     ));
                     let bytes = component.bytes.clone();
-                    // Compiled here for a level of another architecture.
-                    let precompiled = {
-                        let (component, arch) = (component.clone(), arch.clone());
-                        tokio::task::spawn_blocking(move || {
-                            crate::engine::artifact_for(&component, &arch)
-                        })
-                        .await
-                        .ok()
-                        .flatten()
-                    };
+                    let precompiled = precompiled_for(component, &arch).await;
                     let sent = writer
                         .send(&Message::Component { bytes, precompiled })
                         .await;
@@ -357,7 +360,11 @@ impl Connection {
             tokio::spawn(async move {
                 while let Some(msg) = out_rx.recv().await {
                     let shutdown = msg == Message::Shutdown;
-                    let big = matches!(&msg, Message::Call { args, .. } if args.len() > BIG_FRAME);
+                    let big = match &msg {
+                        Message::Call { args, .. } => args.len() > BIG_FRAME,
+                        Message::Attach { .. } => true,
+                        _ => false,
+                    };
                     let sent = writer.send(&msg).await;
                     // A big call delays the child's pongs behind it: count the end of its send
                     // as a sign of life. Small frames (pings) prove nothing: a pipe takes them
@@ -521,6 +528,19 @@ impl Connection {
     pub fn qmp(&self) -> Option<Arc<QmpPort>> {
         self.qmp.clone()
     }
+}
+
+/// The artifact of `component` for a child of architecture `arch`: this
+/// level's, or compiled here for another architecture.
+pub(super) async fn precompiled_for(
+    component: &Arc<ComponentSource>,
+    arch: &str,
+) -> Option<(String, Vec<u8>)> {
+    let (component, arch) = (component.clone(), arch.to_string());
+    tokio::task::spawn_blocking(move || crate::engine::artifact_for(&component, &arch))
+        .await
+        .ok()
+        .flatten()
 }
 
 impl Drop for Connection {
