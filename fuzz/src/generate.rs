@@ -266,7 +266,7 @@ fn hello(u: &mut Unstructured, num: u8, den: u8) -> Result<Message> {
 
 /// Any message of the protocol.
 pub fn message(u: &mut Unstructured) -> Result<Message> {
-    Ok(match u.int_in_range(0..=19)? {
+    Ok(match u.int_in_range(0..=20)? {
         0 => hello(u, 3, 4)?,
         1 => Message::Load {
             component_sha256: some(u, text)?,
@@ -330,6 +330,10 @@ pub fn message(u: &mut Unstructured) -> Result<Message> {
         17 => Message::SetClock {
             id: number(u)?,
             unix_ms: number(u)?,
+        },
+        19 => Message::Pause {
+            id: number(u)?,
+            paused: u.arbitrary()?,
         },
         18 => {
             let setup = setup(u)?;
@@ -567,6 +571,6 @@ mod tests {
             assert_eq!(back, msg);
             variants.insert(msg.name());
         }
-        assert_eq!(variants.len(), 20, "{variants:?}");
+        assert_eq!(variants.len(), 21, "{variants:?}");
     }
 }

@@ -113,20 +113,13 @@ impl Chain {
         }
     }
 
-    /// `--snapshot`: saves L1's machine of a chain booted bare, with every
-    /// level inside it, into a folder of the run folder (removed with the
-    /// chain), and runs it on; each test after the first then gets a copy
-    /// restored from it, and the component attached to it. Says how long
+    /// `--snapshot`: saves L1's machine, with every level inside it, into a
+    /// folder of the run folder (removed with the chain), and runs it on; each
+    /// test after the first then gets a copy restored from it (and, when the
+    /// chain was booted bare, the component attached to it). Says how long
     /// saving took and how big the state is, or why there is no snapshot and
     /// what that means for the run.
     pub async fn save(&mut self, ctx: &LevelContext) -> Result<String, String> {
-        if !self.bare {
-            return Err(
-                "the chain was not saved (it was booted with the component in it); \
-                        the tests share it as booted"
-                    .into(),
-            );
-        }
         let run_dir =
             ctx.vms.run_dir.path().map_err(|e| {
                 format!("the chain was not saved ({e}); the tests share it as booted")
@@ -146,9 +139,21 @@ impl Chain {
             return Err("the chain is down".into());
         };
         let name = format!("{}.snapshot", conn.info().path.replace('/', "-"));
-        let saved = conn.save(&dir.path().join(name)).await;
+        // L2.. stopped first: L1's vCPU is then not inside a nested guest when
+        // it is saved (QEMU cannot load that state back).
+        let saved = match conn.pause_below(true).await {
+            Ok(()) => conn.save(&dir.path().join(name)).await,
+            Err(e) => Err(e),
+        };
         // Stopped for the save, whether it worked or not.
         if let Err(e) = conn.resume().await {
+            *slot = None;
+            return Err(format!(
+                "{}; the chain is down: the tests fail unless --retries boots it again",
+                e.message
+            ));
+        }
+        if let Err(e) = conn.pause_below(false).await {
             *slot = None;
             return Err(format!(
                 "{}; the chain is down: the tests fail unless --retries boots it again",
@@ -203,20 +208,24 @@ impl Chain {
             None => Err(self.down()),
         };
         let restored = match restored {
-            Ok(new) => {
-                // Its clocks stood still since the save.
-                if let Err(e) = new.set_clock().await {
-                    tracing::warn!("{}", e.message);
-                }
-                // Saved bare: the copy gets the component.
-                match &ctx.component {
-                    Some(component) => {
-                        let setup = ctx.child_setup(self.levels.saturating_sub(1));
-                        new.attach(component, &setup).await.map(|()| new)
+            // Saved with the levels below L1 stopped: they run on first.
+            Ok(new) => match new.pause_below(false).await {
+                Err(e) => Err(e),
+                Ok(()) => {
+                    // Its clocks stood still since the save.
+                    if let Err(e) = new.set_clock().await {
+                        tracing::warn!("{}", e.message);
                     }
-                    None => Ok(new),
+                    // Saved bare: the copy gets the component.
+                    match ctx.component.as_ref().filter(|_| self.bare) {
+                        Some(component) => {
+                            let setup = ctx.child_setup(self.levels.saturating_sub(1));
+                            new.attach(component, &setup).await.map(|()| new)
+                        }
+                        None => Ok(new),
+                    }
                 }
-            }
+            },
             Err(e) => Err(e),
         };
         match restored {
@@ -243,6 +252,23 @@ impl Chain {
                     Err(e) => tracing::warn!("booting the chain again failed: {}", e.message),
                 }
             }
+        }
+    }
+
+    /// Stops (`paused`) or runs on every VM level of the chain: the deepest
+    /// stops first and runs on last, so that while a level is stopped none
+    /// below it runs; a served level does this for its parent's save.
+    pub async fn pause(&self, paused: bool) -> Result<(), RemoteError> {
+        let conn = self.conn.read().await;
+        let Some(conn) = &*conn else {
+            return Ok(());
+        };
+        if paused {
+            conn.pause_below(true).await?;
+            conn.pause(true).await
+        } else {
+            conn.pause(false).await?;
+            conn.pause_below(false).await
         }
     }
 

@@ -325,6 +325,16 @@ where
                     let _ = out.send(Message::Return { id, result });
                 }));
             }
+            Some(Ok(Message::Pause { id, paused })) => {
+                let (out, chain) = (out.clone(), chain.clone());
+                tests.push(tokio::spawn(async move {
+                    let result = match chain {
+                        Some(chain) => chain.pause(paused).await.map(|()| Vec::new()),
+                        None => Ok(Vec::new()),
+                    };
+                    let _ = out.send(Message::Return { id, result });
+                }));
+            }
             Some(Ok(Message::SetClock { id, unix_ms })) => {
                 let (out, chain, path) = (out.clone(), chain.clone(), setup.path.clone());
                 tests.push(tokio::spawn(async move {

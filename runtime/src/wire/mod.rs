@@ -176,6 +176,17 @@ pub enum Message {
         /// What went wrong.
         error: RemoteError,
     },
+    /// Parent → child, around a save of the child's machine: stop (`paused`)
+    /// or run on the VM levels the child's chain booted (deepest first when
+    /// stopping, and last when running on), so that no level's vCPU is inside
+    /// a nested guest when the child is saved; answered by a `Return` with no
+    /// bytes.
+    Pause {
+        /// Request id, echoed by the `Return`.
+        id: u64,
+        /// Stop (`true`) or run on (`false`).
+        paused: bool,
+    },
     /// Parent → child, to a level loaded bare: load this component with these
     /// rights, here and then at every level the child's chain booted; answered
     /// by a `Return` with no bytes once the deepest has it.
@@ -216,6 +227,7 @@ impl Message {
             Message::Collect { .. } => "Collect",
             Message::SetClock { .. } => "SetClock",
             Message::Attach { .. } => "Attach",
+            Message::Pause { .. } => "Pause",
             Message::Fatal { .. } => "Fatal",
             Message::Acquire { .. } => "Acquire",
             Message::Acquired { .. } => "Acquired",
