@@ -366,7 +366,6 @@ fn list(runner: &Runner, plan: &runner::Plan, format: Format) -> u8 {
     }
 }
 
-/// `, then N VM levels below it`, or nothing.
 /// Boots the run's chain; with `snapshot`, saved (a warning when that fails:
 /// the tests then share it).
 ///
@@ -391,6 +390,7 @@ async fn boot_chain(
     Ok(chain)
 }
 
+/// `, then N VM levels below it`, or nothing.
 fn booting_below(vms: u32) -> String {
     match vms {
         0 => String::new(),

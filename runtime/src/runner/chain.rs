@@ -37,7 +37,8 @@ pub struct Chain {
     snapshot_dir: Option<tempfile::TempDir>,
     /// Whether a test ran on the levels up now.
     used: std::sync::atomic::AtomicBool,
-    /// Whether it was booted bare (to be saved with no component in it).
+    /// Whether it was booted bare (to be saved with no component in it): a
+    /// restored copy gets the component attached.
     bare: bool,
 }
 
@@ -72,7 +73,6 @@ impl Chain {
         let depth = ctx.level.depth + 1;
         let deepest = (depth..depth + levels.max(1))
             .fold(ctx.level.path.clone(), |path, d| format!("{path}/L{d}"));
-        let bare = bare || ctx.component.is_none();
         let conn = open(ctx, first.as_ref(), levels, relay.clone(), bare).await?;
         Ok(Self {
             conn: tokio::sync::RwLock::new(Some(conn)),
@@ -97,12 +97,20 @@ impl Chain {
             return Ok(());
         };
         match &*self.conn.read().await {
-            Some(conn) => {
-                let setup = ctx.child_setup(self.levels.saturating_sub(1));
-                conn.attach(component, &setup).await
-            }
+            Some(conn) => self.attach_to(conn, component, ctx).await,
             None => Err(self.down()),
         }
+    }
+
+    /// Attaches `component` with `ctx`'s rights to the chain's first level `conn`.
+    async fn attach_to(
+        &self,
+        conn: &Connection,
+        component: &Arc<crate::engine::ComponentSource>,
+        ctx: &LevelContext,
+    ) -> Result<(), RemoteError> {
+        let setup = ctx.child_setup(self.levels.saturating_sub(1));
+        conn.attach(component, &setup).await
     }
 
     fn down(&self) -> RemoteError {
@@ -146,7 +154,7 @@ impl Chain {
             Err(e) => Err(e),
         };
         // Stopped for the save, whether it worked or not.
-        if let Err(e) = conn.resume().await {
+        if let Err(e) = conn.pause(false).await {
             *slot = None;
             return Err(format!(
                 "{}; the chain is down: the tests fail unless --retries boots it again",
@@ -203,31 +211,24 @@ impl Chain {
     /// that fails).
     async fn restore(&self, ctx: &LevelContext, snapshot: &Snapshot) {
         let mut conn = self.conn.write().await;
-        let restored = match conn.take() {
-            Some(old) => old.restore(snapshot).await,
-            None => Err(self.down()),
-        };
-        let restored = match restored {
+        let restored = async {
+            let new = match conn.take() {
+                Some(old) => old.restore(snapshot).await?,
+                None => return Err(self.down()),
+            };
             // Saved with the levels below L1 stopped: they run on first.
-            Ok(new) => match new.pause_below(false).await {
-                Err(e) => Err(e),
-                Ok(()) => {
-                    // Its clocks stood still since the save.
-                    if let Err(e) = new.set_clock().await {
-                        tracing::warn!("{}", e.message);
-                    }
-                    // Saved bare: the copy gets the component.
-                    match ctx.component.as_ref().filter(|_| self.bare) {
-                        Some(component) => {
-                            let setup = ctx.child_setup(self.levels.saturating_sub(1));
-                            new.attach(component, &setup).await.map(|()| new)
-                        }
-                        None => Ok(new),
-                    }
-                }
-            },
-            Err(e) => Err(e),
-        };
+            new.pause_below(false).await?;
+            // Its clocks stood still since the save.
+            if let Err(e) = new.set_clock().await {
+                tracing::warn!("{}", e.message);
+            }
+            // Saved bare: the copy gets the component.
+            if let Some(component) = ctx.component.as_ref().filter(|_| self.bare) {
+                self.attach_to(&new, component, ctx).await?;
+            }
+            Ok(new)
+        }
+        .await;
         match restored {
             Ok(new) => *conn = Some(new),
             Err(e) => {
@@ -244,7 +245,7 @@ impl Chain {
                     self.first.as_ref(),
                     self.levels,
                     self.relay.clone(),
-                    ctx.component.is_none(),
+                    false,
                 )
                 .await
                 {
@@ -309,14 +310,13 @@ impl Chain {
         self.set_aside_files(ctx);
         self.kept_lost
             .store(false, std::sync::atomic::Ordering::SeqCst);
-        let bare = ctx.component.is_none();
         *conn = Some(
             open(
                 ctx,
                 self.first.as_ref(),
                 self.levels,
                 self.relay.clone(),
-                bare,
+                false,
             )
             .await?,
         );
@@ -436,7 +436,7 @@ fn set_aside(dir: &std::path::Path, sub: &str) {
 }
 
 /// Opens the chain's first level below `ctx` (`first`, else a VM), which
-/// boots the rest; `bare`: with no component.
+/// boots the rest; with no component when `bare` or when `ctx` has none.
 async fn open(
     ctx: &LevelContext,
     first: Option<&Target>,
@@ -444,6 +444,7 @@ async fn open(
     relay: OutputSink,
     bare: bool,
 ) -> Result<Connection, RemoteError> {
+    let bare = bare || ctx.component.is_none();
     let capture = Capture::forwarding(&ctx.level.path, usize::MAX, relay);
     let mut setup = ctx.child_setup(levels.saturating_sub(1));
     if bare {

@@ -83,7 +83,7 @@ pub(super) struct Attached {
 
 impl Attached {
     /// Starts the instance and the task that runs calls on it.
-    pub(super) async fn start(
+    async fn start(
         loaded: LoadedSuite,
         ctx: Arc<LevelContext>,
         out: &mpsc::UnboundedSender<Message>,
@@ -129,18 +129,29 @@ impl Drop for Attached {
     }
 }
 
-/// Loads `bytes` (hashing to `sha256`), compiled or from `cache`.
-pub(super) async fn load(
-    bytes: Vec<u8>,
-    sha256: &str,
-    cache: &CacheDir,
-) -> Result<LoadedSuite, String> {
-    let cache = cache.clone();
-    let label = PathBuf::from(format!("{sha256}.wasm"));
-    match tokio::task::spawn_blocking(move || suite::load_bytes(&label, bytes, &cache)).await {
-        Ok(Ok(suite)) => Ok(suite),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(e) => Err(format!("loading the component panicked: {e}")),
+impl Attached {
+    /// Loads `bytes` (hashing to `sha256`, compiled or from `cache`) with
+    /// `rights` at `place`, and starts its instance.
+    pub(super) async fn load(
+        bytes: Vec<u8>,
+        sha256: &str,
+        place: &Place,
+        rights: Rights,
+        cache: &CacheDir,
+        out: &mpsc::UnboundedSender<Message>,
+    ) -> Result<Self, String> {
+        let cache = cache.clone();
+        let label = PathBuf::from(format!("{sha256}.wasm"));
+        let loaded =
+            match tokio::task::spawn_blocking(move || suite::load_bytes(&label, bytes, &cache))
+                .await
+            {
+                Ok(Ok(suite)) => suite,
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(e) => return Err(format!("loading the component panicked: {e}")),
+            };
+        let ctx = place.context(rights, Some(loaded.component.clone()));
+        Self::start(loaded, ctx, out).await
     }
 }
 
@@ -181,17 +192,13 @@ pub(super) async fn attach(
     if let Some((key, artifact)) = precompiled {
         engine::adopt_artifact(cache, &key, &sha, &artifact);
     }
-    let loaded = load(bytes, &sha, cache)
-        .await
-        .map_err(|m| err(WireErrorKind::Internal, m))?;
     let rights = Rights {
         grants,
         limits,
         nest,
         env,
     };
-    let ctx = place.context(rights, Some(loaded.component.clone()));
-    let attached = Attached::start(loaded, ctx.clone(), out)
+    let attached = Attached::load(bytes, &sha, place, rights, cache, out)
         .await
         .map_err(|m| err(WireErrorKind::Internal, m))?;
     tracing::info!(
@@ -201,7 +208,7 @@ pub(super) async fn attach(
         started.elapsed().as_millis()
     );
     if let Some(chain) = chain {
-        chain.attach(&ctx).await?;
+        chain.attach(&attached.ctx).await?;
     }
     Ok(attached)
 }

@@ -149,21 +149,14 @@ where
                         return finish(out, writer_task).await;
                     }
                 };
-            let started_up = match attach::load(bytes, sha, &opts.cache).await {
-                Ok(loaded) => {
-                    let source = loaded.source;
-                    let ctx = place.context(Rights::from(&setup), Some(loaded.component.clone()));
-                    Attached::start(loaded, ctx, &out)
-                        .await
-                        .map(|a| (a, source))
-                }
-                Err(e) => Err(e),
-            };
+            let started_up =
+                Attached::load(bytes, sha, &place, Rights::from(&setup), &opts.cache, &out).await;
             match started_up {
-                Ok((a, source)) => {
+                Ok(a) => {
                     tracing::info!(
                         level = %setup.path,
-                        "component loaded ({source:?}) and instantiated {} ms after Load",
+                        "component loaded ({:?}) and instantiated {} ms after Load",
+                        a.loaded.source,
                         started.elapsed().as_millis()
                     );
                     let ctx = a.ctx.clone();

@@ -76,7 +76,7 @@ impl Connection {
     }
 
     /// Saves the child's machine, and with it every level it booted, into
-    /// `file`. The child is left stopped: [`Connection::resume`] runs it on.
+    /// `file`. The child is left stopped: [`Connection::pause`] runs it on.
     /// Only VM children booted with the qemu backend can be saved.
     pub async fn save(&self, file: &Path) -> Result<Snapshot, RemoteError> {
         let unsupported = |why: &str| RemoteError {
@@ -116,21 +116,6 @@ impl Connection {
             message,
             level_path: self.info.path.clone(),
         })
-    }
-
-    /// Runs a child stopped by [`Connection::save`] on.
-    pub async fn resume(&self) -> Result<(), RemoteError> {
-        let Some(qmp) = &self.qmp else {
-            return Ok(());
-        };
-        qmp.execute("cont", None, QMP_TIMEOUT)
-            .await
-            .map(|_| ())
-            .map_err(|e| RemoteError {
-                kind: WireErrorKind::LevelLost,
-                message: format!("{} did not run on after its save: {e}", self.info.path),
-                level_path: self.info.path.clone(),
-            })
     }
 
     /// Replaces this connection's child by a copy restored from `snapshot`
