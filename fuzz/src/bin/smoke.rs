@@ -54,6 +54,10 @@ struct Args {
     /// Seed of the first input (default: from the clock; printed either way).
     #[arg(long)]
     seed: Option<u64>,
+    /// Longest a target's inputs may take together, seconds: a target that gets
+    /// this slow (a wait per input, say) fails the run instead of eating CI's time.
+    #[arg(long, default_value_t = 300)]
+    max_seconds: u64,
     /// Largest input, bytes.
     #[arg(long, default_value_t = 2048)]
     max_len: usize,
@@ -143,6 +147,18 @@ fn run(args: &Args, which: &[Which]) -> ExitCode {
                     report(&args.artifacts, w, seed, i, &data);
                     return ExitCode::FAILURE;
                 }
+            }
+            let spent = started.elapsed().as_secs_f64();
+            if spent > args.max_seconds as f64 {
+                eprintln!(
+                    "smoke {}: {} of {count} inputs took {spent:.0} s, over --max-seconds {} \
+                     ({:.1} inputs/s, seed {seed}): the target got slow",
+                    w.name(),
+                    i + 1,
+                    args.max_seconds,
+                    (i + 1) as f64 / spent,
+                );
+                return ExitCode::FAILURE;
             }
         }
         let secs = started.elapsed().as_secs_f64();

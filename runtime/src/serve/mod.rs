@@ -146,7 +146,7 @@ where
                         let _ = out.send(Message::Fatal {
                             error: fatal(message),
                         });
-                        return finish(out, writer_task).await;
+                        return finish(out, writer_task, (place, link)).await;
                     }
                 };
             let started_up =
@@ -165,7 +165,7 @@ where
                 }
                 Err(e) => {
                     let _ = out.send(Message::Fatal { error: fatal(e) });
-                    return finish(out, writer_task).await;
+                    return finish(out, writer_task, (place, link)).await;
                 }
             }
         }
@@ -176,7 +176,7 @@ where
             Ok(chain) => Some(Arc::new(chain)),
             Err(error) => {
                 let _ = out.send(Message::Fatal { error });
-                return finish(out, writer_task).await;
+                return finish(out, writer_task, (ctx, attached, place, link)).await;
             }
         }
     } else {
@@ -368,7 +368,7 @@ where
     }
     drop(attached);
     drop(chain);
-    finish(out, writer_task).await
+    finish(out, writer_task, (place, link)).await
 }
 
 /// The component `sha` named at `Load`: from `cache`, or asked of the parent
@@ -524,10 +524,15 @@ async fn misbehave(inject: Inject, path: String, out: mpsc::UnboundedSender<Mess
     }
 }
 
-async fn finish(
+/// Ends serving: drops `held` (whatever still holds a sender of `out`: the
+/// level's place, its parent link, its context) and `out`, so the writer task
+/// sends what is queued and ends, and waits for it at most 2 s.
+async fn finish<T>(
     out: mpsc::UnboundedSender<Message>,
     writer_task: tokio::task::JoinHandle<()>,
+    held: T,
 ) -> Result<(), String> {
+    drop(held);
     drop(out);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
     Ok(())
