@@ -475,11 +475,35 @@ pub fn parent_script(u: &mut Unstructured) -> Result<Vec<u8>> {
     } else {
         text(u)?
     };
+    // One Load in five is bare: the level says Ready with no component, and the
+    // messages after it (an Attach among them) reach its serving loop. It boots no
+    // chain below: that would start QEMU.
+    let bare = u.ratio(1, 5)?;
+    let mut setup = setup(u)?;
+    if bare {
+        setup.descend = 0;
+    }
     let mut script = vec![Message::Load {
-        component_sha256: Some(sha),
-        setup: Box::new(setup(u)?),
+        component_sha256: (!bare).then_some(sha.clone()),
+        setup: Box::new(setup),
     }];
-    if u.ratio(3, 4)? {
+    if bare {
+        if u.arbitrary()? {
+            let setup = self::setup(u)?;
+            script.push(Message::Attach {
+                id: number(u)?,
+                attachment: Box::new(Attachment {
+                    component_sha256: sha,
+                    bytes,
+                    precompiled: some(u, |u| Ok((text(u)?, blob(u, 64)?)))?,
+                    grants: setup.grants,
+                    limits: setup.limits,
+                    nest: setup.nest,
+                    env: setup.env,
+                }),
+            });
+        }
+    } else if u.ratio(3, 4)? {
         script.push(Message::Component {
             bytes,
             precompiled: some(u, |u| Ok((text(u)?, blob(u, 64)?)))?,

@@ -78,6 +78,10 @@ pub struct Reach {
     pub hash_mismatch: bool,
     /// `child`: it sent `Fatal` because the component did not load.
     pub load_failed: bool,
+    /// `child`: it said `Ready` to a bare `Load`.
+    pub ready: bool,
+    /// `child`: answers (`Return`, `Pong`) it sent after `Ready`.
+    pub answers: usize,
     /// `parent`: `Connection::open` succeeded (the child said `Ready`).
     pub opened: bool,
     /// `parent`: the call was answered by the child's `Return`.
@@ -116,8 +120,9 @@ pub fn frames(data: &[u8]) -> Reach {
 
 /// The child's side (`serve`) reading the input as its parent: it ends once
 /// the stream ends, and all it says is `Hello` with this protocol's version,
-/// at most one `NeedComponent`, and at most one `Fatal`, last. No input gets a
-/// `Ready`: none carries a component that loads.
+/// at most one `NeedComponent`, and at most one `Fatal`, last. Only a bare
+/// `Load` gets a `Ready` (no input carries a component that loads), first,
+/// and after it only answers: `Return` and `Pong`.
 pub fn child(data: &[u8]) -> Reach {
     let input = Input::new(data, generate::parent_script);
     let cache = tempfile::tempdir_in(scratch()).expect("a temporary cache folder");
@@ -159,8 +164,17 @@ fn check_child_said(said: &Decoded, result: &Result<(), String>) -> Reach {
         assert!(!fatal, "a frame after Fatal: {}", context());
         reach.messages += 1;
         match frame {
-            Ok(Message::NeedComponent) if !reach.asked => reach.asked = true,
-            Ok(Message::Fatal { error }) => {
+            Ok(Message::Ready { below }) if !reach.asked && !reach.ready && reach.messages == 1 => {
+                assert!(
+                    below.is_empty(),
+                    "a bare level with no chain: {}",
+                    context()
+                );
+                reach.ready = true;
+            }
+            Ok(Message::Return { .. } | Message::Pong { .. }) if reach.ready => reach.answers += 1,
+            Ok(Message::NeedComponent) if !reach.asked && !reach.ready => reach.asked = true,
+            Ok(Message::Fatal { error }) if !reach.ready => {
                 fatal = true;
                 if error.message.starts_with("component bytes hash to") {
                     reach.hash_mismatch = true;
@@ -317,13 +331,16 @@ mod tests {
 
     /// The generated conversations take `serve` past `Load` to each of its
     /// answers: asking for the component, refusing bytes of the wrong hash,
-    /// and failing to load bytes of the right one.
+    /// and failing to load bytes of the right one; and a bare `Load` to
+    /// `Ready` and answers after it.
     #[test]
     fn child_handshake_reaches_every_answer() {
         let reach: Vec<Reach> = inputs(2, 150).map(|d| child(&d)).collect();
         assert!(reach.iter().any(|r| r.asked), "{reach:?}");
         assert!(reach.iter().any(|r| r.hash_mismatch), "{reach:?}");
         assert!(reach.iter().any(|r| r.load_failed), "{reach:?}");
+        assert!(reach.iter().any(|r| r.ready), "{reach:?}");
+        assert!(reach.iter().any(|r| r.answers > 0), "{reach:?}");
     }
 
     /// A stream that stops inside a frame's header ends the child's handshake.

@@ -179,6 +179,8 @@ struct Tally {
     asked: u64,
     hash_mismatch: u64,
     load_failed: u64,
+    ready: u64,
+    answers: usize,
     opened: u64,
     answered: u64,
 }
@@ -189,6 +191,8 @@ impl Tally {
         self.asked += u64::from(r.asked);
         self.hash_mismatch += u64::from(r.hash_mismatch);
         self.load_failed += u64::from(r.load_failed);
+        self.ready += u64::from(r.ready);
+        self.answers += r.answers;
         self.opened += u64::from(r.opened);
         self.answered += u64::from(r.answered);
     }
@@ -197,8 +201,9 @@ impl Tally {
         match w {
             Which::Frames => format!("{} messages decoded", self.messages),
             Which::Child => format!(
-                "NeedComponent sent {}, Fatal for a wrong hash {}, for a component that did not load {}",
-                self.asked, self.hash_mismatch, self.load_failed
+                "NeedComponent sent {}, Fatal for a wrong hash {}, for a component that did not load {}; \
+                 Ready to a bare Load {}, answers after it {}",
+                self.asked, self.hash_mismatch, self.load_failed, self.ready, self.answers
             ),
             Which::Parent => format!(
                 "handshakes completed {}, calls answered {}",
