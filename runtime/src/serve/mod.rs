@@ -71,8 +71,25 @@ where
 {
     let mut reader = FrameReader::new(reader);
     let (out, mut out_rx) = mpsc::unbounded_channel::<Message>();
+    // Serving's end is said by `closing` (sent, or dropped), not by the last sender
+    // going away: the level's place, link and tasks hold senders of their own.
+    let (closing, closed) = tokio::sync::oneshot::channel::<()>();
     let writer_task = tokio::spawn(async move {
         let mut writer = FrameWriter::new(writer);
+        let mut closed = std::pin::pin!(closed);
+        loop {
+            let msg = tokio::select! {
+                biased;
+                _ = &mut closed => break,
+                msg = out_rx.recv() => msg,
+            };
+            let Some(msg) = msg else { return };
+            if writer.send(&msg).await.is_err() {
+                return;
+            }
+        }
+        // What was queued before the end is still sent; nothing after it.
+        out_rx.close();
         while let Some(msg) = out_rx.recv().await {
             if writer.send(&msg).await.is_err() {
                 return;
@@ -146,7 +163,7 @@ where
                         let _ = out.send(Message::Fatal {
                             error: fatal(message),
                         });
-                        return finish(out, writer_task, (place, link)).await;
+                        return finish(closing, writer_task).await;
                     }
                 };
             let started_up =
@@ -165,7 +182,7 @@ where
                 }
                 Err(e) => {
                     let _ = out.send(Message::Fatal { error: fatal(e) });
-                    return finish(out, writer_task, (place, link)).await;
+                    return finish(closing, writer_task).await;
                 }
             }
         }
@@ -176,7 +193,7 @@ where
             Ok(chain) => Some(Arc::new(chain)),
             Err(error) => {
                 let _ = out.send(Message::Fatal { error });
-                return finish(out, writer_task, (ctx, attached, place, link)).await;
+                return finish(closing, writer_task).await;
             }
         }
     } else {
@@ -368,7 +385,7 @@ where
     }
     drop(attached);
     drop(chain);
-    finish(out, writer_task, (place, link)).await
+    finish(closing, writer_task).await
 }
 
 /// The component `sha` named at `Load`: from `cache`, or asked of the parent
@@ -524,16 +541,13 @@ async fn misbehave(inject: Inject, path: String, out: mpsc::UnboundedSender<Mess
     }
 }
 
-/// Ends serving: drops `held` (whatever still holds a sender of `out`: the
-/// level's place, its parent link, its context) and `out`, so the writer task
-/// sends what is queued and ends, and waits for it at most 2 s.
-async fn finish<T>(
-    out: mpsc::UnboundedSender<Message>,
+/// Ends serving: the writer task sends what is queued and ends (senders still
+/// held elsewhere can add no more); waits for it at most 2 s.
+async fn finish(
+    closing: tokio::sync::oneshot::Sender<()>,
     writer_task: tokio::task::JoinHandle<()>,
-    held: T,
 ) -> Result<(), String> {
-    drop(held);
-    drop(out);
+    let _ = closing.send(());
     let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
     Ok(())
 }
