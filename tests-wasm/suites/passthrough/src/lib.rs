@@ -23,6 +23,7 @@ use matryoshka_guest::host::{self, Error};
 use matryoshka_guest::nest::{Backend, Guest, Vm};
 use matryoshka_guest::passthrough::{self, ScsiDevice};
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
 
 /// Bytes of one block written through a disk.
 const BLOCK: usize = 4096;
@@ -288,7 +289,13 @@ fn hold_and_fail(_: ()) -> Result<(), Error> {
         .size_mib(8)
         .create()?;
     let address = disk.device()?.address;
-    let below = Guest::boot(&Vm::new().scsi(address))?;
+    // An L2 boot lost to nested SVM under TCG stalls silently: give up well
+    // before the default so a retry still fits in the test's time.
+    let below = Guest::boot(
+        &Vm::new()
+            .scsi(address)
+            .boot_timeout(Duration::from_secs(150)),
+    )?;
     log::info!(
         "{}: booted with {address} passed through",
         below.level_path()
@@ -373,6 +380,11 @@ fn a_failed_call_leaves_no_disk_behind() -> Result<(), Error> {
         "{}: left behind: {left:?}",
         l1.level_path()
     );
+    // Only the deliberate panic shows what this test is about: a level below
+    // that never served is this test failing (and being retried), not passing.
+    if !err.message.contains("deliberately, while holding") {
+        return Err(err);
+    }
     Ok(())
 }
 
