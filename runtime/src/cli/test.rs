@@ -247,7 +247,8 @@ pub(super) async fn test(args: TestArgs) -> u8 {
                 booting_below(vms)
             ),
             None => eprintln!(
-                "booting {levels} VM level{} for the run (L1 .. L{levels}); every test runs at the deepest",
+                "{} {levels} VM level{} for the run (L1 .. L{levels}); every test runs at the deepest",
+                if args.snapshot { "starting" } else { "booting" },
                 if levels == 1 { "" } else { "s" },
             ),
         }
@@ -257,12 +258,13 @@ pub(super) async fn test(args: TestArgs) -> u8 {
             }
         });
         report.send(&TestEvent::ChainBooting { levels });
+        let to_run = plan.tests.iter().filter(|t| t.run).count();
         // A chain that does not boot is booted again, up to --retries times.
         let mut tries = 0;
         let chain = loop {
             tries += 1;
             let booted = tokio::select! {
-                booted = boot_chain(runner.context(), args.target.clone(), levels, sink.clone(), args.snapshot) => booted,
+                booted = boot_chain(runner.context(), args.target.clone(), levels, sink.clone(), args.snapshot, runner.context().vms.memo_dir.as_deref(), to_run > 1) => booted,
                 signal = stop.next() => {
                     eprintln!("interrupted: stopping the levels booted so far");
                     return report.abort(&format!("interrupted by {signal} while booting"), signal.exit_code());
@@ -367,27 +369,57 @@ fn list(runner: &Runner, plan: &runner::Plan, format: Format) -> u8 {
 }
 
 /// Boots the run's chain; with `snapshot`, saved (a warning when that fails:
-/// the tests then share it).
-///
-/// The chain is saved with the component in it: booted bare instead
-/// (`Chain::boot` with `bare`), each restored copy would need the component
-/// attached down the chain, ~3 s a test at L2 here against a 0.5 s restore;
-/// worth it only for a snapshot kept across runs, which is not built yet.
+/// the tests then share it). With a cache folder too, the chain's snapshot is
+/// kept there across runs (`runner::boot_kept`): restored when it matches,
+/// else booted bare and saved; without one, the chain is saved for this run
+/// with the component in it (a bare one would need the component attached
+/// down the chain for each test, ~3 s a test at L2 here against a 0.5 s
+/// restore, which only a snapshot kept across runs makes up for). `copies`:
+/// more than one test runs on the chain, so a kept chain is saved once more,
+/// holding the component, for the tests after the first.
 async fn boot_chain(
     ctx: &LevelContext,
     target: Option<crate::level::Target>,
     levels: u32,
     sink: OutputSink,
     snapshot: bool,
+    cache: Option<&Path>,
+    copies: bool,
 ) -> Result<Chain, crate::wire::RemoteError> {
+    let say = |line: String| eprintln!("{line}");
+    if let (true, None, Some(cache)) = (snapshot, &target, cache) {
+        match kept_store(ctx, levels, cache) {
+            Ok(store) => {
+                return runner::boot_kept(ctx, levels, Some(sink), &store, copies, &say).await;
+            }
+            Err(e) => say(format!(
+                "warning: the chain's snapshot is not kept across runs ({e}); it is saved for \
+                 this run only"
+            )),
+        }
+    }
     let mut chain = Chain::boot(ctx, target, levels, Some(sink), false).await?;
     if snapshot {
         match chain.save(ctx).await {
-            Ok(said) => eprintln!("{said}"),
-            Err(why) => eprintln!("warning: {why}"),
+            Ok(said) => say(said),
+            Err(why) => say(format!("warning: {why}")),
         }
     }
     Ok(chain)
+}
+
+/// The cache slot of the run's chain; the run's levels accept the key kept
+/// in it (unless `--ssh-key` named one).
+fn kept_store(ctx: &LevelContext, levels: u32, cache: &Path) -> Result<runner::KeptStore, String> {
+    let store = runner::KeptStore::open(cache, &runner::chain_asked(ctx, levels))?;
+    let own_key = ctx
+        .ssh
+        .as_ref()
+        .is_some_and(|s| s.private_key.is_some() || s.public_key.is_some());
+    if !own_key {
+        ctx.vms.use_key_file(&store.key_file())?;
+    }
+    Ok(store)
 }
 
 /// `, then N VM levels below it`, or nothing.

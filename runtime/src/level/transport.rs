@@ -59,7 +59,7 @@ pub struct Transport {
 }
 
 /// Facts of a VM level that its parent decided.
-#[derive(Clone)]
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct VmFacts {
     /// The accelerator it runs under (`kvm`, `tcg`).
     pub accel: String,

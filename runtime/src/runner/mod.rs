@@ -19,7 +19,7 @@ mod plan;
 mod untrusted;
 mod verdict;
 
-pub use chain::Chain;
+pub use chain::{Chain, Store as KeptStore, asked as chain_asked, boot_kept};
 pub use filter::FilterExpr;
 pub use plan::{IgnoredMode, Partition, PartitionKind, Plan, PlannedTest, plan};
 use untrusted::keep_within_budget;

@@ -11,7 +11,7 @@ use crate::level::files::{FileKind, LevelFile};
 use crate::wire::{LevelAccess, Message};
 
 /// Facts the child told about itself.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ChildInfo {
     /// Its level path.
     pub path: String,

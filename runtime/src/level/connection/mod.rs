@@ -23,6 +23,7 @@ mod snapshot;
 mod watch;
 
 pub use below::ChildInfo;
+pub use snapshot::Remembered;
 
 use crate::config::SshSettings;
 use crate::engine::ComponentSource;

@@ -7,10 +7,14 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::below::ChildInfo;
+use super::journal::Journal;
 use super::watch::{Activity, lock};
 use super::{Connection, Parts};
-use crate::level::transport::Transport;
+use crate::level::budget::LevelBudget;
+use crate::level::transport::{Transport, VmFacts};
 use crate::level::vm::snapshot::Snapshot;
+use crate::output::Capture;
 use crate::wire::{
     FrameReader, FrameWriter, HEARTBEAT_LOST, Message, Reach, RemoteError, WireErrorKind,
 };
@@ -24,6 +28,16 @@ const RESTORE_TRIES: u32 = 2;
 
 /// How long QMP commands around a save, and setting the clocks, may take.
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a parent knows of a VM child it can restore from a snapshot: the
+/// facts the child told, and those the parent decided when it booted it.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+pub struct Remembered {
+    /// What the child told of itself (its levels below, how to reach them).
+    pub info: ChildInfo,
+    /// What its parent decided (accelerator, key, host key, files).
+    pub facts: VmFacts,
+}
 
 impl Connection {
     /// Sets the wall clock of the child (when it is a VM level) and of the
@@ -118,26 +132,69 @@ impl Connection {
         })
     }
 
+    /// What this connection knows of its child that a copy restored from its
+    /// snapshot, in this run or a later one, is known by again (`None` for a
+    /// child that is no VM level).
+    pub fn remembered(&self) -> Option<Remembered> {
+        Some(Remembered {
+            info: self.info.clone(),
+            facts: self.vm.clone()?,
+        })
+    }
+
     /// Replaces this connection's child by a copy restored from `snapshot`
     /// (taken of this child): the old machine is killed (the levels its
     /// subtree held are given back), the new one serves where the saved one
     /// was, holding no level a test opened (see [`Connection::save`]).
     pub async fn restore(self, snapshot: &Snapshot) -> Result<Connection, RemoteError> {
-        let Some(facts) = self.vm.clone() else {
+        let Some(remembered) = self.remembered() else {
             return Err(RemoteError {
                 kind: WireErrorKind::Unsupported,
                 message: format!("{} is no VM level: nothing to restore", self.info.path),
                 level_path: self.info.path.clone(),
             });
         };
-        let (info, capture, budget, journal, keep_failed) = (
-            self.info.clone(),
+        let (capture, budget, journal, keep_failed) = (
             self.capture.clone(),
             self.budget.clone(),
             self.journal.clone(),
             self.keep_failed,
         );
         drop(self);
+        Self::revive(remembered, snapshot, capture, budget, journal, keep_failed).await
+    }
+
+    /// A connection to a child restored from `snapshot` in a later run than
+    /// the one that saved it, known by `remembered` (read back from beside the
+    /// snapshot). Its output goes to `capture`, its levels count against
+    /// `budget`; its hop's journal starts beside its console.
+    pub async fn restore_remembered(
+        remembered: Remembered,
+        snapshot: &Snapshot,
+        capture: Arc<Capture>,
+        budget: Arc<LevelBudget>,
+        keep_failed: bool,
+    ) -> Result<Connection, RemoteError> {
+        let journal = Arc::new(Journal::create(
+            &snapshot.machine.files.console.with_extension("relay"),
+        ));
+        Self::revive(remembered, snapshot, capture, budget, journal, keep_failed).await
+    }
+
+    /// A connection to a child restored from `snapshot`, known by
+    /// `remembered` (kept from the connection to the child that was saved, in
+    /// this run or, read back from a file, in an earlier one). Its output goes
+    /// to `capture`, its levels count against `budget`, its hop is written in
+    /// `journal`.
+    async fn revive(
+        remembered: Remembered,
+        snapshot: &Snapshot,
+        capture: Arc<Capture>,
+        budget: Arc<LevelBudget>,
+        journal: Arc<Journal>,
+        keep_failed: bool,
+    ) -> Result<Connection, RemoteError> {
+        let Remembered { info, facts } = remembered;
         let started = Instant::now();
         // A start that fails for a passing reason (a port, memory) gets a
         // second one from the same file before the chain is booted instead. (A

@@ -13,18 +13,24 @@ use crate::config::AccelPolicy;
 /// (four times that for each level deeper).
 pub(super) const KVM_PROBE: Duration = Duration::from_secs(30);
 
+/// Whether an `arch` guest could run under KVM here: it is this level's
+/// architecture and `/dev/kvm` opens.
+pub(super) fn kvm_device(arch: Arch) -> bool {
+    arch == Arch::host()
+        && std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok()
+}
+
 /// The accelerator to try, why, and whether it is a probe that may fall back.
 pub(super) fn choose_accel(
     policy: AccelPolicy,
     arch: Arch,
     plan: &BootPlan,
 ) -> Result<(Accel, String, bool), String> {
-    let kvm_device = arch == Arch::host()
-        && std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_ok();
+    let kvm_device = kvm_device(arch);
     match policy {
         AccelPolicy::Tcg => Ok((Accel::Tcg, "--accel tcg".into(), false)),
         AccelPolicy::Kvm if !kvm_device => Err(format!(

@@ -9,7 +9,7 @@ use std::path::Path;
 pub const PRIVATE_BIN: &str = "/usr/lib/matryoshka/bin";
 
 /// Guest architectures matryoshka knows how to boot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Arch {
     /// `qemu-system-x86_64`, q35, virtio-pci devices, serial console `ttyS0`.
     X86_64,

@@ -31,7 +31,7 @@ pub const RELAY_PORT: &str = "org.matryoshka.relay";
 pub const LOG_PORT: &str = "org.matryoshka.log";
 
 /// How the guest's CPU is run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Accel {
     /// Hardware virtualization; `-cpu host` exposes svm/vmx to the next level.
     Kvm,
@@ -50,7 +50,7 @@ impl Accel {
 }
 
 /// Everything that decides a VM level's command line.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MachineSpec {
     /// Guest architecture.
     pub arch: Arch,

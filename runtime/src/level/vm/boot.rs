@@ -111,7 +111,7 @@ pub struct BootPlan {
 
 /// A level's SSH host key. It reaches the level as a `fw_cfg` file (where the
 /// machine has one), never on a command line or in a log.
-#[derive(Clone)]
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct HostKey {
     /// The private key, OpenSSH format.
     pub private_openssh: String,
@@ -205,6 +205,20 @@ pub async fn boot(req: &VmRequest, plan: &BootPlan) -> Result<Booted, String> {
     })
 }
 
+/// The files of the level `path` in `run_dir`; with a monitor socket when
+/// `monitor` and the folder's path leaves room for one.
+pub fn level_files(run_dir: &std::path::Path, path: &str, monitor: bool) -> LevelFiles {
+    let name = path.replace('/', "-");
+    LevelFiles {
+        console: run_dir.join(format!("{name}.console")),
+        qemu_log: run_dir.join(format!("{name}.qemu.log")),
+        level_log: run_dir.join(format!("{name}.log")),
+        // A socket path has at most 107 bytes; a longer run folder gets no monitor.
+        monitor: Some(run_dir.join(format!("{name}.monitor")))
+            .filter(|p| monitor && p.as_os_str().len() < 100),
+    }
+}
+
 enum Failure {
     /// KVM was only being tried, and the guest did not boot with it.
     KvmUnusable(String),
@@ -230,14 +244,7 @@ async fn start_and_wait(
     probe: bool,
 ) -> Result<Booted, Failure> {
     let name = plan.path.replace('/', "-");
-    let files = LevelFiles {
-        console: plan.run_dir.join(format!("{name}.console")),
-        qemu_log: plan.run_dir.join(format!("{name}.qemu.log")),
-        level_log: plan.run_dir.join(format!("{name}.log")),
-        // A socket path has at most 107 bytes; a longer run folder gets no monitor.
-        monitor: Some(plan.run_dir.join(format!("{name}.monitor")))
-            .filter(|p| plan.monitor && p.as_os_str().len() < 100),
-    };
+    let files = level_files(&plan.run_dir, &plan.path, plan.monitor);
     // Read by QEMU when it starts; removed when this function returns.
     let host_key = host_key_file(plan, arch, &name).map_err(Failure::Boot)?;
     let absolute = |p: &std::path::Path| {

@@ -39,6 +39,36 @@ impl VmContext {
         }
     }
 
+    /// Makes the key in `path` (made there, mode 0600, when missing) the one
+    /// VM levels accept in this run: a chain kept across runs accepts the key
+    /// it was booted with, which stays beside its snapshot. Only before the
+    /// first level boots; afterwards the key chosen then stays.
+    pub fn use_key_file(&self, path: &std::path::Path) -> Result<(), String> {
+        let named = Some(path.display().to_string());
+        if let Some(Ok(chosen)) = self.key.get() {
+            return if chosen.path == named {
+                Ok(())
+            } else {
+                Err("the run's key was chosen before".into())
+            };
+        }
+        let key = match std::fs::read_to_string(path) {
+            Ok(private) => RunKey::from_private(&private, Some(path.display().to_string()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key = RunKey::generate()?;
+                write_private(path, key.private_key.as_deref().unwrap_or_default())?;
+                RunKey {
+                    path: Some(path.display().to_string()),
+                    ..key
+                }
+            }
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        };
+        self.key
+            .set(Ok(key))
+            .map_err(|_| "the run's key was chosen before".to_string())
+    }
+
     /// The key VM levels accept: below L0 the public half handed down; at L0 the
     /// one given with `--ssh-key`, or one made for this run and written beside the
     /// consoles for printed `ssh` commands (its private half never leaves L0).

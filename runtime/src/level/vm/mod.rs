@@ -11,6 +11,8 @@
 //! - [`sandbox`]: whether QEMU runs under its seccomp filter.
 //! - [`qemu`]: the running QEMU and how it ended.
 //! - [`boot`]: starting QEMU and waiting until the level serves.
+//! - [`snapshot`], [`identity`]: saving a level, starting it again, and what
+//!   a saved chain was made of.
 
 pub mod accel;
 pub mod arch;
@@ -19,6 +21,7 @@ pub mod boot;
 pub mod bundle;
 pub mod context;
 pub mod domain;
+pub mod identity;
 pub mod image;
 pub mod initrd;
 pub mod kernel;

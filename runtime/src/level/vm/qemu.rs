@@ -95,7 +95,7 @@ impl std::fmt::Display for QemuEnd {
 }
 
 /// The files a level's QEMU writes, in the run folder.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct LevelFiles {
     /// The serial console.
     pub console: PathBuf,

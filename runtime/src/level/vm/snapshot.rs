@@ -38,7 +38,7 @@ const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
 /// What it takes to start a level's QEMU again from a saved state: its machine
 /// as it booted (descriptors and the host key file are made anew for each
 /// restore) and its files.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Restorable {
     /// The level path, for messages.
     pub path: String,
@@ -53,8 +53,21 @@ pub struct Restorable {
     pub jump: Vec<String>,
 }
 
+impl Restorable {
+    /// The same machine with its console, logs and monitor in `run_dir` (an
+    /// absolute path: a later run's folder), with a monitor when `monitor`.
+    pub fn in_folder(mut self, run_dir: &Path, monitor: bool) -> Self {
+        let files = super::boot::level_files(run_dir, &self.path, monitor);
+        self.spec.console_log = files.console.clone();
+        self.spec.level_log = files.level_log.clone();
+        self.spec.monitor = files.monitor.clone();
+        self.files = files;
+        self
+    }
+}
+
 /// A saved level.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Snapshot {
     /// The machine the state belongs to.
     pub machine: Restorable,
@@ -94,12 +107,20 @@ pub async fn save(
     })?;
     let _socket = RemoveOnDrop(socket.to_path_buf());
     let partial = file.with_extension("partial");
-    let out = tokio::fs::File::create(&partial).await.map_err(|e| {
-        format!(
-            "cannot save {level}: cannot create {}: {e}",
-            partial.display()
-        )
-    })?;
+    // Mode 0600: the state holds the guest's memory, its keys among it.
+    let out = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&partial)
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot save {level}: cannot create {}: {e}",
+                partial.display()
+            )
+        })?;
     let mut partial_guard = RemoveOnDrop(partial.clone());
     let qmp_err = |what: &str, e: super::qmp::QmpError| format!("cannot save {level}: {what}: {e}");
     qmp.execute("stop", None, deadline)

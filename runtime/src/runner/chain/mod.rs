@@ -1,5 +1,11 @@
 //! A chain of VM levels booted for a run (`--levels N`), whose deepest level
 //! runs every test.
+//!
+//! - [`kept`]: a chain's snapshot kept across runs.
+
+mod kept;
+
+pub use kept::{Store, asked, boot_kept};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +28,7 @@ const COLLECT_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct Chain {
     conn: tokio::sync::RwLock<Option<Connection>>,
     relay: OutputSink,
-    current: Arc<std::sync::Mutex<Option<Arc<Capture>>>>,
+    current: CurrentTest,
     first: Option<Target>,
     levels: u32,
     deepest: String,
@@ -56,25 +62,25 @@ impl Chain {
         sink: Option<OutputSink>,
         bare: bool,
     ) -> Result<Self, RemoteError> {
-        let current: Arc<std::sync::Mutex<Option<Arc<Capture>>>> = Arc::default();
-        let relay: OutputSink = {
-            let current = current.clone();
-            Arc::new(move |origin: &str, stream, text: &str| {
-                let test = current.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                match (test, &sink) {
-                    (Some(capture), _) => {
-                        let _ = capture.write_from(origin, stream, text.as_bytes());
-                    }
-                    (None, Some(sink)) => sink(origin, stream, text),
-                    (None, None) => {}
-                }
-            })
-        };
+        let (current, relay) = relay_to_tests(sink);
+        let conn = open(ctx, first.as_ref(), levels, relay.clone(), bare).await?;
+        Ok(Self::with(ctx, conn, relay, current, first, levels, bare))
+    }
+
+    /// A chain of `levels` levels below `ctx`'s level, up on `conn`.
+    fn with(
+        ctx: &LevelContext,
+        conn: Connection,
+        relay: OutputSink,
+        current: CurrentTest,
+        first: Option<Target>,
+        levels: u32,
+        bare: bool,
+    ) -> Self {
         let depth = ctx.level.depth + 1;
         let deepest = (depth..depth + levels.max(1))
             .fold(ctx.level.path.clone(), |path, d| format!("{path}/L{d}"));
-        let conn = open(ctx, first.as_ref(), levels, relay.clone(), bare).await?;
-        Ok(Self {
+        Self {
             conn: tokio::sync::RwLock::new(Some(conn)),
             relay,
             current,
@@ -87,7 +93,7 @@ impl Chain {
             snapshot_dir: None,
             used: Default::default(),
             bare,
-        })
+        }
     }
 
     /// Gives the levels of a chain booted bare `ctx`'s component, with its
@@ -121,12 +127,12 @@ impl Chain {
         }
     }
 
-    /// `--snapshot`: saves L1's machine, with every level inside it, into a
-    /// folder of the run folder (removed with the chain), and runs it on; each
-    /// test after the first then gets a copy restored from it (and, when the
-    /// chain was booted bare, the component attached to it). Says how long
-    /// saving took and how big the state is, or why there is no snapshot and
-    /// what that means for the run.
+    /// `--snapshot`: saves L1's machine, with every level inside it and the
+    /// component attached, into a folder of the run folder (removed with the
+    /// chain), and runs it on; each test after the first then gets a copy
+    /// restored from it, with nothing to attach. Says how long saving took
+    /// and how big the state is, or why there is no snapshot and what that
+    /// means for the run.
     pub async fn save(&mut self, ctx: &LevelContext) -> Result<String, String> {
         let run_dir =
             ctx.vms.run_dir.path().map_err(|e| {
@@ -142,15 +148,36 @@ impl Chain {
                     run_dir.display()
                 )
             })?;
+        let first = match self.conn.get_mut() {
+            Some(conn) => conn.info().path.clone(),
+            None => return Err("the chain is down".into()),
+        };
+        let name = format!("{}.snapshot", first.replace('/', "-"));
+        let saved = self.save_into(&dir.path().join(name)).await?;
+        self.snapshot_dir = Some(dir);
+        // Saved holding the component: its copies need none attached.
+        self.bare = false;
+        Ok(format!(
+            "saved {} (and the levels inside it) in {:.1} s: {} MiB; each test after the \
+             first runs on a copy restored from it",
+            saved.machine.path,
+            saved.took.as_secs_f64(),
+            saved.bytes >> 20
+        ))
+    }
+
+    /// Saves L1's machine, with every level inside it (stopped first), into
+    /// `file`, runs it on and sets its clocks; the tests after the first get
+    /// copies restored from it. An error says why, and what it means for the run.
+    async fn save_into(&mut self, file: &std::path::Path) -> Result<Snapshot, String> {
         let slot = self.conn.get_mut();
         let Some(conn) = slot.as_ref() else {
             return Err("the chain is down".into());
         };
-        let name = format!("{}.snapshot", conn.info().path.replace('/', "-"));
         // L2.. stopped first: L1's vCPU is then not inside a nested guest when
         // it is saved (QEMU cannot load that state back).
         let saved = match conn.pause_below(true).await {
-            Ok(()) => conn.save(&dir.path().join(name)).await,
+            Ok(()) => conn.save(file).await,
             Err(e) => Err(e),
         };
         // Stopped for the save, whether it worked or not.
@@ -178,16 +205,8 @@ impl Chain {
                 e.message
             )
         })?;
-        let said = format!(
-            "saved {} (and the levels inside it) in {:.1} s: {} MiB; each test after the \
-             first runs on a copy restored from it",
-            conn.info().path,
-            saved.took.as_secs_f64(),
-            saved.bytes >> 20
-        );
-        *self.snapshot.get_mut().unwrap_or_else(|e| e.into_inner()) = Some(saved);
-        self.snapshot_dir = Some(dir);
-        Ok(said)
+        *self.snapshot.get_mut().unwrap_or_else(|e| e.into_inner()) = Some(saved.clone());
+        Ok(saved)
     }
 
     /// Makes sure the next test (or try) runs on levels no test ran on, when
@@ -414,6 +433,29 @@ impl Chain {
     }
 }
 
+/// The capture of the test running on a chain, if one is.
+type CurrentTest = Arc<std::sync::Mutex<Option<Arc<Capture>>>>;
+
+/// Where output relayed from a chain goes: to the running test's capture,
+/// else to `sink`.
+fn relay_to_tests(sink: Option<OutputSink>) -> (CurrentTest, OutputSink) {
+    let current: CurrentTest = Arc::default();
+    let relay: OutputSink = {
+        let current = current.clone();
+        Arc::new(move |origin: &str, stream, text: &str| {
+            let test = current.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            match (test, &sink) {
+                (Some(capture), _) => {
+                    let _ = capture.write_from(origin, stream, text.as_bytes());
+                }
+                (None, Some(sink)) => sink(origin, stream, text),
+                (None, None) => {}
+            }
+        })
+    };
+    (current, relay)
+}
+
 /// Moves the levels' files in `dir` (`L0-…`) into `dir/<sub>/`.
 fn set_aside(dir: &std::path::Path, sub: &str) {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -435,6 +477,18 @@ fn set_aside(dir: &std::path::Path, sub: &str) {
     }
 }
 
+/// What the chain's first level below `ctx` is handed: `ctx`'s rights and
+/// `levels - 1` levels to boot below it; when `bare`, no grant and no
+/// environment (what the component may do comes with it, in `attach`).
+fn setup_for(ctx: &LevelContext, levels: u32, bare: bool) -> crate::wire::LevelSetup {
+    let mut setup = ctx.child_setup(levels.saturating_sub(1));
+    if bare {
+        setup.grants = Default::default();
+        setup.env = Vec::new();
+    }
+    setup
+}
+
 /// Opens the chain's first level below `ctx` (`first`, else a VM), which
 /// boots the rest; with no component when `bare` or when `ctx` has none.
 async fn open(
@@ -446,13 +500,7 @@ async fn open(
 ) -> Result<Connection, RemoteError> {
     let bare = bare || ctx.component.is_none();
     let capture = Capture::forwarding(&ctx.level.path, usize::MAX, relay);
-    let mut setup = ctx.child_setup(levels.saturating_sub(1));
-    if bare {
-        // What the component may do comes with it (`attach`): a bare chain
-        // holds no grant, nor the run's environment.
-        setup.grants = Default::default();
-        setup.env = Vec::new();
-    }
+    let setup = setup_for(ctx, levels, bare);
     let target = match first {
         Some(target) => target.clone(),
         None => Target::Vm(VmRequest {
