@@ -1,6 +1,6 @@
 //! Chain snapshots (`--levels N --snapshot`) with a real QEMU: the chain is
-//! saved once after it booted, and every test after the first runs on a copy
-//! restored from that save.
+//! saved once after it booted (kept across runs in the cache folder), and
+//! every test after the first runs on a copy restored from a save.
 //!
 //! Needs the image (`./x image`).
 
@@ -29,23 +29,36 @@ fn now_ms() -> i128 {
         .as_millis() as i128
 }
 
-#[test]
-fn each_test_runs_on_a_copy_of_the_chain_restored_from_its_snapshot() {
-    let dir = run_dir("snapshot");
+/// Runs the tests of `FRESH_LEVEL_TESTS` and the clock's at L2 with
+/// `--snapshot`, the cache in `cache`; checks that each test ran on a fresh
+/// copy and that the clocks were set after restores.
+fn run_on_copies(cache: &std::path::Path, name: &str) -> common::Run {
+    let dir = run_dir(name);
     // --retries 1: a chain lost while booting (nested SVM under TCG, now and
     // then) is booted again.
     let (run, took) = nested(
         dir.path(),
         &image_dir(),
         &[
-            &["--levels", "2", "--snapshot", "--retries", "1"][..],
+            &[
+                "--levels",
+                "2",
+                "--snapshot",
+                "--retries",
+                "1",
+                "--cache-dir",
+            ][..],
+            &[cache.to_str().expect("UTF-8")][..],
             &FRESH_LEVEL_TESTS[..],
             &["takes_ten_seconds", "prints_the_wall_clock"][..],
         ]
         .concat(),
     );
     let ended = now_ms();
-    eprintln!("--levels 2 --snapshot: {:.1} s", took.as_secs_f64());
+    eprintln!(
+        "--levels 2 --snapshot ({name}): {:.1} s",
+        took.as_secs_f64()
+    );
     run.expect_code(0);
     run.expect_stdout("4 passed, 0 failed");
     // The last test ran on a copy restored from a state saved before the
@@ -66,6 +79,7 @@ fn each_test_runs_on_a_copy_of_the_chain_restored_from_its_snapshot() {
         let line = run.line_for("PASS", test);
         assert!(line.contains("L0/L1/L2 nested::"), "{line}");
     }
+    // Saved again holding the component, for the tests after the first.
     assert!(
         run.stderr
             .contains("saved L0/L1 (and the levels inside it) in "),
@@ -75,21 +89,23 @@ fn each_test_runs_on_a_copy_of_the_chain_restored_from_its_snapshot() {
     // The second test ran on a restored L1 (with its L2 inside), said so in
     // the hop's journal; the restored QEMU wrote on in the same console.
     let journal = std::fs::read_to_string(dir.path().join("L0-L1.relay")).expect("journal");
+    let lines: Vec<&str> = journal.lines().collect();
+    let at = |test: &str| {
+        lines
+            .iter()
+            .position(|l| l.contains(&format!("→ test `{test}`")))
+            .unwrap_or_else(|| panic!("no {test} in the journal:\n{journal}"))
+    };
+    let (first, second) = (at("fresh_level_first"), at("fresh_level_second"));
     assert!(
-        journal.contains("saved: "),
-        "{journal}\nstderr:\n{}",
-        run.stderr
+        first < second
+            && lines[first..second]
+                .iter()
+                .any(|l| l.contains(" restored from ")),
+        "no restore between the two tests in the journal:\n{journal}"
     );
-    let restored = journal
-        .lines()
-        .position(|l| l.contains(" restored from "))
-        .unwrap_or_else(|| panic!("no restore in the journal:\n{journal}"));
-    let second = journal
-        .lines()
-        .position(|l| l.contains("→ test `fresh_level_second`"))
-        .expect("the second test in the journal");
-    assert!(restored < second, "{journal}");
-    // Nothing left: no QEMU, and the snapshot (hundreds of MiB) went with the chain.
+    // Nothing left: no QEMU, and the run's snapshot (hundreds of MiB) went
+    // with the chain.
     assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
     let left: Vec<String> = std::fs::read_dir(dir.path())
         .expect("run folder")
@@ -98,6 +114,32 @@ fn each_test_runs_on_a_copy_of_the_chain_restored_from_its_snapshot() {
         .filter(|n| n.starts_with(".snapshot") || n.ends_with(".snapshot"))
         .collect();
     assert!(left.is_empty(), "{left:?}");
+    run
+}
+
+#[test]
+fn each_test_runs_on_a_copy_of_the_chain_restored_from_its_snapshot() {
+    let cache = run_dir("snapshot-cache");
+    // The first run boots the chain bare and keeps it in the cache.
+    let first = run_on_copies(cache.path(), "snapshot");
+    assert!(
+        first
+            .stderr
+            .contains("saved L0/L1 (and the levels inside it) bare in "),
+        "{}",
+        first.stderr
+    );
+    assert!(first.stderr.contains("for later runs"), "{}", first.stderr);
+    // The next one starts from it, saved seconds (here) to weeks before.
+    let second = run_on_copies(cache.path(), "snapshot-kept");
+    assert!(
+        second
+            .stderr
+            .contains("restored L0/L1/L2 from the snapshot kept in "),
+        "{}",
+        second.stderr
+    );
+    assert!(!second.stderr.contains(" bare in "), "{}", second.stderr);
 }
 
 /// The control: without `--snapshot` the two tests share the chain, and the
@@ -124,8 +166,16 @@ fn without_a_snapshot_the_tests_share_the_chain() {
 fn a_snapshot_that_does_not_restore_falls_back_to_a_cold_boot() {
     use std::io::BufRead;
     let dir = run_dir("corrupt");
+    // --no-cache: the snapshot of this run only, in its run folder.
     let mut child = vm_test(NESTED, &image_dir(), dir.path())
-        .args(["--levels", "1", "--snapshot", "--ignored", "--exact"])
+        .args([
+            "--levels",
+            "1",
+            "--snapshot",
+            "--no-cache",
+            "--ignored",
+            "--exact",
+        ])
         .args(["takes_ten_seconds", "prints_the_wall_clock"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -168,4 +218,105 @@ fn a_snapshot_that_does_not_restore_falls_back_to_a_cold_boot() {
         "{rest}"
     );
     assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
+}
+
+/// One test at L1 with `--snapshot`, the image in `image`, the cache in
+/// `cache`: what it printed on stderr.
+fn kept_run(image: &std::path::Path, cache: &std::path::Path, name: &str) -> String {
+    let dir = run_dir(name);
+    let (run, took) = nested(
+        dir.path(),
+        image,
+        &[
+            "--levels",
+            "1",
+            "--snapshot",
+            "--cache-dir",
+            cache.to_str().expect("UTF-8"),
+            "--ignored",
+            "--exact",
+            "prints_the_wall_clock",
+        ],
+    );
+    eprintln!("{name}: {:.1} s", took.as_secs_f64());
+    run.expect_code(0);
+    run.expect_stdout("1 passed, 0 failed");
+    assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
+    run.stderr
+}
+
+/// A kept snapshot of a chain whose image changed since is rebuilt; one that
+/// no longer loads, or was cut short, is thrown away with a warning and the
+/// chain booted and kept again; the run goes on each time.
+#[test]
+fn a_kept_snapshot_that_changed_or_broke_is_saved_again() {
+    let cache = run_dir("kept-cache");
+    // An image of its own, to change.
+    let image = run_dir("kept-image");
+    for file in ["kernel", "initrd", "root.img", "stamp"] {
+        std::fs::copy(image_dir().join(file), image.path().join(file)).expect("copy the image");
+    }
+    let said = kept_run(image.path(), cache.path(), "kept-first");
+    assert!(
+        said.contains(" bare in ") && said.contains("for later runs"),
+        "{said}"
+    );
+    let slot = std::fs::read_dir(cache.path().join("snapshots"))
+        .expect("the snapshots folder")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .next()
+        .expect("a slot");
+    let state = slot.join("L1.state");
+
+    // The image changed: the snapshot is stale.
+    std::fs::File::options()
+        .write(true)
+        .open(image.path().join("kernel"))
+        .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+        .expect("touch the kernel");
+    let said = kept_run(image.path(), cache.path(), "kept-stale");
+    assert!(
+        said.contains("is stale (changed since: image x86_64)") && said.contains(" bare in "),
+        "{said}"
+    );
+
+    // Its header overwritten: QEMU does not load it.
+    {
+        use std::io::{Seek, Write};
+        let mut f = std::fs::File::options()
+            .write(true)
+            .open(&state)
+            .expect("the state");
+        f.seek(std::io::SeekFrom::Start(0)).expect("seek");
+        f.write_all(&[0u8; 65536]).expect("overwrite the header");
+    }
+    let said = kept_run(image.path(), cache.path(), "kept-corrupt");
+    assert!(
+        said.contains("warning: the snapshot kept in ")
+            && said.contains("did not restore (")
+            && said.contains(" bare in "),
+        "{said}"
+    );
+
+    // Cut short: it is not even tried.
+    std::fs::File::options()
+        .write(true)
+        .open(&state)
+        .and_then(|f| f.set_len(4096))
+        .expect("cut the state short");
+    let said = kept_run(image.path(), cache.path(), "kept-short");
+    assert!(
+        said.contains("is unusable (")
+            && said.contains("has 4096 bytes")
+            && said.contains(" bare in "),
+        "{said}"
+    );
+
+    // And kept again, it restores.
+    let said = kept_run(image.path(), cache.path(), "kept-again");
+    assert!(
+        said.contains("restored L0/L1 from the snapshot kept in "),
+        "{said}"
+    );
 }
