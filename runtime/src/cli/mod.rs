@@ -172,11 +172,18 @@ struct TestArgs {
     /// for Enter before going on; Ctrl-C ends the run.
     #[arg(long)]
     keep_failed: bool,
-    /// With --levels N: boot the chain once, save it (QEMU's whole state, the
-    /// levels inside L1 with it), and run each test after the first on a fresh
-    /// copy restored from the save, in seconds instead of a boot.
-    #[arg(long)]
+    /// With --levels N (the default there): boot the chain once with no
+    /// component, save it (QEMU's whole state, the levels inside L1 with it)
+    /// into the cache folder for later runs, which restore it in seconds
+    /// instead of booting; and run each test after the first on a fresh copy
+    /// restored from a save. Without a cache folder (--no-cache) the save is
+    /// this run's only.
+    #[arg(long, conflicts_with = "no_snapshot")]
     snapshot: bool,
+    /// With --levels N: boot the chain for this run and let its tests share it
+    /// as booted, one after the other; nothing is saved.
+    #[arg(long)]
+    no_snapshot: bool,
     /// Like --keep-failed, going on after this long at most (also without a terminal).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     keep_failed_for: Option<Duration>,

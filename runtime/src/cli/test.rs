@@ -104,6 +104,8 @@ pub(super) async fn test(args: TestArgs) -> u8 {
         );
         return EXIT_USAGE;
     }
+    // A chain of VM levels is saved and restored unless --no-snapshot.
+    let snapshot = args.levels > 0 && args.target.is_none() && !args.no_snapshot;
     let keep_failed: Option<Arc<dyn runner::keep::Hold>> =
         match (args.keep_failed || args.keep_failed_for.is_some(), levels) {
             (false, _) => None,
@@ -248,7 +250,7 @@ pub(super) async fn test(args: TestArgs) -> u8 {
             ),
             None => eprintln!(
                 "{} {levels} VM level{} for the run (L1 .. L{levels}); every test runs at the deepest",
-                if args.snapshot { "starting" } else { "booting" },
+                if snapshot { "starting" } else { "booting" },
                 if levels == 1 { "" } else { "s" },
             ),
         }
@@ -264,7 +266,7 @@ pub(super) async fn test(args: TestArgs) -> u8 {
         let chain = loop {
             tries += 1;
             let booted = tokio::select! {
-                booted = boot_chain(runner.context(), args.target.clone(), levels, sink.clone(), args.snapshot, runner.context().vms.memo_dir.as_deref(), to_run > 1) => booted,
+                booted = boot_chain(runner.context(), args.target.clone(), levels, sink.clone(), snapshot, runner.context().vms.memo_dir.as_deref(), to_run > 1) => booted,
                 signal = stop.next() => {
                     eprintln!("interrupted: stopping the levels booted so far");
                     return report.abort(&format!("interrupted by {signal} while booting"), signal.exit_code());

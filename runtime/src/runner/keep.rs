@@ -41,10 +41,15 @@ pub(super) async fn hold(
         // Absolute, so that the printed commands work from any folder.
         let dir = std::path::absolute(&dir).map_err(|e| e.to_string())?;
         let key = ctx
-            .ssh
-            .as_ref()
-            .and_then(|s| s.key_path.clone())
-            .map_or_else(|| dir.join("id_ed25519"), Into::into);
+            .vms
+            .key_file()
+            .or_else(|| {
+                ctx.ssh
+                    .as_ref()
+                    .and_then(|s| s.key_path.clone())
+                    .map(Into::into)
+            })
+            .unwrap_or_else(|| dir.join("id_ed25519"));
         let key = std::path::absolute(&key).map_err(|e| e.to_string())?;
         let pinned = ctx.ssh.as_ref().map_or("", |s| s.known_hosts.as_str());
         crate::level::access::write(&dir, &levels, &key, pinned)

@@ -113,10 +113,8 @@ impl Connection {
                 "tests hold levels below it (only a chain no test ran on is saved)",
             ));
         }
-        let socket = file.with_extension("migrate");
         self.journal.note("→ save (QMP stop, migrate)");
-        let saved =
-            crate::level::vm::snapshot::save(qmp, machine, file, &socket, SAVE_TIMEOUT).await;
+        let saved = crate::level::vm::snapshot::save(qmp, machine, file, SAVE_TIMEOUT).await;
         self.journal.note(&match &saved {
             Ok(s) => format!(
                 "saved: {} MiB in {:.1} s",

@@ -69,6 +69,15 @@ impl VmContext {
             .map_err(|_| "the run's key was chosen before".to_string())
     }
 
+    /// The file of the key VM levels accept, once one was chosen and when it
+    /// is in a file here.
+    pub fn key_file(&self) -> Option<PathBuf> {
+        match self.key.get() {
+            Some(Ok(key)) => key.path.as_ref().map(PathBuf::from),
+            _ => None,
+        }
+    }
+
     /// The key VM levels accept: below L0 the public half handed down; at L0 the
     /// one given with `--ssh-key`, or one made for this run and written beside the
     /// consoles for printed `ssh` commands (its private half never leaves L0).

@@ -79,34 +79,34 @@ pub struct Snapshot {
     pub took: Duration,
 }
 
-/// Saves the level behind `qmp` into `file` (a temporary name beside it until
-/// it is whole). The guest is left stopped: QMP `cont` runs it on, a kill
-/// throws it away. `socket` is where QEMU sends the state: a path shorter
-/// than a Unix socket's 108 bytes, removed afterwards.
+/// Saves the level behind `qmp` into `file` (a name of this save's own beside
+/// it until it is whole, so that runs saving the same file at once do not mix
+/// their bytes). The guest is left stopped: QMP `cont` runs it on, a kill
+/// throws it away. QEMU sends the state to a socket in a temporary folder of
+/// its own (a short path: a Unix socket's has at most 107 bytes).
 pub async fn save(
     qmp: &QmpPort,
     machine: &Restorable,
     file: &Path,
-    socket: &Path,
     deadline: Duration,
 ) -> Result<Snapshot, String> {
     let level = &machine.path;
     let started = Instant::now();
-    if socket.as_os_str().len() >= 108 {
-        return Err(format!(
-            "cannot save {level}: the socket path {} is longer than a Unix socket's 107 bytes",
-            socket.display()
-        ));
-    }
-    let _ = std::fs::remove_file(socket);
-    let listener = tokio::net::UnixListener::bind(socket).map_err(|e| {
+    let socket_dir = tempfile::Builder::new()
+        .prefix("matryoshka-save.")
+        .tempdir()
+        .map_err(|e| format!("cannot save {level}: cannot make a folder for its socket: {e}"))?;
+    let socket = socket_dir.path().join("state");
+    let listener = tokio::net::UnixListener::bind(&socket).map_err(|e| {
         format!(
             "cannot save {level}: cannot listen on {}: {e}",
             socket.display()
         )
     })?;
-    let _socket = RemoveOnDrop(socket.to_path_buf());
-    let partial = file.with_extension("partial");
+    let unique = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let partial = file.with_extension(format!("partial.{}.{unique}", std::process::id()));
     // Mode 0600: the state holds the guest's memory, its keys among it.
     let out = tokio::fs::OpenOptions::new()
         .write(true)

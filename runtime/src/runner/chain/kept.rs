@@ -98,8 +98,26 @@ impl Store {
         &self.dir
     }
 
-    fn state_file(&self) -> PathBuf {
-        self.dir.join("L1.state")
+    /// A new file for a state: runs saving the same chain at once each write
+    /// their own, and the metadata written last names the one it describes.
+    fn new_state_file(&self) -> PathBuf {
+        let unique = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        self.dir
+            .join(format!("L1.{}.{unique}.state", std::process::id()))
+    }
+
+    /// The states in the slot.
+    fn states(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(&self.dir)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "state"))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     fn meta_file(&self) -> PathBuf {
@@ -145,7 +163,11 @@ impl Store {
         if !changed.is_empty() {
             return Lookup::Stale(format!("changed since: {}", changed.join(", ")));
         }
-        let state = self.state_file();
+        // Its name only: the file is in this slot, wherever the cache is now.
+        let Some(name) = meta.snapshot.file.file_name() else {
+            return Lookup::Unusable(format!("{} names no state", self.meta_file().display()));
+        };
+        let state = self.dir.join(name);
         if let Err(e) = crate::engine::secure_file(&state) {
             return Lookup::Unusable(e.to_string());
         }
@@ -176,7 +198,9 @@ impl Store {
     /// Throws the slot's snapshot away (its key stays).
     pub fn discard(&self) {
         let _ = std::fs::remove_file(self.meta_file());
-        let _ = std::fs::remove_file(self.state_file());
+        for state in self.states() {
+            let _ = std::fs::remove_file(state);
+        }
     }
 
     /// Writes the metadata of the snapshot just saved into the slot, then
@@ -199,6 +223,12 @@ impl Store {
         let text = serde_json::to_vec_pretty(&meta).map_err(|e| e.to_string())?;
         crate::engine::write_atomically(&self.meta_file(), &text)
             .map_err(|e| format!("cannot write {}: {e}", self.meta_file().display()))?;
+        // The states it replaced (a run restoring one holds it open).
+        for state in self.states() {
+            if state != snapshot.file {
+                let _ = std::fs::remove_file(state);
+            }
+        }
         self.prune();
         Ok(())
     }
@@ -297,9 +327,9 @@ impl Chain {
         }
         .ok_or("the chain's first level is no VM level: nothing to save")?;
         let started = Instant::now();
-        let saved = self.save_into(&store.state_file()).await?;
+        let saved = self.save_into(&store.new_state_file()).await?;
         if let Err(e) = store.write(made_of, &saved, remembered) {
-            store.discard();
+            let _ = std::fs::remove_file(&saved.file);
             return Ok(format!(
                 "saved {} in {:.1} s ({} MiB) for this run's tests, but not kept for later \
                  runs: {e}",
