@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Chain snapshots on this machine: 20 tests at the deepest level of a --levels chain,
-# each on a copy restored from the chain's snapshot, beside the same 20 tests on the
-# chain as booted (shared). Prints the cold boot to the deepest level serving, the
-# save (time, size), each restore, and the totals.
+# each on a copy restored from a snapshot: first with an empty cache (the chain booted
+# bare, kept, attached, saved again for the copies), then again from the kept chain,
+# then with --no-cache (saved for the run only, with the component), beside the same
+# 20 tests on the chain as booted (--no-snapshot, shared). Prints the time from the
+# start to the chain serving the component, the saves (time, size), each restore, and
+# the totals.
 #   LEVELS=3 bash docs/bench-snapshot.sh
 # Needs the image (./x image) and the release runtime (cargo build --release).
 set -euo pipefail
@@ -13,6 +16,8 @@ ln -sf ../../release/matryoshka target/runtimes/x86_64/matryoshka
 export MATRYOSHKA_RUNTIME_DIR=$PWD/target/runtimes
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+cache=$work/cache
+mkdir -m 0700 "$cache"
 run() {
     local name=$1
     shift
@@ -30,8 +35,11 @@ err = (folder.parent / f"{name}.err").read_text()
 summary = [l for l in out.splitlines() if " passed, " in l]
 print(f"{name}: {summary[-1] if summary else 'no summary'}; whole run {t1 - t0:.1f} s")
 for line in err.splitlines():
-    if line.startswith("saved ") or line.startswith("the chain did not boot") or "warning" in line.lower():
-        print("   ", line[:200])
+    if line.startswith(("saved ", "restored ", "no snapshot ", "the snapshot ", "the chain did not boot")) or "warning" in line.lower():
+        print("   ", line[:240])
+finished = [float(m.group(1)) for m in re.finditer(r"finished in ([0-9.]+)s", out)]
+if finished:
+    print(f"    from the start to the chain serving the component: {t1 - t0 - finished[-1]:.1f} s")
 journal = (folder / "L0-L1.relay").read_text() if (folder / "L0-L1.relay").exists() else ""
 stamps = [(l[:24], l[25:]) for l in journal.splitlines()]
 from datetime import datetime
@@ -53,5 +61,9 @@ if tests:
     print(f"    tests: {len(tests)}, their durations together {sum(tests):.1f} s")
 PY
 }
-run snapshot --snapshot
-run shared
+run kept-cold --cache-dir "$cache"
+run kept-warm --cache-dir "$cache"
+run in-run --no-cache
+run shared --no-snapshot
+du -sh "$cache/snapshots"/* | sed 's/^/kept in the cache: /'
+

@@ -318,9 +318,10 @@ fn a_level_whose_runtime_dies_powers_off_and_is_reported_lost() {
     assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
 }
 
-#[test]
-fn a_retry_after_a_lost_level_gets_a_freshly_booted_chain() {
-    let dir = run_dir("runtime-dies-retried");
+/// `relay.wasm`'s kill_own_runtime at a `--levels 1` chain with `--retries 1`
+/// and `extra`: both tries lose their level, the second on a new one.
+fn retried_after_a_lost_level(name: &str, extra: &[&str]) -> (Run, tempfile::TempDir) {
+    let dir = run_dir(name);
     let out = vm_test(RELAY, &image_dir(), dir.path())
         .args([
             "--levels",
@@ -330,6 +331,7 @@ fn a_retry_after_a_lost_level_gets_a_freshly_booted_chain() {
             "--nocapture",
             "--ignored",
         ])
+        .args(extra)
         .args(["--exact", "kill_own_runtime"])
         .output()
         .expect("start matryoshka");
@@ -340,7 +342,7 @@ fn a_retry_after_a_lost_level_gets_a_freshly_booted_chain() {
     assert!(first.contains("level L0/L1 lost"), "{first}");
     let last = run.line_for("FAIL", "kill_own_runtime (try 2 of 2)");
     assert!(last.contains("level L0/L1 lost"), "{last}");
-    // The second try ran at a level booted for it, not at the dead one.
+    // The second try ran at a new level, not at the dead one.
     assert_eq!(
         run.stdout
             .matches("info L0/L1 kill_own_runtime | killing the runtime of L0/L1")
@@ -350,6 +352,25 @@ fn a_retry_after_a_lost_level_gets_a_freshly_booted_chain() {
         run.stdout
     );
     assert_eq!(qemus_left(dir.path()), Vec::<String>::new());
+    (run, dir)
+}
+
+#[test]
+fn a_retry_after_a_lost_level_gets_a_freshly_booted_chain() {
+    let (run, _dir) = retried_after_a_lost_level("runtime-dies-retried", &["--no-snapshot"]);
+    assert!(!run.stderr.contains("saved L0/L1"), "{}", run.stderr);
+}
+
+#[test]
+fn a_retry_after_a_lost_level_gets_a_restored_copy_of_the_chain() {
+    let cache = run_dir("runtime-dies-cache");
+    let cache = cache.path().to_str().expect("UTF-8");
+    let (run, dir) = retried_after_a_lost_level("runtime-dies-restored", &["--cache-dir", cache]);
+    // Kept bare, attached; the retry's copy restored from the kept state.
+    assert!(run.stderr.contains(" bare in "), "{}", run.stderr);
+    let journal =
+        std::fs::read_to_string(dir.path().join("L0-L1.relay")).expect("the hop's journal");
+    assert!(journal.contains(" restored from "), "{journal}");
 }
 
 /// `nested.wasm`'s kernel_backtrace at a `--levels 1` chain, with `extra` arguments.
