@@ -336,8 +336,13 @@ where
                 }));
             }
             Some(Ok(Message::Pause { id, paused })) => {
-                let (out, chain) = (out.clone(), chain.clone());
+                let (out, chain, path) = (out.clone(), chain.clone(), setup.path.clone());
                 tests.push(tokio::spawn(async move {
+                    // Stopped for a save: with its init done, so that no copy
+                    // restored from the save has to finish it.
+                    if paused {
+                        crate::level::vm::accel::wait_for_init(&path).await;
+                    }
                     let result = match chain {
                         Some(chain) => chain.pause(paused).await.map(|()| Vec::new()),
                         None => Ok(Vec::new()),

@@ -29,6 +29,10 @@ const RESTORE_TRIES: u32 = 2;
 /// How long QMP commands around a save, and setting the clocks, may take.
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long stopping the levels below a child may take: each level first
+/// waits (at most 30 s) for its init to load its modules.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// What a parent knows of a VM child it can restore from a snapshot: the
 /// facts the child told, and those the parent decided when it booted it.
 #[derive(Clone, serde::Serialize, serde::Deserialize)]
@@ -66,7 +70,7 @@ impl Connection {
             } else {
                 "run on below"
             },
-            Some(QMP_TIMEOUT),
+            Some(PAUSE_TIMEOUT),
         )
         .await
         .map(|_| ())

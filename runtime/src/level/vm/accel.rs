@@ -97,6 +97,25 @@ pub(super) fn remember(plan: &BootPlan, what: &str) {
 /// does while its runtime starts (see `images/guest/level-init`).
 const KVM_PENDING: &str = "/run/matryoshka/kvm.pending";
 
+/// Waits (at most 30 s) while this level's init still loads modules (KVM,
+/// the SCSI drivers, see `images/guest/level-init`): asked of a level about to
+/// be saved, so that its restored copies do not each finish that work again
+/// (and meet a level whose init is half done). Returns at once elsewhere.
+pub async fn wait_for_init(path: &str) {
+    let pending = [Path::new(KVM_PENDING), Path::new(SCSI_PENDING)];
+    if !pending.iter().any(|p| p.exists()) {
+        return;
+    }
+    tracing::info!(level = %path, "waiting for this level's init to load its modules");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pending.iter().any(|p| p.exists()) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Where a level's init says that it is still loading the SCSI drivers.
+const SCSI_PENDING: &str = "/run/matryoshka/scsi.pending";
+
 /// Waits (at most two minutes) while this level's init still loads KVM, so that
 /// the accelerator is chosen from what the level will have, not from a race.
 pub(super) async fn wait_for_kvm_module(path: &str) {
