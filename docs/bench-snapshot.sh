@@ -52,8 +52,15 @@ restores = [float(m.group(1)) for _, what in stamps if (m := re.search(r"restore
 if restores:
     restores.sort()
     print(f"    {len(restores)} restores: min {restores[0]:.2f} s, median {restores[len(restores)//2]:.2f} s, max {restores[-1]:.2f} s")
-asked = {m.group(1): secs(t) for t, what in stamps if (m := re.match(r"→ attach of component .* #([0-9]+)$", what))}
-attaches = sorted(secs(t) - asked[m.group(1)] for t, what in stamps if (m := re.match(r"← #([0-9]+) answered", what)) and m.group(1) in asked)
+# Request ids start again on each restored copy's connection: pair each attach
+# with the next answer of its id.
+asked, attaches = {}, []
+for t, what in stamps:
+    if m := re.match(r"→ attach of component .* #([0-9]+)$", what):
+        asked[m.group(1)] = secs(t)
+    elif (m := re.match(r"← #([0-9]+) answered", what)) and m.group(1) in asked:
+        attaches.append(secs(t) - asked.pop(m.group(1)))
+attaches.sort()
 if attaches:
     print(f"    {len(attaches)} attaches of the component down the chain: min {attaches[0]:.2f} s, median {attaches[len(attaches)//2]:.2f} s, max {attaches[-1]:.2f} s")
 tests = [float(m.group(1)) for m in re.finditer(r"PASS \[\s*([0-9.]+)s\]", out)]

@@ -160,6 +160,23 @@ pub struct Compiled {
     pub origin: ComponentSource,
 }
 
+/// What a level hands down of `bytes` (hashing to `sha256`) before it has
+/// loaded them itself: with this level's artifact of them when `cache` has
+/// one (a level below with the same engine then compiles nothing).
+pub fn source_of(bytes: Vec<u8>, sha256: &str, cache: &CacheDir) -> ComponentSource {
+    let precompiled = engine().ok().and_then(|engine| {
+        artifact_path(&engine, cache, sha256)
+            .filter(|p| p.exists())
+            .map(|p| (engine_key(&engine), p))
+    });
+    ComponentSource {
+        bytes,
+        sha256: sha256.to_string(),
+        precompiled,
+        cache: cache.clone(),
+    }
+}
+
 /// Checks, compiles (or takes from `cache`) and checks the world of `bytes`;
 /// `path` names the component in messages.
 pub fn compile(

@@ -32,7 +32,7 @@ fn now_ms() -> i128 {
 /// Runs the tests of `FRESH_LEVEL_TESTS` and the clock's at L2 with
 /// `--snapshot`, the cache in `cache`; checks that each test ran on a fresh
 /// copy and that the clocks were set after restores.
-fn run_on_copies(cache: &std::path::Path, name: &str) -> common::Run {
+fn run_on_copies(cache: &std::path::Path, name: &str, extra: &[&str]) -> common::Run {
     let dir = run_dir(name);
     // --retries 1: a chain lost while booting (nested SVM under TCG, now and
     // then) is booted again.
@@ -51,6 +51,7 @@ fn run_on_copies(cache: &std::path::Path, name: &str) -> common::Run {
             &[cache.to_str().expect("UTF-8")][..],
             &FRESH_LEVEL_TESTS[..],
             &["takes_ten_seconds", "prints_the_wall_clock"][..],
+            extra,
         ]
         .concat(),
     );
@@ -79,13 +80,6 @@ fn run_on_copies(cache: &std::path::Path, name: &str) -> common::Run {
         let line = run.line_for("PASS", test);
         assert!(line.contains("L0/L1/L2 nested::"), "{line}");
     }
-    // Saved again holding the component, for the tests after the first.
-    assert!(
-        run.stderr
-            .contains("saved L0/L1 (and the levels inside it) in "),
-        "{}",
-        run.stderr
-    );
     // The second test ran on a restored L1 (with its L2 inside), said so in
     // the hop's journal; the restored QEMU wrote on in the same console.
     let journal = std::fs::read_to_string(dir.path().join("L0-L1.relay")).expect("journal");
@@ -120,26 +114,37 @@ fn run_on_copies(cache: &std::path::Path, name: &str) -> common::Run {
 #[test]
 fn each_test_runs_on_a_copy_of_the_chain_restored_from_its_snapshot() {
     let cache = run_dir("snapshot-cache");
-    // The first run boots the chain bare and keeps it in the cache.
-    let first = run_on_copies(cache.path(), "snapshot");
-    assert!(
-        first
-            .stderr
-            .contains("saved L0/L1 (and the levels inside it) bare in "),
-        "{}",
-        first.stderr
-    );
-    assert!(first.stderr.contains("for later runs"), "{}", first.stderr);
-    // The next one starts from it, saved seconds (here) to weeks before.
-    let second = run_on_copies(cache.path(), "snapshot-kept");
+    // The first run boots the chain bare and keeps it, attaches the component
+    // and keeps that too; the tests after the first run on copies of that.
+    let first = run_on_copies(cache.path(), "snapshot", &[]);
+    for said in [
+        "saved L0/L1 (and the levels inside it) bare in ",
+        "attached the component to L0/L1/L2 in ",
+        "saved L0/L1 (and the levels inside it) with the component in ",
+    ] {
+        assert!(first.stderr.contains(said), "{said}: {}", first.stderr);
+    }
+    // The next run of the same suite with the same rights starts from the
+    // chain kept with the component, saved seconds (here) to weeks before.
+    let second = run_on_copies(cache.path(), "snapshot-kept", &[]);
     assert!(
         second
             .stderr
-            .contains("restored L0/L1/L2 from the snapshot kept in "),
+            .contains("restored L0/L1/L2 (with the component) from the snapshot kept in "),
         "{}",
         second.stderr
     );
-    assert!(!second.stderr.contains(" bare in "), "{}", second.stderr);
+    assert!(!second.stderr.contains("saved L0/L1"), "{}", second.stderr);
+    assert!(!second.stderr.contains("attached"), "{}", second.stderr);
+    // Other rights (here the environment): the bare chain, attached anew.
+    let third = run_on_copies(cache.path(), "snapshot-other", &["--env", "RUN=third"]);
+    for said in [
+        "restored L0/L1/L2 (bare) from the snapshot kept in ",
+        "attached the component to L0/L1/L2 in ",
+        "saved L0/L1 (and the levels inside it) with the component in ",
+    ] {
+        assert!(third.stderr.contains(said), "{said}: {}", third.stderr);
+    }
 }
 
 /// The control: with `--no-snapshot` the two tests share the chain, and the
@@ -271,14 +276,16 @@ fn a_kept_snapshot_that_changed_or_broke_is_saved_again() {
         .map(|e| e.path())
         .next()
         .expect("a slot");
-    let state = || {
+    let states = || -> Vec<std::path::PathBuf> {
         std::fs::read_dir(&slot)
             .expect("the slot")
             .filter_map(Result::ok)
             .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|x| x == "state"))
-            .expect("a state in the slot")
+            .filter(|p| p.extension().is_some_and(|x| x == "state"))
+            .collect()
     };
+    // Kept bare and with the component.
+    assert_eq!(states().len(), 2, "{:?}", states());
 
     // The image changed: the snapshot is stale.
     std::fs::File::options()
@@ -292,30 +299,32 @@ fn a_kept_snapshot_that_changed_or_broke_is_saved_again() {
         "{said}"
     );
 
-    // Its header overwritten: QEMU does not load it.
-    {
-        use std::io::{Seek, Write};
+    // Their headers overwritten: QEMU loads neither.
+    for state in states() {
+        use std::io::Write;
         let mut f = std::fs::File::options()
             .write(true)
-            .open(state())
+            .open(state)
             .expect("the state");
-        f.seek(std::io::SeekFrom::Start(0)).expect("seek");
         f.write_all(&[0u8; 65536]).expect("overwrite the header");
     }
     let said = kept_run(image.path(), cache.path(), "kept-corrupt");
     assert!(
-        said.contains("warning: the snapshot kept in ")
+        said.contains("warning: the snapshot kept with the component in ")
+            && said.contains("warning: the snapshot kept bare in ")
             && said.contains("did not restore (")
             && said.contains(" bare in "),
         "{said}"
     );
 
-    // Cut short: it is not even tried.
-    std::fs::File::options()
-        .write(true)
-        .open(state())
-        .and_then(|f| f.set_len(4096))
-        .expect("cut the state short");
+    // Cut short: they are not even tried.
+    for state in states() {
+        std::fs::File::options()
+            .write(true)
+            .open(state)
+            .and_then(|f| f.set_len(4096))
+            .expect("cut the state short");
+    }
     let said = kept_run(image.path(), cache.path(), "kept-short");
     assert!(
         said.contains("is unusable (")
@@ -327,7 +336,7 @@ fn a_kept_snapshot_that_changed_or_broke_is_saved_again() {
     // And kept again, it restores.
     let said = kept_run(image.path(), cache.path(), "kept-again");
     assert!(
-        said.contains("restored L0/L1 from the snapshot kept in "),
+        said.contains("restored L0/L1 (with the component) from the snapshot kept in "),
         "{said}"
     );
 }

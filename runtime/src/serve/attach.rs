@@ -29,6 +29,7 @@ pub(super) struct Place {
 }
 
 /// What a component may do at a level: from `Load`, or from an `Attach`.
+#[derive(Clone)]
 pub(super) struct Rights {
     pub(super) grants: Grants,
     pub(super) limits: WireLimits,
@@ -198,17 +199,29 @@ pub(super) async fn attach(
         nest,
         env,
     };
-    let attached = Attached::load(bytes, &sha, place, rights, cache, out)
-        .await
-        .map_err(|m| err(WireErrorKind::Internal, m))?;
+    // Handed down while it loads here: each level of the chain passes it on
+    // before it loads it, so the levels load at once, not one after another.
+    let below = place.context(
+        rights.clone(),
+        Some(Arc::new(engine::source_of(bytes.clone(), &sha, cache))),
+    );
+    let attach_below = async {
+        match chain {
+            Some(chain) => chain.attach(&below).await,
+            None => Ok(()),
+        }
+    };
+    let (attached, below) = tokio::join!(
+        Attached::load(bytes, &sha, place, rights, cache, out),
+        attach_below
+    );
+    let attached = attached.map_err(|m| err(WireErrorKind::Internal, m))?;
+    below?;
     tracing::info!(
         level = %path,
-        "component {} attached in {} ms",
+        "component {} attached here and below in {} ms",
         sha.get(..12).unwrap_or(&sha),
         started.elapsed().as_millis()
     );
-    if let Some(chain) = chain {
-        chain.attach(&attached.ctx).await?;
-    }
     Ok(attached)
 }

@@ -1,11 +1,13 @@
 //! A chain of VM levels booted for a run (`--levels N`), whose deepest level
 //! runs every test.
 //!
-//! - [`kept`]: a chain's snapshot kept across runs.
+//! - [`kept`]: a chain kept across runs; [`store`]: its cache slot.
 
 mod kept;
+mod store;
 
-pub use kept::{Store, asked, boot_kept};
+pub use kept::{asked, boot_kept};
+pub use store::Store;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,7 +1,8 @@
 //! The relay suite: the same component at every level of a chain.
 //!
 //! The chain is named by `MATRYOSHKA_CHAIN` (set with `--env`): a comma-separated
-//! list of targets, `local` or `ssh://user@host:port`; the level at depth N
+//! list of targets, `local`, `ssh://user@host:port` or `vm` (a VM level booted
+//! from the image, with `--grant nest`); the level at depth N
 //! reaches the next one through entry N (under `--levels N` the suite starts at
 //! LN, and the first N entries go unused). Without it the tests that reach other
 //! levels fail: a chain of none would prove nothing.
@@ -10,7 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use matryoshka_guest::host::{self, Error};
-use matryoshka_guest::nest::Guest;
+use matryoshka_guest::nest::{Guest, Vm};
 use serde::{Deserialize, Serialize};
 
 /// What one level says about itself.
@@ -39,15 +40,24 @@ fn chain() -> Vec<String> {
     chain
 }
 
+/// Reaches `target` of the chain: boots a VM level for `vm`, else connects.
+fn reach(target: &str) -> Result<Guest, Error> {
+    if target == "vm" {
+        Guest::boot(&Vm::new())
+    } else {
+        Guest::connect(target)
+    }
+}
+
 /// The first level of the chain, reached from L0.
 fn first() -> Result<Guest, Error> {
-    Guest::connect(&chain()[0])
+    reach(&chain()[0])
 }
 
 /// The next level below this one, if the chain goes further.
 fn next() -> Result<Option<Guest>, Error> {
     match chain().get(host::level() as usize) {
-        Some(target) => Guest::connect(target).map(Some),
+        Some(target) => reach(target).map(Some),
         None => Ok(None),
     }
 }
@@ -175,7 +185,7 @@ fn connect_times(_: ()) -> Result<Vec<(String, f64)>, Error> {
         return Ok(Vec::new());
     };
     let started = std::time::Instant::now();
-    let next = Guest::connect(&target)?;
+    let next = reach(&target)?;
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     let mut times = vec![(next.level_path(), ms)];
     times.extend(next.call::<_, Vec<(String, f64)>>("connect_times", &())?);
