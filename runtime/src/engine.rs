@@ -164,10 +164,13 @@ pub struct Compiled {
 /// loaded them itself: with this level's artifact of them when `cache` has
 /// one (a level below with the same engine then compiles nothing).
 pub fn source_of(bytes: Vec<u8>, sha256: &str, cache: &CacheDir) -> ComponentSource {
+    // Only from a folder and file that pass the cache's checks: it is native
+    // code the level below runs.
     let precompiled = engine().ok().and_then(|engine| {
-        artifact_path(&engine, cache, sha256)
-            .filter(|p| p.exists())
-            .map(|p| (engine_key(&engine), p))
+        let key = engine_key(&engine);
+        let dir = cache.open(&key).ok().flatten()?;
+        let path = dir.join(format!("{sha256}.cwasm"));
+        (path.exists() && secure_file(&path).is_ok()).then_some((key, path))
     });
     ComponentSource {
         bytes,

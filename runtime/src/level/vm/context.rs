@@ -44,6 +44,8 @@ impl VmContext {
     /// it was booted with, which stays beside its snapshot. Only before the
     /// first level boots; afterwards the key chosen then stays.
     pub fn use_key_file(&self, path: &std::path::Path) -> Result<(), String> {
+        // Absolute: it is printed in commands run from anywhere.
+        let path = std::path::absolute(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let named = Some(path.display().to_string());
         if let Some(Ok(chosen)) = self.key.get() {
             return if chosen.path == named {
@@ -52,21 +54,35 @@ impl VmContext {
                 Err("the run's key was chosen before".into())
             };
         }
-        let key = match std::fs::read_to_string(path) {
-            Ok(private) => RunKey::from_private(&private, Some(path.display().to_string()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let key = RunKey::generate()?;
-                write_private(path, key.private_key.as_deref().unwrap_or_default())?;
-                RunKey {
-                    path: Some(path.display().to_string()),
-                    ..key
+        if !path.exists() {
+            // Made once: of two runs making it at once, the second reads the first's.
+            let key = RunKey::generate()?;
+            match write_new_private(&path, key.private_key.as_deref().unwrap_or_default()) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    return Err(format!(
+                        "cannot write the run's key to {}: {e}",
+                        path.display()
+                    ));
                 }
             }
-            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
-        };
+        }
+        crate::engine::secure_file(&path).map_err(|e| e.to_string())?;
+        let private = std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let key = RunKey::from_private(&private, named)?;
         self.key
             .set(Ok(key))
             .map_err(|_| "the run's key was chosen before".to_string())
+    }
+
+    /// The public line of the key VM levels accept, once one was chosen.
+    pub fn key_line(&self) -> Option<String> {
+        match self.key.get() {
+            Some(Ok(key)) => Some(key.public_line.clone()),
+            _ => None,
+        }
     }
 
     /// The file of the key VM levels accept, once one was chosen and when it
@@ -191,6 +207,20 @@ impl RunKey {
             .map_err(|e| format!("cannot encode the run's key: {e}"))?;
         Self::from_private(&private, None)
     }
+}
+
+/// Writes `key` into a new file `path` (mode 0600); an existing one is an
+/// `AlreadyExists` error.
+fn write_new_private(path: &std::path::Path, key: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(key.as_bytes())?;
+    file.sync_all()
 }
 
 fn write_private(path: &std::path::Path, key: &str) -> Result<(), String> {

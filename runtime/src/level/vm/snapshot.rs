@@ -77,6 +77,34 @@ pub struct Snapshot {
     pub bytes: u64,
     /// How long saving took, guest stopped to file written.
     pub took: Duration,
+    /// The state held open ([`Snapshot::hold`]): restores read it through
+    /// this, whatever happens to the file's name meanwhile.
+    #[serde(skip)]
+    pub held: Option<std::sync::Arc<std::fs::File>>,
+}
+
+impl Snapshot {
+    /// Opens the state and keeps it open for the restores to come: another
+    /// run that replaces or removes a state kept in the cache (one it found
+    /// stale, say) then takes nothing from this one.
+    pub fn hold(&mut self) -> Result<(), String> {
+        let file = std::fs::File::open(&self.file)
+            .map_err(|e| format!("cannot open {}: {e}", self.file.display()))?;
+        self.held = Some(std::sync::Arc::new(file));
+        Ok(())
+    }
+
+    /// A new reader of the state, at its start: through the held file when
+    /// there is one (`/proc/self/fd`: its own offset), else by its name.
+    fn open(&self) -> std::io::Result<std::fs::File> {
+        match &self.held {
+            Some(held) => std::fs::File::open(format!(
+                "/proc/self/fd/{}",
+                std::os::fd::AsRawFd::as_raw_fd(held.as_ref())
+            )),
+            None => std::fs::File::open(&self.file),
+        }
+    }
 }
 
 /// Saves the level behind `qmp` into `file` (a name of this save's own beside
@@ -202,6 +230,7 @@ pub async fn save(
         file: file.to_path_buf(),
         bytes,
         took,
+        held: None,
     })
 }
 
@@ -239,7 +268,7 @@ pub async fn restore(snapshot: &Snapshot, deadline: Duration) -> Result<Booted, 
             snapshot.file.display()
         )
     };
-    let state = std::fs::File::open(&snapshot.file).map_err(|e| fail(e.to_string()))?;
+    let state = snapshot.open().map_err(|e| fail(e.to_string()))?;
     let pair = || std::os::unix::net::UnixStream::pair().map_err(|e| fail(e.to_string()));
     let (relay, guest_end) = pair()?;
     let (qmp, qmp_end) = pair()?;

@@ -44,10 +44,11 @@ impl Chain {
             remembered,
             ..
         } = kept;
+        let path = snapshot.machine.path.clone();
         let lost = |message: String| RemoteError {
             kind: crate::wire::WireErrorKind::LevelLost,
             message,
-            level_path: snapshot.machine.path.clone(),
+            level_path: path.clone(),
         };
         let run_dir = ctx
             .vms
@@ -60,6 +61,13 @@ impl Chain {
             .clone()
             .in_folder(&run_dir, ctx.vms.settings.keep_failed);
         snapshot.machine.jump = ctx.vms.settings.jump.clone();
+        // Every copy of this run reads this file, whatever another run does
+        // to the slot meanwhile.
+        snapshot.hold().map_err(lost)?;
+        // The initramfs QEMU loads again at each restore stays in its cache
+        // as long as the chain is used.
+        let _ = std::fs::File::open(&snapshot.machine.spec.initrd)
+            .and_then(|f| f.set_modified(std::time::SystemTime::now()));
         let (current, relay) = relay_to_tests(sink);
         let capture = Capture::forwarding(&ctx.level.path, usize::MAX, relay.clone());
         let conn = Connection::restore_remembered(
@@ -173,7 +181,14 @@ pub async fn boot_kept(
             .and_then(|r| r)
     };
     let made_of = match made_of {
-        Ok(m) => m,
+        // The levels accept the key they were booted with: a chain kept with
+        // another is booted again.
+        Ok(mut m) => {
+            if let Some(line) = ctx.vms.key_line() {
+                m.insert("key".into(), line);
+            }
+            m
+        }
         Err(e) => {
             say(format!(
                 "warning: cannot tell what the chain is made of ({e}): it is not kept for later runs"
@@ -201,16 +216,40 @@ pub async fn boot_kept(
     }
     let mut chain = match restore_entry(ctx, levels, &sink, store, Entry::Bare, &made_of, say).await
     {
-        Some(chain) => chain,
-        None => {
-            let mut chain = Chain::boot(ctx, None, levels, sink, true).await?;
-            match chain.keep(store, Entry::Bare, made_of).await {
-                Ok(said) => say(said),
-                Err(why) => say(format!("warning: {why}")),
+        Some(chain) => match attach(&chain, ctx, say).await {
+            Ok(()) => chain,
+            // The kept copy is the suspect: it goes, and the chain is booted.
+            Err(e) => {
+                say(format!(
+                    "warning: the chain restored bare from {} did not take the component ({}); \
+                     it is booted again",
+                    store.dir().display(),
+                    e.message
+                ));
+                drop(chain);
+                store.discard(Entry::Bare);
+                let chain = boot_and_keep(ctx, levels, sink, store, made_of, say).await?;
+                attach(&chain, ctx, say).await?;
+                chain
             }
+        },
+        None => {
+            let chain = boot_and_keep(ctx, levels, sink, store, made_of, say).await?;
+            attach(&chain, ctx, say).await?;
             chain
         }
     };
+    if let Some(attached) = attached {
+        match chain.keep(store, Entry::Attached, attached).await {
+            Ok(said) => say(said),
+            Err(why) => say(format!("warning: {why}")),
+        }
+    }
+    Ok(chain)
+}
+
+/// Gives `chain` `ctx`'s component, saying how long it took.
+async fn attach(chain: &Chain, ctx: &LevelContext, say: Say<'_>) -> Result<(), RemoteError> {
     let started = Instant::now();
     chain.attach(ctx).await?;
     say(format!(
@@ -218,11 +257,22 @@ pub async fn boot_kept(
         chain.deepest(),
         started.elapsed().as_secs_f64()
     ));
-    if let Some(attached) = attached {
-        match chain.keep(store, Entry::Attached, attached).await {
-            Ok(said) => say(said),
-            Err(why) => say(format!("warning: {why}")),
-        }
+    Ok(())
+}
+
+/// The chain booted bare and kept in `store` as made of `made_of`.
+async fn boot_and_keep(
+    ctx: &LevelContext,
+    levels: u32,
+    sink: Option<OutputSink>,
+    store: &Store,
+    made_of: BTreeMap<String, String>,
+    say: Say<'_>,
+) -> Result<Chain, RemoteError> {
+    let mut chain = Chain::boot(ctx, None, levels, sink, true).await?;
+    match chain.keep(store, Entry::Bare, made_of).await {
+        Ok(said) => say(said),
+        Err(why) => say(format!("warning: {why}")),
     }
     Ok(chain)
 }

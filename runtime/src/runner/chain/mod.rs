@@ -201,12 +201,15 @@ impl Chain {
         if let Err(e) = conn.set_clock().await {
             tracing::warn!("{}", e.message);
         }
-        let saved = saved.map_err(|e| {
+        let mut saved = saved.map_err(|e| {
             format!(
                 "the chain was not saved ({}); the tests share it as booted",
                 e.message
             )
         })?;
+        if let Err(e) = saved.hold() {
+            tracing::warn!("{e}; restores open the state by its name");
+        }
         *self.snapshot.get_mut().unwrap_or_else(|e| e.into_inner()) = Some(saved.clone());
         Ok(saved)
     }
@@ -259,7 +262,15 @@ impl Chain {
                     e.message
                 );
                 *self.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                let _ = std::fs::remove_file(&snapshot.file);
+                // This run's own save goes; one kept in the cache is the next
+                // run's to judge.
+                if self
+                    .snapshot_dir
+                    .as_ref()
+                    .is_some_and(|d| snapshot.file.starts_with(d.path()))
+                {
+                    let _ = std::fs::remove_file(&snapshot.file);
+                }
                 self.set_aside_files(ctx);
                 match open(
                     ctx,

@@ -223,10 +223,10 @@ impl Store {
     /// The state `meta` names, in this slot (by its name only: wherever the
     /// cache is now).
     fn state_of(&self, meta: &Meta) -> Option<PathBuf> {
-        meta.snapshot
-            .file
-            .file_name()
-            .map(|name| self.dir.join(name))
+        let name = meta.snapshot.file.file_name()?;
+        name.to_str()
+            .is_some_and(|n| n.starts_with("L1.") && n.ends_with(".state"))
+            .then(|| self.dir.join(name))
     }
 
     /// Throws the slot's `entry` away (its key and the other entry stay).
@@ -282,7 +282,10 @@ impl Store {
                 .ok()
                 .and_then(|t| t.elapsed().ok())
                 .is_some_and(|age| age > UNNAMED_GRACE);
-            if path.extension().is_some_and(|x| x == "state") && !named.contains(&path) && old {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            // States, and what saves that never ended left (`….partial.<pid>.<ns>`).
+            let state = name.ends_with(".state") || name.contains(".partial.");
+            if state && !named.contains(&path) && old {
                 let _ = std::fs::remove_file(path);
             }
         }
@@ -294,10 +297,13 @@ impl Store {
         let Ok(entries) = std::fs::read_dir(&self.root) else {
             return;
         };
+        // A slot with no metadata yet may be one a run is booting a chain
+        // for: its folder's own time counts.
         let used = |dir: &Path| {
             [Entry::Bare, Entry::Attached]
                 .into_iter()
                 .filter_map(|e| std::fs::metadata(dir.join(e.meta_name())).ok())
+                .chain(std::fs::metadata(dir).ok())
                 .filter_map(|m| m.modified().ok())
                 .max()
                 .unwrap_or(SystemTime::UNIX_EPOCH)
