@@ -145,6 +145,15 @@ fn each_test_runs_on_a_copy_of_the_chain_restored_from_its_snapshot() {
     ] {
         assert!(third.stderr.contains(said), "{said}: {}", third.stderr);
     }
+    // Each rights' chain is kept beside the other's: the first ones' again.
+    let fourth = run_on_copies(cache.path(), "snapshot-kept-again", &[]);
+    assert!(
+        fourth
+            .stderr
+            .contains("restored L0/L1/L2 (with the component) from the snapshot kept in "),
+        "{}",
+        fourth.stderr
+    );
 }
 
 /// The control: with `--no-snapshot` the two tests share the chain, and the

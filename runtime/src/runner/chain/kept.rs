@@ -2,7 +2,7 @@
 //! is [`Store`]).
 //!
 //! A run first looks for the chain kept with its own component and rights
-//! ([`Entry::Attached`]): restored, it serves at once. Else it restores the
+//! ([`Entry::Attached`], one per component and rights): restored, it serves at once. Else it restores the
 //! chain kept bare ([`Entry::Bare`], no component, no grant), or boots it bare
 //! and keeps it; attaches its component; and keeps that too, for its own
 //! tests after the first and for the next run of the same suite. The slot is
@@ -105,7 +105,7 @@ impl Chain {
         }
         .ok_or("the chain's first level is no VM level: nothing to save")?;
         let saved = self.save_into(&store.new_state_file()).await?;
-        if entry == Entry::Attached {
+        if matches!(entry, Entry::Attached(_)) {
             // Copies of this save hold the component already.
             self.bare = false;
         }
@@ -114,7 +114,7 @@ impl Chain {
             saved.took.as_secs_f64(),
             saved.bytes >> 20,
         );
-        if let Err(e) = store.write(entry, made_of, &saved, remembered) {
+        if let Err(e) = store.write(&entry, made_of, &saved, remembered) {
             return Ok(format!(
                 "saved {path} {} in {took:.1} s ({mib} MiB) for this run's tests, but not \
                  kept for later runs: {e}",
@@ -205,42 +205,41 @@ pub async fn boot_kept(
     };
     let attached = attachment(ctx, levels).map(|a| {
         let mut m = made_of.clone();
-        m.insert("component".into(), a);
-        m
+        m.insert("component".into(), a.clone());
+        (Entry::attached(&a), m)
     });
-    if let Some(attached) = &attached
-        && let Some(chain) =
-            restore_entry(ctx, levels, &sink, store, Entry::Attached, attached, say).await
+    if let Some((entry, attached)) = &attached
+        && let Some(chain) = restore_entry(ctx, levels, &sink, store, entry, attached, say).await
     {
         return Ok(chain);
     }
-    let mut chain = match restore_entry(ctx, levels, &sink, store, Entry::Bare, &made_of, say).await
-    {
-        Some(chain) => match attach(&chain, ctx, say).await {
-            Ok(()) => chain,
-            // The kept copy is the suspect: it goes, and the chain is booted.
-            Err(e) => {
-                say(format!(
-                    "warning: the chain restored bare from {} did not take the component ({}); \
+    let mut chain =
+        match restore_entry(ctx, levels, &sink, store, &Entry::Bare, &made_of, say).await {
+            Some(chain) => match attach(&chain, ctx, say).await {
+                Ok(()) => chain,
+                // The kept copy is the suspect: it goes, and the chain is booted.
+                Err(e) => {
+                    say(format!(
+                        "warning: the chain restored bare from {} did not take the component ({}); \
                      it is booted again",
-                    store.dir().display(),
-                    e.message
-                ));
-                drop(chain);
-                store.discard(Entry::Bare);
+                        store.dir().display(),
+                        e.message
+                    ));
+                    drop(chain);
+                    store.discard(&Entry::Bare);
+                    let chain = boot_and_keep(ctx, levels, sink, store, made_of, say).await?;
+                    attach(&chain, ctx, say).await?;
+                    chain
+                }
+            },
+            None => {
                 let chain = boot_and_keep(ctx, levels, sink, store, made_of, say).await?;
                 attach(&chain, ctx, say).await?;
                 chain
             }
-        },
-        None => {
-            let chain = boot_and_keep(ctx, levels, sink, store, made_of, say).await?;
-            attach(&chain, ctx, say).await?;
-            chain
-        }
-    };
-    if let Some(attached) = attached {
-        match chain.keep(store, Entry::Attached, attached).await {
+        };
+    if let Some((entry, attached)) = attached {
+        match chain.keep(store, entry, attached).await {
             Ok(said) => say(said),
             Err(why) => say(format!("warning: {why}")),
         }
@@ -285,7 +284,7 @@ async fn restore_entry(
     levels: u32,
     sink: &Option<OutputSink>,
     store: &Store,
-    entry: Entry,
+    entry: &Entry,
     made_of: &BTreeMap<String, String>,
     say: Say<'_>,
 ) -> Option<Chain> {
@@ -295,7 +294,7 @@ async fn restore_entry(
         Lookup::Found(kept) => {
             let started = Instant::now();
             let age = kept.age_secs();
-            match Chain::restore_kept(ctx, levels, sink.clone(), *kept, entry == Entry::Bare).await
+            match Chain::restore_kept(ctx, levels, sink.clone(), *kept, *entry == Entry::Bare).await
             {
                 Ok(chain) => {
                     say(format!(
@@ -314,7 +313,7 @@ async fn restore_entry(
                 )),
             }
         }
-        Lookup::Stale(why) if entry == Entry::Attached => {
+        Lookup::Stale(why) if matches!(entry, Entry::Attached(_)) => {
             tracing::info!("the snapshot kept {words} in {dir} is stale ({why})");
         }
         Lookup::Stale(why) => say(format!(
@@ -324,7 +323,7 @@ async fn restore_entry(
         Lookup::Unusable(why) => say(format!(
             "warning: the snapshot kept {words} in {dir} is unusable ({why}); it is saved again"
         )),
-        Lookup::Missing if entry == Entry::Bare => say(format!(
+        Lookup::Missing if *entry == Entry::Bare => say(format!(
             "no snapshot of this chain is kept yet: booting it bare to keep one in {dir}"
         )),
         Lookup::Missing => return None,

@@ -5,9 +5,10 @@
 //! - `bare.json`: the chain as booted, no component, no grant (protocol 7's
 //!   bare `Load`): any run that asks for the same chain can use it, attaching
 //!   its component.
-//! - `attached.json`: the same chain with a component attached (its sha256
-//!   and the rights it came with are among what it is made of): a run of the
-//!   same suite with the same rights restores it and attaches nothing.
+//! - `attached-<16 hex>.json`, up to [`KEEP_ATTACHED`]: the same chain with a
+//!   component attached, named after the component's sha256 and the rights
+//!   it came with: a run of the same suite with the same rights restores it
+//!   and attaches nothing.
 //!
 //! Each names its state (`L1.<pid>.<ns>.state`, one per save, so runs saving
 //! at once never mix bytes; the metadata, written last through a temporary
@@ -35,32 +36,43 @@ const FORMAT: u32 = 1;
 /// L1's memory): saving one removes the least recently used beyond these.
 const KEEP_SLOTS: usize = 3;
 
+/// How many chains with a component attached a slot keeps (suites sharing
+/// a chain each have their own): writing one removes the least recently used
+/// beyond these.
+const KEEP_ATTACHED: usize = 3;
+
 /// A state that no metadata names is removed once it is this old (younger,
 /// it may be a save whose metadata is being written).
 const UNNAMED_GRACE: Duration = Duration::from_secs(120);
 
 /// Which of a slot's snapshots.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
     /// The chain as booted, holding no component.
     Bare,
-    /// The chain with a component attached.
-    Attached,
+    /// The chain with a component attached: 16 hex digits of the sha256 of
+    /// what was attached (the component's sha256 and its rights).
+    Attached(String),
 }
 
 impl Entry {
-    fn meta_name(self) -> &'static str {
+    /// The chain with `attachment` attached.
+    pub fn attached(attachment: &str) -> Self {
+        Self::Attached(crate::engine::sha256_hex(attachment.as_bytes())[..16].to_string())
+    }
+
+    fn meta_name(&self) -> String {
         match self {
-            Self::Bare => "bare.json",
-            Self::Attached => "attached.json",
+            Self::Bare => "bare.json".into(),
+            Self::Attached(key) => format!("attached-{key}.json"),
         }
     }
 
     /// `bare`, `with the component`: for messages.
-    pub fn words(self) -> &'static str {
+    pub fn words(&self) -> &'static str {
         match self {
             Self::Bare => "bare",
-            Self::Attached => "with the component",
+            Self::Attached(_) => "with the component",
         }
     }
 }
@@ -134,7 +146,7 @@ impl Store {
         &self.dir
     }
 
-    fn meta_file(&self, entry: Entry) -> PathBuf {
+    fn meta_file(&self, entry: &Entry) -> PathBuf {
         self.dir.join(entry.meta_name())
     }
 
@@ -149,7 +161,7 @@ impl Store {
     }
 
     /// What the slot holds as `entry` for a chain made of `made_of`.
-    pub fn lookup(&self, entry: Entry, made_of: &BTreeMap<String, String>) -> Lookup {
+    pub fn lookup(&self, entry: &Entry, made_of: &BTreeMap<String, String>) -> Lookup {
         let file = self.meta_file(entry);
         let meta = match self.read_meta(entry) {
             Ok(Some(meta)) => meta,
@@ -207,8 +219,14 @@ impl Store {
 
     /// The metadata of `entry`, once its file passed the cache's checks;
     /// `None` when there is none.
-    fn read_meta(&self, entry: Entry) -> Result<Option<Meta>, String> {
-        let file = self.meta_file(entry);
+    fn read_meta(&self, entry: &Entry) -> Result<Option<Meta>, String> {
+        self.read_meta_file(&self.meta_file(entry))
+    }
+
+    /// The metadata in `file`, once it passed the cache's checks; `None` when
+    /// there is none.
+    fn read_meta_file(&self, file: &Path) -> Result<Option<Meta>, String> {
+        let file = file.to_path_buf();
         if !file.exists() {
             return Ok(None);
         }
@@ -230,7 +248,7 @@ impl Store {
     }
 
     /// Throws the slot's `entry` away (its key and the other entry stay).
-    pub fn discard(&self, entry: Entry) {
+    pub fn discard(&self, entry: &Entry) {
         if let Ok(Some(meta)) = self.read_meta(entry)
             && let Some(state) = self.state_of(&meta)
         {
@@ -244,7 +262,7 @@ impl Store {
     /// recently used slots beyond [`KEEP_SLOTS`].
     pub fn write(
         &self,
-        entry: Entry,
+        entry: &Entry,
         made_of: BTreeMap<String, String>,
         snapshot: &Snapshot,
         remembered: Remembered,
@@ -260,17 +278,50 @@ impl Store {
         let text = serde_json::to_vec_pretty(&meta).map_err(|e| e.to_string())?;
         crate::engine::write_atomically(&file, &text)
             .map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+        if matches!(entry, Entry::Attached(_)) {
+            self.prune_attached();
+        }
         self.remove_unnamed_states();
         self.prune();
         Ok(())
     }
 
+    /// The metadata files of the slot.
+    fn meta_files(&self) -> Vec<PathBuf> {
+        meta_files(&self.dir)
+    }
+
+    /// Removes the least recently used entries with a component attached
+    /// beyond [`KEEP_ATTACHED`], with their states.
+    fn prune_attached(&self) {
+        let mut attached: Vec<(SystemTime, PathBuf)> = self
+            .meta_files()
+            .into_iter()
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("attached-"))
+            })
+            .map(|p| (modified(&p), p))
+            .collect();
+        attached.sort();
+        let beyond = attached.len().saturating_sub(KEEP_ATTACHED);
+        for (_, file) in attached.into_iter().take(beyond) {
+            if let Ok(Some(meta)) = self.read_meta_file(&file)
+                && let Some(state) = self.state_of(&meta)
+            {
+                let _ = std::fs::remove_file(state);
+            }
+            let _ = std::fs::remove_file(file);
+        }
+    }
+
     /// Removes the states that no metadata names (replaced ones; a run
     /// restoring one holds it open), past [`UNNAMED_GRACE`].
     fn remove_unnamed_states(&self) {
-        let named: Vec<PathBuf> = [Entry::Bare, Entry::Attached]
-            .into_iter()
-            .filter_map(|e| self.read_meta(e).ok().flatten())
+        let named: Vec<PathBuf> = self
+            .meta_files()
+            .iter()
+            .filter_map(|f| self.read_meta_file(f).ok().flatten())
             .filter_map(|m| self.state_of(&m))
             .collect();
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
@@ -300,11 +351,10 @@ impl Store {
         // A slot with no metadata yet may be one a run is booting a chain
         // for: its folder's own time counts.
         let used = |dir: &Path| {
-            [Entry::Bare, Entry::Attached]
-                .into_iter()
-                .filter_map(|e| std::fs::metadata(dir.join(e.meta_name())).ok())
-                .chain(std::fs::metadata(dir).ok())
-                .filter_map(|m| m.modified().ok())
+            meta_files(dir)
+                .iter()
+                .map(|f| modified(f))
+                .chain(std::iter::once(modified(dir)))
                 .max()
                 .unwrap_or(SystemTime::UNIX_EPOCH)
         };
@@ -321,6 +371,25 @@ impl Store {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+}
+
+/// The metadata files (`*.json`) in the slot `dir`.
+fn meta_files(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// When `path` last changed (the epoch when it cannot be told).
+fn modified(path: &Path) -> SystemTime {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
 /// Seconds since the epoch.
