@@ -45,8 +45,8 @@ fn stdio_pipes() -> Option<(
     Some((rx, tx))
 }
 
-/// Whether this process's stdin is a VM level's relay port (a character device
-/// other than a terminal).
+/// Whether this process's stdin is a VM level's relay port (a virtio-serial
+/// port).
 pub fn stdin_is_serial_port() -> bool {
     use std::os::fd::AsFd;
     std::io::stdin()
@@ -55,18 +55,31 @@ pub fn stdin_is_serial_port() -> bool {
         .is_ok_and(|fd| is_serial_port(&fd))
 }
 
-/// Whether `fd` is a character device other than a terminal.
+/// Whether `fd` is a virtio-serial port: a character device that sysfs places
+/// under `virtio-ports`. Not any character device: a runtime started with
+/// stdin from `/dev/null` (CI, a fuzzer calling `serve` in-process) is no VM
+/// level, and must neither set this machine's clock nor read its kernel log
+/// for a parent.
 fn is_serial_port(fd: &std::os::fd::OwnedFd) -> bool {
     use std::os::fd::AsRawFd;
-    use std::os::unix::fs::FileTypeExt;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let Ok(file) = fd.try_clone().map(std::fs::File::from) else {
         return false;
     };
     // SAFETY: isatty(3) only inspects the descriptor.
     let tty = unsafe { libc::isatty(fd.as_raw_fd()) } == 1;
-    !tty && file
-        .metadata()
-        .is_ok_and(|m| m.file_type().is_char_device())
+    let Ok(meta) = file.metadata() else {
+        return false;
+    };
+    if tty || !meta.file_type().is_char_device() {
+        return false;
+    }
+    let rdev = meta.rdev();
+    let device = format!("/sys/dev/char/{}:{}", libc::major(rdev), libc::minor(rdev));
+    std::fs::canonicalize(device).is_ok_and(|p| {
+        p.components()
+            .any(|c| c.as_os_str() == std::ffi::OsStr::new("virtio-ports"))
+    })
 }
 
 /// Blocks until `fd` can be written: a virtio-serial port is writable only while
@@ -88,5 +101,18 @@ fn wait_writable(fd: &std::os::fd::OwnedFd) {
         if n != 0 {
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_serial_port;
+
+    #[test]
+    fn dev_null_and_pipes_are_no_serial_port() {
+        let null = std::fs::File::open("/dev/null").expect("/dev/null");
+        assert!(!is_serial_port(&std::os::fd::OwnedFd::from(null)));
+        let (reader, _writer) = std::io::pipe().expect("a pipe");
+        assert!(!is_serial_port(&std::os::fd::OwnedFd::from(reader)));
     }
 }
