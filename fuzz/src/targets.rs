@@ -23,7 +23,7 @@ use crate::{Input, generate};
 
 /// How long one input may run. Every stream ends, and with it every
 /// conversation: an input still running after this is a hang.
-pub const DEADLINE: Duration = Duration::from_secs(20);
+pub const DEADLINE: Duration = Duration::from_secs(60);
 
 thread_local! {
     static RUNTIME: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()
