@@ -19,7 +19,7 @@ const MAX_DEVICES: usize = 4096;
 const MAX_ATTRIBUTE: u64 = 4096;
 
 /// Marker a VM level's init keeps while it loads the SCSI drivers.
-const DRIVERS_PENDING: &str = "/run/matryoshka/scsi.pending";
+pub(crate) const DRIVERS_PENDING: &str = "/run/matryoshka/scsi.pending";
 /// How long the drivers may take to load.
 const DRIVERS_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
 

@@ -102,30 +102,26 @@ const KVM_PENDING: &str = "/run/matryoshka/kvm.pending";
 /// be saved, so that its restored copies do not each finish that work again
 /// (and meet a level whose init is half done). Returns at once elsewhere.
 pub async fn wait_for_init(path: &str) {
-    let pending = [Path::new(KVM_PENDING), Path::new(SCSI_PENDING)];
-    if !pending.iter().any(|p| p.exists()) {
+    let pending = [KVM_PENDING, crate::scsi::DRIVERS_PENDING];
+    wait_while(&pending, Duration::from_secs(30), path, "its modules").await;
+}
+
+/// Waits (at most `limit`) while any of the marker files `pending` of this
+/// level's init exists, saying once that it waits for `what`.
+async fn wait_while(pending: &[&str], limit: Duration, path: &str, what: &str) {
+    let waiting = || pending.iter().any(|p| Path::new(p).exists());
+    if !waiting() {
         return;
     }
-    tracing::info!(level = %path, "waiting for this level's init to load its modules");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while pending.iter().any(|p| p.exists()) && Instant::now() < deadline {
+    tracing::info!(level = %path, "waiting for this level's init to load {what}");
+    let deadline = Instant::now() + limit;
+    while waiting() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
-/// Where a level's init says that it is still loading the SCSI drivers.
-const SCSI_PENDING: &str = "/run/matryoshka/scsi.pending";
-
 /// Waits (at most two minutes) while this level's init still loads KVM, so that
 /// the accelerator is chosen from what the level will have, not from a race.
 pub(super) async fn wait_for_kvm_module(path: &str) {
-    let pending = Path::new(KVM_PENDING);
-    if !pending.exists() {
-        return;
-    }
-    tracing::info!(level = %path, "waiting for this level's init to load KVM");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while pending.exists() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_while(&[KVM_PENDING], Duration::from_secs(120), path, "KVM").await;
 }

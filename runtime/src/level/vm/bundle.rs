@@ -76,17 +76,9 @@ pub fn for_child(child: Arch, image_dir: Option<&Path>, cache: &Path) -> Option<
 fn make(entries: &[(String, PathBuf)], cache: &Path) -> Result<PathBuf, String> {
     let mut h = Sha256::new();
     for (name, file) in entries {
-        let meta = std::fs::metadata(file).map_err(|e| format!("{}: {e}", file.display()))?;
-        let mtime = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos());
-        h.update(format!(
-            "{name}\0{}\0{}\0{mtime}\n",
-            file.display(),
-            meta.len()
-        ));
+        let (len, mtime) =
+            super::image::size_and_change(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        h.update(format!("{name}\0{}\0{len}\0{mtime}\n", file.display()));
     }
     let key = hex::encode(&h.finalize()[..12]);
     let dir = cache.join("bundle");

@@ -63,16 +63,11 @@ fn image_files(dir: &Path, arch: Arch) -> Result<String, String> {
     let stamp = std::fs::read_to_string(dir.join("stamp")).unwrap_or_default();
     let mut words = vec![format!("{} stamp {:?}", dir.display(), stamp.trim())];
     for file in [&image.kernel, &image.initrd, &image.root] {
-        let meta = std::fs::metadata(file).map_err(|e| format!("{}: {e}", file.display()))?;
-        let changed = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos());
+        let (len, changed) =
+            super::image::size_and_change(file).map_err(|e| format!("{}: {e}", file.display()))?;
         words.push(format!(
-            "{} {} bytes, changed {changed}",
+            "{} {len} bytes, changed {changed}",
             file.file_name().unwrap_or_default().to_string_lossy(),
-            meta.len()
         ));
     }
     Ok(words.join("; "))

@@ -11,6 +11,18 @@ pub const IMAGE_IN_LEVEL: &str = "/usr/lib/matryoshka/image";
 /// (`<this>/<arch>`; see `bundle.rs`).
 pub const BUNDLE_IMAGES: &str = "/run/matryoshka/bundle/images";
 
+/// `file`'s size and time of change (nanoseconds since the epoch, 0 when the
+/// file system does not say): what names an entry a cache makes from it.
+pub fn size_and_change(file: &Path) -> std::io::Result<(u64, u128)> {
+    let meta = std::fs::metadata(file)?;
+    let changed = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    Ok((meta.len(), changed))
+}
+
 /// The three files a level boots from.
 #[derive(Debug, Clone)]
 pub struct Image {

@@ -14,6 +14,18 @@ pub struct RuntimeInitrd {
 }
 
 impl RuntimeInitrd {
+    /// Marks the initramfs at `path` as in use (not stale for `prune_stale`);
+    /// whether it is there.
+    pub fn mark_used(path: &Path) -> bool {
+        match std::fs::File::options().append(true).open(path) {
+            Ok(file) => {
+                let _ = file.set_modified(std::time::SystemTime::now());
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
     /// The combined initramfs of `initrd` and `runtime` in `dir`, made once per
     /// runtime hash and initramfs file.
     pub fn prepare(
@@ -22,20 +34,13 @@ impl RuntimeInitrd {
         sha256: &str,
         dir: &Path,
     ) -> Result<Self, String> {
-        let meta = std::fs::metadata(initrd)
+        let (len, mtime) = super::image::size_and_change(initrd)
             .map_err(|e| format!("cannot stat {}: {e}", initrd.display()))?;
-        let mtime = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos());
-        let path = dir.join(format!("{sha256}-{}-{mtime}.initrd", meta.len()));
+        let path = dir.join(format!("{sha256}-{len}-{mtime}.initrd"));
         // The runtime in it runs at the level: reuse or write it only where no other
         // user can write (the folder, made 0700, and the cache root above it).
         crate::engine::secure_dir(dir.parent().unwrap_or(dir), dir).map_err(|e| e.to_string())?;
-        if let Ok(file) = std::fs::File::options().append(true).open(&path) {
-            // In use: not stale for `prune_stale`.
-            let _ = file.set_modified(std::time::SystemTime::now());
+        if Self::mark_used(&path) {
             return Ok(Self { path });
         }
         let tmp = tempfile::NamedTempFile::new_in(dir)
