@@ -476,8 +476,8 @@ pub fn parent_script(u: &mut Unstructured) -> Result<Vec<u8>> {
         text(u)?
     };
     // One Load in five is bare: the level says Ready with no component, and the
-    // messages after it (an Attach among them) reach its serving loop. It boots no
-    // chain below: that would start QEMU.
+    // messages after it (an Attach among them) reach its serving loop. It asks for
+    // no chain below (a mutated one may; the target's image folder is empty).
     let bare = u.ratio(1, 5)?;
     let mut setup = setup(u)?;
     if bare {

@@ -74,6 +74,11 @@ struct ServeArgs {
     /// Folder for cached components and precompiled artifacts.
     #[arg(long, value_name = "PATH")]
     cache_dir: Option<PathBuf>,
+    /// Folder of the images the levels below this one boot from (default:
+    /// `$MATRYOSHKA_IMAGE_DIR`, the image this level booted from, or
+    /// `target/images`).
+    #[arg(long, value_name = "PATH")]
+    image_dir: Option<PathBuf>,
     /// Announce another protocol version (for testing version checks).
     #[arg(long, hide = true, default_value_t = crate::wire::PROTOCOL_VERSION)]
     protocol_version: u32,
@@ -275,6 +280,7 @@ pub fn main() -> ExitCode {
                     .cache_dir
                     .map(CacheDir::At)
                     .unwrap_or_else(CacheDir::default_location),
+                image_dir: args.image_dir,
                 protocol_version: args.protocol_version,
                 inject: args.inject,
             };

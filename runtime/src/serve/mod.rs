@@ -47,6 +47,9 @@ const PARENT_SILENCE: Duration = Duration::from_secs(60);
 pub struct ServeOptions {
     /// Where components and compiled artifacts are cached.
     pub cache: CacheDir,
+    /// Where the levels below boot their images from; `None` for the default
+    /// ([`crate::level::vm::image::Image::default_dir`]).
+    pub image_dir: Option<PathBuf>,
     /// The version announced in `Hello` (differs from [`crate::wire::PROTOCOL_VERSION`] only in tests).
     pub protocol_version: u32,
     /// A misbehaviour to show the parent, for tests of how a parent copes with
@@ -141,7 +144,7 @@ where
         ssh: setup.ssh.clone(),
         vms: Arc::new(VmContext::new(
             setup.vm.clone(),
-            None,
+            opts.image_dir.clone(),
             RunDir::Temporary(std::sync::OnceLock::new()),
             opts.cache.dir().map(PathBuf::from),
         )),
