@@ -1,7 +1,9 @@
 """Round trip of a no-op call through a chain of SSH hops with mitogen.
 
 Usage: mitogen_chain.py KEY KNOWN_HOSTS CALLS PORT [PORT ...]
-Prints one line per depth: `depth=D calls=N median_us=.. mean_us=..`.
+Prints one line per depth: `depth=D first_contact_ms=.. calls=N median_us=.. mean_us=..`,
+where first contact is `router.ssh` to that level (through the ones above) and the
+first call there (which sends this module), as a test needs before its first call.
 The peer measurement for docs/benchmarks.md; run by runtime/tests/bench_relay.rs.
 """
 
@@ -22,6 +24,7 @@ def main(router):
     ports = [int(p) for p in sys.argv[4:]]
     via = None
     for depth, port in enumerate(ports, start=1):
+        start = time.perf_counter()
         context = router.ssh(
             hostname="127.0.0.1",
             port=port,
@@ -33,13 +36,14 @@ def main(router):
             via=via,
         )
         context.call(noop)  # connect and warm up
+        first_ms = (time.perf_counter() - start) * 1e3
         samples = []
         for _ in range(calls):
             start = time.perf_counter()
             context.call(noop)
             samples.append((time.perf_counter() - start) * 1e6)
         print(
-            f"depth={depth} calls={calls} median_us={statistics.median(samples):.1f} "
+            f"depth={depth} first_contact_ms={first_ms:.1f} calls={calls} median_us={statistics.median(samples):.1f} "
             f"mean_us={statistics.fmean(samples):.1f}",
             flush=True,
         )
