@@ -4,7 +4,8 @@
 //! a no-op call at depth 1, 2, 3 through this relay, a plain `ssh` chain running
 //! `true`, a message echoed by `cat` through the same hops (the transport alone), and
 //! mitogen calling a no-op function through them; then the time to reach each level
-//! with empty caches (copy + start) and with warm ones.
+//! with empty caches (copy + start; with the levels' own account of each hop) and
+//! with warm ones. `BENCH_FIRST_CONTACT_ONLY=1`: first contact only, beside mitogen's.
 
 #[allow(dead_code, reason = "shared by several test crates, each using a part")]
 mod common;
@@ -41,10 +42,11 @@ fn relay_benchmarks() {
         .iter()
         .map(|s| format!("ssh://root@127.0.0.1:{}", s.port))
         .collect();
-    let relay = |depth: usize, test: &str| {
+    let relay = |depth: usize, test: &str, verbose: bool| {
         let chain = format!("MATRYOSHKA_CHAIN={}", targets[..depth].join(","));
         let calls = format!("BENCH_CALLS={CALLS}");
         let out = bin()
+            .args(if verbose { &["-v"][..] } else { &[][..] })
             .args(["test", RELAY, "--ignored", "--exact", test, "--nocapture"])
             .args(["--env", &chain, "--env", &calls, "--timeout", "600"])
             .args(["--ssh-key", &key_path, "--ssh-known-hosts", &known_path])
@@ -58,23 +60,36 @@ fn relay_benchmarks() {
             "{stdout}\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        if verbose {
+            // Where each hop's first contact went, from the levels' own logs.
+            for l in String::from_utf8_lossy(&out.stderr).lines() {
+                if l.contains("level::ssh:") || l.contains("after Load") {
+                    println!("    {}", l.trim());
+                }
+            }
+        }
         bench_lines(&stdout)
     };
 
     println!("first contact, empty caches (copy + start):");
-    for l in relay(3, "bench_first_contact") {
+    for l in relay(3, "bench_first_contact", true) {
         println!("  relay {l}");
     }
     println!("first contact, warm caches:");
     for _ in 0..3 {
-        for l in relay(3, "bench_first_contact") {
+        for l in relay(3, "bench_first_contact", false) {
             println!("  relay {l}");
         }
     }
 
+    if std::env::var_os("BENCH_FIRST_CONTACT_ONLY").is_some() {
+        mitogen(&key_path, &known_path, servers, 10);
+        return;
+    }
+
     println!("no-op round trip:");
     for depth in 1..=3 {
-        for l in relay(depth, "bench_round_trips") {
+        for l in relay(depth, "bench_round_trips", false) {
             println!("  relay {l}");
         }
     }
@@ -150,11 +165,16 @@ fn relay_benchmarks() {
         );
     }
 
+    mitogen(&key_path, &known_path, servers, CALLS);
+}
+
+/// mitogen's first contact and no-op round trip through the same hops.
+fn mitogen(key_path: &str, known_path: &str, servers: &[common::sshd::Sshd], calls: usize) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/mitogen_chain.py");
     let ports: Vec<String> = servers.iter().map(|s| s.port.to_string()).collect();
     let out = Command::new("python3")
         .arg(script)
-        .args([&key_path, &known_path, &CALLS.to_string()])
+        .args([key_path, known_path, &calls.to_string()])
         .args(&ports)
         .output()
         .expect("python3");

@@ -53,7 +53,7 @@ pub struct RuntimeImage {
     /// Hex sha256 of the uncompressed binary.
     pub sha256: String,
     path: PathBuf,
-    gz: OnceLock<Result<Arc<Vec<u8>>, String>>,
+    gz: OnceLock<Result<bytes::Bytes, String>>,
 }
 
 impl RuntimeImage {
@@ -63,12 +63,12 @@ impl RuntimeImage {
     }
 
     /// The binary, gzip-compressed; a `.gz` copy beside it is used when present.
-    pub fn gz(&self) -> Result<Arc<Vec<u8>>, String> {
+    pub fn gz(&self) -> Result<bytes::Bytes, String> {
         self.gz
             .get_or_init(|| {
                 let companion = PathBuf::from(format!("{}.gz", self.path.display()));
                 if let Ok(gz) = std::fs::read(&companion) {
-                    return Ok(Arc::new(gz));
+                    return Ok(gz.into());
                 }
                 let bytes = std::fs::read(&self.path)
                     .map_err(|e| format!("cannot read {}: {e}", self.path.display()))?;
@@ -76,7 +76,7 @@ impl RuntimeImage {
                     flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
                 enc.write_all(&bytes)
                     .and_then(|()| enc.finish())
-                    .map(Arc::new)
+                    .map(bytes::Bytes::from)
                     .map_err(|e| format!("cannot compress the runtime: {e}"))
             })
             .clone()

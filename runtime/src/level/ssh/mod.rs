@@ -154,10 +154,11 @@ pub async fn open(
                 .map_err(|e| err(WireErrorKind::Internal, e.to_string()))?
                 .map_err(|m| err(WireErrorKind::Io, m))?
         };
-        tracing::info!(level = %setup.path, "copying the runtime ({} bytes compressed) to {remote_bin}", gz.len());
+        let compressed_ms = started.elapsed().as_millis();
+        tracing::info!(level = %setup.path, "copying the runtime ({} bytes compressed, ready at {compressed_ms} ms) to {remote_bin}", gz.len());
         let upload = script::upload(&remote_bin, &image.sha256);
         let (status, stdout, stderr) =
-            tokio::time::timeout(UPLOAD_TIMEOUT, exec(&handle, &upload, Some(&gz)))
+            tokio::time::timeout(UPLOAD_TIMEOUT, exec(&handle, &upload, Some(gz.clone())))
                 .await
                 .map_err(|_| {
                     err(

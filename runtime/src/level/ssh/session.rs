@@ -297,7 +297,7 @@ impl tokio::io::AsyncWrite for QuickAck {
 pub(super) async fn exec(
     handle: &Handle<Pinned>,
     cmd: &str,
-    stdin: Option<&[u8]>,
+    stdin: Option<bytes::Bytes>,
 ) -> Result<(Option<u32>, String, String), String> {
     let mut ch = handle
         .channel_open_session()
@@ -307,7 +307,9 @@ pub(super) async fn exec(
         .await
         .map_err(|e| format!("exec failed: {e}"))?;
     if let Some(bytes) = stdin {
-        ch.data(bytes)
+        // Owned bytes go out in packets of the peer's maximum size; `data` would copy
+        // them through an 8 KiB buffer, a packet each (22 MB/s to OpenSSH here).
+        ch.data_bytes(bytes)
             .await
             .map_err(|e| format!("sending data failed: {e}"))?;
     }
