@@ -44,7 +44,7 @@ fn runtimes_in(dir: &Path) -> Vec<String> {
         .map(|d| {
             d.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| !n.contains(".gz"))
+                .filter(|n| !n.ends_with(".gz") && !n.ends_with(".zst"))
                 .collect()
         })
         .unwrap_or_default()
@@ -444,8 +444,8 @@ fn files_in(dir: &Path) -> Vec<String> {
 
 #[test]
 fn a_runtime_that_arrives_as_another_binary_is_not_kept_or_run() {
-    // The runtime to send is this one, but the compressed copy beside it (which
-    // is sent as is) holds another program.
+    // The runtime to send is this one, but the compressed copies beside it (one
+    // is sent as is, by what the machine can unpack) hold another program.
     let runtimes = tempfile::tempdir().expect("runtime dir");
     let arch_dir = runtimes.path().join(std::env::consts::ARCH);
     std::fs::create_dir(&arch_dir).expect("arch dir");
@@ -456,6 +456,8 @@ fn a_runtime_that_arrives_as_another_binary_is_not_kept_or_run() {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     std::io::Write::write_all(&mut gz, other.as_bytes()).expect("compress");
     std::fs::write(arch_dir.join("matryoshka.gz"), gz.finish().expect("gzip")).expect("write .gz");
+    let zst = zstd::encode_all(other.as_bytes(), 3).expect("zstd");
+    std::fs::write(arch_dir.join("matryoshka.zst"), zst).expect("write .zst");
 
     let chain = SshChain::new(1);
     let tag = unique_tag("badgz");
@@ -474,10 +476,10 @@ fn a_runtime_that_arrives_as_another_binary_is_not_kept_or_run() {
     );
     assert!(line.contains("so it was not kept"), "{line}");
     assert!(
-        line.contains(&format!(
-            "the compressed copy sent ({}.gz)",
+        [".gz", ".zst"].iter().any(|suffix| line.contains(&format!(
+            "the compressed copy sent ({}{suffix})",
             runtime.display()
-        )),
+        ))),
         "{line}"
     );
     assert!(!marker.exists(), "the other program ran");

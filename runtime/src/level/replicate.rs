@@ -47,13 +47,64 @@ pub fn verbosity_flag() -> &'static str {
     }
 }
 
-/// A runtime binary to send: its hash, and its gzip-compressed bytes made on
-/// first use (a warm hop only needs the hash).
+/// How a runtime is compressed for the copy to a level: what the level has
+/// to unpack it with decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    /// zstd level 3 (`zstd -dc` there): a quarter smaller than gzip's fastest,
+    /// and unpacked five times faster.
+    Zstd,
+    /// gzip (`gzip -dc`, which every POSIX host and busybox has).
+    Gzip,
+}
+
+impl Codec {
+    /// The suffix of a compressed copy kept beside the binary (`.zst`, `.gz`).
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Self::Zstd => ".zst",
+            Self::Gzip => ".gz",
+        }
+    }
+
+    /// The command that unpacks standard input to standard output there.
+    pub fn unpack_command(self) -> &'static str {
+        match self {
+            Self::Zstd => "zstd -qdc",
+            Self::Gzip => "gzip -dc",
+        }
+    }
+
+    /// `bytes` compressed the way this codec sends them.
+    pub(crate) fn compress(self, bytes: &[u8]) -> std::io::Result<Vec<u8>> {
+        match self {
+            Self::Zstd => {
+                let mut enc = zstd::Encoder::new(Vec::new(), 3)?;
+                // Both cores of a small machine: 28 MB in ~0.1 s.
+                let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+                enc.multithread(u32::try_from(threads).unwrap_or(1))?;
+                enc.include_checksum(true)?;
+                enc.write_all(bytes)?;
+                enc.finish()
+            }
+            Self::Gzip => {
+                let mut enc =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                enc.write_all(bytes)?;
+                enc.finish()
+            }
+        }
+    }
+}
+
+/// A runtime binary to send: its hash, and its compressed bytes made on first
+/// use (a warm hop only needs the hash).
 pub struct RuntimeImage {
     /// Hex sha256 of the uncompressed binary.
     pub sha256: String,
     path: PathBuf,
-    gz: OnceLock<Result<bytes::Bytes, String>>,
+    zstd: OnceLock<Result<bytes::Bytes, String>>,
+    gzip: OnceLock<Result<bytes::Bytes, String>>,
 }
 
 impl RuntimeImage {
@@ -62,24 +113,26 @@ impl RuntimeImage {
         &self.path
     }
 
-    /// The binary, gzip-compressed; a `.gz` copy beside it is used when present.
-    pub fn gz(&self) -> Result<bytes::Bytes, String> {
-        self.gz
-            .get_or_init(|| {
-                let companion = PathBuf::from(format!("{}.gz", self.path.display()));
-                if let Ok(gz) = std::fs::read(&companion) {
-                    return Ok(gz.into());
-                }
-                let bytes = std::fs::read(&self.path)
-                    .map_err(|e| format!("cannot read {}: {e}", self.path.display()))?;
-                let mut enc =
-                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-                enc.write_all(&bytes)
-                    .and_then(|()| enc.finish())
-                    .map(bytes::Bytes::from)
-                    .map_err(|e| format!("cannot compress the runtime: {e}"))
-            })
-            .clone()
+    /// The binary compressed with `codec`; the copy kept beside it (`.zst` or
+    /// `.gz`, as a level keeps what it was sent) is used when present.
+    pub fn compressed(&self, codec: Codec) -> Result<bytes::Bytes, String> {
+        let cell = match codec {
+            Codec::Zstd => &self.zstd,
+            Codec::Gzip => &self.gzip,
+        };
+        cell.get_or_init(|| {
+            let companion = PathBuf::from(format!("{}{}", self.path.display(), codec.suffix()));
+            if let Ok(kept) = std::fs::read(&companion) {
+                return Ok(kept.into());
+            }
+            let bytes = std::fs::read(&self.path)
+                .map_err(|e| format!("cannot read {}: {e}", self.path.display()))?;
+            codec
+                .compress(&bytes)
+                .map(bytes::Bytes::from)
+                .map_err(|e| format!("cannot compress the runtime: {e}"))
+        })
+        .clone()
     }
 }
 
@@ -116,7 +169,8 @@ pub fn image_of(path: &std::path::Path) -> Result<RuntimeImage, String> {
     Ok(RuntimeImage {
         sha256,
         path: path.to_path_buf(),
-        gz: OnceLock::new(),
+        zstd: OnceLock::new(),
+        gzip: OnceLock::new(),
     })
 }
 

@@ -7,15 +7,16 @@
 //! Self-replication, per hop:
 //! 1. one exec channel becomes the cached runtime when it is there and its cache
 //!    folder is safe (owned by the login user, writable by no one else), or else
-//!    probes the target: `uname -m`, the cache folder (made 0700), and the
-//!    runtimes already there (`matryoshka-<sha256>`). A cache folder others can
-//!    write to fails the hop: a runtime copied into it could be swapped before
-//!    it starts;
+//!    probes the target: `uname -m`, the cache folder (made 0700), whether it
+//!    has `zstd`, and the runtimes already there (`matryoshka-<sha256>`). A
+//!    cache folder others can write to fails the hop: a runtime copied into it
+//!    could be swapped before it starts;
 //! 2. if the runtime for that architecture is missing, a second channel streams
-//!    it gzip-compressed into a temporary file that is renamed into place only
-//!    when complete and its sha256 is the one it was sent as (an interrupted or
-//!    damaged upload leaves nothing behind); the compressed copy is kept beside
-//!    it so the next hop sends it without compressing again;
+//!    it zstd-compressed (gzip where the target has no `zstd`), unpacked and
+//!    hashed as it arrives, into a temporary file that is renamed into place
+//!    only when complete and its sha256 is the one it was sent as (an
+//!    interrupted or damaged upload leaves nothing behind); the compressed copy
+//!    is kept beside it so the next hop sends it without compressing again;
 //! 3. a third channel runs `<cache>/bin/matryoshka-<sha256> serve --stdio`.
 
 mod known_hosts;
@@ -118,8 +119,13 @@ pub async fn open(
     let _ = tokio::time::timeout(EXEC_TIMEOUT, probe.read_to_string(&mut report)).await;
     let probe_failed = chan.describe();
     drop(chan);
-    let (arch, dir, present) = match script::parse_probe(&report) {
-        Probe::Ready { arch, dir, present } => (arch, dir, present),
+    let (arch, dir, tools, present) = match script::parse_probe(&report) {
+        Probe::Ready {
+            arch,
+            dir,
+            tools,
+            present,
+        } => (arch, dir, tools, present),
         Probe::Unsafe(folders) => {
             return Err(err(
                 WireErrorKind::Io,
@@ -147,18 +153,19 @@ pub async fn open(
     let name = format!("matryoshka-{}", image.sha256);
     let remote_bin = format!("{dir}/bin/{name}");
     if !present.contains(&name) {
-        let gz = {
+        let codec = tools.codec;
+        let packed = {
             let image = image.clone();
-            tokio::task::spawn_blocking(move || image.gz())
+            tokio::task::spawn_blocking(move || image.compressed(codec))
                 .await
                 .map_err(|e| err(WireErrorKind::Internal, e.to_string()))?
                 .map_err(|m| err(WireErrorKind::Io, m))?
         };
         let compressed_ms = started.elapsed().as_millis();
-        tracing::info!(level = %setup.path, "copying the runtime ({} bytes compressed, ready at {compressed_ms} ms) to {remote_bin}", gz.len());
-        let upload = script::upload(&remote_bin, &image.sha256);
+        tracing::info!(level = %setup.path, "copying the runtime ({} bytes, {codec:?}, ready at {compressed_ms} ms) to {remote_bin}", packed.len());
+        let upload = script::upload(&remote_bin, &image.sha256, tools);
         let (status, stdout, stderr) =
-            tokio::time::timeout(UPLOAD_TIMEOUT, exec(&handle, &upload, Some(gz.clone())))
+            tokio::time::timeout(UPLOAD_TIMEOUT, exec(&handle, &upload, Some(packed)))
                 .await
                 .map_err(|_| {
                     err(
@@ -179,7 +186,7 @@ pub async fn open(
                     &stderr,
                     &remote_bin,
                     &image.sha256,
-                    &image.path().display().to_string(),
+                    (&image.path().display().to_string(), codec),
                 ),
             ));
         }

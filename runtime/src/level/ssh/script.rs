@@ -7,6 +7,8 @@
 //! writable by neither group nor others, and a runtime is put there only after
 //! its sha256 matched the one it was sent as.
 
+use crate::level::replicate::Codec;
+
 /// What the first line of the first exec says when the runtime is not cached.
 pub(super) const PROBE_MARK: &str = "MATRYOSHKA-PROBE";
 /// The probe's line before the cache folders that others could write to.
@@ -36,6 +38,8 @@ pub(super) fn warm_or_probe(cache: &str, sha: &str, arch: &str, verbose: &str) -
          if [ \"$(uname -m)\" = {arch} ] && [ -x \"$B\" ] && safe \"$D\" \"$D/bin\" \"$B\"; then \
          exec \"$B\"{verbose} serve --stdio --cache-dir \"$D\"; fi; \
          echo {PROBE_MARK}; umask 077; mkdir -p \"$D/bin\" && uname -m && echo \"$D\" && \
+         {{ for t in zstd openssl; do command -v $t > /dev/null 2>&1 && printf '%s ' $t; done; \
+         echo .; }} && \
          if safe \"$D\" \"$D/bin\"; then \
          for f in \"$D\"/bin/matryoshka-*; do safe \"$f\" && echo \"${{f##*/}}\"; done; true; \
          else U=$(id -u); echo {UNSAFE_MARK}; for p in \"$D\" \"$D/bin\"; do safe \"$p\" || \
@@ -47,13 +51,16 @@ pub(super) fn warm_or_probe(cache: &str, sha: &str, arch: &str, verbose: &str) -
 /// What the probe found.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Probe {
-    /// The target's architecture, its cache folder, and the runtimes in it that
-    /// are safe to start (owned by the login user, writable by no one else).
+    /// The target's architecture, its cache folder, how a runtime copied there
+    /// can be unpacked, and the runtimes in it that are safe to start (owned by
+    /// the login user, writable by no one else).
     Ready {
         /// `uname -m`.
         arch: String,
         /// The cache folder, as the target's shell expanded it.
         dir: String,
+        /// How a runtime copied there is unpacked and hashed.
+        tools: Tools,
         /// File names in `<dir>/bin`.
         present: Vec<String>,
     },
@@ -71,6 +78,10 @@ pub(super) fn parse_probe(report: &str) -> Probe {
         return Probe::Garbled(format!("architecture `{arch}`"));
     }
     let dir = lines.next().unwrap_or_default().trim().to_string();
+    let tools = match lines.next().and_then(|l| l.strip_suffix('.')) {
+        Some(found) => Tools::from_found(found),
+        None => return Probe::Garbled("no list of tools".into()),
+    };
     let rest: Vec<&str> = lines.collect();
     if rest.first() == Some(&UNSAFE_MARK) {
         return Probe::Unsafe(rest[1..].iter().map(|l| explain_unsafe(l)).collect());
@@ -78,6 +89,7 @@ pub(super) fn parse_probe(report: &str) -> Probe {
     Probe::Ready {
         arch,
         dir,
+        tools,
         present: rest.iter().map(|l| l.to_string()).collect(),
     }
 }
@@ -137,35 +149,77 @@ fn mode_from_ls(s: &str) -> Option<u32> {
     Some(bits)
 }
 
-/// Streams the gzip-compressed runtime in from stdin and puts it at `bin` only
-/// once its sha256 is `sha`; on any failure nothing is left behind.
-pub(super) fn upload(bin: &str, sha: &str) -> String {
+/// The tools a target has to take a runtime in, from the probe's list of the
+/// optional ones it found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Tools {
+    /// zstd when the target has `zstd`, else gzip.
+    pub codec: Codec,
+    /// `openssl dgst -sha256` when the target has `openssl` (three times faster
+    /// than coreutils' `sha256sum` here: it uses the CPU's SHA instructions),
+    /// else `sha256sum`.
+    pub openssl: bool,
+}
+
+impl Tools {
+    fn from_found(found: &str) -> Self {
+        let has = |tool: &str| found.split_whitespace().any(|t| t == tool);
+        Self {
+            codec: if has("zstd") {
+                Codec::Zstd
+            } else {
+                Codec::Gzip
+            },
+            openssl: has("openssl"),
+        }
+    }
+
+    /// The command that prints the sha256 of its standard input first on its line.
+    fn hasher(self) -> &'static str {
+        if self.openssl {
+            "openssl dgst -sha256 -r"
+        } else {
+            "sha256sum"
+        }
+    }
+}
+
+/// Streams the runtime compressed with `tools.codec` in from stdin, unpacking
+/// and hashing it as it arrives, and puts it at `bin` only once its sha256 is
+/// `sha`; on any failure nothing is left behind. The compressed copy is kept
+/// beside it (`bin.zst` or `bin.gz`) for the next hop. A failed stage of the
+/// pipeline shows as a hash that does not match.
+pub(super) fn upload(bin: &str, sha: &str, tools: Tools) -> String {
     format!(
-        "set -e; umask 077; B={bin}; T=$(mktemp \"$B.XXXXXX\"); G=$(mktemp \"$B.gz.XXXXXX\"); \
-         trap 'rm -f \"$T\" \"$G\"' EXIT; cat > \"$G\"; gzip -dc < \"$G\" > \"$T\"; \
-         command -v sha256sum > /dev/null 2>&1 || {{ echo {NO_HASHER_MARK}; exit 3; }}; \
-         H=$(sha256sum < \"$T\"); H=${{H%% *}}; \
-         [ \"$H\" = {sha} ] || {{ echo \"{MISMATCH_MARK} $H\"; exit 4; }}; \
-         chmod 755 \"$T\"; mv \"$G\" \"$B.gz\"; mv \"$T\" \"$B\"; trap - EXIT",
+        "set -e; umask 077; B={bin}; \
+         command -v {hasher_name} > /dev/null 2>&1 || {{ cat > /dev/null; echo {NO_HASHER_MARK}; exit 3; }}; \
+         T=$(mktemp \"$B.XXXXXX\"); C=$(mktemp \"$B{suffix}.XXXXXX\"); \
+         trap 'rm -f \"$T\" \"$C\"' EXIT; H=$(tee \"$C\" | {unpack} | tee \"$T\" | {hasher}); \
+         H=${{H%% *}}; [ \"$H\" = {sha} ] || {{ echo \"{MISMATCH_MARK} $H\"; exit 4; }}; \
+         chmod 755 \"$T\"; mv \"$C\" \"$B{suffix}\"; mv \"$T\" \"$B\"; trap - EXIT",
         bin = super::sh_quote(bin),
         sha = super::sh_quote(sha),
+        suffix = tools.codec.suffix(),
+        unpack = tools.codec.unpack_command(),
+        hasher = tools.hasher(),
+        hasher_name = tools.hasher().split(' ').next().unwrap_or_default(),
     )
 }
 
 /// Why [`upload`] failed, from its exit status and output; `source` names the
-/// local file the copy came from.
+/// local file the copy came from, compressed with `codec`.
 pub(super) fn upload_failure(
     status: Option<u32>,
     stdout: &str,
     stderr: &str,
     bin: &str,
     sha: &str,
-    source: &str,
+    (source, codec): (&str, Codec),
 ) -> String {
     if stdout.contains(NO_HASHER_MARK) {
         return format!(
-            "the target has no `sha256sum` to check the runtime copied to {bin}, so it was not \
-             kept: install coreutils or busybox there"
+            "the target has neither `sha256sum` nor `openssl` to check the runtime copied to \
+             {bin}, so it was not kept: install coreutils or busybox there"
         );
     }
     if let Some(found) = stdout
@@ -173,17 +227,31 @@ pub(super) fn upload_failure(
         .find_map(|l| l.strip_prefix(MISMATCH_MARK))
         .map(str::trim)
     {
+        let said = match stderr.trim() {
+            "" => String::new(),
+            said => format!(" ({})", tail(said, 400)),
+        };
         return format!(
             "the runtime copied to {bin} hashes to {found}, not {sha}, so it was not kept: it \
-             was damaged on the way, or the compressed copy sent ({source}.gz) holds another \
-             binary than {source}"
+             was damaged on the way or did not unpack{said}, or the compressed copy sent \
+             ({source}{suffix}) holds another binary than {source}",
+            suffix = codec.suffix()
         );
     }
     let status = status.map_or("no exit status".to_string(), |s| format!("exit status {s}"));
     format!(
         "copying the runtime to {bin} failed ({status}): {}",
-        stderr.trim()
+        tail(stderr.trim(), 400)
     )
+}
+
+/// The last `max` bytes of `text` (at a character boundary).
+fn tail(text: &str, max: usize) -> &str {
+    let mut start = text.len().saturating_sub(max);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    &text[start..]
 }
 
 #[cfg(test)]
@@ -213,12 +281,6 @@ mod tests {
         )
     }
 
-    fn gzip(bytes: &[u8]) -> Vec<u8> {
-        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        enc.write_all(bytes).expect("compress");
-        enc.finish().expect("compress")
-    }
-
     fn names(dir: &Path) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(dir)
             .expect("list")
@@ -238,18 +300,26 @@ mod tests {
         assert_eq!(mode_from_ls("drwx"), None);
     }
 
-    #[test]
-    fn an_upload_is_kept_only_when_its_hash_matches() {
+    #[rstest::rstest]
+    fn an_upload_is_kept_only_when_its_hash_matches(
+        #[values(Codec::Zstd, Codec::Gzip)] codec: Codec,
+        #[values(true, false)] openssl: bool,
+    ) {
+        let tools = Tools { codec, openssl };
         let tmp = tempfile::tempdir().expect("tempdir");
         let runtime = b"#!/bin/sh\necho the runtime\n";
         let sha = crate::engine::sha256_hex(runtime);
         let bin = tmp.path().join(format!("matryoshka-{sha}"));
         let bin = bin.to_str().expect("utf-8");
+        let pack = |bytes: &[u8]| codec.compress(bytes).expect("compress");
 
         // Another binary under the runtime's name: refused, nothing left.
-        let (code, out, err) = sh(&upload(bin, &sha), &gzip(b"#!/bin/sh\necho another\n"));
+        let (code, out, err) = sh(
+            &upload(bin, &sha, tools),
+            &pack(b"#!/bin/sh\necho another\n"),
+        );
         assert_eq!(code, Some(4), "{out} {err}");
-        let why = upload_failure(Some(4), &out, &err, bin, &sha, "/x/matryoshka");
+        let why = upload_failure(Some(4), &out, &err, bin, &sha, ("/x/matryoshka", codec));
         assert!(
             why.starts_with(&format!("the runtime copied to {bin} hashes to ")),
             "{why}"
@@ -260,12 +330,23 @@ mod tests {
         );
         assert!(names(tmp.path()).is_empty(), "{:?}", names(tmp.path()));
 
+        // The runtime cut short on the way: refused, with what the unpacker said.
+        let packed = pack(runtime);
+        let (code, out, err) = sh(&upload(bin, &sha, tools), &packed[..packed.len() / 2]);
+        assert_eq!(code, Some(4), "{out} {err}");
+        let why = upload_failure(Some(4), &out, &err, bin, &sha, ("/x/matryoshka", codec));
+        assert!(why.contains("did not unpack ("), "{why}");
+        assert!(names(tmp.path()).is_empty(), "{:?}", names(tmp.path()));
+
         // The runtime itself: kept, with its compressed copy.
-        let (code, out, err) = sh(&upload(bin, &sha), &gzip(runtime));
+        let (code, out, err) = sh(&upload(bin, &sha, tools), &packed);
         assert_eq!(code, Some(0), "{out} {err}");
         assert_eq!(
             names(tmp.path()),
-            [format!("matryoshka-{sha}"), format!("matryoshka-{sha}.gz")]
+            [
+                format!("matryoshka-{sha}"),
+                format!("matryoshka-{sha}{}", codec.suffix())
+            ]
         );
         assert_eq!(std::fs::read(bin).expect("kept"), runtime);
     }
@@ -276,7 +357,7 @@ mod tests {
         // A PATH with what the script needs except a hasher.
         let tools = tmp.path().join("tools");
         std::fs::create_dir(&tools).expect("tools");
-        for tool in ["mktemp", "cat", "gzip", "rm", "chmod", "mv"] {
+        for tool in ["mktemp", "cat", "tee", "gzip", "rm", "chmod", "mv"] {
             let found = Command::new("sh")
                 .args(["-c", &format!("command -v {tool}")])
                 .output()
@@ -286,12 +367,30 @@ mod tests {
         }
         let bin = tmp.path().join("matryoshka-ab");
         let bin = bin.to_str().expect("utf-8");
-        let script = format!("PATH={}; {}", tools.display(), upload(bin, "ab"));
-        let (code, out, err) = sh(&script, &gzip(b"x"));
+        let script = format!(
+            "PATH={}; {}",
+            tools.display(),
+            upload(
+                bin,
+                "ab",
+                Tools {
+                    codec: Codec::Gzip,
+                    openssl: false
+                }
+            )
+        );
+        let (code, out, err) = sh(&script, &Codec::Gzip.compress(b"x").expect("compress"));
         assert_eq!(code, Some(3), "{out} {err}");
-        let why = upload_failure(Some(3), &out, &err, bin, "ab", "/x/matryoshka");
+        let why = upload_failure(
+            Some(3),
+            &out,
+            &err,
+            bin,
+            "ab",
+            ("/x/matryoshka", Codec::Gzip),
+        );
         assert!(
-            why.contains("the target has no `sha256sum` to check the runtime copied"),
+            why.contains("the target has neither `sha256sum` nor `openssl` to check the runtime"),
             "{why}"
         );
         assert_eq!(names(tmp.path()), ["tools"]);
@@ -302,6 +401,14 @@ mod tests {
         let cache = super::super::sh_quote(dir.to_str().expect("utf-8"));
         let (code, out, _) = sh(&warm_or_probe(&cache, sha, std::env::consts::ARCH, ""), b"");
         (code, out)
+    }
+
+    /// Whether this machine has `tool`.
+    fn has(tool: &str) -> bool {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
     }
 
     #[test]
@@ -317,6 +424,14 @@ mod tests {
             Probe::Ready {
                 arch: std::env::consts::ARCH.into(),
                 dir: dir.display().to_string(),
+                tools: Tools {
+                    codec: if has("zstd") {
+                        Codec::Zstd
+                    } else {
+                        Codec::Gzip
+                    },
+                    openssl: has("openssl"),
+                },
                 present: vec![]
             }
         );
