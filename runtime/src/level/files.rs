@@ -114,13 +114,8 @@ pub fn checked(files: Vec<LevelFile>, child: &str) -> Result<Vec<LevelFile>, Str
 
 /// `text` cut to its last [`FILE_LIMIT`] bytes, at a character boundary.
 fn keep_tail(mut text: String) -> String {
-    if text.len() > FILE_LIMIT {
-        let mut cut = text.len() - FILE_LIMIT;
-        while !text.is_char_boundary(cut) {
-            cut += 1;
-        }
-        text.drain(..cut);
-    }
+    let cut = text.ceil_char_boundary(text.len().saturating_sub(FILE_LIMIT));
+    text.drain(..cut);
     text
 }
 

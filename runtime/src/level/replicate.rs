@@ -51,7 +51,7 @@ pub fn verbosity_flag() -> &'static str {
 /// to unpack it with decides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Codec {
-    /// zstd level 3 (`zstd -dc` there): a quarter smaller than gzip's fastest,
+    /// zstd level 3 (`zstd -qdc` there): a quarter smaller than gzip's fastest,
     /// and unpacked five times faster.
     Zstd,
     /// gzip (`gzip -dc`, which every POSIX host and busybox has).

@@ -8,7 +8,7 @@
 //! 1. one exec channel becomes the cached runtime when it is there and its cache
 //!    folder is safe (owned by the login user, writable by no one else), or else
 //!    probes the target: `uname -m`, the cache folder (made 0700), whether it
-//!    has `zstd`, and the runtimes already there (`matryoshka-<sha256>`). A
+//!    has `zstd` and `openssl`, and the runtimes already there (`matryoshka-<sha256>`). A
 //!    cache folder others can write to fails the hop: a runtime copied into it
 //!    could be swapped before it starts;
 //! 2. if the runtime for that architecture is missing, a second channel streams

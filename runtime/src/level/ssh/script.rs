@@ -247,11 +247,7 @@ pub(super) fn upload_failure(
 
 /// The last `max` bytes of `text` (at a character boundary).
 fn tail(text: &str, max: usize) -> &str {
-    let mut start = text.len().saturating_sub(max);
-    while !text.is_char_boundary(start) {
-        start += 1;
-    }
-    &text[start..]
+    &text[text.ceil_char_boundary(text.len().saturating_sub(max))..]
 }
 
 #[cfg(test)]
@@ -358,11 +354,7 @@ mod tests {
         let tools = tmp.path().join("tools");
         std::fs::create_dir(&tools).expect("tools");
         for tool in ["mktemp", "cat", "tee", "gzip", "rm", "chmod", "mv"] {
-            let found = Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .output()
-                .expect("which");
-            let path = String::from_utf8_lossy(&found.stdout).trim().to_string();
+            let path = which(tool).expect("the upload's tools");
             std::os::unix::fs::symlink(path, tools.join(tool)).expect("link");
         }
         let bin = tmp.path().join("matryoshka-ab");
@@ -403,12 +395,21 @@ mod tests {
         (code, out)
     }
 
-    /// Whether this machine has `tool`.
-    fn has(tool: &str) -> bool {
-        Command::new("sh")
+    /// Where this machine's `tool` is, as the shell finds it.
+    fn which(tool: &str) -> Option<String> {
+        let found = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .output()
-            .is_ok_and(|o| o.status.success())
+            .ok()?;
+        found
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&found.stdout).trim().to_string())
+    }
+
+    /// Whether this machine has `tool`.
+    fn has(tool: &str) -> bool {
+        which(tool).is_some()
     }
 
     #[test]
