@@ -22,8 +22,8 @@ mod cache;
 mod target;
 
 pub use cache::{
-    CacheDir, CacheError, cached_component, secure_dir, secure_file, store_component,
-    write_atomically,
+    CacheDir, CacheError, cached_component, mark_used, prune_unused, secure_dir, secure_file,
+    store_component, write_atomically,
 };
 pub use target::{ARCHES, KeyHasher, cross_engine, engine_key};
 

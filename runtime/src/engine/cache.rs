@@ -232,6 +232,42 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Renews the modification time of the cache file at `path` (so
+/// [`prune_unused`] keeps it); whether it is there.
+pub fn mark_used(path: &Path) -> bool {
+    match std::fs::File::options().append(true).open(path) {
+        Ok(file) => {
+            let _ = file.set_modified(std::time::SystemTime::now());
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Removes the files in the cache folder `dir` that `ours` claims by name (and
+/// leftovers of interrupted writes) not used for two days, except `keep`: each
+/// build of the runtime leaves such files of megabytes behind. A file in use has
+/// its modification time renewed with [`mark_used`].
+pub fn prune_unused(dir: &Path, keep: &Path, ours: impl Fn(&str) -> bool) {
+    const UNUSED: std::time::Duration = std::time::Duration::from_secs(2 * 24 * 3600);
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let unused = entry
+            .metadata()
+            .ok()
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > UNUSED);
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if path != keep && unused && (ours(&name) || name.starts_with(".tmp")) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -330,6 +330,8 @@ pub(super) async fn exec(
         .await
         .map_err(|e| format!("exec failed: {e}"))?;
     let (mut read, write) = ch.split();
+    let started = std::time::Instant::now();
+    let size = stdin.as_ref().map(bytes::Bytes::len);
     let send = async move {
         if let Some(bytes) = stdin {
             // Owned bytes go out in packets of the peer's maximum size; `data` would
@@ -360,11 +362,21 @@ pub(super) async fn exec(
         Ok((status, out, err))
     };
     tokio::pin!(send, answer);
+    let mut sent_ms = 0;
     let (sent, answered) = tokio::select! {
-        sent = &mut send => (Some(sent), answer.await),
+        sent = &mut send => {
+            sent_ms = started.elapsed().as_millis();
+            (Some(sent), answer.await)
+        }
         answered = &mut answer => (None, answered),
     };
     let (status, out, err) = answered?;
+    if let (Some(size), Some(Ok(_))) = (size, &sent) {
+        tracing::info!(
+            "sent {size} bytes in {sent_ms} ms; the command answered after {} ms",
+            started.elapsed().as_millis()
+        );
+    }
     // A command that exited said why; a send that failed otherwise is the error.
     if status.is_none()
         && let Some(Err(e)) = sent

@@ -1,7 +1,6 @@
 //! The image's initramfs with the runtime appended, cached per runtime hash.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 /// The image's initramfs with the runtime appended as a second, uncompressed cpio
 /// archive (the kernel unpacks both into one rootfs): the level finds the runtime
@@ -14,18 +13,6 @@ pub struct RuntimeInitrd {
 }
 
 impl RuntimeInitrd {
-    /// Marks the initramfs at `path` as in use (not stale for `prune_stale`);
-    /// whether it is there.
-    pub fn mark_used(path: &Path) -> bool {
-        match std::fs::File::options().append(true).open(path) {
-            Ok(file) => {
-                let _ = file.set_modified(std::time::SystemTime::now());
-                true
-            }
-            Err(_) => false,
-        }
-    }
-
     /// The combined initramfs of `initrd` and `runtime` in `dir`, made once per
     /// runtime hash and initramfs file.
     pub fn prepare(
@@ -40,7 +27,7 @@ impl RuntimeInitrd {
         // The runtime in it runs at the level: reuse or write it only where no other
         // user can write (the folder, made 0700, and the cache root above it).
         crate::engine::secure_dir(dir.parent().unwrap_or(dir), dir).map_err(|e| e.to_string())?;
-        if Self::mark_used(&path) {
+        if crate::engine::mark_used(&path) {
             return Ok(Self { path });
         }
         let tmp = tempfile::NamedTempFile::new_in(dir)
@@ -75,32 +62,9 @@ impl RuntimeInitrd {
         })?;
         tmp.persist(&path)
             .map_err(|e| format!("cannot keep {}: {e}", path.display()))?;
-        prune_stale(dir, &path);
+        // Each build of the runtime makes a new one of ~25 MB.
+        crate::engine::prune_unused(dir, &path, |name| name.ends_with(".initrd"));
         Ok(Self { path })
-    }
-}
-
-/// Removes combined initramfs files (and leftovers of interrupted writes) not used
-/// for two days: each build of the runtime makes a new one of ~25 MB. A file in use
-/// has its modification time renewed by [`RuntimeInitrd::prepare`].
-fn prune_stale(dir: &Path, keep: &Path) {
-    const STALE: Duration = Duration::from_secs(2 * 24 * 3600);
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let stale = entry
-            .metadata()
-            .ok()
-            .and_then(|m| m.modified().ok())
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age > STALE);
-        let ours = path.extension().is_some_and(|e| e == "initrd")
-            || entry.file_name().to_string_lossy().starts_with(".tmp");
-        if path != keep && stale && ours {
-            let _ = std::fs::remove_file(path);
-        }
     }
 }
 

@@ -66,7 +66,7 @@ impl Chain {
         snapshot.hold().map_err(lost)?;
         // The initramfs QEMU loads again at each restore stays in its cache
         // as long as the chain is used.
-        crate::level::vm::initrd::RuntimeInitrd::mark_used(&snapshot.machine.spec.initrd);
+        crate::engine::mark_used(&snapshot.machine.spec.initrd);
         let (current, relay) = relay_to_tests(sink);
         let capture = Capture::forwarding(&ctx.level.path, usize::MAX, relay.clone());
         let conn = Connection::restore_remembered(
