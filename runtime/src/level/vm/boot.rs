@@ -354,7 +354,9 @@ pub(super) fn machine_spec(
     // that did not go through it.
     let have = LevelResources::of_this_level();
     let memory_mib = req.memory_mib.unwrap_or_else(|| have.default_memory_mib());
-    let cpus = req.cpus.unwrap_or_else(|| have.default_cpus(plan.depth));
+    let cpus = req
+        .cpus
+        .unwrap_or_else(|| have.default_cpus(plan.depth, accel, arch));
     let absolute =
         |p: &std::path::Path| std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()));
     let key_b64 = base64(plan.authorized_key.trim().as_bytes());

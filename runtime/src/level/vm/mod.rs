@@ -364,11 +364,11 @@ fn checked_request(
     Image::resolve(req.image.as_deref(), arch).map_err(|m| (WireErrorKind::NotFound, m))?;
     let have = LevelResources::of_this_level();
     let memory_mib = req.memory_mib.unwrap_or_else(|| have.default_memory_mib());
-    let cpus = req.cpus.unwrap_or_else(|| have.default_cpus(setup.depth));
-    resources::check(memory_mib, cpus, &have, &setup.path)
+    // Unset CPUs stay unset: their default depends on the accelerator, chosen
+    // at boot, and is one or two, which every level has.
+    resources::check(memory_mib, req.cpus.unwrap_or(1), &have, &setup.path)
         .map_err(|m| (WireErrorKind::InvalidArgument, m))?;
     req.memory_mib = Some(memory_mib);
-    req.cpus = Some(cpus);
     Ok(req)
 }
 

@@ -1,6 +1,9 @@
 //! What a level can give the VM levels it boots, and the check of a VM spec
 //! against it before QEMU starts.
 
+use super::arch::Arch;
+use super::argv::Accel;
+
 /// Memory a level keeps for itself and the new level's QEMU process, MiB.
 pub const MEMORY_MARGIN_MIB: u64 = 256;
 
@@ -42,11 +45,20 @@ impl LevelResources {
     }
 
     /// CPUs for a level when the spec sets none: 2 for L1 (at most what this
-    /// level has), 1 below. Two vCPUs in a KVM-in-TCG L2 that runs L3 locked up
-    /// L1's KVM (soft lockups in L1's kernel) on the 2-core machine this was
-    /// measured on; one vCPU per deeper level boots.
-    pub fn default_cpus(&self, depth: u32) -> u32 {
-        if depth <= 1 { self.cpus.min(2) } else { 1 }
+    /// level has), 1 below, and 1 for an x86_64 level QEMU emulates (TCG). Two
+    /// vCPUs in a KVM-in-TCG L2 that runs L3 locked up L1's KVM (soft lockups in
+    /// L1's kernel) on the 2-core machine this was measured on; one vCPU per
+    /// deeper level boots. An emulated x86_64 L1 runs the levels below on QEMU's
+    /// emulation of SVM, which with two vCPUs (one host thread each) reset L2 or
+    /// crashed L1 in about one chain to L3 in six; with one vCPU, 0 of 30 chains
+    /// were lost (docs/benchmarks.md). An emulated s390x level runs no level
+    /// below, so it keeps two.
+    pub fn default_cpus(&self, depth: u32, accel: Accel, arch: Arch) -> u32 {
+        if depth > 1 || (accel == Accel::Tcg && arch == Arch::X86_64) {
+            1
+        } else {
+            self.cpus.min(2)
+        }
     }
 }
 
@@ -157,12 +169,14 @@ mod tests {
         assert_eq!(small.default_memory_mib(), 600);
         check(
             small.default_memory_mib(),
-            small.default_cpus(1),
+            small.default_cpus(1, Accel::Kvm, Arch::X86_64),
             &small,
             "L0/L1",
         )
         .expect("the defaults are within the level");
-        assert_eq!(HAVE.default_cpus(1), 2);
-        assert_eq!(HAVE.default_cpus(2), 1);
+        assert_eq!(HAVE.default_cpus(1, Accel::Kvm, Arch::X86_64), 2);
+        assert_eq!(HAVE.default_cpus(1, Accel::Tcg, Arch::X86_64), 1);
+        assert_eq!(HAVE.default_cpus(1, Accel::Tcg, Arch::S390x), 2);
+        assert_eq!(HAVE.default_cpus(2, Accel::Kvm, Arch::X86_64), 1);
     }
 }
