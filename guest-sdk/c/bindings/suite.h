@@ -247,7 +247,7 @@ typedef struct {
 typedef struct matryoshka_test_nest_vm_spec_t {
   // Memory, MiB [default: 60% of what this level has available, at most 4096].
   suite_option_u32_t   memory_mib;
-  // Virtual CPUs [default: 2 for L1, 1 below].
+  // Virtual CPUs [default: 2 for L1, 1 below; 1 for an x86_64 level under TCG].
   suite_option_u32_t   cpus;
   // Guest architecture, as `uname -m` prints it [default: this level's].
   suite_option_string_t   arch;
