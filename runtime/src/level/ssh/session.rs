@@ -346,7 +346,7 @@ pub(super) async fn exec(
             .await
             .map_err(|e| format!("closing stdin failed: {e}"))?;
         // Kept until the answer is read: dropping the last sender closes the channel.
-        Ok::<_, String>(write)
+        Ok::<_, String>((write, started.elapsed()))
     };
     let answer = async {
         let (mut out, mut err, mut status) = (Vec::new(), Vec::new(), None);
@@ -362,18 +362,15 @@ pub(super) async fn exec(
         Ok((status, out, err))
     };
     tokio::pin!(send, answer);
-    let mut sent_ms = 0;
     let (sent, answered) = tokio::select! {
-        sent = &mut send => {
-            sent_ms = started.elapsed().as_millis();
-            (Some(sent), answer.await)
-        }
+        sent = &mut send => (Some(sent), answer.await),
         answered = &mut answer => (None, answered),
     };
     let (status, out, err) = answered?;
-    if let (Some(size), Some(Ok(_))) = (size, &sent) {
+    if let (Some(size), Some(Ok((_, sent_in)))) = (size, &sent) {
         tracing::info!(
-            "sent {size} bytes in {sent_ms} ms; the command answered after {} ms",
+            "sent {size} bytes in {} ms; the command answered after {} ms",
+            sent_in.as_millis(),
             started.elapsed().as_millis()
         );
     }

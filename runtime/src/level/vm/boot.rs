@@ -350,8 +350,9 @@ pub(super) fn machine_spec(
     ssh_port: u16,
     files: &LevelFiles,
 ) -> Result<MachineSpec, String> {
-    // Settled by the request's check already; the defaults again for a request
-    // that did not go through it.
+    // Memory is settled by the request's check already (the default again for a
+    // request that did not go through it); CPUs left unset get their default
+    // here, where the accelerator is known.
     let have = LevelResources::of_this_level();
     let memory_mib = req.memory_mib.unwrap_or_else(|| have.default_memory_mib());
     let cpus = req
