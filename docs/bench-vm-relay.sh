@@ -4,7 +4,7 @@
 # echo through SSH to the bottom level of a chain of the same depth (the peer
 # baseline: OpenSSH through each level's sshd, `ProxyJump` per hop, one session kept
 # open, `cat` at the bottom).
-#   DEPTH=3 CALLS=500 bash docs/bench-vm-relay.sh
+#   DEPTH=3 CALLS=500 bash docs/bench-vm-relay.sh     (FROM=3: only depth 3)
 # The relay side: the relay suite's bench_round_trips with MATRYOSHKA_CHAIN=vm,...
 # (the L0 test boots L1, each level boots the next, every level keeps its handle).
 # The SSH side: ci.wasm's failing test on a `--levels N` chain held with
@@ -13,6 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")/.."
 DEPTH=${DEPTH:-3}
+FROM=${FROM:-1}
 CALLS=${CALLS:-500}
 mkdir -p target/runtimes/x86_64
 ln -sf ../../release/matryoshka target/runtimes/x86_64/matryoshka
@@ -20,11 +21,12 @@ export MATRYOSHKA_RUNTIME_DIR=$PWD/target/runtimes
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 bin=./target/release/matryoshka
-for depth in $(seq "$DEPTH"); do
+for depth in $(seq "$FROM" "$DEPTH"); do
     chain=$(python3 -c "print(','.join(['vm'] * $depth))")
     BENCH_CALLS=$CALLS $bin test target/wasm-suites/components/relay/relay.wasm \
         --grant nest --env MATRYOSHKA_CHAIN="$chain" --env BENCH_CALLS="$CALLS" \
         --run-dir "$work/relay-$depth" --ignored --exact bench_round_trips --nocapture \
+        --timeout 900s \
         >"$work/relay-$depth.out" 2>&1 || true
     relay=$(grep -o 'BENCH round-trip.*' "$work/relay-$depth.out" || echo "no result (see below)")
     echo "relay, depth $depth: $relay"

@@ -257,3 +257,142 @@ fn a_missing_s390x_image_names_the_command_that_builds_it() {
     ));
     assert!(!dir.path().join("L0-L1.qemu.log").exists());
 }
+
+/// The `Port` and `IdentityFile` of `L1` in the `ssh_config` a run with
+/// `--keep-failed` wrote into `dir`.
+fn held_level(dir: &Path) -> (u16, String) {
+    let config = std::fs::read_to_string(dir.join("ssh_config")).expect("ssh_config");
+    let value = |key: &str| {
+        config
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(key))
+            .map(|v| v.trim().trim_matches('"').to_string())
+            .unwrap_or_else(|| panic!("no {key} in:\n{config}"))
+    };
+    (
+        value("Port ").parse().expect("a port"),
+        value("IdentityFile "),
+    )
+}
+
+/// The ed25519 host key that the sshd on `port` here presents, as a
+/// `known_hosts` line, asked for up to two minutes: an s390x level has no
+/// `fw_cfg` to be handed a key, so it makes its own at boot, and its sshd
+/// starts beside the runtime.
+fn scanned_host_key(port: u16) -> String {
+    let started = std::time::Instant::now();
+    loop {
+        let out = std::process::Command::new("ssh-keyscan")
+            .args(["-t", "ed25519", "-p", &port.to_string(), "127.0.0.1"])
+            .output()
+            .expect("ssh-keyscan (Debian package openssh-client)");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if let Some(line) = text.lines().find(|l| l.contains(" ssh-ed25519 ")) {
+            return format!("{line}\n");
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "no host key from port {port}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
+}
+
+/// A run holding its chain, ended (and its QEMU with it) when dropped.
+struct Held(std::process::Child);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An s390x machine reached over SSH (here the sshd of an s390x VM level that
+/// a first run holds after a failure) gets the s390x runtime, copied through
+/// the SSH session and checked there, and runs the relay suite big-endian.
+#[test]
+fn an_s390x_machine_over_ssh_gets_the_s390x_runtime() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+    let held_dir = run_dir("s390x-held");
+    let mut held = Held(
+        common::bin()
+            .args(["test", matryoshka_test_programs::CI, "--image-dir"])
+            .arg(images().join("x86_64"))
+            .arg("--run-dir")
+            .arg(held_dir.path())
+            .args(["--levels", "1", "--level-arch", "s390x", "--no-snapshot"])
+            .args(["--keep-failed-for", "300s", "--exact", "fails_on_purpose"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start matryoshka"),
+    );
+    let mut lines = BufReader::new(held.0.stdout.take().expect("stdout")).lines();
+    let mut said = String::new();
+    while let Some(Ok(line)) = lines.next() {
+        said.push_str(&line);
+        said.push('\n');
+        if line.contains("going on in") {
+            break;
+        }
+    }
+    assert!(
+        said.contains("going on in"),
+        "the s390x level was not held:\n{said}"
+    );
+    let (port, key) = held_level(held_dir.path());
+    let pinned = held_dir.path().join("pinned");
+    std::fs::write(&pinned, scanned_host_key(port)).expect("pinned");
+
+    let dir = run_dir("s390x-over-ssh");
+    let run = Run::from(
+        common::bin()
+            .args(["-v", "test", RELAY, "--nocapture", "--run-dir"])
+            .arg(dir.path())
+            .arg("--target")
+            .arg(format!("ssh://root@127.0.0.1:{port}"))
+            .arg("--ssh-key")
+            .arg(&key)
+            .arg("--ssh-known-hosts")
+            .arg(&pinned)
+            // Not the level's own cache, where its parent put the runtime it boots with.
+            .args(["--remote-cache-dir", "/tmp/over-ssh"])
+            .args(["--env", "MATRYOSHKA_CHAIN=local,local"])
+            .output()
+            .expect("start matryoshka"),
+    );
+    let _ = held.0.stdin.take().expect("stdin").write_all(b"\n");
+    let held_status = held.0.wait().expect("wait");
+
+    // How long the copy took, for the log of the tier.
+    for line in run.stderr.lines().filter(|l| {
+        l.contains("copying the runtime")
+            || l.contains(" bytes in ")
+            || l.contains("probe and copy")
+    }) {
+        eprintln!("{line}");
+    }
+    run.expect_code(0);
+    run.expect_stdout("reached L0/L1/L2 on level-1 (s390x)");
+    // The s390x build was copied (its sha256 in the file name), not L0's own.
+    let s390x = std::fs::read(
+        Path::new(&std::env::var("MATRYOSHKA_RUNTIME_DIR").expect("$MATRYOSHKA_RUNTIME_DIR"))
+            .join("s390x/matryoshka"),
+    )
+    .expect("the s390x runtime");
+    let sha = hex_sha256(&s390x);
+    run.expect_stderr(&format!(") to /tmp/over-ssh/bin/matryoshka-{sha}"));
+    // The failing test of the held run failed, as it should; nothing is left.
+    assert_eq!(held_status.code(), Some(100), "{said}");
+    assert_eq!(qemus_left(held_dir.path()), Vec::<String>::new());
+}
+
+/// The sha256 of `bytes` in lower-case hex.
+fn hex_sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}

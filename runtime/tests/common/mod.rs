@@ -1,5 +1,6 @@
 //! Helpers shared by the runtime's integration tests: run the real binary.
 
+pub mod restored;
 pub mod sshd;
 pub mod vm;
 

@@ -300,14 +300,17 @@ impl tokio::io::AsyncWrite for QuickAck {
 /// (through russh the cold hop showed no clear change on loopback, see
 /// docs/benchmarks.md). Elsewhere ChaCha20 stays first: it is faster in software.
 fn preferred_algorithms() -> russh::Preferred {
-    let mut preferred = russh::Preferred::default();
+    let preferred = russh::Preferred::default();
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("aes")
         && std::arch::is_x86_feature_detected!("pclmulqdq")
     {
         let mut ciphers = preferred.cipher.to_vec();
         ciphers.sort_by_key(|c| *c != russh::cipher::AES_256_GCM);
-        preferred.cipher = ciphers.into();
+        return russh::Preferred {
+            cipher: ciphers.into(),
+            ..preferred
+        };
     }
     preferred
 }
