@@ -56,6 +56,19 @@ pub fn run_on_copies(levels: usize, cache: &Path, name: &str, extra: &[&str]) ->
         "--levels {levels} --snapshot ({name}): {:.1} s",
         took.as_secs_f64()
     );
+    // What the chain cost, for the log of the tier.
+    for line in run.stderr.lines().filter(|l| {
+        [
+            "saved L0/L1",
+            "attached the component",
+            "restored L0/L1",
+            " is up",
+        ]
+        .iter()
+        .any(|s| l.contains(s))
+    }) {
+        eprintln!("  {line}");
+    }
     run.expect_code(0);
     run.expect_stdout("4 passed, 0 failed");
     // The last test ran on a copy restored from a state saved before the
