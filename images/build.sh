@@ -121,7 +121,9 @@ mkdir -p "$root/etc/ssh/sshd_config.d"
 [ -e "$root/etc/ssh/sshd_config" ] || cp "$root/usr/share/openssh/sshd_config" "$root/etc/ssh/sshd_config"
 # Key logins only, checked by sshd itself: an unpacked root has no PAM configuration
 # (pam-auth-update runs in a postinst), and PAM without one refuses every account.
-printf 'PermitRootLogin prohibit-password\nUsePAM no\n' >"$root/etc/ssh/sshd_config.d/matryoshka.conf"
+# (This file comes first: sshd keeps the first value it reads of each setting.)
+printf '%s\n' 'PermitRootLogin prohibit-password' 'PasswordAuthentication no' \
+    'KbdInteractiveAuthentication no' 'UsePAM no' >"$root/etc/ssh/sshd_config.d/matryoshka.conf"
 rm -f "$root"/etc/ssh/ssh_host_*        # every level makes its own at boot
 sed -i 's/^root:[^:]*:/root:*:/' "$root/etc/shadow"   # no password; key login only
 # No DNS server is reachable from a level (its network is restricted): without

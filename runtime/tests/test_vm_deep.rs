@@ -1,8 +1,8 @@
 //! A suite at L3 with a real QEMU, each test on a copy of the chain restored
 //! from its snapshot: L1 under TCG, L2 and L3 under nested KVM. A test binary
-//! of its own, so that cargo runs it alone, after the other VM tests: an L3
-//! chain sharing this machine's two cores with another chain boots slower and
-//! is lost more often.
+//! of its own, so that cargo runs it alone (test binaries run one after
+//! another): an L3 chain sharing this machine's two cores with another chain
+//! boots slower and is lost more often.
 //!
 //! Needs the image (`./x image`).
 

@@ -317,6 +317,8 @@ fn an_s390x_machine_over_ssh_gets_the_s390x_runtime() {
     use std::io::{BufRead, BufReader, Write};
     use std::process::Stdio;
     let held_dir = run_dir("s390x-held");
+    let held_log = held_dir.path().join("held.stderr");
+    // 600 s at most: a line on its stdin ends the hold as soon as this is done.
     let mut held = Held(
         common::bin()
             .args(["test", matryoshka_test_programs::CI, "--image-dir"])
@@ -324,29 +326,56 @@ fn an_s390x_machine_over_ssh_gets_the_s390x_runtime() {
             .arg("--run-dir")
             .arg(held_dir.path())
             .args(["--levels", "1", "--level-arch", "s390x", "--no-snapshot"])
-            .args(["--keep-failed-for", "300s", "--exact", "fails_on_purpose"])
+            .args(["--keep-failed-for", "600s", "--exact", "fails_on_purpose"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&held_log).expect("held.stderr"))
             .spawn()
             .expect("start matryoshka"),
     );
-    let mut lines = BufReader::new(held.0.stdout.take().expect("stdout")).lines();
+    // Its stdout as it comes, drained to the end on a thread of its own.
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    let stdout = held.0.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut line = Vec::new();
+        while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+            let _ = tx.send(String::from_utf8_lossy(&line).into_owned());
+            line.clear();
+        }
+    });
     let mut said = String::new();
-    while let Some(Ok(line)) = lines.next() {
+    while let Ok(line) = lines.recv_timeout(std::time::Duration::from_secs(300)) {
         said.push_str(&line);
-        said.push('\n');
         if line.contains("going on in") {
             break;
         }
     }
     assert!(
         said.contains("going on in"),
-        "the s390x level was not held:\n{said}"
+        "the s390x level was not held:\n{said}\n{}",
+        std::fs::read_to_string(&held_log).unwrap_or_default()
     );
     let (port, key) = held_level(held_dir.path());
     let pinned = held_dir.path().join("pinned");
     std::fs::write(&pinned, scanned_host_key(port)).expect("pinned");
+    // The level's sshd offers keys only: no password, no keyboard-interactive.
+    let refused = std::process::Command::new("ssh")
+        .args(["-o", "BatchMode=yes", "-o", "PubkeyAuthentication=no"])
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+        ])
+        .args(["-p", &port.to_string(), "root@127.0.0.1", "true"])
+        .output()
+        .expect("ssh (Debian package openssh-client)");
+    let said_ssh = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && said_ssh.contains("Permission denied (publickey)."),
+        "{said_ssh}"
+    );
 
     let dir = run_dir("s390x-over-ssh");
     let run = Run::from(
