@@ -413,15 +413,9 @@ fn an_s390x_machine_over_ssh_gets_the_s390x_runtime() {
             .join("s390x/matryoshka"),
     )
     .expect("the s390x runtime");
-    let sha = hex_sha256(&s390x);
+    let sha = matryoshka::engine::sha256_hex(&s390x);
     run.expect_stderr(&format!(") to /tmp/over-ssh/bin/matryoshka-{sha}"));
     // The failing test of the held run failed, as it should; nothing is left.
     assert_eq!(held_status.code(), Some(100), "{said}");
     assert_eq!(qemus_left(held_dir.path()), Vec::<String>::new());
-}
-
-/// The sha256 of `bytes` in lower-case hex.
-fn hex_sha256(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(bytes))
 }
