@@ -10,13 +10,13 @@
 #   smp1        -smp 1 for L1
 #   npt0        kvm_amd.npt=0 on L1's kernel line (L2 and L3 on shadow page tables)
 #   epyc        -cpu EPYC instead of max
-# Needs the image (./x image) and the release runtime (cargo build --release).
+# Needs the image (./x image); builds the release runtimes (./x runtime).
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")/.."
 CANDIDATE=${CANDIDATE:-baseline}
 RUNS=${RUNS:-30}
-mkdir -p target/runtimes/x86_64
-ln -sf ../../release/matryoshka target/runtimes/x86_64/matryoshka
+# The level runtime (no compiler) for the levels, the full one in target/release.
+./x runtime >&2
 export MATRYOSHKA_RUNTIME_DIR=$PWD/target/runtimes
 wrap=$(mktemp -d)
 out=$(mktemp)

@@ -7,12 +7,12 @@
 # start to the chain serving the component, the saves (time, size), each restore, and
 # the totals.
 #   LEVELS=3 bash docs/bench-snapshot.sh
-# Needs the image (./x image) and the release runtime (cargo build --release).
+# Needs the image (./x image); builds the release runtimes (./x runtime).
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")/.."
 LEVELS=${LEVELS:-3}
-mkdir -p target/runtimes/x86_64
-ln -sf ../../release/matryoshka target/runtimes/x86_64/matryoshka
+# The level runtime (no compiler) for the levels, the full one in target/release.
+./x runtime >&2
 export MATRYOSHKA_RUNTIME_DIR=$PWD/target/runtimes
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

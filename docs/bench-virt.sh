@@ -6,13 +6,13 @@
 #   returned -> the disk in L1's sysfs);
 # - libvirt at L1: a plain guest's start, and attach-device -> the guest's kernel shows the disk.
 #   ROUNDS=3 bash docs/bench-virt.sh
-# Needs the image (./x image) and the release build (cargo build --release -p matryoshka
-# -p matryoshka-test-programs).
+# Needs the image (./x image) and the suites (cargo build --release -p
+# matryoshka-test-programs); builds the release runtimes (./x runtime).
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")/.."
 ROUNDS=${ROUNDS:-3}
-mkdir -p target/runtimes/x86_64
-ln -sf ../../release/matryoshka target/runtimes/x86_64/matryoshka
+# The level runtime (no compiler) for the levels, the full one in target/release.
+./x runtime >&2
 export MATRYOSHKA_RUNTIME_DIR=$PWD/target/runtimes
 suite() { echo "target/wasm-suites/components/$1/$1.wasm"; }
 mt=./target/release/matryoshka

@@ -9,14 +9,14 @@
 # (the L0 test boots L1, each level boots the next, every level keeps its handle).
 # The SSH side: ci.wasm's failing test on a `--levels N` chain held with
 # --keep-failed-for; the echo runs through the run's ssh_config while it is held.
-# Needs the image (./x image) and the release runtime (cargo build --release).
+# Needs the image (./x image); builds the release runtimes (./x runtime).
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")/.."
 DEPTH=${DEPTH:-3}
 FROM=${FROM:-1}
 CALLS=${CALLS:-500}
-mkdir -p target/runtimes/x86_64
-ln -sf ../../release/matryoshka target/runtimes/x86_64/matryoshka
+# The level runtime (no compiler) for the levels, the full one in target/release.
+./x runtime >&2
 export MATRYOSHKA_RUNTIME_DIR=$PWD/target/runtimes
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

@@ -2,12 +2,12 @@
 # VM levels on this machine: time until each level serves calls, and resident memory
 # of QEMU and of the runtime at each level, from one run of the nested demo suite.
 #   LEVELS=3 bash docs/bench-vm.sh
-# Needs the image (./x image) and the release runtime (cargo build --release).
+# Needs the image (./x image); builds the release runtimes (./x runtime).
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")/.."
 LEVELS=${LEVELS:-2}
-mkdir -p target/runtimes/x86_64
-ln -sf ../../release/matryoshka target/runtimes/x86_64/matryoshka
+# The level runtime (no compiler) for the levels, the full one in target/release.
+./x runtime >&2
 export MATRYOSHKA_RUNTIME_DIR=$PWD/target/runtimes
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT

@@ -25,7 +25,9 @@ pub use cache::{
     CacheDir, CacheError, cached_component, mark_used, prune_unused, secure_dir, secure_file,
     store_component, write_atomically,
 };
-pub use target::{ARCHES, KeyHasher, cross_engine, engine_key};
+#[cfg(feature = "compiler")]
+pub use target::engine_key;
+pub use target::{ARCHES, KeyHasher, cross_engine, native_key};
 
 /// The WIT world every suite must target, as named in error messages.
 pub const WORLD: &str = "matryoshka:test/suite@0.2.0";
@@ -93,6 +95,16 @@ pub enum LoadError {
     /// The compile cache cannot be trusted; nothing in it was loaded.
     #[error(transparent)]
     Cache(#[from] CacheError),
+    /// A level runtime (no compiler) got no artifact of the component it can run.
+    #[error(
+        "cannot load {path}: this runtime has no compiler (a level runtime, built without the `compiler` feature, runs what its parent level compiled for it) and {why}; run tests with a full build (`cargo build --release -p matryoshka`), and do not set MATRYOSHKA_CROSS_COMPILE=0 above levels that run a level runtime"
+    )]
+    NoCompiler {
+        /// The component path.
+        path: PathBuf,
+        /// Why there is nothing to run.
+        why: String,
+    },
     /// The engine itself failed.
     #[error("runtime error while loading {path}: {message}")]
     Engine {
@@ -118,7 +130,9 @@ pub fn engine() -> anyhow::Result<wasmtime::Engine> {
     if let Some(engine) = ENGINE.get() {
         return Ok(engine.clone());
     }
+    #[cfg_attr(not(feature = "compiler"), allow(unused_mut))]
     let mut config = base_config();
+    #[cfg(feature = "compiler")]
     target::configure(&mut config, std::env::consts::ARCH, true)?;
     let engine = wasmtime::Engine::new(&config)?;
     let engine = ENGINE.get_or_init(|| {
@@ -141,10 +155,9 @@ pub fn engine() -> anyhow::Result<wasmtime::Engine> {
 /// The configuration of every engine, whatever it compiles for.
 fn base_config() -> wasmtime::Config {
     let mut config = wasmtime::Config::new();
-    config
-        .epoch_interruption(true)
-        .wasm_component_model(true)
-        .cranelift_opt_level(wasmtime::OptLevel::Speed);
+    config.epoch_interruption(true).wasm_component_model(true);
+    #[cfg(feature = "compiler")]
+    config.cranelift_opt_level(wasmtime::OptLevel::Speed);
     config
 }
 
@@ -166,8 +179,7 @@ pub struct Compiled {
 pub fn source_of(bytes: Vec<u8>, sha256: &str, cache: &CacheDir) -> ComponentSource {
     // Only from a folder and file that pass the cache's checks: it is native
     // code the level below runs.
-    let precompiled = engine().ok().and_then(|engine| {
-        let key = engine_key(&engine);
+    let precompiled = native_key().and_then(|key| {
         let dir = cache.open(&key).ok().flatten()?;
         let path = dir.join(format!("{sha256}.cwasm"));
         (path.exists() && secure_file(&path).is_ok()).then_some((key, path))
@@ -192,9 +204,10 @@ pub fn compile(
     let sha256 = sha256_hex(&bytes);
     let (component, source) = compile_cached(engine, path, &bytes, &sha256, cache)?;
     check_world(engine, path, &component)?;
-    let precompiled = artifact_path(engine, cache, &sha256)
-        .filter(|p| p.exists())
-        .map(|p| (engine_key(engine), p));
+    let precompiled = native_key().and_then(|key| {
+        let path = artifact_path(&key, cache, &sha256)?;
+        path.exists().then_some((key, path))
+    });
     Ok(Compiled {
         component,
         source,
@@ -231,27 +244,51 @@ fn compile_cached(
     cache: &CacheDir,
 ) -> Result<(Component, CompileSource), LoadError> {
     // The folders are checked before anything in them is looked at.
-    let artifact = cache
-        .open(&engine_key(engine))?
-        .map(|dir| dir.join(format!("{sha256}.cwasm")));
+    let artifact = match native_key() {
+        Some(key) => cache
+            .open(&key)?
+            .map(|dir| dir.join(format!("{sha256}.cwasm"))),
+        None => None,
+    };
+    let mut unusable = None;
     if let Some(artifact) = &artifact
         && artifact.exists()
     {
         secure_file(artifact)?;
-        // SAFETY: the file was written by `Component::serialize` of an engine with the
-        // same compatibility hash (it is in the path), and `open` and `secure_file` just
-        // checked that no other user can write to it or to any folder above it up to the
-        // cache root.
+        // SAFETY: the file was written by `Component::serialize` of an engine with this
+        // engine's key (it is in the path: this engine's own compatibility hash, or at a
+        // level without a compiler the key its parent's artifact came under), and `open`
+        // and `secure_file` just checked that no other user can write to it or to any
+        // folder above it up to the cache root. Deserializing checks the artifact's
+        // target, settings and CPU features against this engine and this CPU.
         match unsafe { Component::deserialize_file(engine, artifact) } {
             Ok(component) => return Ok((component, CompileSource::Cached)),
-            Err(e) => tracing::warn!("ignoring unusable cache entry {}: {e}", artifact.display()),
+            Err(e) => {
+                tracing::warn!(
+                    "ignoring unusable cache entry {}: {e:#}",
+                    artifact.display()
+                );
+                unusable = Some(format!("{e:#}"));
+            }
         }
     }
+    compile_now(engine, path, bytes, artifact.as_deref(), unusable)
+}
+
+/// Compiles `bytes` with Cranelift and keeps the artifact at `artifact`.
+#[cfg(feature = "compiler")]
+fn compile_now(
+    engine: &wasmtime::Engine,
+    path: &Path,
+    bytes: &[u8],
+    artifact: Option<&Path>,
+    _unusable: Option<String>,
+) -> Result<(Component, CompileSource), LoadError> {
     let component = Component::new(engine, bytes).map_err(|e| LoadError::Malformed {
         path: path.to_path_buf(),
         message: format!("{e:#}"),
     })?;
-    if let Some(artifact) = &artifact
+    if let Some(artifact) = artifact
         && let Err(e) = store_artifact(&component, artifact)
     {
         tracing::warn!(
@@ -262,34 +299,62 @@ fn compile_cached(
     Ok((component, CompileSource::Compiled))
 }
 
-/// Where the precompiled artifact of the component `sha256` lives in `cache`.
-pub fn artifact_path(engine: &wasmtime::Engine, cache: &CacheDir, sha256: &str) -> Option<PathBuf> {
-    Some(
-        cache
-            .dir()?
-            .join(engine_key(engine))
-            .join(format!("{sha256}.cwasm")),
-    )
+/// A runtime without a compiler has only what its parent compiled for it.
+#[cfg(not(feature = "compiler"))]
+fn compile_now(
+    _engine: &wasmtime::Engine,
+    path: &Path,
+    _bytes: &[u8],
+    _artifact: Option<&Path>,
+    unusable: Option<String>,
+) -> Result<(Component, CompileSource), LoadError> {
+    Err(LoadError::NoCompiler {
+        path: path.to_path_buf(),
+        why: match unusable {
+            Some(e) => format!("the artifact handed down does not load here: {e}"),
+            None => "no compiled artifact of it was handed down".to_string(),
+        },
+    })
+}
+
+/// Where the precompiled artifact of the component `sha256` for the engine
+/// `key` lives in `cache`.
+pub fn artifact_path(key: &str, cache: &CacheDir, sha256: &str) -> Option<PathBuf> {
+    Some(cache.dir()?.join(key).join(format!("{sha256}.cwasm")))
 }
 
 /// The precompiled artifact of `source` to hand a level of architecture `arch`
-/// (`uname -m`): this level's own when the architecture is this one's, else one
-/// compiled here for that architecture with [`cross_engine`] (kept in the cache
-/// under its engine's key), so that the level, emulated perhaps, skips
-/// Cranelift. `None` when there is none: the level then compiles itself, as it
+/// (`uname -m`): this level's own when the architecture is this one's and it
+/// has one, else one compiled here for that architecture with [`cross_engine`]
+/// (kept in the cache under its engine's key), so that the level, emulated
+/// perhaps, skips Cranelift, and a level runtime without Cranelift can run it.
+/// `None` when there is none: the level then compiles itself if it can, as it
 /// does when `$MATRYOSHKA_CROSS_COMPILE` is `0`.
 pub fn artifact_for(source: &ComponentSource, arch: &str) -> Option<(String, Vec<u8>)> {
-    if arch == std::env::consts::ARCH {
-        let (key, path) = source.precompiled.clone()?;
-        return std::fs::read(path).ok().map(|bytes| (key, bytes));
+    if arch == std::env::consts::ARCH
+        && let Some((key, path)) = &source.precompiled
+        && let Ok(bytes) = std::fs::read(path)
+    {
+        return Some((key.clone(), bytes));
     }
     if std::env::var_os("MATRYOSHKA_CROSS_COMPILE").is_some_and(|v| v == "0") {
         return None;
     }
     let engine = cross_engine(arch)
-        .inspect_err(|e| tracing::warn!("the {arch} level compiles the component itself: {e:#}"))
+        .inspect_err(|e| tracing::warn!("no artifact for the {arch} level: {e:#}"))
         .ok()?;
-    let key = engine_key(&engine);
+    cross_compiled(source, arch, &engine)
+}
+
+/// The artifact of `source` made by `engine` for `arch`, from the cache or
+/// compiled now and kept there.
+#[cfg(feature = "compiler")]
+fn cross_compiled(
+    source: &ComponentSource,
+    arch: &str,
+    engine: &wasmtime::Engine,
+) -> Option<(String, Vec<u8>)> {
+    let key = engine_key(engine);
     let path = match source.cache.open(&key) {
         Ok(dir) => dir.map(|d| d.join(format!("{}.cwasm", source.sha256))),
         Err(e) => {
@@ -330,17 +395,24 @@ pub fn artifact_for(source: &ComponentSource, arch: &str) -> Option<(String, Vec
     Some((key, bytes))
 }
 
+/// Without a compiler there is no engine for another architecture
+/// ([`cross_engine`] refuses), so nothing to compile with.
+#[cfg(not(feature = "compiler"))]
+fn cross_compiled(
+    _source: &ComponentSource,
+    _arch: &str,
+    _engine: &wasmtime::Engine,
+) -> Option<(String, Vec<u8>)> {
+    None
+}
+
 /// Puts an artifact precompiled by a parent level into `cache`, so loading the
 /// component skips Cranelift. Loading checks it like any cached artifact (and
 /// compiles after all if this machine's CPU lacks a feature it uses). Nothing is
 /// written to a cache folder that fails [`secure_dir`]: loading then says why.
 pub fn adopt_artifact(cache: &CacheDir, key: &str, sha256: &str, bytes: &[u8]) {
-    let Ok(engine) = engine() else { return };
-    let own = engine_key(&engine);
-    if key != own {
-        tracing::info!(
-            "the parent's artifact is for engine {key}, this level's is {own}: compiling here"
-        );
+    if let Err(why) = target::adopt_key(key) {
+        tracing::info!("{why}: compiling here");
         return;
     }
     let dir = match cache.open(key) {
@@ -360,6 +432,42 @@ pub fn adopt_artifact(cache: &CacheDir, key: &str, sha256: &str, bytes: &[u8]) {
     }
 }
 
+/// Whether this runtime can load the component `sha256` with what `cache`
+/// holds, so a level that has its bytes need not ask its parent for them again:
+/// always with a compiler; without one, when an artifact of it is kept under
+/// an engine key (this process's, or else the newest one found, which it then
+/// adopts; loading checks the artifact like any other).
+pub fn can_load_cached(cache: &CacheDir, sha256: &str) -> bool {
+    #[cfg(feature = "compiler")]
+    {
+        let _ = (cache, sha256);
+        true
+    }
+    #[cfg(not(feature = "compiler"))]
+    {
+        if let Some(key) = native_key() {
+            return artifact_path(&key, cache, sha256).is_some_and(|p| p.exists());
+        }
+        let Some(entries) = cache.dir().and_then(|root| std::fs::read_dir(root).ok()) else {
+            return false;
+        };
+        let name = format!("{sha256}.cwasm");
+        let newest = entries
+            .flatten()
+            .filter_map(|entry| {
+                let key = entry.file_name().into_string().ok()?;
+                if key.len() != 16 || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return None;
+                }
+                let changed = entry.path().join(&name).metadata().ok()?.modified().ok()?;
+                Some((changed, key))
+            })
+            .max();
+        newest.is_some_and(|(_, key)| target::adopt_key(&key).is_ok())
+    }
+}
+
+#[cfg(feature = "compiler")]
 fn store_artifact(component: &Component, artifact: &Path) -> anyhow::Result<()> {
     write_atomically(artifact, &component.serialize()?)
 }

@@ -6,23 +6,37 @@
 //! level adopts the artifact its parent sent instead of compiling again; a
 //! parent of another architecture makes that artifact with Cranelift's backend
 //! for the child (built in: see `cranelift-codegen` in `runtime/Cargo.toml`).
+//!
+//! A runtime built without the `compiler` feature (the level runtime) has no
+//! Cranelift: it cannot compute wasmtime's compatibility hash either, so it
+//! takes the key of the first artifact its parent hands it ([`adopt_key`]) and
+//! leaves the checks to `Component::deserialize`, which compares the artifact's
+//! target, settings and CPU features with this engine and this CPU.
 
+#[cfg(feature = "compiler")]
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
-use std::sync::{Mutex, OnceLock};
+#[cfg(feature = "compiler")]
+use std::hash::Hash;
+use std::hash::Hasher;
+use std::sync::Mutex;
+#[cfg(feature = "compiler")]
+use std::sync::OnceLock;
 
 use sha2::{Digest, Sha256};
 
 /// The architectures whose code this runtime can make, as `uname -m` names them:
 /// both on x86_64, only its own on s390x (see `cranelift-codegen` in
 /// `runtime/Cargo.toml`).
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(feature = "compiler", target_arch = "x86_64"))]
 pub const ARCHES: &[&str] = &["x86_64", "s390x"];
 /// The architectures whose code this runtime can make, as `uname -m` names them:
 /// both on x86_64, only its own on s390x (see `cranelift-codegen` in
 /// `runtime/Cargo.toml`).
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(all(feature = "compiler", not(target_arch = "x86_64")))]
 pub const ARCHES: &[&str] = &[std::env::consts::ARCH];
+/// The architectures whose code this runtime can make: none, it has no compiler.
+#[cfg(not(feature = "compiler"))]
+pub const ARCHES: &[&str] = &[];
 
 /// Sets the compile target of a level of architecture `arch` (`uname -m`).
 /// `native` says the engine runs code on this machine, whose CPU features can
@@ -34,6 +48,7 @@ pub const ARCHES: &[&str] = &[std::env::consts::ARCH];
 ///   nested suite for 13.5 s. A native engine whose CPU lacks the baseline keeps
 ///   detection (and its own artifacts).
 /// - s390x: Cranelift's z14 baseline, with no z15 extras, for the same reason.
+#[cfg(feature = "compiler")]
 pub(super) fn configure(
     config: &mut wasmtime::Config,
     arch: &str,
@@ -77,12 +92,19 @@ pub(super) fn configure(
 }
 
 fn no_backend(arch: &str) -> anyhow::Error {
+    if ARCHES.is_empty() {
+        return anyhow::anyhow!(
+            "no code generator for `{arch}` in this runtime: it is a level runtime, built without \
+             the `compiler` feature"
+        );
+    }
     anyhow::anyhow!(
         "no code generator for `{arch}` in this runtime: known are {}",
         ARCHES.join(", ")
     )
 }
 
+#[cfg(feature = "compiler")]
 fn x86_64_baseline_detected() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -99,30 +121,85 @@ fn x86_64_baseline_detected() -> bool {
 /// The engine that compiles for levels of architecture `arch` from this one
 /// (made once per architecture). It only compiles: nothing it makes runs here.
 pub fn cross_engine(arch: &str) -> anyhow::Result<wasmtime::Engine> {
-    static ENGINES: OnceLock<Mutex<HashMap<String, wasmtime::Engine>>> = OnceLock::new();
-    let engines = ENGINES.get_or_init(Mutex::default);
-    let mut engines = engines.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(engine) = engines.get(arch) {
-        return Ok(engine.clone());
-    }
     if !ARCHES.contains(&arch) {
         return Err(no_backend(arch));
     }
-    let mut config = super::base_config();
-    configure(&mut config, arch, false)?;
-    let engine = wasmtime::Engine::new(&config)?;
-    engines.insert(arch.to_string(), engine.clone());
-    Ok(engine)
+    #[cfg(feature = "compiler")]
+    {
+        static ENGINES: OnceLock<Mutex<HashMap<String, wasmtime::Engine>>> = OnceLock::new();
+        let engines = ENGINES.get_or_init(Mutex::default);
+        let mut engines = engines.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(engine) = engines.get(arch) {
+            return Ok(engine.clone());
+        }
+        let mut config = super::base_config();
+        configure(&mut config, arch, false)?;
+        let engine = wasmtime::Engine::new(&config)?;
+        engines.insert(arch.to_string(), engine.clone());
+        Ok(engine)
+    }
+    #[cfg(not(feature = "compiler"))]
+    unreachable!("a runtime without a compiler knows no architecture to compile for")
 }
 
 /// What makes precompiled artifacts interchangeable: engines with equal keys
 /// (same wasmtime, same configuration, same target) load each other's artifacts.
 /// The same on every architecture: wasmtime's compatibility hash is fed through
 /// [`KeyHasher`], which reads every integer little-endian, into sha256.
+#[cfg(feature = "compiler")]
 pub fn engine_key(engine: &wasmtime::Engine) -> String {
     let mut h = KeyHasher::default();
     engine.precompile_compatibility_hash().hash(&mut h);
     h.hex()
+}
+
+/// The key of this machine's engine ([`super::engine`]): its own with a
+/// compiler; without one, the key its parent's artifacts came under, once one
+/// was adopted ([`adopt_key`]), else `None`.
+pub fn native_key() -> Option<String> {
+    #[cfg(feature = "compiler")]
+    {
+        super::engine().ok().map(|engine| engine_key(&engine))
+    }
+    #[cfg(not(feature = "compiler"))]
+    {
+        ADOPTED.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+#[cfg(not(feature = "compiler"))]
+static ADOPTED: Mutex<Option<String>> = Mutex::new(None);
+
+/// Whether an artifact a parent made under `key` may go into this engine's
+/// cache folder. With a compiler: only when `key` is this engine's own (else
+/// this level compiles). Without one: the first key a parent hands down
+/// becomes this engine's, and others are refused (a level runs one component,
+/// all from one parent); loading then checks the artifact itself.
+pub fn adopt_key(key: &str) -> Result<(), String> {
+    #[cfg(feature = "compiler")]
+    {
+        let own = native_key().unwrap_or_default();
+        if key == own {
+            Ok(())
+        } else {
+            Err(format!(
+                "the parent's artifact is for engine {key}, this level's is {own}"
+            ))
+        }
+    }
+    #[cfg(not(feature = "compiler"))]
+    {
+        let mut adopted = ADOPTED.lock().unwrap_or_else(|e| e.into_inner());
+        match adopted.as_deref() {
+            Some(own) if own != key => Err(format!(
+                "the parent's artifact is for engine {key}, this level already took {own}'s"
+            )),
+            _ => {
+                *adopted = Some(key.to_string());
+                Ok(())
+            }
+        }
+    }
 }
 
 /// A [`Hasher`] whose result does not depend on the machine's byte order (or on
@@ -190,6 +267,7 @@ impl Hasher for KeyHasher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::hash::Hash;
 
     /// What an s390x level computes for the same values: every integer as its
     /// little-endian bytes, whatever this machine's order.
@@ -216,7 +294,7 @@ mod tests {
         assert_eq!(typed.hex().len(), 16);
     }
 
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(all(feature = "compiler", target_arch = "x86_64"))]
     #[test]
     fn a_cross_engine_for_each_known_architecture_has_its_own_key() {
         let keys: Vec<String> = ARCHES
@@ -228,6 +306,7 @@ mod tests {
         assert!(err.to_string().contains("known are x86_64, s390x"), "{err}");
     }
 
+    #[cfg(feature = "compiler")]
     #[test]
     fn this_machines_engine_and_its_cross_engine_share_a_key() {
         let native = super::super::engine().expect("engine");

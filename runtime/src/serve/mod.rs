@@ -411,7 +411,11 @@ where
 {
     let started = std::time::Instant::now();
     let short = sha.get(..12).unwrap_or(sha);
-    if let Some(bytes) = engine::cached_component(cache, sha) {
+    // A level runtime (no compiler) needs the artifact too; without one kept
+    // here it asks for both.
+    if let Some(bytes) = engine::cached_component(cache, sha)
+        && engine::can_load_cached(cache, sha)
+    {
         tracing::info!(level = %path, "component {short} was cached here");
         return Ok(Ok(bytes));
     }
