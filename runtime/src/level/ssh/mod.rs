@@ -11,13 +11,15 @@
 //!    has `zstd` and `openssl`, and the runtimes already there (`matryoshka-<sha256>`). A
 //!    cache folder others can write to fails the hop: a runtime copied into it
 //!    could be swapped before it starts;
-//! 2. if the runtime for that architecture is missing, a second channel streams
-//!    it zstd-compressed (gzip where the target has no `zstd`), unpacked and
-//!    hashed as it arrives, into a temporary file that is renamed into place
-//!    only when complete and its sha256 is the one it was sent as (an
-//!    interrupted or damaged upload leaves nothing behind); the compressed copy
-//!    is kept beside it so the next hop sends it without compressing again;
-//! 3. a third channel runs `<cache>/bin/matryoshka-<sha256> serve --stdio`.
+//! 2. the runtime is streamed zstd-compressed (gzip where the target has no
+//!    `zstd`), unpacked and hashed as it arrives, into a temporary file that is
+//!    renamed into place only when complete and its sha256 is the one it was
+//!    sent as (an interrupted or damaged upload leaves nothing behind); the
+//!    compressed copy is kept beside it so the next hop sends it without
+//!    compressing again. When the target is of this runtime's architecture the
+//!    probe's own exec goes on to take it (its pipeline starts while this side
+//!    reads the report); for another architecture, a second channel does;
+//! 3. another channel runs `<cache>/bin/matryoshka-<sha256> serve --stdio`.
 
 mod known_hosts;
 mod script;
@@ -26,16 +28,14 @@ mod session;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
-
 pub use known_hosts::{SshTarget, is_pinned};
 
 use super::replicate::{image_for, verbosity_flag};
 use super::transport::Transport;
 use crate::config::SshSettings;
 use crate::wire::{LevelSetup, RemoteError, WireErrorKind};
-use script::{PROBE_MARK, Probe};
-use session::{connect, exec, start_channel};
+use script::{PROBE_MARK, Probe, RECEIVING_MARK};
+use session::{FirstAnswer, connect, exec, first_exec, start_channel};
 
 /// How long an SSH level has to accept the connection and authenticate.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -91,34 +91,30 @@ pub async fn open(
         std::env::consts::ARCH,
         verbosity_flag(),
     );
-    let mut chan = tokio::time::timeout(EXEC_TIMEOUT, start_channel(&handle, &first, &setup.path))
-        .await
-        .map_err(|_| {
-            err(
-                WireErrorKind::Timeout,
-                format!("no answer within {} s", EXEC_TIMEOUT.as_secs()),
-            )
-        })?
-        .map_err(|m| err(WireErrorKind::Io, m))?;
-    let mut head = vec![0u8; PROBE_MARK.len() + 1];
-    let got = tokio::time::timeout(EXEC_TIMEOUT, chan.reader.read_exact(&mut head)).await;
-    if !matches!(got, Ok(Ok(_))) {
-        return Err(err(
-            WireErrorKind::Io,
-            format!("the target closed the channel at once{}", chan.describe()),
-        ));
-    }
-    if head != format!("{PROBE_MARK}\n").as_bytes() {
-        tracing::info!(level = %setup.path, "ssh://{spec}: cached runtime started after {} ms", started.elapsed().as_millis());
-        quick_ack.store(false, std::sync::atomic::Ordering::Relaxed);
-        chan.reader = Box::new(std::io::Cursor::new(head).chain(chan.reader));
-        return Ok(chan.into_transport(handle, ssh_command(ssh, &target)));
-    }
-    let mut report = String::new();
-    let mut probe = (&mut chan.reader).take(64 << 10);
-    let _ = tokio::time::timeout(EXEC_TIMEOUT, probe.read_to_string(&mut report)).await;
-    let probe_failed = chan.describe();
-    drop(chan);
+    let answer = tokio::time::timeout(
+        EXEC_TIMEOUT,
+        first_exec(&handle, &first, &setup.path, PROBE_MARK, RECEIVING_MARK),
+    )
+    .await
+    .map_err(|_| {
+        err(
+            WireErrorKind::Timeout,
+            format!("no answer within {} s", EXEC_TIMEOUT.as_secs()),
+        )
+    })?
+    .map_err(|m| err(WireErrorKind::Io, m))?;
+    let (report, probe_failed, receiver) = match answer {
+        FirstAnswer::Serving(chan) => {
+            tracing::info!(level = %setup.path, "ssh://{spec}: cached runtime started after {} ms", started.elapsed().as_millis());
+            quick_ack.store(false, std::sync::atomic::Ordering::Relaxed);
+            return Ok(chan.into_transport(handle, ssh_command(ssh, &target)));
+        }
+        FirstAnswer::Probed {
+            report,
+            ended,
+            receiver,
+        } => (report, ended, receiver),
+    };
     let (arch, dir, tools, present) = match script::parse_probe(&report) {
         Probe::Ready {
             arch,
@@ -152,8 +148,15 @@ pub async fn open(
     };
     let name = format!("matryoshka-{}", image.sha256);
     let remote_bin = format!("{dir}/bin/{name}");
-    if !present.contains(&name) {
-        let codec = tools.codec;
+    // The first exec takes the runtime it was written for (this architecture's)
+    // when it says so; any other goes through an upload exec of its own. A
+    // receiver left unfed sees its stdin close and keeps nothing.
+    let receiver = receiver.filter(|_| image.sha256 == own.sha256);
+    let codec = receiver
+        .as_ref()
+        .and_then(|_| script::receiving(&report))
+        .unwrap_or(tools.codec);
+    if receiver.is_some() || !present.contains(&name) {
         let packed = {
             let image = image.clone();
             tokio::task::spawn_blocking(move || image.compressed(codec))
@@ -162,21 +165,28 @@ pub async fn open(
                 .map_err(|m| err(WireErrorKind::Io, m))?
         };
         let compressed_ms = started.elapsed().as_millis();
-        tracing::info!(level = %setup.path, "copying the runtime ({} bytes, {codec:?}, ready at {compressed_ms} ms) to {remote_bin}", packed.len());
-        let upload = script::upload(&remote_bin, &image.sha256, tools);
-        let (status, stdout, stderr) =
-            tokio::time::timeout(UPLOAD_TIMEOUT, exec(&handle, &upload, Some(packed)))
-                .await
-                .map_err(|_| {
-                    err(
-                        WireErrorKind::Timeout,
-                        format!(
-                            "copying the runtime took over {} s",
-                            UPLOAD_TIMEOUT.as_secs()
-                        ),
-                    )
-                })?
-                .map_err(|m| err(WireErrorKind::Io, m))?;
+        tracing::info!(level = %setup.path, "copying the runtime ({} bytes, {codec:?}, ready at {compressed_ms} ms) to {remote_bin}{}", packed.len(), if receiver.is_some() { " (the probe's exec takes it)" } else { "" });
+        let copied = async {
+            match receiver {
+                Some(receiver) => receiver.feed(packed).await,
+                None => {
+                    let upload = script::upload(&remote_bin, &image.sha256, tools);
+                    exec(&handle, &upload, Some(packed)).await
+                }
+            }
+        };
+        let (status, stdout, stderr) = tokio::time::timeout(UPLOAD_TIMEOUT, copied)
+            .await
+            .map_err(|_| {
+                err(
+                    WireErrorKind::Timeout,
+                    format!(
+                        "copying the runtime took over {} s",
+                        UPLOAD_TIMEOUT.as_secs()
+                    ),
+                )
+            })?
+            .map_err(|m| err(WireErrorKind::Io, m))?;
         if status != Some(0) {
             return Err(err(
                 WireErrorKind::Io,

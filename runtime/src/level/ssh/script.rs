@@ -11,6 +11,9 @@ use crate::level::replicate::Codec;
 
 /// What the first line of the first exec says when the runtime is not cached.
 pub(super) const PROBE_MARK: &str = "MATRYOSHKA-PROBE";
+/// The probe's last line when it goes on to take the runtime on its stdin,
+/// followed by the suffix of the codec it unpacks (`.zst`, `.gz`).
+pub(super) const RECEIVING_MARK: &str = "MATRYOSHKA-RECEIVING";
 /// The probe's line before the cache folders that others could write to.
 const UNSAFE_MARK: &str = "MATRYOSHKA-UNSAFE";
 /// The upload's answer when the target has no `sha256sum`.
@@ -32,19 +35,51 @@ const SAFE_FN: &str = "safe() { for q; do [ -O \"$q\" ] || return 1; done; \
 /// The first exec: becomes the cached runtime `sha` when it is there for `arch`
 /// in a safe cache, else prints the probe report (see [`parse_probe`]). The
 /// cache folder `cache` is a shell word (quoted, or `"$HOME/..."`).
+///
+/// When the target is of `arch` and its cache is safe, the report ends with
+/// [`RECEIVING_MARK`] and the codec the script chose (zstd where it has `zstd`,
+/// else gzip), and the same exec goes on to take the runtime `sha` on its stdin
+/// as [`upload`] does: its pipeline starts while the client reads the report,
+/// not one channel and shell later.
 pub(super) fn warm_or_probe(cache: &str, sha: &str, arch: &str, verbose: &str) -> String {
     format!(
-        "D={cache}; B=\"$D/bin/matryoshka-{sha}\"; {SAFE_FN}; \
-         if [ \"$(uname -m)\" = {arch} ] && [ -x \"$B\" ] && safe \"$D\" \"$D/bin\" \"$B\"; then \
+        "D={cache}; B=\"$D/bin/matryoshka-{sha}\"; {SAFE_FN}; A=$(uname -m); \
+         if [ \"$A\" = {arch} ] && [ -x \"$B\" ] && safe \"$D\" \"$D/bin\" \"$B\"; then \
          exec \"$B\"{verbose} serve --stdio --cache-dir \"$D\"; fi; \
-         echo {PROBE_MARK}; umask 077; mkdir -p \"$D/bin\" && uname -m && echo \"$D\" && \
+         echo {PROBE_MARK}; umask 077; mkdir -p \"$D/bin\" && echo \"$A\" && echo \"$D\" && \
          {{ for t in zstd openssl; do command -v $t > /dev/null 2>&1 && printf '%s ' $t; done; \
          echo .; }} && \
          if safe \"$D\" \"$D/bin\"; then \
-         for f in \"$D\"/bin/matryoshka-*; do safe \"$f\" && echo \"${{f##*/}}\"; done; true; \
+         for f in \"$D\"/bin/matryoshka-*; do safe \"$f\" && echo \"${{f##*/}}\"; done; \
+         if [ \"$A\" = {arch} ]; then \
+         if command -v zstd > /dev/null 2>&1; then Z='{zstd}'; S={zst}; else Z='{gzip}'; S={gz}; fi; \
+         if command -v openssl > /dev/null 2>&1; then K='{openssl}'; \
+         elif command -v sha256sum > /dev/null 2>&1; then K={sha256sum}; else K=; fi; \
+         if [ -n \"$K\" ]; then echo \"{RECEIVING_MARK} $S\"; set -e; {receive}; fi; fi; true; \
          else U=$(id -u); echo {UNSAFE_MARK}; for p in \"$D\" \"$D/bin\"; do safe \"$p\" || \
          {{ set -- $(ls -ldnL \"$p\"); echo \"$1 $3 $U $p\"; }}; done; fi",
         arch = super::sh_quote(arch),
+        zstd = Codec::Zstd.unpack_command(),
+        zst = Codec::Zstd.suffix(),
+        gzip = Codec::Gzip.unpack_command(),
+        gz = Codec::Gzip.suffix(),
+        openssl = Tools::OPENSSL,
+        sha256sum = Tools::SHA256SUM,
+        receive = receive(sha),
+    )
+}
+
+/// Takes the runtime `sha` compressed on stdin into `$B`: unpacked with `$Z`,
+/// hashed with `$K`, kept with its compressed copy (`$B$S`) only when the hash
+/// is `sha`, and nothing left behind otherwise. A failed stage of the pipeline
+/// shows as a hash that does not match.
+fn receive(sha: &str) -> String {
+    format!(
+        "T=$(mktemp \"$B.XXXXXX\"); C=$(mktemp \"$B$S.XXXXXX\"); \
+         trap 'rm -f \"$T\" \"$C\"' EXIT; H=$(tee \"$C\" | $Z | tee \"$T\" | $K); \
+         H=${{H%% *}}; [ \"$H\" = {sha} ] || {{ echo \"{MISMATCH_MARK} $H\"; exit 4; }}; \
+         chmod 755 \"$T\"; mv \"$C\" \"$B$S\"; mv \"$T\" \"$B\"; trap - EXIT",
+        sha = super::sh_quote(sha),
     )
 }
 
@@ -82,7 +117,9 @@ pub(super) fn parse_probe(report: &str) -> Probe {
         Some(found) => Tools::from_found(found),
         None => return Probe::Garbled("no list of tools".into()),
     };
-    let rest: Vec<&str> = lines.collect();
+    let rest: Vec<&str> = lines
+        .take_while(|l| !l.starts_with(RECEIVING_MARK))
+        .collect();
     if rest.first() == Some(&UNSAFE_MARK) {
         return Probe::Unsafe(rest[1..].iter().map(|l| explain_unsafe(l)).collect());
     }
@@ -91,6 +128,17 @@ pub(super) fn parse_probe(report: &str) -> Probe {
         dir,
         tools,
         present: rest.iter().map(|l| l.to_string()).collect(),
+    }
+}
+
+/// The codec the first exec unpacks the runtime with when its report ends with
+/// [`RECEIVING_MARK`]: it then waits for the runtime on its stdin.
+pub(super) fn receiving(report: &str) -> Option<Codec> {
+    let line = report.lines().find(|l| l.starts_with(RECEIVING_MARK))?;
+    match line[RECEIVING_MARK.len()..].trim() {
+        s if s == Codec::Zstd.suffix() => Some(Codec::Zstd),
+        s if s == Codec::Gzip.suffix() => Some(Codec::Gzip),
+        _ => None,
     }
 }
 
@@ -174,12 +222,15 @@ impl Tools {
         }
     }
 
+    const OPENSSL: &str = "openssl dgst -sha256 -r";
+    const SHA256SUM: &str = "sha256sum";
+
     /// The command that prints the sha256 of its standard input first on its line.
     fn hasher(self) -> &'static str {
         if self.openssl {
-            "openssl dgst -sha256 -r"
+            Self::OPENSSL
         } else {
-            "sha256sum"
+            Self::SHA256SUM
         }
     }
 }
@@ -187,22 +238,18 @@ impl Tools {
 /// Streams the runtime compressed with `tools.codec` in from stdin, unpacking
 /// and hashing it as it arrives, and puts it at `bin` only once its sha256 is
 /// `sha`; on any failure nothing is left behind. The compressed copy is kept
-/// beside it (`bin.zst` or `bin.gz`) for the next hop. A failed stage of the
-/// pipeline shows as a hash that does not match.
+/// beside it (`bin.zst` or `bin.gz`) for the next hop.
 pub(super) fn upload(bin: &str, sha: &str, tools: Tools) -> String {
     format!(
         "set -e; umask 077; B={bin}; \
          command -v {hasher_name} > /dev/null 2>&1 || {{ cat > /dev/null; echo {NO_HASHER_MARK}; exit 3; }}; \
-         T=$(mktemp \"$B.XXXXXX\"); C=$(mktemp \"$B{suffix}.XXXXXX\"); \
-         trap 'rm -f \"$T\" \"$C\"' EXIT; H=$(tee \"$C\" | {unpack} | tee \"$T\" | {hasher}); \
-         H=${{H%% *}}; [ \"$H\" = {sha} ] || {{ echo \"{MISMATCH_MARK} $H\"; exit 4; }}; \
-         chmod 755 \"$T\"; mv \"$C\" \"$B{suffix}\"; mv \"$T\" \"$B\"; trap - EXIT",
+         Z='{unpack}'; S={suffix}; K='{hasher}'; {receive}",
         bin = super::sh_quote(bin),
-        sha = super::sh_quote(sha),
         suffix = tools.codec.suffix(),
         unpack = tools.codec.unpack_command(),
         hasher = tools.hasher(),
         hasher_name = tools.hasher().split(' ').next().unwrap_or_default(),
+        receive = receive(sha),
     )
 }
 
@@ -410,6 +457,66 @@ mod tests {
     /// Whether this machine has `tool`.
     fn has(tool: &str) -> bool {
         which(tool).is_some()
+    }
+
+    #[test]
+    fn a_cold_first_exec_takes_the_runtime_on_its_stdin() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("cache");
+        let cache = super::super::sh_quote(dir.to_str().expect("utf-8"));
+        let runtime = b"#!/bin/sh\necho warm \"$@\"\n";
+        let sha = crate::engine::sha256_hex(runtime);
+        let script = warm_or_probe(&cache, &sha, std::env::consts::ARCH, "");
+        let codec = if has("zstd") {
+            Codec::Zstd
+        } else {
+            Codec::Gzip
+        };
+        let pack = |bytes: &[u8]| codec.compress(bytes).expect("compress");
+
+        // Another binary under the runtime's name: refused, nothing left.
+        let (code, out, err) = sh(&script, &pack(b"#!/bin/sh\necho another\n"));
+        assert_eq!(code, Some(4), "{out} {err}");
+        let report = out.strip_prefix(&format!("{PROBE_MARK}\n")).expect("probe");
+        assert_eq!(receiving(report), Some(codec), "{report}");
+        assert!(
+            matches!(parse_probe(report), Probe::Ready { present, .. } if present.is_empty()),
+            "{report}"
+        );
+        assert!(report.contains(&format!("\n{MISMATCH_MARK} ")), "{report}");
+        assert!(
+            names(&dir.join("bin")).is_empty(),
+            "{:?}",
+            names(&dir.join("bin"))
+        );
+
+        // The runtime: kept with its compressed copy, and the next first exec runs it.
+        let (code, out, err) = sh(&script, &pack(runtime));
+        assert_eq!(code, Some(0), "{out} {err}");
+        assert_eq!(
+            names(&dir.join("bin")),
+            [
+                format!("matryoshka-{sha}"),
+                format!("matryoshka-{sha}{}", codec.suffix())
+            ]
+        );
+        let (_, out) = first_exec(&dir, &sha);
+        assert!(out.starts_with("warm serve --stdio --cache-dir"), "{out}");
+
+        // A target of another architecture only reports: the client uploads
+        // the runtime of that architecture in an exec of its own.
+        let other = tmp.path().join("other");
+        let (code, out, _) = sh(
+            &warm_or_probe(
+                &super::super::sh_quote(other.to_str().expect("utf-8")),
+                &sha,
+                "s390x-or-not",
+                "",
+            ),
+            b"",
+        );
+        assert_eq!(code, Some(0), "{out}");
+        assert_eq!(receiving(&out), None, "{out}");
     }
 
     #[test]

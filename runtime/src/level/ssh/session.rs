@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use russh::client::{self, Handle};
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
-use russh::{ChannelMsg, Disconnect};
+use russh::{ChannelMsg, ChannelReadHalf, ChannelWriteHalf, Disconnect};
 use tokio::io::AsyncWriteExt;
 
 use super::known_hosts::{SshTarget, is_pinned};
@@ -49,10 +49,6 @@ pub(super) struct StartedChannel {
 }
 
 impl StartedChannel {
-    pub fn describe(&self) -> String {
-        describe(&self.exit, &self.tail)
-    }
-
     pub fn into_transport(
         self,
         handle: Arc<Handle<Pinned>>,
@@ -75,11 +71,14 @@ impl StartedChannel {
     }
 }
 
-pub(super) async fn start_channel(
+type WriteHalf = ChannelWriteHalf<client::Msg>;
+
+/// Opens a channel and runs `cmd` in it.
+async fn open_exec(
     handle: &Handle<Pinned>,
     cmd: &str,
     path: &str,
-) -> Result<StartedChannel, String> {
+) -> Result<(ChannelReadHalf, WriteHalf), String> {
     let started = std::time::Instant::now();
     let channel = handle
         .channel_open_session()
@@ -96,17 +95,39 @@ pub(super) async fn start_channel(
         opened.as_micros(),
         started.elapsed().as_micros()
     );
-    let (mut rd, wr) = channel.split();
+    Ok(channel.split())
+}
+
+pub(super) async fn start_channel(
+    handle: &Handle<Pinned>,
+    cmd: &str,
+    path: &str,
+) -> Result<StartedChannel, String> {
+    let (rd, wr) = open_exec(handle, cmd, path).await?;
+    Ok(pump(rd, wr, path, Vec::new(), StderrTail::default()))
+}
+
+/// Makes a started channel of `rd` and `wr`, whose stdout begins with `first`
+/// (read from it already) and whose stderr so far is in `tail`.
+fn pump(
+    mut rd: ChannelReadHalf,
+    wr: WriteHalf,
+    path: &str,
+    first: Vec<u8>,
+    tail: StderrTail,
+) -> StartedChannel {
     let writer = wr.make_writer();
     let (stdout_r, mut stdout_w) = tokio::io::simplex(256 << 10);
     let exit = Arc::new(Mutex::new(None::<String>));
-    let tail = StderrTail::default();
     let pump = {
         let exit = exit.clone();
         let tail = tail.clone();
         let path = path.to_string();
         tokio::spawn(async move {
             let _write_half = wr;
+            if stdout_w.write_all(&first).await.is_err() {
+                return;
+            }
             while let Some(msg) = rd.wait().await {
                 match msg {
                     ChannelMsg::Data { data } if stdout_w.write_all(&data).await.is_err() => break,
@@ -130,12 +151,113 @@ pub(super) async fn start_channel(
             let _ = stdout_w.shutdown().await;
         })
     };
-    Ok(StartedChannel {
+    StartedChannel {
         reader: Box::new(stdout_r),
         writer: Box::new(writer),
         exit,
         tail,
         pump,
+    }
+}
+
+/// What the first exec of a level answered.
+pub(super) enum FirstAnswer {
+    /// Its command became the runtime: the channel is the level's transport.
+    Serving(StartedChannel),
+    /// It printed the probe report that follows `mark` (and said why it
+    /// ended, when it did).
+    Probed {
+        /// The report, without the mark's line.
+        report: String,
+        /// How the command ended and what it said on stderr, for errors.
+        ended: String,
+        /// The channel, still open, when the report's last line is
+        /// `receiving`: the command waits for the runtime on its stdin.
+        receiver: Option<Receiver>,
+    },
+}
+
+/// A command waiting for input on its stdin ([`Receiver::feed`]).
+pub(super) struct Receiver {
+    rd: ChannelReadHalf,
+    wr: WriteHalf,
+}
+
+impl Receiver {
+    /// Sends `stdin` and closes it; returns (exit status, stdout, stderr) of
+    /// what the command said from now on.
+    pub async fn feed(self, stdin: bytes::Bytes) -> Result<(Option<u32>, String, String), String> {
+        feed(self.rd, self.wr, "the first exec", Some(stdin)).await
+    }
+}
+
+/// Runs `cmd` and reads its first answer: the runtime's own output (anything
+/// that does not start with `mark` and a newline), or a probe report after
+/// `mark`, read to the command's end or to a line starting with `receiving`.
+/// At most 64 KiB of report.
+pub(super) async fn first_exec(
+    handle: &Handle<Pinned>,
+    cmd: &str,
+    path: &str,
+    mark: &str,
+    receiving: &str,
+) -> Result<FirstAnswer, String> {
+    let (mut rd, wr) = open_exec(handle, cmd, path).await?;
+    let head = format!("{mark}\n");
+    let (mut out, mut err, mut status) = (Vec::<u8>::new(), Vec::<u8>::new(), None);
+    while let Some(msg) = rd.wait().await {
+        match msg {
+            ChannelMsg::Data { data } => out.extend_from_slice(&data),
+            ChannelMsg::ExtendedData { data, ext: 1 } => err.extend_from_slice(&data),
+            ChannelMsg::ExitStatus { exit_status } => {
+                status = Some(format!("it exited with status {exit_status}"));
+            }
+            ChannelMsg::ExitSignal { signal_name, .. } => {
+                status = Some(format!("it was killed by signal {signal_name:?}"));
+            }
+            ChannelMsg::Failure => return Err(format!("the server refused to run `{cmd}`")),
+            _ => {}
+        }
+        if out.len() >= head.len() && !out.starts_with(head.as_bytes()) {
+            let tail = StderrTail::default();
+            for line in String::from_utf8_lossy(&err).lines() {
+                tail.push(path, line);
+            }
+            return Ok(FirstAnswer::Serving(pump(rd, wr, path, out, tail)));
+        }
+        let report = &out[out.len().min(head.len())..];
+        let waiting = report.ends_with(b"\n")
+            && report
+                .split(|b| *b == b'\n')
+                .rev()
+                .nth(1)
+                .is_some_and(|last| last.starts_with(receiving.as_bytes()));
+        if waiting || report.len() > 64 << 10 {
+            return Ok(FirstAnswer::Probed {
+                report: String::from_utf8_lossy(report).into_owned(),
+                ended: String::new(),
+                receiver: waiting.then_some(Receiver { rd, wr }),
+            });
+        }
+    }
+    if !out.starts_with(head.as_bytes()) {
+        let tail = StderrTail::default();
+        for line in String::from_utf8_lossy(&err).lines() {
+            tail.push(path, line);
+        }
+        return Err(format!(
+            "the target closed the channel at once{}",
+            tail.explain(status.as_deref())
+        ));
+    }
+    let tail = StderrTail::default();
+    for line in String::from_utf8_lossy(&err).lines() {
+        tail.push(path, line);
+    }
+    Ok(FirstAnswer::Probed {
+        report: String::from_utf8_lossy(&out[head.len()..]).into_owned(),
+        ended: tail.explain(status.as_deref()),
+        receiver: None,
     })
 }
 
@@ -332,7 +454,18 @@ pub(super) async fn exec(
     ch.exec(true, cmd)
         .await
         .map_err(|e| format!("exec failed: {e}"))?;
-    let (mut read, write) = ch.split();
+    let (read, write) = ch.split();
+    feed(read, write, cmd, stdin).await
+}
+
+/// Sends `stdin` to the command of a channel and closes it, while reading its
+/// answer: (exit status, stdout, stderr). `cmd` names it in errors.
+async fn feed(
+    mut read: ChannelReadHalf,
+    write: WriteHalf,
+    cmd: &str,
+    stdin: Option<bytes::Bytes>,
+) -> Result<(Option<u32>, String, String), String> {
     let started = std::time::Instant::now();
     let size = stdin.as_ref().map(bytes::Bytes::len);
     let send = async move {
