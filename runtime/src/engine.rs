@@ -312,7 +312,7 @@ fn compile_now(
         path: path.to_path_buf(),
         why: match unusable {
             Some(e) => format!("the artifact handed down does not load here: {e}"),
-            None => "no compiled artifact of it was handed down".to_string(),
+            None => "no compiled artifact of it was handed down and kept in its cache".to_string(),
         },
     })
 }
@@ -408,11 +408,17 @@ fn cross_compiled(
 
 /// Puts an artifact precompiled by a parent level into `cache`, so loading the
 /// component skips Cranelift. Loading checks it like any cached artifact (and
-/// compiles after all if this machine's CPU lacks a feature it uses). Nothing is
-/// written to a cache folder that fails [`secure_dir`]: loading then says why.
+/// compiles after all if this machine's CPU lacks a feature it uses, where this
+/// runtime has a compiler). Nothing is written to a cache folder that fails
+/// [`secure_dir`]: loading then says why.
 pub fn adopt_artifact(cache: &CacheDir, key: &str, sha256: &str, bytes: &[u8]) {
     if let Err(why) = target::adopt_key(key) {
-        tracing::info!("{why}: compiling here");
+        let then = if ARCHES.is_empty() {
+            "not kept (this runtime has no compiler)"
+        } else {
+            "compiling here"
+        };
+        tracing::info!("{why}: {then}");
         return;
     }
     let dir = match cache.open(key) {
@@ -435,8 +441,10 @@ pub fn adopt_artifact(cache: &CacheDir, key: &str, sha256: &str, bytes: &[u8]) {
 /// Whether this runtime can load the component `sha256` with what `cache`
 /// holds, so a level that has its bytes need not ask its parent for them again:
 /// always with a compiler; without one, when an artifact of it is kept under
-/// an engine key (this process's, or else the newest one found, which it then
-/// adopts; loading checks the artifact like any other).
+/// this process's engine key, or (before one was adopted) under a key folder
+/// whose artifact passes the cache's checks and deserializes here, newest
+/// first; that key is then adopted. An artifact of an older build or of
+/// another architecture in the same cache is skipped, not adopted.
 pub fn can_load_cached(cache: &CacheDir, sha256: &str) -> bool {
     #[cfg(feature = "compiler")]
     {
@@ -448,22 +456,38 @@ pub fn can_load_cached(cache: &CacheDir, sha256: &str) -> bool {
         if let Some(key) = native_key() {
             return artifact_path(&key, cache, sha256).is_some_and(|p| p.exists());
         }
-        let Some(entries) = cache.dir().and_then(|root| std::fs::read_dir(root).ok()) else {
+        let (Ok(engine), Some(entries)) = (
+            engine(),
+            cache.dir().and_then(|root| std::fs::read_dir(root).ok()),
+        ) else {
             return false;
         };
         let name = format!("{sha256}.cwasm");
-        let newest = entries
+        let mut found: Vec<(std::time::SystemTime, String)> = entries
             .flatten()
             .filter_map(|entry| {
                 let key = entry.file_name().into_string().ok()?;
-                if key.len() != 16 || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
+                if !target::is_key(&key) {
                     return None;
                 }
                 let changed = entry.path().join(&name).metadata().ok()?.modified().ok()?;
                 Some((changed, key))
             })
-            .max();
-        newest.is_some_and(|(_, key)| target::adopt_key(&key).is_ok())
+            .collect();
+        found.sort_by(|a, b| b.cmp(a));
+        found.into_iter().any(|(_, key)| {
+            let Ok(Some(dir)) = cache.open(&key) else {
+                return false;
+            };
+            let path = dir.join(&name);
+            // SAFETY: `open` and `secure_file` checked that no other user can write
+            // to the file or to any folder above it up to the cache root, as for
+            // every artifact this runtime loads; deserializing checks its target,
+            // settings and CPU features against this engine and this CPU.
+            secure_file(&path).is_ok()
+                && unsafe { Component::deserialize_file(&engine, &path) }.is_ok()
+                && target::adopt_key(&key).is_ok()
+        })
     }
 }
 

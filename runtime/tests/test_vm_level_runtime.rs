@@ -114,6 +114,33 @@ fn the_level_runtime_runs_the_artifact_its_parent_compiled_two_hops_down() {
         }
     }
     assert_nothing_left(&tag, Some(&chain.caches.path().display().to_string()));
+    // An artifact under another key, newer, in L1's cache (an older build's, or
+    // another architecture's): skipped, since it does not load; the key that
+    // does is found and adopted.
+    let sha = component_sha(&r.stderr);
+    let stale = chain.cache(1).join("ffffffffffffffff");
+    std::fs::create_dir(&stale).expect("stale key folder");
+    std::fs::write(stale.join(format!("{sha}.cwasm")), b"not an artifact").expect("plant");
+    let tag = unique_tag("lean");
+    let r = reach(&chain, &tag, &[], &[]);
+    r.expect_code(0);
+    r.expect_stdout("reached L0/L1/L2");
+    assert!(
+        r.stderr
+            .lines()
+            .any(|l| l.contains("component loaded (Cached)") && l.contains("level=L0/L1 ")),
+        "{}",
+        r.stderr
+    );
+}
+
+/// The component's sha256 from L0's `component loaded` line.
+fn component_sha(stderr: &str) -> String {
+    stderr
+        .lines()
+        .find_map(|l| l.split("sha256=").nth(1))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| panic!("no sha256= in:\n{stderr}"))
 }
 
 #[test]
@@ -134,10 +161,24 @@ fn a_level_runtime_without_an_artifact_says_it_has_no_compiler() {
     r.expect_stdout("no compiled artifact of it was handed down");
     r.expect_stdout("do not set MATRYOSHKA_CROSS_COMPILE=0");
     assert_nothing_left(&tag, Some(&chain.caches.path().display().to_string()));
+    // L1 kept the component's bytes from the failed run, but no artifact.
+    let sha = component_sha(&r.stderr);
+    let kept = chain
+        .cache(1)
+        .join("components")
+        .join(format!("{sha}.wasm"));
+    assert!(kept.exists(), "{}", kept.display());
     // Without MATRYOSHKA_CROSS_COMPILE=0, L0 compiles the level's artifact though
-    // it keeps none of its own; L1 kept the component's bytes from the failed run
-    // but no artifact, so it asks for both again.
+    // it keeps none of its own; L1 asks for the component again to get it.
     let r = reach(&chain, &unique_tag("leanless"), &["--no-cache"], &[]);
     r.expect_code(0);
     r.expect_stdout("reached L0/L1");
+    let l1 = |wanted: &str| {
+        r.stderr
+            .lines()
+            .any(|l| l.contains(wanted) && l.contains("level=L0/L1 "))
+    };
+    assert!(!l1("was cached here"), "{}", r.stderr);
+    assert!(l1("precompiled artifact: "), "{}", r.stderr);
+    assert!(l1("component loaded (Cached)"), "{}", r.stderr);
 }

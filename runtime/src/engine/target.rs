@@ -170,6 +170,12 @@ pub fn native_key() -> Option<String> {
 #[cfg(not(feature = "compiler"))]
 static ADOPTED: Mutex<Option<String>> = Mutex::new(None);
 
+/// Whether `key` is shaped like an engine key: 16 lowercase hex digits (a
+/// folder name in the cache, never a path).
+pub fn is_key(key: &str) -> bool {
+    key.len() == 16 && key.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// Whether an artifact a parent made under `key` may go into this engine's
 /// cache folder. With a compiler: only when `key` is this engine's own (else
 /// this level compiles). Without one: the first key a parent hands down
@@ -179,7 +185,7 @@ pub fn adopt_key(key: &str) -> Result<(), String> {
     #[cfg(feature = "compiler")]
     {
         let own = native_key().unwrap_or_default();
-        if key == own {
+        if key == own && is_key(key) {
             Ok(())
         } else {
             Err(format!(
@@ -189,6 +195,11 @@ pub fn adopt_key(key: &str) -> Result<(), String> {
     }
     #[cfg(not(feature = "compiler"))]
     {
+        if !is_key(key) {
+            return Err(format!(
+                "the parent's artifact came under {key:?}, not an engine key"
+            ));
+        }
         let mut adopted = ADOPTED.lock().unwrap_or_else(|e| e.into_inner());
         match adopted.as_deref() {
             Some(own) if own != key => Err(format!(
@@ -271,6 +282,22 @@ mod tests {
 
     /// What an s390x level computes for the same values: every integer as its
     /// little-endian bytes, whatever this machine's order.
+    #[test]
+    fn engine_keys_are_sixteen_hex_digits() {
+        assert!(is_key("0123456789abcdef"));
+        for not in [
+            "",
+            "0123456789abcde",
+            "0123456789ABCDEF",
+            "../0123456789ab",
+            "components",
+        ] {
+            assert!(!is_key(not), "{not}");
+        }
+        #[cfg(feature = "compiler")]
+        assert!(is_key(&native_key().expect("key")));
+    }
+
     #[test]
     fn the_key_hasher_reads_integers_little_endian() {
         let mut typed = KeyHasher::default();

@@ -12,13 +12,13 @@
 //!    cache folder others can write to fails the hop: a runtime copied into it
 //!    could be swapped before it starts;
 //! 2. the runtime is streamed zstd-compressed (gzip where the target has no
-//!    `zstd`), unpacked and hashed as it arrives, into a temporary file that is
-//!    renamed into place only when complete and its sha256 is the one it was
-//!    sent as (an interrupted or damaged upload leaves nothing behind); the
-//!    compressed copy is kept beside it so the next hop sends it without
-//!    compressing again. When the target is of this runtime's architecture the
-//!    probe's own exec goes on to take it (its pipeline starts while this side
-//!    reads the report); for another architecture, a second channel does;
+//!    `zstd`) into a temporary file, then unpacked into another and hashed, which
+//!    is renamed into place only when its sha256 is the one it was sent as (an
+//!    interrupted or damaged upload leaves nothing behind); the compressed copy
+//!    is kept beside it so the next hop sends it without compressing again. When
+//!    the target is of this runtime's architecture the probe's own exec goes on
+//!    to take it (it waits on its stdin while this side reads the report); for
+//!    another architecture, a second channel does;
 //! 3. another channel runs `<cache>/bin/matryoshka-<sha256> serve --stdio`.
 
 mod known_hosts;
@@ -149,9 +149,15 @@ pub async fn open(
     let name = format!("matryoshka-{}", image.sha256);
     let remote_bin = format!("{dir}/bin/{name}");
     // The first exec takes the runtime it was written for (this architecture's)
-    // when it says so; any other goes through an upload exec of its own. A
-    // receiver left unfed sees its stdin close and keeps nothing.
-    let receiver = receiver.filter(|_| image.sha256 == own.sha256);
+    // when it says so; any other goes through an upload exec of its own, and the
+    // first exec's stdin is closed (it keeps nothing).
+    let receiver = match receiver {
+        Some(receiver) if image.sha256 != own.sha256 => {
+            receiver.hang_up().await;
+            None
+        }
+        receiver => receiver,
+    };
     let codec = receiver
         .as_ref()
         .and_then(|_| script::receiving(&report))

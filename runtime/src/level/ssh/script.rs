@@ -39,7 +39,7 @@ const SAFE_FN: &str = "safe() { for q; do [ -O \"$q\" ] || return 1; done; \
 /// When the target is of `arch` and its cache is safe, the report ends with
 /// [`RECEIVING_MARK`] and the codec the script chose (zstd where it has `zstd`,
 /// else gzip), and the same exec goes on to take the runtime `sha` on its stdin
-/// as [`upload`] does: its pipeline starts while the client reads the report,
+/// as [`upload`] does: it waits on its stdin while the client reads the report,
 /// not one channel and shell later.
 pub(super) fn warm_or_probe(cache: &str, sha: &str, arch: &str, verbose: &str) -> String {
     format!(
@@ -81,8 +81,8 @@ pub(super) fn warm_or_probe(cache: &str, sha: &str, arch: &str, verbose: &str) -
 /// here, docs/benchmarks.md).
 fn receive(sha: &str) -> String {
     format!(
-        "T=$(mktemp \"$B.XXXXXX\"); C=$(mktemp \"$B$S.XXXXXX\"); \
-         trap 'rm -f \"$T\" \"$C\"' EXIT; cat > \"$C\"; $Z < \"$C\" > \"$T\" || true; \
+        "T=; C=; trap 'rm -f \"$T\" \"$C\"' EXIT; \
+         T=$(mktemp \"$B.XXXXXX\"); C=$(mktemp \"$B$S.XXXXXX\"); cat > \"$C\"; $Z < \"$C\" > \"$T\" || true; \
          H=$($K < \"$T\"); H=${{H%% *}}; \
          [ \"$H\" = {sha} ] || {{ echo \"{MISMATCH_MARK} $H\"; exit 4; }}; \
          chmod 755 \"$T\"; mv \"$C\" \"$B$S\"; mv \"$T\" \"$B\"; trap - EXIT",
@@ -242,9 +242,9 @@ impl Tools {
     }
 }
 
-/// Streams the runtime compressed with `tools.codec` in from stdin, unpacking
-/// and hashing it as it arrives, and puts it at `bin` only once its sha256 is
-/// `sha`; on any failure nothing is left behind. The compressed copy is kept
+/// Takes the runtime compressed with `tools.codec` in from stdin, unpacks and
+/// hashes it ([`receive`]), and puts it at `bin` only once its sha256 is `sha`;
+/// on any failure nothing is left behind. The compressed copy is kept
 /// beside it (`bin.zst` or `bin.gz`) for the next hop.
 pub(super) fn upload(bin: &str, sha: &str, tools: Tools) -> String {
     format!(
@@ -407,7 +407,7 @@ mod tests {
         // A PATH with what the script needs except a hasher.
         let tools = tmp.path().join("tools");
         std::fs::create_dir(&tools).expect("tools");
-        for tool in ["mktemp", "cat", "tee", "gzip", "rm", "chmod", "mv"] {
+        for tool in ["mktemp", "cat", "gzip", "rm", "chmod", "mv"] {
             let path = which(tool).expect("the upload's tools");
             std::os::unix::fs::symlink(path, tools.join(tool)).expect("link");
         }

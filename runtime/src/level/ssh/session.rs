@@ -177,17 +177,30 @@ pub(super) enum FirstAnswer {
     },
 }
 
-/// A command waiting for input on its stdin ([`Receiver::feed`]).
+/// A command waiting for input on its stdin ([`Receiver::feed`]). Dropping
+/// it leaves the command waiting until the session ends: [`Receiver::hang_up`]
+/// ends it.
 pub(super) struct Receiver {
     rd: ChannelReadHalf,
     wr: WriteHalf,
+    /// What the command wrote to stderr before it waited.
+    said: Vec<u8>,
 }
 
 impl Receiver {
     /// Sends `stdin` and closes it; returns (exit status, stdout, stderr) of
-    /// what the command said from now on.
+    /// what the command said from now on (stderr from its start).
     pub async fn feed(self, stdin: bytes::Bytes) -> Result<(Option<u32>, String, String), String> {
-        feed(self.rd, self.wr, "the first exec", Some(stdin)).await
+        let said = String::from_utf8_lossy(&self.said).into_owned();
+        let (status, out, err) = feed(self.rd, self.wr, "the first exec", Some(stdin)).await?;
+        Ok((status, out, said + &err))
+    }
+
+    /// Closes the command's stdin and the channel: a command waiting for a
+    /// runtime sees an empty one and keeps nothing.
+    pub async fn hang_up(self) {
+        let _ = self.wr.eof().await;
+        let _ = self.wr.close().await;
     }
 }
 
@@ -233,10 +246,25 @@ pub(super) async fn first_exec(
                 .nth(1)
                 .is_some_and(|last| last.starts_with(receiving.as_bytes()));
         if waiting || report.len() > 64 << 10 {
+            let tail = StderrTail::default();
+            for line in String::from_utf8_lossy(&err).lines() {
+                tail.push(path, line);
+            }
+            let report = String::from_utf8_lossy(report).into_owned();
+            let ended = tail.explain(status.as_deref());
+            let receiver = Receiver { rd, wr, said: err };
+            if !waiting {
+                receiver.hang_up().await;
+                return Ok(FirstAnswer::Probed {
+                    report,
+                    ended,
+                    receiver: None,
+                });
+            }
             return Ok(FirstAnswer::Probed {
-                report: String::from_utf8_lossy(report).into_owned(),
-                ended: String::new(),
-                receiver: waiting.then_some(Receiver { rd, wr }),
+                report,
+                ended,
+                receiver: Some(receiver),
             });
         }
     }
