@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{Run, SshChain, assert_nothing_left, bin, unique_tag};
+use common::{Run, SshChain, assert_nothing_left, bin, runtimes_in, unique_tag};
 use matryoshka_test_programs::{CI, RELAY};
 
 /// Runs the relay suite with `chain`, tagging every process it starts.
@@ -37,17 +37,6 @@ fn a_chain_of_four_local_runtimes() {
     r.expect_stdout("stdout L0/L1/L2/L3/L4 streams_a_log_line_from_the_deepest_level | hello from the bottom (printed at L0/L1/L2/L3/L4)");
     r.expect_stdout("reached L0/L1/L2/L3/L4 on");
     assert_nothing_left(&tag, None);
-}
-
-fn runtimes_in(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir.join("bin"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| !n.ends_with(".gz") && !n.ends_with(".zst"))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Inode and modification time of every file under `dir`, by path.

@@ -11,7 +11,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{Run, SshChain, assert_nothing_left, bin, unique_tag};
+use common::{Run, SshChain, assert_nothing_left, bin, runtimes_in, unique_tag};
 use matryoshka_test_programs::RELAY;
 
 /// The level runtime of this architecture in `$MATRYOSHKA_RUNTIME_DIR`.
@@ -53,18 +53,6 @@ fn reach(chain: &SshChain, tag: &str, extra: &[&str], env: &[(&str, &str)]) -> R
         .output()
         .expect("start matryoshka");
     Run::from(out)
-}
-
-/// The runtimes copied into a level's cache (not their compressed copies).
-fn runtimes_in(cache: &std::path::Path) -> Vec<String> {
-    std::fs::read_dir(cache.join("bin"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| !n.ends_with(".gz") && !n.ends_with(".zst"))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 #[test]

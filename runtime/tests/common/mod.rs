@@ -211,6 +211,19 @@ impl SshChain {
     }
 }
 
+/// The runtimes copied into a level's cache folder `dir` (`bin/`, without their
+/// compressed copies).
+pub fn runtimes_in(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir.join("bin"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.ends_with(".gz") && !n.ends_with(".zst"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The built component of a suite of tests-wasm/lang (`./x langs` builds them);
 /// a missing one names the command.
 pub fn lang_component(lang: &str, suite: &str) -> String {
