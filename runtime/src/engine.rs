@@ -413,10 +413,10 @@ fn cross_compiled(
 /// [`secure_dir`]: loading then says why.
 pub fn adopt_artifact(cache: &CacheDir, key: &str, sha256: &str, bytes: &[u8]) {
     if let Err(why) = target::adopt_key(key) {
-        let then = if ARCHES.is_empty() {
-            "not kept (this runtime has no compiler)"
-        } else {
+        let then = if cfg!(feature = "compiler") {
             "compiling here"
+        } else {
+            "not kept (this runtime has no compiler)"
         };
         tracing::info!("{why}: {then}");
         return;

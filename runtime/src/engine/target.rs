@@ -92,7 +92,7 @@ pub(super) fn configure(
 }
 
 fn no_backend(arch: &str) -> anyhow::Error {
-    if ARCHES.is_empty() {
+    if !cfg!(feature = "compiler") {
         return anyhow::anyhow!(
             "no code generator for `{arch}` in this runtime: it is a level runtime, built without \
              the `compiler` feature"
@@ -159,7 +159,13 @@ pub fn engine_key(engine: &wasmtime::Engine) -> String {
 pub fn native_key() -> Option<String> {
     #[cfg(feature = "compiler")]
     {
-        super::engine().ok().map(|engine| engine_key(&engine))
+        // The process has one engine, so one key: hashed once.
+        static KEY: OnceLock<String> = OnceLock::new();
+        if let Some(key) = KEY.get() {
+            return Some(key.clone());
+        }
+        let key = engine_key(&super::engine().ok()?);
+        Some(KEY.get_or_init(|| key).clone())
     }
     #[cfg(not(feature = "compiler"))]
     {

@@ -232,10 +232,7 @@ pub(super) async fn first_exec(
             _ => {}
         }
         if out.len() >= head.len() && !out.starts_with(head.as_bytes()) {
-            let tail = StderrTail::default();
-            for line in String::from_utf8_lossy(&err).lines() {
-                tail.push(path, line);
-            }
+            let tail = tail_of(path, &err);
             return Ok(FirstAnswer::Serving(pump(rd, wr, path, out, tail)));
         }
         let report = &out[out.len().min(head.len())..];
@@ -246,47 +243,40 @@ pub(super) async fn first_exec(
                 .nth(1)
                 .is_some_and(|last| last.starts_with(receiving.as_bytes()));
         if waiting || report.len() > 64 << 10 {
-            let tail = StderrTail::default();
-            for line in String::from_utf8_lossy(&err).lines() {
-                tail.push(path, line);
-            }
             let report = String::from_utf8_lossy(report).into_owned();
-            let ended = tail.explain(status.as_deref());
+            let ended = tail_of(path, &err).explain(status.as_deref());
             let receiver = Receiver { rd, wr, said: err };
-            if !waiting {
+            let receiver = if waiting {
+                Some(receiver)
+            } else {
                 receiver.hang_up().await;
-                return Ok(FirstAnswer::Probed {
-                    report,
-                    ended,
-                    receiver: None,
-                });
-            }
+                None
+            };
             return Ok(FirstAnswer::Probed {
                 report,
                 ended,
-                receiver: Some(receiver),
+                receiver,
             });
         }
     }
-    if !out.starts_with(head.as_bytes()) {
-        let tail = StderrTail::default();
-        for line in String::from_utf8_lossy(&err).lines() {
-            tail.push(path, line);
-        }
-        return Err(format!(
-            "the target closed the channel at once{}",
-            tail.explain(status.as_deref())
-        ));
+    let ended = tail_of(path, &err).explain(status.as_deref());
+    match out.strip_prefix(head.as_bytes()) {
+        Some(report) => Ok(FirstAnswer::Probed {
+            report: String::from_utf8_lossy(report).into_owned(),
+            ended,
+            receiver: None,
+        }),
+        None => Err(format!("the target closed the channel at once{ended}")),
     }
+}
+
+/// The stderr tail of a channel whose stderr so far is `err`.
+fn tail_of(path: &str, err: &[u8]) -> StderrTail {
     let tail = StderrTail::default();
-    for line in String::from_utf8_lossy(&err).lines() {
+    for line in String::from_utf8_lossy(err).lines() {
         tail.push(path, line);
     }
-    Ok(FirstAnswer::Probed {
-        report: String::from_utf8_lossy(&out[head.len()..]).into_owned(),
-        ended: tail.explain(status.as_deref()),
-        receiver: None,
-    })
+    tail
 }
 
 /// How the channel's command ended and what it last said on stderr, or empty.
